@@ -1,0 +1,499 @@
+r"""Gaussian conditional probability paths, their flow map and conditional vector field.
+
+A Gaussian conditional path (THEORY §7) is
+
+.. math::
+
+    p_t(x \mid x_1) = \mathcal N\big(x \mid \mu_t(x_1), \sigma_t(x_1)^2 I\big),
+    \qquad \mu_0 = 0,\ \sigma_0 = 1,\quad \mu_1 = x_1,\ \sigma_1 = \sigma_{\min},
+
+with time running from noise (t = 0) to data (t = 1). Its flow map
+:math:`\psi_t(x_0) = \sigma_t(x_1) x_0 + \mu_t(x_1)` pushes :math:`\mathcal N(0, I)` to
+:math:`p_t(\cdot \mid x_1)`, and Theorem 3 gives the unique field generating it,
+
+.. math::
+
+    u_t(x \mid x_1) = \frac{\sigma_t'(x_1)}{\sigma_t(x_1)}\big(x - \mu_t(x_1)\big) + \mu_t'(x_1).
+
+The ratio :math:`\sigma'/\sigma` is always evaluated as :math:`\tfrac12 (\sigma^2)' / \sigma^2`
+(:meth:`GaussianPath.variance_rate` over :meth:`GaussianPath.variance`), which is finite wherever
+the field is, including VP's :math:`t \to 1` where :math:`\sigma' \to \infty`.
+
+Shapes: ``x``, ``x0`` and ``x1`` are ``(B, *event)``; ``t`` is a float, a 0-dim tensor or a ``(B,)``
+tensor. Every result follows the dtype and device of ``x1``.
+
+References:
+    Lipman et al., Flow Matching for Generative Modeling (2022), §4 and Theorem 3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import jvp
+
+from cnftools._checks import as_time, check_batched, check_same_shape, expand_like
+
+__all__ = ["AffineGaussianPath", "GaussianPath", "OTPath", "VEPath", "VPPath"]
+
+PathFunction = Callable[[Tensor, Tensor], Tensor]
+ScheduleFunction = Callable[[Tensor], Tensor]
+
+
+class GaussianPath:
+    r"""A Gaussian conditional path :math:`p_t(x|x_1) = \mathcal N(\mu_t(x_1), \sigma_t(x_1)^2 I)`.
+
+    Define a path of your own from two differentiable callables; their time derivatives come from
+    forward-mode autograd (:func:`torch.func.jvp`), so Theorem 3 holds for any such path.
+
+    Args:
+        mean: ``mean(t, x1) -> (B, *event)``, the mean :math:`\mu_t(x_1)`. It receives ``t`` of
+            shape ``(B, 1, ..., 1)`` (broadcastable against ``x1``) and ``x1`` of shape
+            ``(B, *event)``.
+        std: ``std(t, x1)``, the standard deviation :math:`\sigma_t(x_1) \ge 0`, of any shape that
+            broadcasts against ``x1`` (``(B, 1, ..., 1)`` for an isotropic path).
+
+    Example:
+        >>> import torch, cnftools
+        >>> path = cnftools.GaussianPath(
+        ...     mean=lambda t, x1: torch.sin(0.5 * torch.pi * t) * x1,
+        ...     std=lambda t, x1: 1 - 0.9 * t,
+        ... )
+        >>> x1 = torch.randn(4, 3, dtype=torch.float64)
+        >>> u = path.conditional_velocity(torch.zeros_like(x1), 0.5, x1)
+        >>> u.shape
+        torch.Size([4, 3])
+
+    References:
+        Lipman et al. (2022), arXiv:2210.02747, §4, Theorem 3.
+    """
+
+    def __init__(self, mean: PathFunction, std: PathFunction) -> None:
+        if not callable(mean):
+            raise TypeError(f"mean must be a callable mean(t, x1), got {type(mean).__name__}")
+        if not callable(std):
+            raise TypeError(f"std must be a callable std(t, x1), got {type(std).__name__}")
+        self._user_mean = mean
+        self._user_std = std
+
+    # ------------------------------------------------------------------------------------------
+    # Hooks: subclasses override these. ``tb`` is the time reshaped to (B, 1, ..., 1); inputs are
+    # already validated.
+    def _mean(self, tb: Tensor, x1: Tensor) -> Tensor:
+        return self._user_mean(tb, x1)
+
+    def _std(self, tb: Tensor, x1: Tensor) -> Tensor:
+        return self._user_std(tb, x1)
+
+    def _variance(self, tb: Tensor, x1: Tensor) -> Tensor:
+        return self._std(tb, x1) ** 2
+
+    def _mean_derivative(self, tb: Tensor, x1: Tensor) -> Tensor:
+        return jvp(lambda s: self._mean(s, x1), (tb,), (torch.ones_like(tb),))[1]
+
+    def _variance_rate(self, tb: Tensor, x1: Tensor) -> Tensor:
+        return jvp(lambda s: 0.5 * self._variance(s, x1), (tb,), (torch.ones_like(tb),))[1]
+
+    # ------------------------------------------------------------------------------------------
+    def _prepare(self, t: object, x1: object) -> tuple[Tensor, Tensor]:
+        x1 = check_batched("x1", x1)
+        return expand_like(as_time(t, x1), x1), x1
+
+    def _prepare_with(self, name: str, x: object, t: object, x1: object) -> tuple[Tensor, Tensor]:
+        tb, x1 = self._prepare(t, x1)
+        x = check_batched(name, x)
+        check_same_shape(name, x, "x1", x1)
+        return tb, x1
+
+    def _std_checked(self, tb: Tensor, x1: Tensor) -> Tensor:
+        std = self._std(tb, x1)
+        if not bool(torch.isfinite(std).all()) or bool((std < 0).any()):
+            raise ValueError(f"{type(self).__name__}: std(t, x1) must be finite and >= 0")
+        return std
+
+    def _nonzero_variance(self, tb: Tensor, x1: Tensor, what: str) -> Tensor:
+        variance = self._variance(tb, x1)
+        degenerate = torch.broadcast_to(variance <= 0, x1.shape)
+        if bool(degenerate.any()):
+            rows = degenerate.reshape(x1.shape[0], -1).any(dim=1)
+            times = tb.reshape(-1)[rows]
+            raise ValueError(
+                f"{what} is undefined where sigma_t(x1) = 0 (the path is a point mass there), "
+                f"at t = {times[:5].tolist()}; evaluate at t < 1 or use a path with sigma_min > 0"
+            )
+        return variance
+
+    # ------------------------------------------------------------------------------------------
+    def mean(self, t: float | Tensor, x1: Tensor) -> Tensor:
+        r"""The mean :math:`\mu_t(x_1)`, shape ``(B, *event)``.
+
+        Args:
+            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
+            x1: data points, shape ``(B, *event)``.
+        """
+        tb, x1 = self._prepare(t, x1)
+        return self._mean(tb, x1).expand_as(x1)
+
+    def std(self, t: float | Tensor, x1: Tensor) -> Tensor:
+        r"""The standard deviation :math:`\sigma_t(x_1)`, broadcastable to ``x1``.
+
+        Args:
+            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
+            x1: data points, shape ``(B, *event)``.
+        """
+        tb, x1 = self._prepare(t, x1)
+        return self._std_checked(tb, x1)
+
+    def mean_derivative(self, t: float | Tensor, x1: Tensor) -> Tensor:
+        r"""The time derivative :math:`\mu_t'(x_1)`, shape ``(B, *event)``."""
+        tb, x1 = self._prepare(t, x1)
+        return self._mean_derivative(tb, x1).expand_as(x1)
+
+    def variance_rate(self, t: float | Tensor, x1: Tensor) -> Tensor:
+        r"""Half the time derivative of the variance, :math:`\tfrac12 (\sigma_t^2)' = \sigma_t\sigma_t'`.
+
+        This is the numerically safe form of :math:`\sigma\sigma'`: finite at VP's :math:`t = 1`,
+        where :math:`\sigma' = \infty` and :math:`\sigma = 0`. Broadcastable to ``x1``.
+        """
+        tb, x1 = self._prepare(t, x1)
+        return self._variance_rate(tb, x1)
+
+    def flow_map(self, x0: Tensor, t: float | Tensor, x1: Tensor) -> Tensor:
+        r"""The conditional flow map :math:`\psi_t(x_0) = \sigma_t(x_1) x_0 + \mu_t(x_1)`.
+
+        Args:
+            x0: noise points, shape ``(B, *event)``.
+            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
+            x1: data points, shape ``(B, *event)``.
+
+        Returns:
+            :math:`\psi_t(x_0)`, shape ``(B, *event)``.
+        """
+        tb, x1 = self._prepare_with("x0", x0, t, x1)
+        return self._std_checked(tb, x1) * x0 + self._mean(tb, x1)
+
+    def inverse_flow_map(self, x: Tensor, t: float | Tensor, x1: Tensor) -> Tensor:
+        r"""The inverse flow map :math:`\psi_t^{-1}(x) = (x - \mu_t(x_1)) / \sigma_t(x_1)`.
+
+        Raises:
+            ValueError: where :math:`\sigma_t(x_1) = 0`, since :math:`\psi_t` is not invertible.
+        """
+        tb, x1 = self._prepare_with("x", x, t, x1)
+        self._nonzero_variance(tb, x1, "inverse_flow_map")
+        return (x - self._mean(tb, x1)) / self._std(tb, x1)
+
+    def conditional_velocity(self, x: Tensor, t: float | Tensor, x1: Tensor) -> Tensor:
+        r"""The conditional vector field of Theorem 3,
+
+        .. math::
+
+            u_t(x|x_1) = \frac{\tfrac12 (\sigma_t^2)'}{\sigma_t^2}\,(x - \mu_t(x_1)) + \mu_t'(x_1).
+
+        Args:
+            x: points, shape ``(B, *event)``.
+            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
+            x1: data points, shape ``(B, *event)``.
+
+        Returns:
+            :math:`u_t(x|x_1)`, shape ``(B, *event)``.
+
+        Raises:
+            ValueError: where :math:`\sigma_t(x_1) = 0` (OT with ``sigma_min = 0`` and VP at
+                :math:`t = 1`), where the field is singular.
+        """
+        tb, x1 = self._prepare_with("x", x, t, x1)
+        variance = self._nonzero_variance(tb, x1, "conditional_velocity")
+        rate = self._variance_rate(tb, x1) / variance
+        return rate * (x - self._mean(tb, x1)) + self._mean_derivative(tb, x1)
+
+    def log_prob(self, x: Tensor, t: float | Tensor, x1: Tensor) -> Tensor:
+        r"""The log-density :math:`\log p_t(x|x_1)`, summed over the event dimensions.
+
+        .. math::
+
+            \log p_t(x|x_1) = -\tfrac12 \sum_i \frac{(x_i - \mu_{t,i})^2}{\sigma_{t,i}^2}
+            - \sum_i \log \sigma_{t,i} - \tfrac{D}{2}\log 2\pi.
+
+        Returns:
+            Shape ``(B,)``.
+        """
+        tb, x1 = self._prepare_with("x", x, t, x1)
+        variance = self._nonzero_variance(tb, x1, "log_prob").expand_as(x1)
+        residual = x - self._mean(tb, x1)
+        per_element = residual**2 / variance + torch.log(variance) + math.log(2 * math.pi)
+        return -0.5 * per_element.reshape(x.shape[0], -1).sum(dim=1)
+
+    def sample(
+        self, t: float | Tensor, x1: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        r"""Draw :math:`x_t \sim p_t(\cdot|x_1)` as :math:`\psi_t(x_0)`, :math:`x_0 \sim \mathcal N(0, I)`.
+
+        Args:
+            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
+            x1: data points, shape ``(B, *event)``.
+            generator: optional random generator (on ``x1``'s device) for reproducible draws.
+
+        Returns:
+            Shape ``(B, *event)``.
+        """
+        tb, x1 = self._prepare(t, x1)
+        x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
+        return self._std_checked(tb, x1) * x0 + self._mean(tb, x1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self._user_mean!r}, std={self._user_std!r})"
+
+
+class AffineGaussianPath(GaussianPath):
+    r"""A path with :math:`\mu_t(x_1) = a_t x_1` and :math:`\sigma_t = s_t` independent of :math:`x_1`.
+
+    OT, VE and VP are of this form (THEORY §8), and the closed-form marginals of
+    :mod:`cnftools.marginals` need exactly this structure. Give the two schedules as callables of a
+    ``(B,)`` time tensor; their derivatives come from autograd unless a subclass supplies them.
+
+    Args:
+        signal_scale: ``a(t)``, the scale of the data in the mean.
+        noise_scale: ``s(t) >= 0``, the standard deviation.
+
+    Example:
+        >>> import torch, cnftools
+        >>> path = cnftools.AffineGaussianPath(lambda t: t**2, lambda t: 1 - t**2 + 0.01 * t**2)
+        >>> t = torch.tensor([0.5], dtype=torch.float64)
+        >>> path.signal_scale_derivative(t)
+        tensor([1.], dtype=torch.float64)
+
+    References:
+        Lipman et al. (2022), arXiv:2210.02747, §4.1.
+    """
+
+    def __init__(
+        self,
+        signal_scale: ScheduleFunction | None = None,
+        noise_scale: ScheduleFunction | None = None,
+    ) -> None:
+        if type(self) is AffineGaussianPath and (
+            not callable(signal_scale) or not callable(noise_scale)
+        ):
+            raise TypeError("signal_scale and noise_scale must be callables of a (B,) time tensor")
+        self._signal = signal_scale
+        self._noise = noise_scale
+
+    # Schedules on a (B,) time tensor; subclasses override with closed forms.
+    def signal_scale(self, t: Tensor) -> Tensor:
+        r""":math:`a_t`, shape ``(B,)`` for ``t`` of shape ``(B,)``."""
+        assert self._signal is not None
+        return self._signal(t)
+
+    def noise_scale(self, t: Tensor) -> Tensor:
+        r""":math:`s_t`, shape ``(B,)``."""
+        assert self._noise is not None
+        return self._noise(t)
+
+    def noise_variance(self, t: Tensor) -> Tensor:
+        r""":math:`s_t^2`, shape ``(B,)``."""
+        return self.noise_scale(t) ** 2
+
+    def signal_scale_derivative(self, t: Tensor) -> Tensor:
+        r""":math:`a_t'`, shape ``(B,)``."""
+        return jvp(self.signal_scale, (t,), (torch.ones_like(t),))[1]
+
+    def noise_variance_rate(self, t: Tensor) -> Tensor:
+        r""":math:`s_t s_t' = \tfrac12 (s_t^2)'`, shape ``(B,)``."""
+        return jvp(lambda s: 0.5 * self.noise_variance(s), (t,), (torch.ones_like(t),))[1]
+
+    def _mean(self, tb: Tensor, x1: Tensor) -> Tensor:
+        return self.signal_scale(tb) * x1
+
+    def _std(self, tb: Tensor, x1: Tensor) -> Tensor:
+        return self.noise_scale(tb)
+
+    def _variance(self, tb: Tensor, x1: Tensor) -> Tensor:
+        return self.noise_variance(tb)
+
+    def _mean_derivative(self, tb: Tensor, x1: Tensor) -> Tensor:
+        return self.signal_scale_derivative(tb) * x1
+
+    def _variance_rate(self, tb: Tensor, x1: Tensor) -> Tensor:
+        return self.noise_variance_rate(tb)
+
+    def __repr__(self) -> str:
+        return f"AffineGaussianPath(signal_scale={self._signal!r}, noise_scale={self._noise!r})"
+
+
+def _check_parameter(name: str, value: object, condition: bool, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or not condition:
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
+
+
+class OTPath(AffineGaussianPath):
+    r"""The optimal-transport (conditional OT) path: :math:`a_t = t`, :math:`s_t = 1 - (1 - \sigma_{\min}) t`.
+
+    .. math::
+
+        u_t(x|x_1) = \frac{x_1 - (1 - \sigma_{\min}) x}{1 - (1 - \sigma_{\min}) t}.
+
+    :math:`p_0 = \mathcal N(0, I)` exactly and :math:`p_1(\cdot|x_1) = \mathcal N(x_1, \sigma_{\min}^2 I)`.
+    With ``sigma_min = 0`` the field is singular at :math:`t = 1`: methods that divide by
+    :math:`s_t` raise a ``ValueError`` there rather than return NaN.
+
+    Args:
+        sigma_min: the standard deviation at :math:`t = 1`, in ``[0, 1)``.
+
+    Example:
+        >>> import torch, cnftools
+        >>> path = cnftools.OTPath(sigma_min=0.0)
+        >>> x1 = torch.ones(1, 2)
+        >>> path.conditional_velocity(torch.zeros(1, 2), 0.5, x1)
+        tensor([[2., 2.]])
+
+    References:
+        Lipman et al. (2022), arXiv:2210.02747, Example II (eq. 20–23).
+    """
+
+    def __init__(self, sigma_min: float = 0.0) -> None:
+        super().__init__()
+        self.sigma_min = _check_parameter(
+            "sigma_min", sigma_min, 0 <= float(sigma_min) < 1, "in [0, 1)"
+        )
+
+    def signal_scale(self, t: Tensor) -> Tensor:
+        return t
+
+    def signal_scale_derivative(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def noise_scale(self, t: Tensor) -> Tensor:
+        return 1 - (1 - self.sigma_min) * t
+
+    def noise_variance_rate(self, t: Tensor) -> Tensor:
+        return -(1 - self.sigma_min) * self.noise_scale(t)
+
+    def __repr__(self) -> str:
+        return f"OTPath(sigma_min={self.sigma_min})"
+
+
+class VEPath(AffineGaussianPath):
+    r"""The variance-exploding path: :math:`a_t = 1`, :math:`s_t = \sigma_{1-t}` with
+    :math:`\sigma_s = \sigma_{\min} (\sigma_{\max}/\sigma_{\min})^s`.
+
+    .. math::
+
+        u_t(x|x_1) = -c\,(x - x_1), \qquad c = \ln(\sigma_{\max}/\sigma_{\min}).
+
+    Note :math:`p_0(\cdot|x_1) = \mathcal N(x_1, \sigma_{\max}^2 I)`, not :math:`\mathcal N(0, I)`,
+    and :math:`p_1(\cdot|x_1) = \mathcal N(x_1, \sigma_{\min}^2 I)`. No singularity on [0, 1].
+
+    Args:
+        sigma_min: smallest noise scale, > 0.
+        sigma_max: largest noise scale, > ``sigma_min``.
+
+    Example:
+        >>> import torch, cnftools
+        >>> path = cnftools.VEPath(sigma_min=0.01, sigma_max=50.0)
+        >>> path.std(0.0, torch.zeros(1, 2))
+        tensor([[50.]])
+
+    References:
+        Song et al. (2021), arXiv:2011.13456; Lipman et al. (2022), Example I.
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
+        super().__init__()
+        self.sigma_min = _check_parameter("sigma_min", sigma_min, float(sigma_min) > 0, "> 0")
+        self.sigma_max = _check_parameter(
+            "sigma_max",
+            sigma_max,
+            float(sigma_max) > self.sigma_min,
+            f"> sigma_min = {self.sigma_min}",
+        )
+        self.log_ratio = math.log(self.sigma_max / self.sigma_min)
+
+    def signal_scale(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def signal_scale_derivative(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+    def noise_scale(self, t: Tensor) -> Tensor:
+        return self.sigma_min * torch.exp((1 - t) * self.log_ratio)
+
+    def noise_variance(self, t: Tensor) -> Tensor:
+        return self.sigma_min**2 * torch.exp(2 * (1 - t) * self.log_ratio)
+
+    def noise_variance_rate(self, t: Tensor) -> Tensor:
+        return -self.log_ratio * self.noise_variance(t)
+
+    def __repr__(self) -> str:
+        return f"VEPath(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
+
+
+class VPPath(AffineGaussianPath):
+    r"""The variance-preserving path: :math:`a_t = \alpha_{1-t}`, :math:`s_t = \sqrt{1 - \alpha_{1-t}^2}`.
+
+    With :math:`\alpha_s = e^{-T(s)/2}`, :math:`T(s) = \beta_{\min} s + \tfrac12 (\beta_{\max} -
+    \beta_{\min}) s^2` and :math:`\beta(s) = \beta_{\min} + s (\beta_{\max} - \beta_{\min})`,
+
+    .. math::
+
+        u_t(x|x_1) = \tfrac12 \beta(1-t)\, \alpha \frac{x_1 - \alpha x}{1 - \alpha^2},
+        \qquad \alpha = \alpha_{1-t}.
+
+    :math:`1 - \alpha^2` is computed as ``-expm1(-T)`` (no cancellation near :math:`t = 1`), and
+    :math:`s s'` as :math:`-\tfrac12 \beta \alpha^2` (no :math:`0 \cdot \infty`). Note
+    :math:`s_1 = 0`: the field is singular at :math:`t = 1` (a ``ValueError`` there), and
+    :math:`p_0 = \mathcal N(\alpha_1 x_1, (1-\alpha_1^2) I)` is only close to :math:`\mathcal N(0, I)`.
+
+    Args:
+        beta_min: :math:`\beta_{\min} \ge 0`.
+        beta_max: :math:`\beta_{\max} \ge \beta_{\min}`, > 0.
+
+    Example:
+        >>> import torch, cnftools
+        >>> path = cnftools.VPPath(beta_min=0.1, beta_max=20.0)
+        >>> float(path.mean(0.0, torch.ones(1, 1)))  # alpha_1 = exp(-T(1)/2)
+        0.006570...
+
+    References:
+        Song et al. (2021), arXiv:2011.13456; Lipman et al. (2022), Example I.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
+        super().__init__()
+        self.beta_min = _check_parameter("beta_min", beta_min, float(beta_min) >= 0, ">= 0")
+        self.beta_max = _check_parameter(
+            "beta_max",
+            beta_max,
+            float(beta_max) >= self.beta_min and float(beta_max) > 0,
+            f">= beta_min = {self.beta_min} and > 0",
+        )
+
+    def _integrated_beta(self, s: Tensor) -> Tensor:
+        return self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s**2
+
+    def _beta(self, s: Tensor) -> Tensor:
+        return self.beta_min + s * (self.beta_max - self.beta_min)
+
+    def signal_scale(self, t: Tensor) -> Tensor:
+        return torch.exp(-0.5 * self._integrated_beta(1 - t))
+
+    def signal_scale_derivative(self, t: Tensor) -> Tensor:
+        return 0.5 * self._beta(1 - t) * self.signal_scale(t)
+
+    def noise_variance(self, t: Tensor) -> Tensor:
+        return -torch.expm1(-self._integrated_beta(1 - t))
+
+    def noise_scale(self, t: Tensor) -> Tensor:
+        return torch.sqrt(self.noise_variance(t))
+
+    def noise_variance_rate(self, t: Tensor) -> Tensor:
+        return -0.5 * self._beta(1 - t) * torch.exp(-self._integrated_beta(1 - t))
+
+    def __repr__(self) -> str:
+        return f"VPPath(beta_min={self.beta_min}, beta_max={self.beta_max})"

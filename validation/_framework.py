@@ -1,0 +1,215 @@
+"""Check rows, the run context, discovery of experiments, the printed table and the report."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+import platform
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["Check", "Context", "Experiment", "discover", "run_experiments", "write_report"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the report: a measured error against a stated tolerance.
+
+    Attributes:
+        section: the THEORY.md section, e.g. ``"§7"``.
+        check: what is compared, e.g. ``"Theorem 3: dψ/dt = u_t(ψ_t)"``.
+        subject: the case: path, data, parameters.
+        error: the measured error (max over the grid unless the check says otherwise).
+        tolerance: the bound the error must meet.
+        why: one phrase on why that tolerance is right.
+        expect_fail: a negative control: the row passes when ``error > tolerance`` (the verifier
+            detects a deliberately wrong input).
+    """
+
+    section: str
+    check: str
+    subject: str
+    error: float
+    tolerance: float
+    why: str = ""
+    expect_fail: bool = False
+
+    @property
+    def passed(self) -> bool:
+        if not math.isfinite(self.error):
+            return False
+        return self.error > self.tolerance if self.expect_fail else self.error <= self.tolerance
+
+
+@dataclass
+class Context:
+    """What every experiment gets: where and in what precision to run, and how much to do."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float64
+    full: bool = False
+    seed: int = 0
+    out: Path | None = None
+    figures: list[Path] = field(default_factory=list)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A generator on the context's device, seeded with ``seed + offset``."""
+        return torch.Generator(device=self.device).manual_seed(self.seed + offset)
+
+    def tolerance(self, float64: float, float32: float) -> float:
+        """Pick the tolerance that matches the context's dtype."""
+        return float64 if self.dtype == torch.float64 else float32
+
+    def figure_path(self, name: str) -> Path | None:
+        """Where to write a figure (``None`` when no output folder was given)."""
+        if self.out is None:
+            return None
+        path = self.out / name
+        self.figures.append(path)
+        return path
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    section: float
+    title: str
+    run: Callable[[Context], Iterable[Check]]
+
+
+def discover() -> list[Experiment]:
+    """Import every experiment module of this package, ordered by THEORY section."""
+    package = importlib.import_module("cnftools.validation")
+    experiments = []
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_"):
+            continue
+        module: ModuleType = importlib.import_module(f"cnftools.validation.{info.name}")
+        experiments.append(
+            Experiment(info.name, float(module.SECTION), str(module.TITLE), module.run)
+        )
+    return sorted(experiments, key=lambda e: (e.section, e.name))
+
+
+def run_experiments(
+    ctx: Context,
+    experiments: list[Experiment],
+    echo: Callable[[str], None] | None = print,
+) -> tuple[list[tuple[Experiment, list[Check], float]], list[tuple[Experiment, str]]]:
+    """Run experiments; a crash is recorded as an error (and fails the run), not raised."""
+    results: list[tuple[Experiment, list[Check], float]] = []
+    errors: list[tuple[Experiment, str]] = []
+    for experiment in experiments:
+        start = time.perf_counter()
+        try:
+            checks = list(experiment.run(ctx))
+        except Exception:
+            errors.append((experiment, traceback.format_exc()))
+            if echo:
+                echo(f"[error] {experiment.name}: {traceback.format_exc().splitlines()[-1]}")
+            continue
+        elapsed = time.perf_counter() - start
+        results.append((experiment, checks, elapsed))
+        if echo:
+            echo(format_table(checks, title=f"{experiment.title} ({elapsed:.1f} s)"))
+    return results, errors
+
+
+def format_table(checks: list[Check], title: str = "") -> str:
+    """A fixed-width text table, one row per check."""
+    header = ("section", "check", "subject", "error", "tolerance", "pass")
+    rows = [
+        (
+            c.section,
+            c.check,
+            c.subject,
+            f"{c.error:.2e}",
+            ("> " if c.expect_fail else "") + f"{c.tolerance:.0e}",
+            "PASS" if c.passed else "FAIL",
+        )
+        for c in checks
+    ]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [f"== {title}"] if title else []
+    out.append(line.format(*header))
+    out.extend(line.format(*r) for r in rows)
+    return "\n".join(out) + "\n"
+
+
+def environment(ctx: Context) -> dict[str, str]:
+    """Device, dtype and versions, recorded at the top of the report."""
+    import numpy
+    import scipy
+    import torchdiffeq
+
+    import cnftools
+
+    device = str(ctx.device)
+    if ctx.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(ctx.device)})"
+    return {
+        "device": device,
+        "dtype": str(ctx.dtype).replace("torch.", ""),
+        "mode": "full" if ctx.full else "quick",
+        "seed": str(ctx.seed),
+        "cnftools": cnftools.__version__,
+        "torch": torch.__version__,
+        "torchdiffeq": getattr(torchdiffeq, "__version__", "unknown"),
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.system()}",
+    }
+
+
+def write_report(
+    path: Path,
+    ctx: Context,
+    results: list[tuple[Experiment, list[Check], float]],
+    errors: list[tuple[Experiment, str]],
+    elapsed: float,
+) -> None:
+    """Write the Markdown report: environment, one table per experiment, errors, figures."""
+    n_checks = sum(len(c) for _, c, _ in results)
+    n_failed = sum(not c.passed for _, checks, _ in results for c in checks)
+    lines = ["# cnftools validation report", ""]
+    lines += [f"- {k}: {v}" for k, v in environment(ctx).items()]
+    lines += [f"- time taken: {elapsed:.1f} s", ""]
+    verdict = "ALL PASSED" if n_failed == 0 and not errors else "FAILURES"
+    lines += [
+        f"**{verdict}**: {n_checks - n_failed} of {n_checks} checks passed, "
+        f"{len(errors)} experiment(s) crashed.",
+        "",
+        "A row passes when error ≤ tolerance; rows marked `> tol` are negative controls that pass",
+        "when the verifier *detects* a deliberately wrong input (error > tolerance).",
+        "",
+    ]
+    for experiment, checks, seconds in results:
+        lines += [f"## {experiment.title}", "", f"`{experiment.name}`, {seconds:.1f} s", ""]
+        lines += ["| section | check | subject | error | tolerance | pass | why this tolerance |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for c in checks:
+            tol = ("> " if c.expect_fail else "") + f"{c.tolerance:.0e}"
+            verdict_cell = "PASS" if c.passed else "**FAIL**"
+            lines.append(
+                f"| {c.section} | {c.check} | {c.subject} | {c.error:.2e} | {tol} | "
+                f"{verdict_cell} | {c.why} |"
+            )
+        lines.append("")
+    for experiment, text in errors:
+        lines += [f"## {experiment.name}: crashed", "", "```", text.rstrip(), "```", ""]
+    if ctx.figures:
+        lines += ["## Figures", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in ctx.figures if p.exists()]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
