@@ -5,15 +5,55 @@ Conventions (fixed for the whole package): time runs from ``t = 0`` (noise, ``N(
 ``(B, *event)`` and ``t`` of shape ``(B,)`` on ``x``'s device and dtype (see :mod:`cnftools.fields`).
 """
 
+from cnftools import flows
+from cnftools._ode import SolverConfig, SolverError
+from cnftools.analysis import Dequantization, dataset_nll, summarize
+from cnftools.continuity import continuity_relative_residual, continuity_residual
+from cnftools.divergence import divergence, velocity_and_divergence
+from cnftools.likelihood import (
+    LikelihoodResult,
+    SampleResult,
+    log_likelihood,
+    sample,
+    sample_with_log_prob,
+)
+from cnftools.marginals import GaussianMarginal, MixtureMarginal
+from cnftools.models import MLPField
+from cnftools.objectives import cfm_loss, fm_loss
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
+from cnftools.training import load_checkpoint, minibatch_ot_pairing, save_checkpoint, train_cfm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AffineGaussianPath",
+    "Dequantization",
+    "GaussianMarginal",
     "GaussianPath",
+    "LikelihoodResult",
+    "MLPField",
+    "MixtureMarginal",
     "OTPath",
+    "SampleResult",
+    "SolverConfig",
+    "SolverError",
     "VEPath",
     "VPPath",
     "__version__",
+    "cfm_loss",
+    "continuity_relative_residual",
+    "continuity_residual",
+    "dataset_nll",
+    "divergence",
+    "flows",
+    "fm_loss",
+    "load_checkpoint",
+    "log_likelihood",
+    "minibatch_ot_pairing",
+    "sample",
+    "sample_with_log_prob",
+    "save_checkpoint",
+    "summarize",
+    "train_cfm",
+    "velocity_and_divergence",
 ]

@@ -123,7 +123,7 @@ def as_time(
     t = t.to(like.dtype)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} has non-finite values")
-    t_min, t_max = float(t.min()), float(t.max())
+    t_min, t_max = float(t.detach().min()), float(t.detach().max())
     if t_min < low or t_max > high:
         raise ValueError(f"{name} must lie in [{low}, {high}], got values in [{t_min}, {t_max}]")
     return t

@@ -19,9 +19,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cnftools.marginals import GaussianMarginal, MixtureMarginal
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 
-__all__ = ["PATH_CASES", "PathCase", "cosine_path", "x1_dependent_path"]
+__all__ = [
+    "AFFINE_PATH_CASES",
+    "DATA_CASES",
+    "PATH_CASES",
+    "DataCase",
+    "PathCase",
+    "cosine_path",
+    "random_spd",
+    "x1_dependent_path",
+]
 
 
 @dataclass(frozen=True)
@@ -119,3 +129,132 @@ PATH_CASES: dict[str, PathCase] = {
         lambda x1: _ends(0 * x1, 1.0, x1, _x1_dependent_std1(x1)),
     ),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Data distributions with closed-form marginal paths (THEORY §9, §10): Gaussian, mixture, empirical.
+# The parameters are drawn once, in float64 on the CPU, from a seeded generator, then cast, so every
+# dtype and device sees the same numbers.
+
+
+def random_spd(
+    d: int,
+    generator: torch.Generator,
+    *,
+    low: float = 0.5,
+    high: float = 2.0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    r"""A random symmetric positive-definite ``(d, d)`` matrix with eigenvalues in ``[low, high]``.
+
+    :math:`S = Q\,\mathrm{diag}(\lambda)\,Q^\top` with :math:`Q` a random orthogonal matrix (QR of a
+    Gaussian matrix, signs fixed) and :math:`\lambda_j \sim U[\mathrm{low}, \mathrm{high}]`, so the
+    condition number is at most ``high / low``. Drawn in float64 on ``generator``'s device, then
+    cast; exactly symmetric.
+
+    Example:
+        >>> import torch
+        >>> from cnftools.cases import random_spd
+        >>> S = random_spd(3, torch.Generator().manual_seed(0))
+        >>> bool((torch.linalg.eigvalsh(S) >= 0.5 - 1e-12).all()), bool((S == S.T).all())
+        (True, True)
+    """
+    if not 0 < low <= high:
+        raise ValueError(f"need 0 < low <= high, got low={low}, high={high}")
+    gen_device = generator.device
+    g = torch.randn(d, d, generator=generator, dtype=torch.float64, device=gen_device)
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r))
+    lam = low + (high - low) * torch.rand(
+        d, generator=generator, dtype=torch.float64, device=gen_device
+    )
+    s = (q * lam) @ q.T
+    s = 0.5 * (s + s.T)
+    return s.to(dtype=dtype, device=device if device is not None else gen_device)
+
+
+@dataclass(frozen=True)
+class DataCase:
+    """A data distribution ``q`` whose marginal path has a closed form (THEORY §9–§10).
+
+    Attributes:
+        kind: ``"gaussian"`` (``N(m, S)``), ``"mixture"`` (Gaussian mixture) or ``"empirical"``
+            (weighted data points).
+        d: the data dimension.
+        components: 1 for a Gaussian, ``K`` for a mixture, ``N`` data points for empirical data.
+        seed: seed of the float64 CPU generator the parameters are drawn from.
+        uniform_weights: mixture/empirical weights uniform (else drawn, positive, unequal).
+        scale: spread of the means / data points (standard deviation of their entries).
+    """
+
+    kind: str
+    d: int
+    components: int
+    seed: int
+    uniform_weights: bool = False
+    scale: float = 1.5
+
+    def parameters(
+        self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    ) -> dict[str, Tensor]:
+        """The parameters: ``mean, cov`` (Gaussian), ``means, covs, weights`` (mixture) or
+        ``means, weights`` (empirical: ``means`` are the data points), cast to dtype/device."""
+        gen = torch.Generator().manual_seed(self.seed)
+        f64 = torch.float64
+        if self.kind == "gaussian":
+            out = {
+                "mean": self.scale * torch.randn(self.d, generator=gen, dtype=f64),
+                "cov": random_spd(self.d, gen, low=0.25, high=2.0),
+            }
+        else:
+            k = self.components
+            out = {"means": self.scale * torch.randn(k, self.d, generator=gen, dtype=f64)}
+            if self.kind == "mixture":
+                out["covs"] = torch.stack(
+                    [random_spd(self.d, gen, low=0.1, high=1.0) for _ in range(k)]
+                )
+            elif self.kind != "empirical":
+                raise ValueError(f"unknown data kind {self.kind!r}")
+            w = (
+                torch.ones(k, dtype=f64)
+                if self.uniform_weights
+                else 0.2 + torch.rand(k, generator=gen, dtype=f64)
+            )
+            out["weights"] = w / w.sum()
+        return {key: v.to(dtype=dtype, device=device) for key, v in out.items()}
+
+    def marginal(
+        self,
+        path: AffineGaussianPath,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        chunk_size: int | None = None,
+    ) -> GaussianMarginal | MixtureMarginal:
+        """The marginal path of this data under ``path``."""
+        p = self.parameters(dtype, device)
+        if self.kind == "gaussian":
+            return GaussianMarginal(path, p["mean"], p["cov"])
+        return MixtureMarginal(path, p["means"], p.get("covs"), p["weights"], chunk_size=chunk_size)
+
+    def t_max(self, path_case: PathCase) -> float:
+        """Largest safe time: empirical marginals are singular where ``s_t = 0`` (t = 1 on paths
+        with ``singular_at_one``), so those stop at 0.98; everything else reaches 1."""
+        return 0.98 if self.kind == "empirical" and path_case.singular_at_one else 1.0
+
+
+DATA_CASES: dict[str, DataCase] = {
+    "gaussian d=1": DataCase("gaussian", 1, 1, seed=11),
+    "gaussian d=3": DataCase("gaussian", 3, 1, seed=12),
+    "gaussian d=8": DataCase("gaussian", 8, 1, seed=13),
+    "mixture K=3 d=1": DataCase("mixture", 1, 3, seed=21),
+    "mixture K=4 d=2": DataCase("mixture", 2, 4, seed=22),
+    "empirical N=6 d=1": DataCase("empirical", 1, 6, seed=31, uniform_weights=True),
+    "empirical N=40 d=3 (weighted)": DataCase("empirical", 3, 40, seed=32),
+}
+"""Exact data cases for marginal paths, shared by tests/test_marginals.py, validation/theorem1.py
+and the likelihood checks. Combine with the affine entries of :data:`PATH_CASES`
+(:data:`AFFINE_PATH_CASES`)."""
+
+AFFINE_PATH_CASES: dict[str, PathCase] = {k: v for k, v in PATH_CASES.items() if v.affine}
+"""The entries of :data:`PATH_CASES` with closed-form marginals (OT, VE, VP, cosine)."""

@@ -1,0 +1,518 @@
+r"""The ODE layer: solver configuration, function-evaluation counting, and the torchdiffeq call.
+
+This is the only module of cnftools that imports :mod:`torchdiffeq`. Everything above it
+(:mod:`cnftools.likelihood`) describes *what* to integrate,
+
+.. math::
+
+    \frac{dy}{dt} = f(t, y), \qquad y(t_0) = y_0, \qquad y \in \mathbb R^{B \times n},
+
+and this module decides *how*: which Runge–Kutta method, which tolerances or step grid, direct
+backpropagation through the solver or the adjoint method (Chen et al. 2018), and how the step-size
+controller measures the error of a batch (see :class:`SolverConfig`, option ``norm``).
+
+The state ``y`` is always a 2-D tensor ``(B, n)``: one row per sample. That lets the error norm
+and the failure reports work per sample (the rows named in a :class:`SolverError` are batch rows).
+
+References:
+    Chen, Rubanova, Bettencourt, Duvenaud: Neural Ordinary Differential Equations (2018),
+    arXiv:1806.07366 (the adjoint method); Hairer, Nørsett, Wanner: Solving Ordinary Differential
+    Equations I, §II.4 (step-size control).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+from torchdiffeq import odeint, odeint_adjoint
+
+__all__ = [
+    "ADAPTIVE_METHODS",
+    "FIXED_GRID_METHODS",
+    "NFE",
+    "NORMS",
+    "SolverConfig",
+    "SolverError",
+    "integrate",
+]
+
+FIXED_GRID_METHODS: dict[str, int] = {
+    "euler": 1,
+    "midpoint": 2,
+    "heun2": 2,
+    "heun3": 3,
+    "rk4": 4,
+}
+"""Fixed-grid Runge–Kutta methods and their order of convergence."""
+
+ADAPTIVE_METHODS: dict[str, int] = {
+    "dopri5": 5,
+    "dopri8": 8,
+    "bosh3": 3,
+    "adaptive_heun": 2,
+    "fehlberg2": 2,
+}
+"""Adaptive (embedded) Runge–Kutta methods and their order of convergence."""
+
+NORMS = ("rms", "max_sample")
+"""Error norms for adaptive step-size control: ``"rms"`` over the whole batch, or
+``"max_sample"``, the largest per-sample RMS (every sample meets the tolerance on its own)."""
+
+_ALL_METHODS = {**FIXED_GRID_METHODS, **ADAPTIVE_METHODS}
+
+
+class SolverError(RuntimeError):
+    """An ODE solve that cannot return a trustworthy result (never a silent NaN).
+
+    Raised for non-finite field values (the message names the batch rows), step-size underflow or
+    too many steps (the message says what to try instead).
+    """
+
+
+@dataclass
+class NFE:
+    """Numbers of function evaluations of one solve: the dynamics, field plus divergence.
+
+    Attributes:
+        forward: evaluations in the forward solve (and, for a differentiable solve, the ones autograd
+            replays on ``backward()`` cost no new evaluations).
+        backward: evaluations of the adjoint solve; updated when ``backward()`` runs (0 before, and 0
+            for direct backpropagation).
+        estimate: evaluations of the a-posteriori error estimate's reference solve (0 if none).
+    """
+
+    forward: int = 0
+    backward: int = 0
+    estimate: int = 0
+
+    @property
+    def total(self) -> int:
+        """All evaluations so far."""
+        return self.forward + self.backward + self.estimate
+
+
+def _check_tolerance(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    r"""How to integrate an ODE: method, tolerances or grid, gradient mode. Validated on construction.
+
+    Fixed-grid methods (``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``) take a uniform grid
+    of ``steps`` steps on :math:`[0, 1]` (or ``step_size``, rounded to the nearest grid dividing the
+    interval into equal steps); requested output times are added to that grid, never interpolated.
+    Adaptive methods (``dopri5``, ``dopri8``, ``bosh3``, ``adaptive_heun``, ``fehlberg2``) accept a
+    step when the error estimate :math:`e` satisfies
+    :math:`\| e / (\mathrm{atol} + \mathrm{rtol}\,|y|) \| \le 1`.
+
+    **Batches share one step size.** The solver integrates the whole batch as one system. With
+    ``norm="rms"`` (torchdiffeq's default), the error norm is an RMS over the batch, so one hard
+    sample among ``B`` easy ones can have a local error up to about :math:`\sqrt{B}` times the
+    tolerance; every sample still takes the (small) steps the batch needs, so easy samples are more
+    accurate than asked. ``norm="max_sample"`` takes the maximum over samples of each sample's RMS
+    error, which makes the tolerance hold for every sample separately (at the price of a few more
+    steps). The state's two parts (the point ``z`` and the log-density columns) are normed
+    separately and the larger counts, so the log-density is controlled as tightly as the point.
+
+    Args:
+        method: one of :data:`FIXED_GRID_METHODS` or :data:`ADAPTIVE_METHODS`.
+        rtol: relative tolerance (adaptive methods).
+        atol: absolute tolerance (adaptive methods).
+        step_size: fixed-grid step (fixed-grid methods; exclusive with ``steps``).
+        steps: number of fixed-grid steps on :math:`[0, 1]` (fixed-grid methods).
+        adjoint: differentiate by the adjoint method (memory independent of the number of steps)
+            instead of backpropagating through the solver's operations.
+        adjoint_method: method of the backward (adjoint) solve; default ``method``. Must be of the
+            same kind (fixed-grid or adaptive) as ``method``.
+        adjoint_rtol: backward-solve relative tolerance; default ``rtol``.
+        adjoint_atol: backward-solve absolute tolerance; default ``atol``.
+        norm: ``"rms"`` or ``"max_sample"`` (see above; adaptive methods).
+        max_steps: most steps an adaptive solve may take between two output times before a
+            :class:`SolverError`.
+        first_step: initial step of an adaptive method (default: chosen automatically).
+
+    Raises:
+        ValueError: for an unknown method or norm, a fixed-grid method without a grid, a grid for
+            an adaptive method, or out-of-range numbers.
+        TypeError: for an unknown option (the dataclass refuses unknown keywords).
+
+    Example:
+        >>> from cnftools import SolverConfig
+        >>> SolverConfig("rk4", steps=20).is_adaptive
+        False
+        >>> SolverConfig("dopri5", rtol=1e-8, atol=1e-8).replace(norm="max_sample").norm
+        'max_sample'
+
+    References:
+        Hairer, Nørsett, Wanner, Solving ODEs I, §II.4; Chen et al. (2018), arXiv:1806.07366.
+    """
+
+    method: str = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    step_size: float | None = None
+    steps: int | None = None
+    adjoint: bool = False
+    adjoint_method: str | None = None
+    adjoint_rtol: float | None = None
+    adjoint_atol: float | None = None
+    norm: str = "rms"
+    max_steps: int = 100_000
+    first_step: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or self.method not in _ALL_METHODS:
+            raise ValueError(
+                f"method must be one of {sorted(_ALL_METHODS)}, got {self.method!r} "
+                f"(fixed grid: {sorted(FIXED_GRID_METHODS)}; adaptive: {sorted(ADAPTIVE_METHODS)})"
+            )
+        _check_tolerance("rtol", self.rtol)
+        _check_tolerance("atol", self.atol)
+        if self.is_adaptive:
+            if self.rtol == 0 and self.atol == 0:
+                raise ValueError("rtol and atol cannot both be 0 for an adaptive method")
+            if self.step_size is not None or self.steps is not None:
+                raise ValueError(
+                    f"step_size/steps apply to fixed-grid methods {sorted(FIXED_GRID_METHODS)}; "
+                    f"{self.method!r} is adaptive: control it with rtol/atol"
+                )
+        else:
+            if (self.step_size is None) == (self.steps is None):
+                raise ValueError(
+                    f"the fixed-grid method {self.method!r} needs exactly one of step_size "
+                    f"(e.g. 0.05) or steps (e.g. 20); got step_size={self.step_size}, "
+                    f"steps={self.steps}"
+                )
+            if self.step_size is not None:
+                step = _check_tolerance("step_size", self.step_size)
+                if not 0 < step <= 1:
+                    raise ValueError(f"step_size must lie in (0, 1], got {step}")
+            if self.steps is not None and (
+                isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+            ):
+                raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        if not isinstance(self.adjoint, bool):
+            raise TypeError(f"adjoint must be a bool, got {type(self.adjoint).__name__}")
+        if self.adjoint_method is not None:
+            if self.adjoint_method not in _ALL_METHODS:
+                raise ValueError(
+                    f"adjoint_method must be one of {sorted(_ALL_METHODS)}, "
+                    f"got {self.adjoint_method!r}"
+                )
+            if (self.adjoint_method in ADAPTIVE_METHODS) != self.is_adaptive:
+                raise ValueError(
+                    f"adjoint_method {self.adjoint_method!r} must be of the same kind "
+                    f"(fixed-grid or adaptive) as method {self.method!r}"
+                )
+        for name in ("adjoint_rtol", "adjoint_atol"):
+            if getattr(self, name) is not None:
+                _check_tolerance(name, getattr(self, name))
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int):
+            raise TypeError(f"max_steps must be an int, got {type(self.max_steps).__name__}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.first_step is not None and not _check_tolerance("first_step", self.first_step) > 0:
+            raise ValueError("first_step must be > 0")
+
+    @property
+    def is_adaptive(self) -> bool:
+        """True for an adaptive (error-controlled) method."""
+        return self.method in ADAPTIVE_METHODS
+
+    @property
+    def order(self) -> int:
+        """The method's order of convergence."""
+        return _ALL_METHODS[self.method]
+
+    @property
+    def n_steps(self) -> int | None:
+        """Number of uniform steps on :math:`[0, 1]` of a fixed-grid method (``None`` if adaptive)."""
+        if self.is_adaptive:
+            return None
+        if self.steps is not None:
+            return self.steps
+        assert self.step_size is not None
+        ratio = 1.0 / self.step_size
+        nearest = round(ratio)
+        return max(1, nearest if abs(ratio - nearest) < 1e-9 * ratio else math.ceil(ratio))
+
+    def replace(self, **changes: object) -> SolverConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def refined(self) -> SolverConfig:
+        """A more accurate configuration, for a-posteriori error estimates.
+
+        Adaptive: tolerances divided by 100 (not below 1e-14). Fixed grid: twice the steps.
+        """
+        if self.is_adaptive:
+            return self.replace(rtol=max(self.rtol / 100, 1e-14), atol=max(self.atol / 100, 1e-14))
+        n = self.n_steps
+        assert n is not None
+        return self.replace(step_size=None, steps=2 * n)
+
+
+def resolve_config(config: SolverConfig | None, **keywords: object) -> SolverConfig:
+    """Merge solver keywords given directly (not ``None``) into ``config`` (or the defaults).
+
+    Switching to a fixed-grid method without a grid raises the usual :class:`SolverConfig` error;
+    switching from a fixed-grid config to an adaptive method drops the grid.
+    """
+    if config is not None and not isinstance(config, SolverConfig):
+        raise TypeError(f"config must be a SolverConfig, got {type(config).__name__}")
+    base = config if config is not None else SolverConfig()
+    changes = {k: v for k, v in keywords.items() if v is not None}
+    if not changes:
+        return base
+    method = changes.get("method", base.method)
+    if method in ADAPTIVE_METHODS and "step_size" not in changes and "steps" not in changes:
+        changes.setdefault("step_size", None)
+        changes.setdefault("steps", None)
+    elif "step_size" in changes:
+        changes.setdefault("steps", None)
+    elif "steps" in changes:
+        changes.setdefault("step_size", None)
+    if isinstance(method, str) and method in _ALL_METHODS and "adjoint_method" not in changes:
+        adjoint_method = base.adjoint_method
+        if adjoint_method is not None and (adjoint_method in ADAPTIVE_METHODS) != (
+            method in ADAPTIVE_METHODS
+        ):
+            changes["adjoint_method"] = None
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Error norms. The state is (B, n_point + n_extra): normed as two parts, the larger counts.
+
+
+def _make_norm(kind: str, n_point: int) -> Callable[[Tensor], Tensor]:
+    def rms(part: Tensor) -> Tensor:
+        return part.pow(2).mean().sqrt()
+
+    def rms_rows(part: Tensor) -> Tensor:
+        return part.pow(2).mean(dim=1).sqrt()
+
+    def norm(y: Tensor) -> Tensor:
+        if y.dim() != 2:  # the adjoint's scalar time component, or anything unexpected
+            return y.abs().max() if y.numel() else y.new_zeros(())
+        point, extra = y[:, :n_point], y[:, n_point:]
+        if kind == "rms":
+            value = rms(point)
+            return torch.maximum(value, rms(extra)) if extra.shape[1] else value
+        value = rms_rows(point)
+        if extra.shape[1]:
+            value = torch.maximum(value, rms_rows(extra))
+        return value.max()
+
+    return norm
+
+
+def _grid_constructor(n_steps: int) -> Callable[[object, Tensor, Tensor], Tensor]:
+    """Uniform grid of ``n_steps`` steps per unit time, with every output time a grid point."""
+
+    def construct(func: object, y0: Tensor, t: Tensor) -> Tensor:
+        pieces = []
+        for i in range(len(t) - 1):
+            a, b = t[i], t[i + 1]
+            n = max(1, math.ceil(abs(float(b - a)) * n_steps - 1e-9))
+            pieces.append(torch.linspace(float(a), float(b), n + 1, dtype=t.dtype, device=t.device))
+            if i < len(t) - 2:
+                pieces[-1] = pieces[-1][:-1]
+        grid = torch.cat(pieces)
+        grid[0], grid[-1] = t[0], t[-1]
+        return grid
+
+    return construct
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Dynamics(nn.Module):
+    """Wraps ``f(t, y)`` for torchdiffeq: counts evaluations, records non-finite rows cheaply."""
+
+    def __init__(self, f: Callable[[Tensor, Tensor], Tensor], nfe: NFE, batch: int) -> None:
+        super().__init__()
+        self.f = f
+        self.nfe = nfe
+        self.phase = "forward"
+        self.bad_rows: Tensor | None = None
+        self.bad_input: Tensor | None = None
+        self.bad_time: Tensor | None = None
+
+    def forward(self, t: Tensor, y: Tensor) -> Tensor:
+        out = self.f(t, y)
+        if self.phase == "forward":
+            self.nfe.forward += 1
+            with torch.no_grad():  # no device sync here: masks accumulate, checked at the end
+                bad_input = ~torch.isfinite(y).all(dim=1)
+                bad = ~torch.isfinite(out).all(dim=1) & ~bad_input  # non-finite from finite input
+                if self.bad_rows is None:
+                    self.bad_rows = bad
+                    self.bad_input = bad_input
+                    self.bad_time = torch.where(bad, t.detach(), torch.nan)
+                else:
+                    assert self.bad_time is not None and self.bad_input is not None
+                    new = bad & ~self.bad_rows
+                    self.bad_time = torch.where(new, t.detach(), self.bad_time)
+                    self.bad_rows = self.bad_rows | bad
+                    self.bad_input = self.bad_input | bad_input
+        elif self.phase == "estimate":
+            self.nfe.estimate += 1
+        else:
+            self.nfe.backward += 1
+            with torch.no_grad():
+                bad = ~torch.isfinite(out).all(dim=1)
+                if bool(bad.any()):  # one sync per step, only in the adjoint backward solve
+                    raise SolverError(
+                        f"the field (or its divergence) returned non-finite values in the adjoint "
+                        f"backward solve at t = {float(t):.6g}, batch rows "
+                        f"{_format_rows(bad)}; {_ADVICE}"
+                    )
+        return out
+
+    def raise_if_bad(self, context: str) -> None:
+        """Raise a :class:`SolverError` naming the rows whose dynamics went non-finite."""
+        if self.bad_rows is None or self.bad_input is None:
+            return
+        if not bool((self.bad_rows | self.bad_input).any()):  # the one sync of a good solve
+            return
+        assert self.bad_time is not None
+        if not bool(self.bad_rows.any()):
+            raise SolverError(
+                f"{context}: the solution became non-finite (NaN or inf) in batch rows "
+                f"{_format_rows(self.bad_input)}: the solver is unstable on this field (steps too "
+                f"large for how fast it changes, or the solution blows up); {_ADVICE}"
+            )
+        rows = self.bad_rows.nonzero().flatten()
+        times = self.bad_time[rows[:5]].tolist()
+        raise SolverError(
+            f"{context}: the field (or its divergence) returned non-finite values (NaN or inf) "
+            f"for batch rows {_format_rows(self.bad_rows)}, first at t = "
+            f"{[round(s, 6) for s in times]}; check the field at those inputs, or {_ADVICE}"
+        )
+
+
+_ADVICE = (
+    "try float64, a looser tolerance (rtol/atol) or a fixed-grid method "
+    "(e.g. method='rk4', steps=100)"
+)
+
+
+def _format_rows(mask: Tensor) -> str:
+    rows = mask.nonzero().flatten()
+    text = str(rows[:10].tolist())
+    return text if rows.numel() <= 10 else f"{text} (and {rows.numel() - 10} more)"
+
+
+def integrate(
+    f: Callable[[Tensor, Tensor], Tensor],
+    y0: Tensor,
+    times: Tensor,
+    config: SolverConfig,
+    *,
+    n_point: int,
+    params: Sequence[Tensor] = (),
+    nfe: NFE | None = None,
+    phase: str = "forward",
+    context: str = "ODE solve",
+) -> Tensor:
+    r"""Integrate :math:`dy/dt = f(t, y)` from ``times[0]`` through ``times[1:]``.
+
+    Args:
+        f: the dynamics ``f(t, y) -> (B, n)``; ``t`` is a 0-dim tensor of ``y``'s dtype.
+        y0: the initial state, shape ``(B, n)``.
+        times: 1-D, strictly monotone (increasing or decreasing) output times; ``times[0]`` is the
+            start.
+        config: the solver configuration.
+        n_point: the first ``n_point`` columns of ``y`` are the point, the rest extra quantities
+            (normed separately by the error norm).
+        params: tensors the dynamics depends on that need gradients by the adjoint method.
+        nfe: counter to update (a new one if ``None``).
+        phase: ``"forward"`` or ``"estimate"``: which counter the evaluations go to.
+        context: what is being solved, for error messages.
+
+    Returns:
+        The states at ``times``, shape ``(len(times), B, n)``.
+
+    Raises:
+        SolverError: non-finite dynamics (naming the rows), step-size underflow, too many steps.
+    """
+    if y0.dim() != 2:
+        raise ValueError(f"the ODE state must have shape (B, n), got {tuple(y0.shape)}")
+    nfe = nfe if nfe is not None else NFE()
+    dynamics = _Dynamics(f, nfe, y0.shape[0])
+    dynamics.phase = phase
+    options: dict[str, object] = {}
+    if config.is_adaptive:
+        options["norm"] = _make_norm(config.norm, n_point)
+        options["max_num_steps"] = config.max_steps
+        if config.first_step is not None:
+            options["first_step"] = config.first_step
+        # Land steps exactly on every output time, the end included: no stage is evaluated
+        # outside [0, 1] (fields may be undefined there) and no output is interpolated.
+        options["step_t"] = times[1:]
+    else:
+        n_steps = config.n_steps
+        assert n_steps is not None
+        options["grid_constructor"] = _grid_constructor(n_steps)
+    kwargs = {"rtol": config.rtol, "atol": config.atol, "method": config.method, "options": options}
+    try:
+        if config.adjoint and phase == "forward":
+            adjoint_options = {k: v for k, v in options.items() if k not in ("norm", "step_t")}
+            if config.is_adaptive:
+                # torchdiffeq runs the backward solve in its internal time, which is -t when the
+                # forward solve runs backwards in t; it flips step_t once more itself.
+                reverse = bool(times[0] > times[-1])
+                adjoint_options["step_t"] = -times if reverse else times
+            solution = odeint_adjoint(
+                dynamics,
+                y0,
+                times,
+                adjoint_params=tuple(params),
+                adjoint_method=config.adjoint_method or config.method,
+                adjoint_rtol=config.adjoint_rtol
+                if config.adjoint_rtol is not None
+                else config.rtol,
+                adjoint_atol=config.adjoint_atol
+                if config.adjoint_atol is not None
+                else config.atol,
+                adjoint_options=adjoint_options,
+                **kwargs,  # type: ignore[arg-type]
+            )
+        else:
+            solution = odeint(dynamics, y0, times, **kwargs)  # type: ignore[arg-type]
+    except AssertionError as error:
+        dynamics.raise_if_bad(context)
+        message = str(error)
+        if "underflow" in message:
+            raise SolverError(
+                f"{context}: the adaptive step size underflowed ({message}) with "
+                f"method={config.method!r}, rtol={config.rtol:g}, atol={config.atol:g}, "
+                f"dtype={y0.dtype}: the field is too stiff or singular for these tolerances; "
+                f"{_ADVICE}"
+            ) from error
+        if "max_num_steps" in message:
+            raise SolverError(
+                f"{context}: more than max_steps={config.max_steps} steps ({message}) with "
+                f"method={config.method!r}, rtol={config.rtol:g}, atol={config.atol:g}; "
+                f"raise max_steps, or {_ADVICE}"
+            ) from error
+        raise SolverError(f"{context}: torchdiffeq failed: {message}; {_ADVICE}") from error
+    dynamics.raise_if_bad(context)
+    dynamics.phase = "backward"  # any later evaluation is the adjoint's backward solve
+    return solution

@@ -1,0 +1,172 @@
+r"""The velocity-field convention, stated once for the whole package.
+
+A **velocity field** is any callable ``v(x, t)``. cnftools always calls it with
+
+- ``x`` of shape ``(B, *event)`` (a batch of points), and
+- ``t`` a tensor of shape ``(B,)`` on ``x``'s device and dtype (one time per sample, so that
+  derivatives of a summed batch stay per-sample),
+
+and expects a tensor of the same shape, dtype and device as ``x`` back. A ``torch.nn.Module``
+whose ``forward(x, t)`` does this is a velocity field; so is a plain function, a lambda that binds
+extra arguments (``lambda x, t: path.conditional_velocity(x, t, x1)``) or a bound method.
+
+A field that knows its divergence :math:`\nabla\cdot v = \operatorname{tr} \partial v/\partial x`
+in closed form says so through one optional protocol: a method ``divergence(x, t) -> (B,)`` on the
+field object (for example the marginal fields of :mod:`cnftools.marginals`). A bound method
+``obj.velocity`` or ``obj.__call__`` of an object with such a ``divergence`` method counts too.
+:func:`closed_form_divergence` finds it; nothing else in cnftools inspects field types.
+
+References:
+    Chen et al., Neural Ordinary Differential Equations (2018), arXiv:1806.07366;
+    Lipman et al., Flow Matching for Generative Modeling (2022), arXiv:2210.02747.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from cnftools._checks import as_time, check_batched
+
+__all__ = [
+    "VelocityField",
+    "call_checked",
+    "call_field",
+    "closed_form_divergence",
+    "field_name",
+]
+
+Divergence = Callable[[Tensor, Tensor], Tensor]
+
+
+@runtime_checkable
+class VelocityField(Protocol):
+    """The protocol every velocity field satisfies: ``v(x, t) -> (B, *event)``."""
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:  # pragma: no cover - protocol
+        ...
+
+
+def field_name(v: object) -> str:
+    """A short human-readable name for a field, used in error messages.
+
+    Example:
+        >>> field_name(lambda x, t: x)
+        '<lambda>'
+    """
+    self_obj = getattr(v, "__self__", None)
+    func = getattr(v, "__func__", None)
+    if self_obj is not None and func is not None:
+        return f"{type(self_obj).__name__}.{func.__name__}"
+    name = getattr(v, "__qualname__", None)
+    if isinstance(name, str):
+        return name.rsplit(".", 1)[-1] if "<locals>" in name else name
+    return type(v).__name__
+
+
+def call_field(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float | Tensor) -> Tensor:
+    r"""Call a velocity field by the package convention and check what it returns.
+
+    Args:
+        v: the field, ``v(x, t)``.
+        x: points, shape ``(B, *event)``.
+        t: a float, a 0-dim tensor or a ``(B,)`` tensor in :math:`[0, 1]`; ``v`` always receives a
+            ``(B,)`` tensor on ``x``'s device and dtype.
+
+    Returns:
+        :math:`v(x, t)`, shape ``(B, *event)``.
+
+    Raises:
+        TypeError: ``v`` is not callable, or returns something other than a tensor of ``x``'s
+            dtype.
+        ValueError: the output's shape or device differs from ``x``'s.
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(2, 3)
+        >>> call_field(lambda x, t: x + t[:, None], x, 0.5)
+        tensor([[0.5000, 0.5000, 0.5000],
+                [0.5000, 0.5000, 0.5000]])
+    """
+    if not callable(v):
+        raise TypeError(f"the velocity field must be callable v(x, t), got {type(v).__name__}")
+    x = check_batched("x", x)
+    return call_checked(v, x, as_time(t, x))
+
+
+def call_checked(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor) -> Tensor:
+    """:func:`call_field` for inputs already validated (``x`` checked, ``t`` a ``(B,)`` tensor).
+
+    Only the field's output is checked; internal callers use this to validate inputs once.
+    """
+    out = v(x, t)
+    if (
+        isinstance(out, Tensor)
+        and out.shape == x.shape
+        and out.dtype == x.dtype
+        and out.device == x.device
+    ):
+        return out
+    name = field_name(v)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"velocity field {name} must return a torch.Tensor, got {type(out).__name__}"
+        )
+    if out.shape != x.shape:
+        raise ValueError(
+            f"velocity field {name} returned shape {tuple(out.shape)} for x of shape "
+            f"{tuple(x.shape)}; a field must return one velocity per point, shape (B, *event)"
+        )
+    if out.dtype != x.dtype:
+        raise TypeError(
+            f"velocity field {name} returned dtype {out.dtype} for x of dtype {x.dtype}; "
+            "cast the field (e.g. module.to(x.dtype)) so no precision is lost silently"
+        )
+    raise ValueError(f"velocity field {name} returned a tensor on {out.device}, x is on {x.device}")
+
+
+def closed_form_divergence(v: object) -> Divergence | None:
+    r"""The field's own closed-form divergence, if it offers one.
+
+    Looks for a method ``divergence(x, t) -> (B,)`` on ``v`` itself, or, when ``v`` is the bound
+    method ``obj.velocity`` or ``obj.__call__``, on ``obj`` (so ``marginal.velocity`` finds
+    ``marginal.divergence``). Other bound methods (``obj.log_prob``) are not velocity fields of
+    ``obj`` and give ``None``.
+
+    Args:
+        v: a velocity field.
+
+    Returns:
+        The callable ``divergence(x, t)`` returning :math:`\nabla\cdot v(x, t)` of shape ``(B,)``,
+        or ``None`` when the field has no closed form (then use :func:`cnftools.divergence`).
+
+    Example:
+        >>> import torch
+        >>> class Scaling:
+        ...     def velocity(self, x, t):
+        ...         return 2 * x
+        ...
+        ...     def divergence(self, x, t):
+        ...         return torch.full(x.shape[:1], 2.0 * x[0].numel())
+        ...
+        ...     __call__ = velocity
+        >>> field = Scaling()
+        >>> closed_form_divergence(field.velocity)(torch.zeros(2, 3), torch.zeros(2))
+        tensor([6., 6.])
+        >>> closed_form_divergence(lambda x, t: x) is None
+        True
+    """
+    candidate = getattr(v, "divergence", None)
+    if candidate is not None and callable(candidate) and not inspect.isclass(v):
+        return candidate
+    owner = getattr(v, "__self__", None)
+    func = getattr(v, "__func__", None)
+    if owner is None or func is None:
+        return None
+    if func.__name__ not in ("velocity", "__call__"):
+        return None
+    candidate = getattr(owner, "divergence", None)
+    return candidate if callable(candidate) else None

@@ -1,0 +1,802 @@
+r"""Exact log-likelihoods of continuous normalizing flows, sampling, and density evolution (THEORY §3).
+
+A velocity field :math:`v(x, t)` transports :math:`p_0` (noise, :math:`t = 0`) to :math:`p_1` (data,
+:math:`t = 1`) along :math:`dz_t/dt = v(z_t, t)`. The instantaneous change of variables
+
+.. math::
+
+    \frac{d}{dt}\log p_t(z_t) = -\operatorname{div} v(z_t, t)
+    \quad\Longrightarrow\quad
+    \log p_1(x) = \log p_0(z_0) - \int_0^1 \operatorname{div} v(z_t, t)\,dt
+
+gives the likelihood of a data point :math:`x = z_1` by integrating the augmented state
+:math:`[z_t, \int \operatorname{div} v]` from :math:`t = 1` back to :math:`t = 0` in one ODE solve
+(:func:`log_likelihood`). Integrating forward from :math:`z_0 \sim p_0` gives samples
+(:func:`sample`) and, in the same solve, their log-density (:func:`sample_with_log_prob`). Along the
+way :math:`\log p_t(z_t) = \log p_0(z_0) - \int_0^t \operatorname{div} v` at any requested times
+(density evolution, ``times=``).
+
+The divergence is exact by default: the field's closed form when it offers one
+(:func:`cnftools.fields.closed_form_divergence`, e.g. the marginal fields of
+:mod:`cnftools.marginals`), otherwise the trace of the Jacobian from one forward pass of the field
+and :math:`d` vector-Jacobian products (:mod:`cnftools.divergence`). ``divergence="hutchinson"``
+uses :math:`K` probe vectors :math:`\varepsilon_k` drawn once and held fixed for the whole solve,
+integrates each probe's estimate separately, and reports the per-sample standard error of their mean.
+
+Gradients with respect to ``x``, the prior's and the field's parameters flow by backpropagation
+through the solver (default) or by the adjoint method (``adjoint=True``, memory independent of the
+number of steps). When gradients are needed the exact divergence is built with ``create_graph=True``;
+otherwise the solve runs without a graph (evaluate under ``torch.no_grad()`` to make sure).
+
+Shapes: data ``x`` and noise ``z0`` are ``(B, *event)``; log-densities are ``(B,)``.
+
+References:
+    Chen et al., Neural Ordinary Differential Equations (2018), arXiv:1806.07366;
+    Grathwohl et al., FFJORD (2019), arXiv:1810.01367; THEORY.md §3, §9–§11.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from cnftools._checks import check_batched
+from cnftools._ode import NFE, SolverConfig, SolverError, integrate, resolve_config
+from cnftools.divergence import (
+    BATCHED_ROWS,
+    _check_field_output,
+    _exact_batched,
+    _exact_loop,
+    _hutchinson,
+    choose_strategy,
+)
+from cnftools.fields import call_checked, closed_form_divergence, field_name
+
+__all__ = [
+    "LikelihoodResult",
+    "SampleResult",
+    "log_likelihood",
+    "sample",
+    "sample_with_log_prob",
+]
+
+Field = Callable[[Tensor, Tensor], Tensor]
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class LikelihoodResult:
+    r"""Everything one augmented solve gives.
+
+    Attributes:
+        log_prob: :math:`\log p_1(x)`, shape ``(B,)`` (the mean over probes for Hutchinson).
+        x: the data-side points :math:`x = z_1`, ``(B, *event)`` (the input of
+            :func:`log_likelihood`, the samples of :func:`sample_with_log_prob`).
+        z0: the noise-side points :math:`z_0`, ``(B, *event)``.
+        log_prior: :math:`\log p_0(z_0)` under the prior, ``(B,)``.
+        divergence_integral: :math:`\int_0^1 \operatorname{div} v(z_t, t)\,dt`, ``(B,)``.
+        nfe: function evaluations (forward; backward, filled in when an adjoint ``backward()``
+            runs; estimate).
+        stderr: Hutchinson with :math:`K > 1` probes: the per-sample standard error of
+            ``log_prob`` over probes, ``(B,)``; otherwise ``None``.
+        times: the requested intermediate times, ``(T,)``, in the order given (or ``None``).
+        log_prob_t: :math:`\log p_t(z_t)` at those times along each trajectory, ``(T, B)``.
+        trajectory: :math:`z_t` at those times, ``(T, B, *event)``.
+        error_estimate: a-posteriori estimate of ``|log_prob - exact|`` per sample, ``(B,)``, from
+            a second solve with :meth:`SolverConfig.refined` (or ``None``).
+        config: the solver configuration used.
+    """
+
+    log_prob: Tensor
+    x: Tensor
+    z0: Tensor
+    log_prior: Tensor
+    divergence_integral: Tensor
+    nfe: NFE
+    stderr: Tensor | None = None
+    times: Tensor | None = None
+    log_prob_t: Tensor | None = None
+    trajectory: Tensor | None = None
+    error_estimate: Tensor | None = None
+    config: SolverConfig | None = None
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """Samples with their solve's bookkeeping.
+
+    Attributes:
+        x: the samples :math:`z_1`, ``(B, *event)``.
+        nfe: function evaluations.
+        times: the requested times (or ``None``).
+        trajectory: :math:`z_t` at those times, ``(T, B, *event)`` (or ``None``).
+        config: the solver configuration used.
+    """
+
+    x: Tensor
+    nfe: NFE
+    times: Tensor | None = None
+    trajectory: Tensor | None = None
+    config: SolverConfig | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument handling
+
+
+def _check_field(v: object) -> None:
+    if not callable(v):
+        raise TypeError(f"v must be a velocity field, a callable v(x, t); got {type(v).__name__}")
+
+
+def _check_prior(prior: object, event: tuple[int, ...]) -> Distribution | None:
+    if prior is None:
+        return None
+    if not isinstance(prior, Distribution):
+        raise TypeError(
+            f"prior must be None (standard normal) or a torch.distributions.Distribution, "
+            f"got {type(prior).__name__}"
+        )
+    if tuple(prior.event_shape) != event:
+        hint = ""
+        if tuple(prior.batch_shape) + tuple(prior.event_shape) == event:
+            n = len(event) - len(prior.event_shape)
+            hint = f"; wrap it as torch.distributions.Independent(prior, {n})"
+        raise ValueError(
+            f"prior must have event_shape {event} (the data's event shape), so that log_prob maps "
+            f"(B, *event) to (B,); got event_shape {tuple(prior.event_shape)} and batch_shape "
+            f"{tuple(prior.batch_shape)}{hint}"
+        )
+    if tuple(prior.batch_shape) != ():
+        raise ValueError(f"prior must have batch_shape (), got {tuple(prior.batch_shape)}")
+    return prior
+
+
+def _prior_log_prob(prior: Distribution | None, z: Tensor) -> Tensor:
+    batch = z.shape[0]
+    if prior is None:
+        d = z[0].numel()
+        return -0.5 * z.reshape(batch, -1).pow(2).sum(dim=1) - 0.5 * d * _LOG_2PI
+    out = prior.log_prob(z)
+    if out.shape != (batch,):
+        raise ValueError(f"prior.log_prob returned shape {tuple(out.shape)}, expected ({batch},)")
+    if out.dtype != z.dtype:
+        raise TypeError(
+            f"prior.log_prob returned {out.dtype} for {z.dtype} points: build the prior in the "
+            f"data's dtype"
+        )
+    return out
+
+
+def _check_times(times: object, like: Tensor) -> list[float] | None:
+    if times is None:
+        return None
+    if isinstance(times, Tensor):
+        if times.dim() != 1 or not times.is_floating_point():
+            raise ValueError(f"times must be a 1-D floating tensor, got shape {tuple(times.shape)}")
+        values = [float(s) for s in times.detach().cpu().tolist()]
+    elif isinstance(times, Sequence) and all(
+        isinstance(s, Real) and not isinstance(s, bool) for s in times
+    ):
+        values = [float(s) for s in times]
+    else:
+        raise TypeError("times must be a 1-D tensor or a sequence of floats in [0, 1]")
+    if not values:
+        raise ValueError("times must not be empty")
+    if not all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in values):
+        raise ValueError(f"times must lie in [0, 1], got {values}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"times must be distinct, got {values}")
+    return values
+
+
+def _resolve_params(v: object, params: Iterable[Tensor] | None) -> tuple[tuple[Tensor, ...], bool]:
+    """The field's parameters, and whether they are known (False for a plain closure)."""
+    if params is not None:
+        out = tuple(params)
+        for p in out:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params must be tensors, got {type(p).__name__}")
+        return out, True
+    owner = v if isinstance(v, nn.Module) else getattr(v, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return tuple(owner.parameters()), True
+    return (), False
+
+
+def _needs_graph(v: Field, start: Tensor, params: tuple[Tensor, ...], known: bool) -> bool:
+    """Whether the solve must be differentiable: grad mode on and something requires grad.
+
+    For a field that is not an ``nn.Module`` (its parameters unknown), one extra field call, not
+    counted in the NFE, tells whether its output requires grad.
+    """
+    if not torch.is_grad_enabled():
+        return False
+    if start.requires_grad or any(p.requires_grad for p in params):
+        return True
+    if known:
+        return False
+    # A plain callable may close over parameters: one probe evaluation tells.
+    with torch.enable_grad():
+        t = torch.ones(start.shape[0], dtype=start.dtype, device=start.device)
+        out = v(start.detach(), t)
+    return isinstance(out, Tensor) and out.requires_grad
+
+
+def _time_grid(times: list[float] | None, reverse: bool, like: Tensor) -> tuple[Tensor, list[int]]:
+    """Output times for the solver (strictly monotone, 1 -> 0 if ``reverse``) and the index of
+    each requested time in it."""
+    points = {0.0, 1.0} | set(times or [])
+    ordered = sorted(points, reverse=reverse)
+    index = {s: i for i, s in enumerate(ordered)}
+    grid = torch.tensor(ordered, dtype=like.dtype, device=like.device)
+    return grid, [index[s] for s in (times or [])]
+
+
+# ---------------------------------------------------------------------------------------------
+# The augmented dynamics
+
+
+@dataclass(frozen=True)
+class _DivergenceSpec:
+    kind: str  # "exact" | "hutchinson" | "none"
+    closed: Callable[[Tensor, Tensor], Tensor] | None
+    probes: Tensor | None  # (K, B, *event)
+
+    @property
+    def columns(self) -> int:
+        if self.kind == "none":
+            return 0
+        return 1 if self.kind == "exact" else int(self.probes.shape[0])  # type: ignore[union-attr]
+
+
+def _divergence_spec(
+    v: Field,
+    like: Tensor,
+    divergence: str,
+    n_probes: int,
+    noise: str,
+    probes: Tensor | None,
+    generator: torch.Generator | None,
+) -> _DivergenceSpec:
+    if divergence not in ("exact", "hutchinson"):
+        raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
+    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
+        raise ValueError(f"n_probes must be an int >= 1, got {n_probes!r}")
+    if divergence == "exact":
+        if probes is not None or n_probes != 1:
+            raise ValueError("probes and n_probes apply to divergence='hutchinson' only")
+        return _DivergenceSpec("exact", closed_form_divergence(v), None)
+    if probes is not None:
+        if not isinstance(probes, Tensor) or not probes.is_floating_point():
+            raise TypeError("probes must be a floating tensor of shape (K, B, *event)")
+        if probes.shape == like.shape:
+            probes = probes.unsqueeze(0)
+        if probes.shape[1:] != like.shape:
+            raise ValueError(
+                f"probes must have shape (K, B, *event) = (K, {', '.join(map(str, like.shape))}), "
+                f"got {tuple(probes.shape)}"
+            )
+        if probes.dtype != like.dtype or probes.device != like.device:
+            raise ValueError("probes must have the data's dtype and device")
+        return _DivergenceSpec("hutchinson", None, probes.detach())
+    shape = (n_probes, *like.shape)
+    if noise == "rademacher":
+        bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
+        eps = bits.to(like.dtype) * 2 - 1
+    elif noise == "gaussian":
+        eps = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+    else:
+        raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
+    return _DivergenceSpec("hutchinson", None, eps)
+
+
+def _augmented(
+    v: Field, start: Tensor, spec: _DivergenceSpec
+) -> Callable[[Tensor, Tensor], Tensor]:
+    r"""``f(t, y)`` for the state ``y = [vec(z), A]`` of shape ``(B, d + K)``:
+    :math:`dz/dt = v(z, t)`, :math:`dA_k/dt = \operatorname{div}_k v(z, t)` (``K`` columns: one for
+    the exact divergence, one per Hutchinson probe, none for plain sampling).
+
+    Without a closed form, ``v`` and its divergence come from one forward pass of the field and
+    the VJPs of :mod:`cnftools.divergence` (its strategy, chosen once for the batch size). The
+    graph is kept (``create_graph``) exactly when the solve runs with gradients enabled: direct
+    backpropagation, or the adjoint's backward solve.
+    """
+    batch, event = start.shape[0], tuple(start.shape[1:])
+    d = math.prod(event)
+    strategy, chunk = choose_strategy(batch, d, start.device)
+    rows = BATCHED_ROWS.get(start.device.type, BATCHED_ROWS["cpu"])
+    state = {"strategy": strategy}
+
+    def exact(out: Tensor, z: Tensor, graph: bool) -> Tensor:
+        y = out.reshape(batch, d)
+        if state["strategy"] == "batched":
+            try:
+                return _exact_batched(v, y, z, graph, chunk)
+            except RuntimeError as error:  # an op without a vmap rule: use the loop, loudly
+                if "vmap" not in str(error) and "batch" not in str(error).lower():
+                    raise
+                warnings.warn(
+                    f"batched divergence failed for field {field_name(v)} ({error}); "
+                    "using the loop of d backward passes for this solve",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                state["strategy"] = "loop"
+        return _exact_loop(v, y, z, graph)
+
+    def f(t: Tensor, y: Tensor) -> Tensor:
+        z = y[:, :d].reshape(batch, *event)
+        tb = t.expand(batch)
+        if spec.kind == "none":
+            return call_checked(v, z, tb).reshape(batch, d)
+        graph = torch.is_grad_enabled()
+        if spec.closed is not None:
+            out = call_checked(v, z, tb)
+            div = spec.closed(z, tb)
+            if not isinstance(div, Tensor) or div.shape != (batch,):
+                shape = tuple(div.shape) if isinstance(div, Tensor) else type(div).__name__
+                raise ValueError(
+                    f"the divergence(x, t) of field {field_name(v)} returned {shape}, "
+                    f"expected shape ({batch},)"
+                )
+            columns = div.unsqueeze(1)
+        else:
+            with torch.enable_grad():
+                zz = z if (graph and z.requires_grad) else z.detach().requires_grad_(True)
+                out = call_checked(v, zz, tb)
+                _check_field_output(v, zz, out)
+                if spec.kind == "exact":
+                    columns = exact(out, zz, graph).unsqueeze(1)
+                else:
+                    assert spec.probes is not None
+                    y_out = out.reshape(batch, d)
+                    columns = _hutchinson(v, y_out, zz, spec.probes, graph, rows).T
+            if not graph:
+                out, columns = out.detach(), columns.detach()
+        return torch.cat([out.reshape(batch, d), columns.to(out.dtype)], dim=1)
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# The solves
+
+
+@dataclass
+class _Solve:
+    """Outputs of one augmented solve: states at the grid, integrals A(t) = ∫_0^t div."""
+
+    z: Tensor  # (T, B, *event), in grid order
+    integral: Tensor  # (T, B, K): ∫_0^t div per probe column
+    nfe: NFE
+
+
+def _augmented_solve(
+    v: Field,
+    start: Tensor,
+    grid: Tensor,
+    spec: _DivergenceSpec,
+    config: SolverConfig,
+    params: tuple[Tensor, ...],
+    graph: bool,
+    nfe: NFE,
+    phase: str,
+    context: str,
+) -> _Solve:
+    batch, event = start.shape[0], tuple(start.shape[1:])
+    d = math.prod(event)
+    y0 = torch.cat([start.reshape(batch, d), start.new_zeros(batch, spec.columns)], dim=1)
+    f = _augmented(v, start, spec)
+    if graph:
+        solution = integrate(
+            f, y0, grid, config, n_point=d, params=params, nfe=nfe, phase=phase, context=context
+        )
+    else:
+        with torch.no_grad():
+            solution = integrate(
+                f,
+                y0,
+                grid,
+                config.replace(adjoint=False) if config.adjoint else config,
+                n_point=d,
+                nfe=nfe,
+                phase=phase,
+                context=context,
+            )
+    z = solution[:, :, :d].reshape(len(grid), batch, *event)
+    columns = solution[:, :, d:]
+    # columns hold ∫_{grid[0]}^{t} div; shift so that they hold ∫_0^t div.
+    zero_index = 0 if float(grid[0]) == 0.0 else len(grid) - 1
+    integral = columns - columns[zero_index]
+    return _Solve(z, integral, nfe)
+
+
+def _check_result(name: str, value: Tensor, context: str) -> None:
+    bad = torch.isnan(value) | (value == math.inf)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        raise SolverError(
+            f"{context}: {name} is NaN or +inf for batch rows {rows[:10].tolist()}; "
+            f"check the prior's log_prob at the solved z0 and the field there"
+        )
+
+
+def _likelihood(
+    v: Field,
+    start: Tensor,
+    reverse: bool,
+    prior: Distribution | None,
+    *,
+    config: SolverConfig,
+    spec: _DivergenceSpec,
+    params: tuple[Tensor, ...],
+    known: bool,
+    times: list[float] | None,
+    error_estimate: bool,
+    context: str,
+) -> LikelihoodResult:
+    nfe = NFE()
+    graph = _needs_graph(v, start, params, known)
+    if graph and config.adjoint and not known:
+        raise ValueError(
+            "adjoint=True needs the field's parameters: v is not an nn.Module, so pass "
+            "params=model.parameters() (the tensors the field depends on)"
+        )
+    grid, index = _time_grid(times, reverse, start)
+    solve = _augmented_solve(v, start, grid, spec, config, params, graph, nfe, "forward", context)
+    # In grid order: for reverse (likelihood) grid[0] = 1, grid[-1] = 0; forward: the opposite.
+    i0, i1 = (len(grid) - 1, 0) if reverse else (0, len(grid) - 1)
+    z0, x = solve.z[i0], solve.z[i1]
+    log_prior = _prior_log_prob(prior, z0)
+    per_probe = solve.integral[i1]  # (B, K): ∫_0^1 div per probe
+    div_integral = per_probe.mean(dim=1)
+    log_prob = log_prior - div_integral
+    _check_result("log p_1", log_prob, context)
+    stderr = None
+    if spec.kind == "hutchinson" and per_probe.shape[1] > 1:
+        stderr = per_probe.std(dim=1) / math.sqrt(per_probe.shape[1])
+    times_t = log_prob_t = trajectory = None
+    if times is not None:
+        times_t = torch.tensor(times, dtype=start.dtype, device=start.device)
+        trajectory = solve.z[index]
+        log_prob_t = log_prior.unsqueeze(0) - solve.integral[index].mean(dim=2)
+    estimate = None
+    if error_estimate:
+        refined = config.refined()
+        with torch.no_grad():
+            fine = _augmented_solve(
+                v, start.detach(), grid, spec, refined, (), False, nfe, "estimate", context
+            )
+            fine_log_prob = _prior_log_prob(prior, fine.z[i0]) - fine.integral[i1].mean(dim=1)
+        estimate = (log_prob.detach() - fine_log_prob).abs()
+        if not config.is_adaptive:  # Richardson: error(N) ≈ |l_N - l_2N| 2^p / (2^p - 1)
+            estimate = estimate * (2**config.order / (2**config.order - 1))
+    return LikelihoodResult(
+        log_prob=log_prob,
+        x=x,
+        z0=z0,
+        log_prior=log_prior,
+        divergence_integral=div_integral,
+        nfe=nfe,
+        stderr=stderr,
+        times=times_t,
+        log_prob_t=log_prob_t,
+        trajectory=trajectory,
+        error_estimate=estimate,
+        config=config,
+    )
+
+
+def log_likelihood(
+    v: Field,
+    x: Tensor,
+    prior: Distribution | None = None,
+    *,
+    method: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    step_size: float | None = None,
+    steps: int | None = None,
+    adjoint: bool | None = None,
+    norm: str | None = None,
+    config: SolverConfig | None = None,
+    divergence: str = "exact",
+    n_probes: int = 1,
+    noise: str = "rademacher",
+    probes: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    params: Iterable[Tensor] | None = None,
+    times: Sequence[float] | Tensor | None = None,
+    error_estimate: bool = False,
+    return_result: bool = False,
+) -> Tensor | LikelihoodResult:
+    r"""The exact log-likelihood :math:`\log p_1(x)` of a continuous normalizing flow (THEORY §3).
+
+    Integrates :math:`dz/dt = v(z, t)`, :math:`dA/dt = \operatorname{div} v(z, t)` from
+    :math:`z_1 = x`, :math:`t = 1` down to :math:`t = 0` in one solve and returns
+
+    .. math::
+
+        \log p_1(x) = \log \pi(z_0) - \int_0^1 \operatorname{div} v(z_t, t)\, dt .
+
+    Args:
+        v: the velocity field ``v(x, t)``; called with ``x`` of shape ``(B, *event)`` and ``t`` of
+            shape ``(B,)``. If it offers a closed-form ``divergence(x, t)`` (see
+            :func:`cnftools.fields.closed_form_divergence`), the exact mode uses it.
+        x: data points, shape ``(B, *event)``, finite.
+        prior: :math:`\pi`, the density at :math:`t = 0`: ``None`` for :math:`\mathcal N(0, I)`, or
+            a ``torch.distributions.Distribution`` with ``event_shape == x.shape[1:]`` and empty
+            batch shape (e.g. a marginal's exact ``prior()``).
+        method: solver (see :class:`~cnftools.SolverConfig`), default ``"dopri5"``.
+        rtol: relative tolerance (adaptive methods), default ``1e-5``.
+        atol: absolute tolerance (adaptive methods), default ``1e-5``.
+        step_size: fixed-grid step size.
+        steps: number of fixed-grid steps (alternative to ``step_size``).
+        adjoint: gradients by the adjoint method.
+        norm: adaptive error norm, ``"rms"`` (batch) or ``"max_sample"`` (per sample).
+        config: a :class:`~cnftools.SolverConfig`; keywords given directly override its fields.
+        divergence: ``"exact"`` or ``"hutchinson"``.
+        n_probes: Hutchinson probes :math:`K` (fixed for the whole solve).
+        noise: Hutchinson probe distribution, ``"rademacher"`` or ``"gaussian"``.
+        probes: your own fixed probes, ``(K, B, *event)`` (or ``(B, *event)``).
+        generator: random generator for the probes (on ``x``'s device).
+        params: the tensors the field depends on, for gradients (default: ``v.parameters()``
+            when ``v`` is an ``nn.Module``); needed with ``adjoint=True`` for other callables.
+        times: times in :math:`[0, 1]` at which to report :math:`\log p_t(z_t)` and :math:`z_t`
+            along each trajectory (density evolution), in the result.
+        error_estimate: also solve with :meth:`SolverConfig.refined` and report the difference
+            per sample (in the result).
+        return_result: return a :class:`LikelihoodResult` instead of the tensor.
+
+    Returns:
+        :math:`\log p_1(x)`, shape ``(B,)``, or a :class:`LikelihoodResult`.
+
+    Raises:
+        ValueError, TypeError: bad input (non-finite ``x``, wrong prior event shape, unknown
+            options), before any work.
+        SolverError: the field went non-finite (rows named), the step size underflowed, or too
+            many steps.
+
+    Example:
+        >>> import torch, cnftools
+        >>> m, S = torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+        >>> marginal = cnftools.GaussianMarginal(cnftools.OTPath(0.1), m, S)
+        >>> x = torch.zeros(1, 2, dtype=torch.float64)
+        >>> lp = cnftools.log_likelihood(marginal, x, rtol=1e-9, atol=1e-9)
+        >>> # p_1 = N(0, (1 + 0.1^2) I): log p_1(0) = -log(2 pi 1.01)
+        >>> round(float(lp[0]), 6), round(-math.log(2 * math.pi * 1.01), 6)
+        (-1.847826, -1.847826)
+
+    References:
+        Chen et al. (2018), arXiv:1806.07366; Grathwohl et al. (2019), arXiv:1810.01367, eq. (4).
+    """
+    _check_field(v)
+    x = check_batched("x", x)
+    prior_ = _check_prior(prior, tuple(x.shape[1:]))
+    spec = _divergence_spec(v, x, divergence, n_probes, noise, probes, generator)
+    config_ = resolve_config(
+        config,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        step_size=step_size,
+        steps=steps,
+        adjoint=adjoint,
+        norm=norm,
+    )
+    times_ = _check_times(times, x)
+    params_, known = _resolve_params(v, params)
+    result = _likelihood(
+        v,
+        x,
+        True,
+        prior_,
+        config=config_,
+        spec=spec,
+        params=params_,
+        known=known,
+        times=times_,
+        error_estimate=bool(error_estimate),
+        context="log_likelihood",
+    )
+    return result if return_result else result.log_prob
+
+
+def sample_with_log_prob(
+    v: Field,
+    n: int | None = None,
+    prior: Distribution | None = None,
+    *,
+    z0: Tensor | None = None,
+    event_shape: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    method: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    step_size: float | None = None,
+    steps: int | None = None,
+    adjoint: bool | None = None,
+    norm: str | None = None,
+    config: SolverConfig | None = None,
+    divergence: str = "exact",
+    n_probes: int = 1,
+    noise: str = "rademacher",
+    params: Iterable[Tensor] | None = None,
+    times: Sequence[float] | Tensor | None = None,
+    error_estimate: bool = False,
+    return_result: bool = False,
+) -> tuple[Tensor, Tensor] | LikelihoodResult:
+    r"""Draw :math:`x_1` and its log-density :math:`\log p_1(x_1)` in one forward solve.
+
+    :math:`z_0 \sim \pi`, then :math:`dz/dt = v`, :math:`dA/dt = \operatorname{div} v` from
+    :math:`t = 0` to :math:`1`: :math:`x_1 = z_1`, :math:`\log p_1(x_1) = \log\pi(z_0) - A_1`.
+
+    Args:
+        v: the velocity field.
+        n: number of samples (or give ``z0``).
+        prior: :math:`\pi`; ``None`` for :math:`\mathcal N(0, I)` (then give ``event_shape``, or
+            ``z0``). A ``Distribution`` is sampled with its own ``sample`` (global RNG).
+        z0: your own draws from the prior, ``(B, *event)``, instead of ``n``.
+        event_shape: the event shape for the standard-normal prior.
+        dtype: dtype of the standard-normal draws (default: torch's default dtype).
+        device: device of the standard-normal draws.
+        generator: random generator for the standard-normal draws and Hutchinson probes.
+        method, rtol, atol, step_size, steps, adjoint, norm, config: as in :func:`log_likelihood`.
+        divergence, n_probes, noise, params, times, error_estimate: as in :func:`log_likelihood`.
+        return_result: return a :class:`LikelihoodResult` (``x`` holds the samples).
+
+    Returns:
+        ``(x1, log_prob)`` of shapes ``(n, *event)`` and ``(n,)``, or a :class:`LikelihoodResult`.
+
+    Example:
+        >>> import torch, cnftools
+        >>> marginal = cnftools.GaussianMarginal(
+        ...     cnftools.OTPath(0.1),
+        ...     torch.zeros(2, dtype=torch.float64),
+        ...     torch.eye(2, dtype=torch.float64),
+        ... )
+        >>> x1, lp = cnftools.sample_with_log_prob(
+        ...     marginal, 4, event_shape=(2,), dtype=torch.float64
+        ... )
+        >>> torch.allclose(lp, marginal.log_prob(x1, 1.0), atol=1e-4)
+        True
+
+    References:
+        Chen et al. (2018), arXiv:1806.07366, §4.
+    """
+    _check_field(v)
+    if z0 is not None:
+        if n is not None:
+            raise ValueError("give either n or z0, not both")
+        z0 = check_batched("z0", z0)
+        event = tuple(z0.shape[1:])
+    else:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1 (or give z0), got {n!r}")
+        if prior is None:
+            if event_shape is None:
+                raise ValueError("the standard-normal prior needs event_shape=(d,) (or give z0)")
+            event = tuple(int(s) for s in event_shape)
+        else:
+            if not isinstance(prior, Distribution):
+                raise TypeError("prior must be None or a torch.distributions.Distribution")
+            event = tuple(prior.event_shape)
+    prior_ = _check_prior(prior, event)
+    if z0 is None:
+        assert n is not None
+        if prior_ is None:
+            dev = torch.device(device) if device is not None else None
+            z0 = torch.randn((n, *event), generator=generator, dtype=dtype, device=dev)
+        else:
+            z0 = prior_.sample((n,))
+            if z0.shape != (n, *event):
+                raise ValueError(f"prior.sample((n,)) returned shape {tuple(z0.shape)}")
+        z0 = check_batched("z0", z0)
+    spec = _divergence_spec(v, z0, divergence, n_probes, noise, None, generator)
+    config_ = resolve_config(
+        config,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        step_size=step_size,
+        steps=steps,
+        adjoint=adjoint,
+        norm=norm,
+    )
+    times_ = _check_times(times, z0)
+    params_, known = _resolve_params(v, params)
+    result = _likelihood(
+        v,
+        z0,
+        False,
+        prior_,
+        config=config_,
+        spec=spec,
+        params=params_,
+        known=known,
+        times=times_,
+        error_estimate=bool(error_estimate),
+        context="sample_with_log_prob",
+    )
+    return result if return_result else (result.x, result.log_prob)
+
+
+def sample(
+    v: Field,
+    x0: Tensor,
+    *,
+    method: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    step_size: float | None = None,
+    steps: int | None = None,
+    adjoint: bool | None = None,
+    norm: str | None = None,
+    config: SolverConfig | None = None,
+    params: Iterable[Tensor] | None = None,
+    times: Sequence[float] | Tensor | None = None,
+    return_result: bool = False,
+) -> Tensor | SampleResult:
+    r"""Integrate :math:`dz/dt = v(z, t)` from :math:`z_0 = x_0` at :math:`t = 0` to :math:`t = 1`.
+
+    Args:
+        v: the velocity field.
+        x0: starting points (noise), shape ``(B, *event)``.
+        method, rtol, atol, step_size, steps, adjoint, norm, config: as in :func:`log_likelihood`.
+        params: the field's tensors, for adjoint gradients of a non-``nn.Module`` callable.
+        times: if given, return the trajectory :math:`z_t` at these times in :math:`[0, 1]`,
+            shape ``(T, B, *event)``, in the order given.
+        return_result: return a :class:`SampleResult` (with the NFE).
+
+    Returns:
+        :math:`z_1`, shape ``(B, *event)`` (or the trajectory, or a :class:`SampleResult`).
+
+    Example:
+        >>> import torch, cnftools
+        >>> v = lambda x, t: -x  # z_t = z_0 e^{-t}
+        >>> x0 = torch.ones(2, 3, dtype=torch.float64)
+        >>> x1 = cnftools.sample(v, x0, rtol=1e-10, atol=1e-10)
+        >>> float((x1 - x0 * math.exp(-1)).abs().max()) < 1e-9
+        True
+
+    References:
+        Lipman et al. (2022), arXiv:2210.02747, §2 (sampling by solving the flow ODE).
+    """
+    _check_field(v)
+    x0 = check_batched("x0", x0)
+    config_ = resolve_config(
+        config,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        step_size=step_size,
+        steps=steps,
+        adjoint=adjoint,
+        norm=norm,
+    )
+    times_ = _check_times(times, x0)
+    params_, known = _resolve_params(v, params)
+    nfe = NFE()
+    graph = _needs_graph(v, x0, params_, known)
+    if graph and config_.adjoint and not known:
+        raise ValueError("adjoint=True needs params= for a field that is not an nn.Module")
+    grid, index = _time_grid(times_, False, x0)
+    spec = _DivergenceSpec("none", None, None)
+    solve = _augmented_solve(v, x0, grid, spec, config_, params_, graph, nfe, "forward", "sample")
+    x1 = solve.z[-1]
+    trajectory = solve.z[index] if times_ is not None else None
+    if return_result:
+        times_t = None if times_ is None else torch.tensor(times_, dtype=x0.dtype, device=x0.device)
+        return SampleResult(x1, nfe, times_t, trajectory, config_)
+    return trajectory if trajectory is not None else x1

@@ -1,0 +1,485 @@
+r"""The conditional flow-matching training loop, minibatch-OT pairing and checkpoints.
+
+:func:`train_cfm` minimises :func:`~cnftools.objectives.cfm_loss` (THEORY §6) for any Gaussian path
+and any ``nn.Module`` field ``v(x, t)`` with Adam (or an optimizer you pass). All randomness (data
+minibatches, :math:`t`, :math:`x_0`) comes from one generator seeded with ``seed``, so two runs
+from the same initial weights give identical loss histories and weights on CPU.
+
+With ``minibatch_ot=True`` each batch of noise :math:`x_0` is re-paired with the data batch
+:math:`x_1` by an exact optimal assignment for the cost :math:`\lVert x_0^i - x_1^j\rVert^2`
+(:func:`minibatch_ot_pairing`), which straightens the learned paths (Tong et al. 2023).
+
+Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`) hold only tensors and plain Python
+values — the ``state_dict``, the model's ``config()`` dict and the path's description — and are
+read back with ``torch.load(weights_only=True)``: no pickled code is ever executed.
+
+References:
+    Lipman et al. (2022), arXiv:2210.02747; Tong et al., Improving and generalizing flow-based
+    generative models with minibatch optimal transport (2023), arXiv:2302.00482.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from cnftools._checks import check_batched, check_same_shape
+from cnftools.models import MLPField
+from cnftools.objectives import cfm_loss
+from cnftools.paths import GaussianPath, OTPath, VEPath, VPPath
+
+__all__ = [
+    "Checkpoint",
+    "TrainResult",
+    "describe_path",
+    "load_checkpoint",
+    "minibatch_ot_pairing",
+    "path_from_description",
+    "save_checkpoint",
+    "train_cfm",
+]
+
+CHECKPOINT_FORMAT = "cnftools.checkpoint"
+CHECKPOINT_VERSION = 1
+
+DataSource = Tensor | Callable[[int, torch.Generator], Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_cfm` returns.
+
+    Attributes:
+        field: the trained field (the same object that was passed in).
+        history: a DataFrame with one row per step: ``step`` (1-based), ``loss`` (the minibatch
+            CFM loss before that step's update), ``lr``, ``seconds`` (wall time since the start).
+        optimizer: the optimizer, e.g. to save its state for resuming.
+        seconds: total wall time.
+    """
+
+    field: nn.Module
+    history: pd.DataFrame
+    optimizer: torch.optim.Optimizer
+    seconds: float
+
+
+def minibatch_ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
+    r"""Reorder ``x0`` so that ``(x0[i], x1[i])`` is an exact optimal assignment.
+
+    Solves :math:`\min_\pi \sum_i \lVert x_0^{\pi(i)} - x_1^i\rVert^2` over permutations with
+    :func:`scipy.optimize.linear_sum_assignment` (Hungarian-type, :math:`O(B^3)`; the cost matrix is
+    computed on ``x0``'s device and copied to the CPU).
+
+    Args:
+        x0: noise, shape ``(B, *event)``.
+        x1: data, shape ``(B, *event)``.
+
+    Returns:
+        ``x0`` permuted along the batch, shape ``(B, *event)``.
+
+    Example:
+        >>> import torch
+        >>> x1 = torch.tensor([[0.0], [10.0]])
+        >>> minibatch_ot_pairing(torch.tensor([[9.0], [1.0]]), x1)
+        tensor([[1.],
+                [9.]])
+
+    References:
+        Tong et al. (2023), arXiv:2302.00482, §3.2 (OT-CFM).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    x0 = check_batched("x0", x0)
+    x1 = check_batched("x1", x1)
+    check_same_shape("x0", x0, "x1", x1)
+    batch = x0.shape[0]
+    cost = torch.cdist(x0.reshape(batch, -1), x1.reshape(batch, -1)) ** 2
+    rows, cols = linear_sum_assignment(cost.detach().cpu().double().numpy())
+    order = torch.empty(batch, dtype=torch.long)
+    order[torch.as_tensor(cols)] = torch.as_tensor(rows)
+    return x0[order.to(x0.device)]
+
+
+def _batches(
+    data: DataSource,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Iterator[Tensor]:
+    """Minibatches: epochs of a random permutation (tensor data) or calls to a sampler."""
+    if callable(data) and not isinstance(data, Tensor):
+        while True:
+            batch = data(batch_size, generator)
+            yield check_batched("data(batch_size, generator)", batch).to(device=device, dtype=dtype)
+    assert isinstance(data, Tensor)
+    n = data.shape[0]
+    while True:
+        perm = torch.randperm(n, generator=generator, device=generator.device)
+        for start in range(0, n - batch_size + 1, batch_size):
+            index = perm[start : start + batch_size].to(data.device)
+            yield data[index].to(device=device, dtype=dtype)
+
+
+def train_cfm(
+    field: nn.Module,
+    path: GaussianPath,
+    data: DataSource,
+    *,
+    steps: int,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None = None,
+    seed: int = 0,
+    minibatch_ot: bool = False,
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+    max_grad_norm: float | None = None,
+    lr_schedule: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    callback: Callable[[int, float, nn.Module], bool | None] | None = None,
+    callback_every: int = 100,
+) -> TrainResult:
+    r"""Train a velocity field with conditional flow matching (THEORY §6).
+
+    Each step draws a data batch :math:`x_1`, noise :math:`x_0 \sim \mathcal N(0, I)` (re-paired
+    by minibatch OT when ``minibatch_ot``), times :math:`t \sim \mathcal U[t_{\min}, t_{\max})`,
+    and takes one optimizer step on ``cfm_loss(field, path, x1, t, x0)``.
+
+    Args:
+        field: an ``nn.Module`` with ``forward(x, t)`` (e.g. :class:`~cnftools.MLPField`); it is
+            moved to ``device``/``dtype`` when those are given, and trained in place.
+        path: the conditional probability path (OT, VE, VP or user-defined).
+        data: a tensor ``(N, *event)`` (shuffled into epochs without replacement; the last partial
+            batch of each epoch is dropped) or a sampler ``data(n, generator) -> (n, *event)``
+            (e.g. ``eight_gaussians().sample``). Batches are moved to the field's device/dtype.
+        steps: number of optimizer steps.
+        batch_size: examples per step (at most ``N`` for tensor data).
+        lr: Adam learning rate (ignored when ``optimizer`` is an instance).
+        optimizer: an optimizer instance over ``field``'s parameters, or a factory
+            ``optimizer(params) -> Optimizer``; default Adam(lr).
+        seed: seeds the one generator (on the field's device) behind every random draw.
+        minibatch_ot: pair :math:`x_0` and :math:`x_1` by exact OT on each batch.
+        t_min: lower end of the time draws.
+        t_max: upper end (exclusive) of the time draws; e.g. ``1 - 1e-3`` for VP.
+        max_grad_norm: clip the gradient norm to this value (``None``: no clipping).
+        lr_schedule: ``None`` (constant) or ``"cosine"``: the learning rate of every parameter
+            group decays as :math:`\tfrac12(1 + \cos(\pi k / \text{steps}))` over the run.
+        device: where to train (default: the field's parameters' device).
+        dtype: training dtype (default: the field's parameters' dtype).
+        progress: show a tqdm progress bar with the running loss.
+        callback: ``callback(step, loss, field)`` every ``callback_every`` steps and at the last
+            step; return ``True`` to stop early.
+        callback_every: how often to call ``callback`` (and refresh the progress bar).
+
+    Returns:
+        A :class:`TrainResult` with the loss history as a DataFrame.
+
+    Raises:
+        ValueError: bad arguments, a field whose output shape differs from the data's, or a
+            non-finite loss (with the step number).
+
+    Example:
+        >>> import torch, cnftools
+        >>> from cnftools.data import eight_gaussians
+        >>> _ = torch.manual_seed(0)
+        >>> v = cnftools.MLPField(2, hidden=(32, 32))
+        >>> result = cnftools.train_cfm(
+        ...     v, cnftools.OTPath(0.05), eight_gaussians().sample, steps=20, batch_size=64
+        ... )
+        >>> list(result.history.columns), len(result.history)
+        (['step', 'loss', 'lr', 'seconds'], 20)
+
+    References:
+        Lipman et al. (2022), arXiv:2210.02747, Algorithm 1; Tong et al. (2023), Algorithm 2.
+    """
+    if not isinstance(field, nn.Module):
+        raise TypeError(
+            f"field must be a torch.nn.Module with forward(x, t), got {type(field).__name__}"
+        )
+    if not isinstance(path, GaussianPath):
+        raise TypeError(f"path must be a cnftools GaussianPath, got {type(path).__name__}")
+    for name, value, low in (
+        ("steps", steps, 1),
+        ("batch_size", batch_size, 1),
+        ("callback_every", callback_every, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if isinstance(data, Tensor):
+        check_batched("data", data)
+        if batch_size > data.shape[0]:
+            raise ValueError(f"batch_size={batch_size} exceeds the {data.shape[0]} data points")
+    elif not callable(data):
+        raise TypeError("data must be a tensor (N, *event) or a sampler data(n, generator)")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+    params = [p for p in field.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("field has no trainable parameters")
+    if device is not None or dtype is not None:
+        field.to(device=device, dtype=dtype)
+    device = params[0].device
+    dtype = params[0].dtype
+    if optimizer is None:
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr)
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        opt = optimizer
+    elif callable(optimizer):
+        opt = optimizer(params)
+    else:
+        raise TypeError("optimizer must be an Optimizer, a factory optimizer(params) or None")
+
+    if lr_schedule not in (None, "cosine"):
+        raise ValueError(f"lr_schedule must be None or 'cosine', got {lr_schedule!r}")
+    scheduler = None
+    if lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
+        )
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    batches = _batches(data, batch_size, generator, device, dtype)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="train_cfm")
+    losses: list[Tensor] = []
+    lrs: list[float] = []
+    seconds: list[float] = []
+    start = time.perf_counter()
+    field.train()
+    try:
+        for step in range(1, steps + 1):
+            x1 = next(batches)
+            x0 = torch.randn(x1.shape, generator=generator, dtype=dtype, device=device)
+            if minibatch_ot:
+                x0 = minibatch_ot_pairing(x0, x1)
+            try:
+                loss = cfm_loss(field, path, x1, None, x0, generator, t_min=t_min, t_max=t_max)
+            except ValueError as error:
+                raise ValueError(f"train_cfm, step {step}: {error}") from error
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            losses.append(loss.detach())
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            if scheduler is not None:
+                scheduler.step()
+            seconds.append(time.perf_counter() - start)
+            report = step % callback_every == 0 or step == steps
+            if report:
+                value = float(loss.detach())
+                if bar is not None:
+                    bar.set_postfix(loss=f"{value:.4g}")
+                    bar.update(step - bar.n)
+                if callback is not None and callback(step, value, field):
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    history = pd.DataFrame(
+        {
+            "step": range(1, len(losses) + 1),
+            "loss": torch.stack(losses).cpu().double().numpy() if losses else [],
+            "lr": lrs,
+            "seconds": seconds,
+        }
+    )
+    return TrainResult(field, history, opt, time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------
+def describe_path(path: GaussianPath | None) -> dict[str, Any] | None:
+    """A plain-dict description of a built-in path, e.g. ``{"kind": "ot", "sigma_min": 0.1}``.
+
+    User-defined paths are described as ``{"kind": "custom", "repr": repr(path)}`` (their
+    callables cannot be stored safely; rebuild them in code).
+
+    Example:
+        >>> import cnftools
+        >>> describe_path(cnftools.VPPath())
+        {'kind': 'vp', 'beta_min': 0.1, 'beta_max': 20.0}
+    """
+    if path is None:
+        return None
+    if type(path) is OTPath:
+        return {"kind": "ot", "sigma_min": path.sigma_min}
+    if type(path) is VEPath:
+        return {"kind": "ve", "sigma_min": path.sigma_min, "sigma_max": path.sigma_max}
+    if type(path) is VPPath:
+        return {"kind": "vp", "beta_min": path.beta_min, "beta_max": path.beta_max}
+    if isinstance(path, GaussianPath):
+        return {"kind": "custom", "repr": repr(path)}
+    raise TypeError(f"path must be a cnftools GaussianPath or None, got {type(path).__name__}")
+
+
+def path_from_description(description: Mapping[str, Any] | None) -> GaussianPath | None:
+    """Rebuild a path from :func:`describe_path`'s dict; ``None`` for ``None`` or a custom path."""
+    if description is None:
+        return None
+    kind = description.get("kind")
+    args = {k: v for k, v in description.items() if k != "kind"}
+    if kind == "ot":
+        return OTPath(**args)
+    if kind == "ve":
+        return VEPath(**args)
+    if kind == "vp":
+        return VPPath(**args)
+    if kind == "custom":
+        return None
+    raise ValueError(f"unknown path description {dict(description)!r}")
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns.
+
+    Attributes:
+        field: the model with its weights loaded (in the stored dtype, on ``map_location``).
+        path: the probability path rebuilt from its description (``None`` if none was stored or
+            it was user-defined; see ``path_description``).
+        path_description: the stored description dict, or ``None``.
+        extra: the ``extra`` dict given to :func:`save_checkpoint` (``{}`` if none).
+        optimizer_state: the optimizer's ``state_dict`` if one was saved, else ``None``.
+    """
+
+    field: nn.Module
+    path: GaussianPath | None
+    path_description: dict[str, Any] | None
+    extra: dict[str, Any]
+    optimizer_state: dict[str, Any] | None
+
+
+def _check_plain(name: str, value: object) -> None:
+    """Only values that ``torch.load(weights_only=True)`` reads back."""
+    if value is None or isinstance(value, bool | int | float | str | Tensor | torch.dtype):
+        return
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_plain(f"{name}[{i}]", item)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str | int):
+                raise TypeError(f"{name} has a key of type {type(key).__name__}; use str keys")
+            _check_plain(f"{name}[{key!r}]", item)
+        return
+    raise TypeError(
+        f"{name} is a {type(value).__name__}: checkpoints hold only tensors, numbers, strings, "
+        "bools, None, lists and dicts (e.g. DataFrame.to_dict('list'))"
+    )
+
+
+def save_checkpoint(
+    file: str | os.PathLike[str],
+    field: nn.Module,
+    path: GaussianPath | None = None,
+    *,
+    extra: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Save a field's weights, its configuration and the path's description.
+
+    The file holds ``{"format", "version", "model": {"class", "config"}, "state_dict", "path",
+    "extra", "optimizer"}``: tensors and plain values only, readable with
+    ``torch.load(file, weights_only=True)``.
+
+    Args:
+        file: where to write.
+        field: an ``nn.Module``. Its ``config()`` (if it has one, like :class:`~cnftools.MLPField`)
+            must return a plain dict; other modules are saved by ``state_dict`` only and need a
+            ``field=`` instance to load into.
+        path: the training path, stored as :func:`describe_path`.
+        extra: plain values to keep (step, history as ``DataFrame.to_dict("list")``, seed, ...).
+        optimizer: store its ``state_dict`` for resuming.
+
+    Example:
+        >>> import os, tempfile, torch, cnftools
+        >>> v = cnftools.MLPField(2, hidden=(8,))
+        >>> file = os.path.join(tempfile.mkdtemp(), "v.pt")
+        >>> cnftools.save_checkpoint(file, v, cnftools.OTPath(0.1), extra={"steps": 0})
+        >>> ckpt = cnftools.load_checkpoint(file)
+        >>> ckpt.path, ckpt.extra
+        (OTPath(sigma_min=0.1), {'steps': 0})
+    """
+    if not isinstance(field, nn.Module):
+        raise TypeError(f"field must be a torch.nn.Module, got {type(field).__name__}")
+    config = field.config() if callable(getattr(field, "config", None)) else None
+    _check_plain("field.config()", config)
+    extra = {} if extra is None else extra
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+    _check_plain("extra", extra)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": {"class": type(field).__name__, "config": config},
+        "state_dict": field.state_dict(),
+        "path": describe_path(path),
+        "extra": extra,
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+    }
+    torch.save(payload, file)
+
+
+def load_checkpoint(
+    file: str | os.PathLike[str],
+    *,
+    field: nn.Module | None = None,
+    map_location: torch.device | str | None = None,
+) -> Checkpoint:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
+
+    An :class:`~cnftools.MLPField` is rebuilt from its stored config (in the stored dtype); any other
+    model needs ``field=`` — an instance of the same architecture to load the weights into.
+
+    Raises:
+        ValueError: not a cnftools checkpoint, or a non-MLPField model without ``field=``.
+    """
+    payload = torch.load(file, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{os.fspath(file)!r} is not a cnftools checkpoint")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"unsupported checkpoint version {payload.get('version')!r}")
+    model = payload["model"]
+    state = payload["state_dict"]
+    if field is None:
+        if model["class"] != "MLPField" or model["config"] is None:
+            raise ValueError(
+                f"the checkpoint holds a {model['class']}: pass field=<an instance of it> to load "
+                "its weights into"
+            )
+        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        field = MLPField.from_config(
+            model["config"], dtype=dtypes.pop() if len(dtypes) == 1 else None
+        )
+    else:
+        if not isinstance(field, nn.Module):
+            raise TypeError(f"field must be a torch.nn.Module, got {type(field).__name__}")
+        if model["class"] != type(field).__name__:
+            raise ValueError(
+                f"the checkpoint holds a {model['class']}, not a {type(field).__name__}"
+            )
+    field.load_state_dict(state)
+    if map_location is not None:
+        field.to(map_location)
+    return Checkpoint(
+        field=field,
+        path=path_from_description(payload["path"]),
+        path_description=payload["path"],
+        extra=payload["extra"],
+        optimizer_state=payload["optimizer"],
+    )

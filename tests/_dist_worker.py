@@ -1,0 +1,94 @@
+"""Helpers for the dataset-NLL tests, and a worker script for the multi-process (gloo) test.
+
+As a script (under ``python -m torch.distributed.run --nproc-per-node N``)::
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/_dist_worker.py OUT_DIR
+
+initialises a gloo process group, runs :func:`cnftools.dataset_nll` on :func:`make_case`'s data
+with :data:`SETTINGS` and ``out=OUT_DIR/nll.parquet`` (chunks written by both ranks), and rank 0
+also saves the returned frame to ``OUT_DIR/frame.parquet`` (other ranks check that they got
+``None``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# fixed-grid RK4: every row's result is independent of the batch it is in, and cheap
+SETTINGS: dict[str, Any] = {
+    "batch_size": 7,
+    "method": "rk4",
+    "step_size": 0.1,
+    "divergence": "hutchinson",
+    "n_probes": 2,
+    "seed": 3,
+    "progress": False,
+}
+
+
+class SlowField:
+    """A field that sleeps ``seconds`` per evaluation (to interrupt a run mid-way)."""
+
+    def __init__(self, field: Any, seconds: float = 0.0) -> None:
+        self.field, self.seconds = field, seconds
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.seconds:
+            import time
+
+            time.sleep(self.seconds)
+        return self.field(x, t)
+
+
+def make_case(n: int = 40, dtype: torch.dtype = torch.float64) -> tuple[Any, torch.Tensor]:
+    """A cheap closed-form field (a Gaussian's marginal under OT, THEORY §9) and ``n`` rows of it."""
+    import cnftools
+
+    mean = torch.tensor([0.5, -0.3], dtype=torch.float64)
+    cov = torch.tensor([[0.5, 0.1], [0.1, 0.3]], dtype=torch.float64)
+    marginal = cnftools.GaussianMarginal(cnftools.OTPath(0.0), mean, cov)
+    x = marginal.sample(n, 1.0, torch.Generator().manual_seed(0)).to(dtype)
+    return marginal, x
+
+
+def make_mixture(n: int = 30, dtype: torch.dtype = torch.float64) -> tuple[Any, torch.Tensor]:
+    """A 3-component mixture's marginal under OT (THEORY §10) and ``n`` rows of its data."""
+    import cnftools
+
+    means = torch.tensor([[-2.0, 0.0], [2.0, 0.5], [0.0, 2.0]], dtype=torch.float64)
+    covs = torch.tensor(
+        [[[0.3, 0.1], [0.1, 0.2]], [[0.2, 0.0], [0.0, 0.4]], [[0.5, -0.2], [-0.2, 0.3]]],
+        dtype=torch.float64,
+    )
+    marginal = cnftools.MixtureMarginal(cnftools.OTPath(0.0), means, covs)
+    x = marginal.sample(n, 1.0, torch.Generator().manual_seed(0)).to(dtype)
+    return marginal, x
+
+
+def main(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    import cnftools
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        field, x = make_case()
+        frame = cnftools.dataset_nll(field, x, out=Path(out_dir) / "nll.parquet", **SETTINGS)
+        rank = dist.get_rank()
+        if rank == 0:
+            assert frame is not None
+            frame.to_parquet(Path(out_dir) / "frame.parquet")
+            (Path(out_dir) / "world.txt").write_text(str(frame.attrs["run"]["world_size"]))
+        else:
+            assert frame is None, "ranks other than 0 must return None"
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,320 @@
+"""Tests of cnftools.analysis: dataset_nll frames, closed forms, resume, failures, distributed."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from _dist_worker import SETTINGS, SlowField, make_case, make_mixture
+
+from cnftools.analysis import (
+    Dequantization,
+    dataset_nll,
+    gaussian_baseline_nll,
+    histogram_baseline_nll,
+    summarize,
+)
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+# fixed-grid RK4 with 10 steps: rows are independent of their batch (no shared adaptive step); on
+# make_case's Gaussian marginal the global error is below 1e-4 nats (measured against the closed
+# form; the tests below that compare with closed forms state their own tolerance)
+FAST = {"method": "rk4", "steps": 10, "progress": False}
+
+
+def _reference(field: object, x: torch.Tensor) -> np.ndarray:
+    """The closed-form log p_1(x) (THEORY §9, §10) of the marginal used as the field."""
+    return field.log_prob(x.to(torch.float64), 1.0).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# frame layout
+@pytest.mark.parametrize(
+    ("options", "columns"),
+    [
+        ({}, ["index", "log_prob", "nll", "nfe", "status"]),
+        (
+            {"divergence": "hutchinson", "n_probes": 2},
+            ["index", "log_prob", "nll", "nfe", "stderr", "rounds", "status"],
+        ),
+    ],
+    ids=["exact", "hutchinson"],
+)
+def test_frame_columns_and_order(options, columns):
+    field, x = make_case(10)
+    frame = dataset_nll(field, x, batch_size=4, **FAST, **options)
+    assert list(frame.columns) == columns
+    assert frame["index"].tolist() == list(range(10))
+    assert (frame["status"] == "ok").all()
+    np.testing.assert_array_equal(frame["nll"].to_numpy(), -frame["log_prob"].to_numpy())
+    summary = frame.attrs["summary"]
+    assert summary == summarize(frame)
+    assert summary["rows"] == 10 and summary["failures"] == 0
+    # rk4 with 10 steps: 4 evaluations a step, one solve per batch of 4 rows (3 batches)
+    assert summary["total_nfe"] == 3 * 40
+
+
+def test_dequantized_frame_has_bpd():
+    field, _ = make_case()
+    x = torch.randint(0, 4, (6, 2), generator=torch.Generator().manual_seed(1))
+    deq = Dequantization(levels=4, samples=2)
+    frame = dataset_nll(field, x, dequantization=deq, dtype=torch.float64, **FAST)
+    assert list(frame.columns) == ["index", "log_prob", "nll", "bpd", "nfe", "status"]
+    # exact identity: bpd = nll / (D ln 2) with D = 2
+    np.testing.assert_allclose(frame["bpd"], frame["nll"] / (2 * math.log(2)), rtol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------
+# closed forms
+def test_log_prob_matches_mixture_closed_form(dtype):
+    field, x = make_mixture(30, dtype)
+    frame = dataset_nll(field, x, batch_size=30, method="rk4", steps=40, progress=False)
+    assert (frame["status"] == "ok").all()
+    assert frame["log_prob"].dtype == np.float64  # values are stored in float64 whatever the dtype
+    # float64: RK4's global error ~C h^4, measured 1.9e-4 nats at h = 1/20, so ~1.2e-5 at h = 1/40;
+    # float32: plus rounding of ~1e-7 relative per step over 160 evaluations on values of size ~5
+    tol = 1e-4 if dtype == torch.float64 else 1e-3
+    np.testing.assert_allclose(frame["log_prob"], _reference(field, x), rtol=0, atol=tol)
+
+
+def test_hutchinson_mean_is_unbiased_and_meets_target_stderr():
+    field, x = make_case(40)
+    exact = dataset_nll(field, x, batch_size=10, **FAST)
+    target = 0.01
+    frame = dataset_nll(
+        field, x, batch_size=10, divergence="hutchinson", n_probes=4, target_stderr=target, **FAST
+    )
+    summary = frame.attrs["summary"]
+    assert summary["probe_stderr"] <= target
+    assert frame["rounds"].min() == frame["rounds"].max() >= 1
+    # unbiased: the difference of means is probe noise only; 5 standard errors (false failure
+    # rate ~6e-7 for a Gaussian error)
+    diff = abs(summary["mean_nll"] - exact.attrs["summary"]["mean_nll"])
+    assert diff <= 5 * summary["probe_stderr"]
+    again = dataset_nll(
+        field, x, batch_size=10, divergence="hutchinson", n_probes=4, target_stderr=target, **FAST
+    )
+    pd.testing.assert_frame_equal(frame, again)  # deterministic from the seed
+
+
+@pytest.mark.parametrize("kind", ["numpy", "frame", "npy", "csv", "parquet", "dataset", "loader"])
+def test_data_sources_agree(kind, tmp_path):
+    field, x = make_case(9)
+    expected = dataset_nll(field, x, batch_size=4, **FAST)
+    array = x.numpy()
+    frame_in = pd.DataFrame({"a": array[:, 0], "label": np.arange(9), "b": array[:, 1]})
+    columns = None
+    if kind == "numpy":
+        data = array
+    elif kind == "frame":
+        data, columns = frame_in, ["a", "b"]
+    elif kind == "npy":
+        data = tmp_path / "x.npy"
+        np.save(data, array)
+    elif kind == "csv":
+        data, columns = tmp_path / "x.csv", ["a", "b"]
+        frame_in.to_csv(data, index=False, float_format="%.17g")
+    elif kind == "parquet":
+        data, columns = tmp_path / "x.parquet", ["a", "b"]
+        frame_in.to_parquet(data)
+    elif kind == "dataset":
+        data = torch.utils.data.TensorDataset(x, torch.arange(9))
+    else:
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=5)
+    got = dataset_nll(field, data, columns=columns, batch_size=4, **FAST)
+    # same rows in float64: identical up to CSV's 17-digit round trip
+    np.testing.assert_allclose(got["log_prob"], expected["log_prob"], rtol=0, atol=1e-12)
+
+
+def test_dequantized_value_matches_closed_form():
+    """K-sample bound with the documented noise: log mean_k p_1(y_k) + D log(1/L)."""
+    from cnftools.analysis import _unit_seed
+    from cnftools.data import dequantize
+
+    field, _ = make_case()
+    levels, k = 5, 3
+    x = torch.randint(0, levels, (6, 2), generator=torch.Generator().manual_seed(2))
+    frame = dataset_nll(
+        field, x, batch_size=6, dequantization=Dequantization(levels, k), dtype=torch.float64,
+        seed=7, **FAST,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(_unit_seed(7, 0, 0, 1))
+    terms = torch.stack(
+        [field.log_prob(dequantize(x, levels, gen, dtype=torch.float64), 1.0) for _ in range(k)]
+    )
+    expected = torch.logsumexp(terms, 0) - math.log(k) + 2 * math.log(1 / levels)
+    # RK4 with 10 steps on the Gaussian marginal, for points y in [0, 1)^2 (the tails of N(m, S)):
+    # measured error 3e-5 nats, tolerance with margin
+    np.testing.assert_allclose(frame["log_prob"], expected.numpy(), rtol=0, atol=2e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# failures and bad inputs
+class _FailOnLargeX:
+    """The mixture field, except that it raises for any batch with a coordinate above 50."""
+
+    def __init__(self, field):
+        self.field = field
+
+    def __call__(self, x, t):
+        if bool((x.abs() > 50).any()):
+            raise RuntimeError("boom: x too large")
+        return self.field(x, t)
+
+
+def test_failed_batch_and_nan_rows_are_recorded():
+    field, x = make_case(12)
+    x = x.clone()
+    x[1, 0] = float("nan")  # batch 0: one NaN row, the others must still be computed
+    x[9, 1] = 1e3  # batch 2 (rows 8..11) fails as a whole
+    frame = dataset_nll(_FailOnLargeX(field), x, batch_size=4, **FAST)
+    status = frame["status"].tolist()
+    assert status[1].startswith("error: non-finite input")
+    assert all(s.startswith("error: RuntimeError: boom") for s in status[8:12])
+    ok = [i for i in range(12) if i != 1 and not 8 <= i < 12]
+    assert all(status[i] == "ok" for i in ok)
+    assert frame.loc[[1, 8, 9, 10, 11], "log_prob"].isna().all()
+    # rk4 rows are batch-independent: the other rows equal a clean run's, up to float64 rounding
+    clean = dataset_nll(field, x[ok], batch_size=4, **FAST)
+    np.testing.assert_allclose(frame.loc[ok, "log_prob"], clean["log_prob"], rtol=0, atol=1e-12)
+    assert frame.attrs["summary"]["failures"] == 5
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs", "error", "match"),
+    [
+        (pd.DataFrame({"a": [1.0], "b": [2.0]}), {"columns": ["a", "c"]}, ValueError, r"\['c'\]"),
+        (pd.DataFrame({"a": [1.0], "s": ["x"]}), {}, ValueError, "non-numeric"),
+        (torch.zeros(4, 3, dtype=torch.float64), {}, ValueError, "shape"),
+        (torch.zeros(4, dtype=torch.float64), {}, ValueError, "event dimension"),
+        (torch.zeros(4, 2, dtype=torch.float64), {"divergence": "exakt"}, ValueError, "divergence"),
+        (torch.zeros(4, 2, dtype=torch.float64), {"target_stderr": 0.1}, ValueError, "hutchinson"),
+        (torch.zeros(4, 2, dtype=torch.float64), {"batch_size": 0}, ValueError, "batch_size"),
+        ("missing.npy", {}, FileNotFoundError, "missing.npy"),
+        ([[1.0, 2.0]], {}, TypeError, "data must be"),
+    ],
+    ids=[
+        "missing-column",
+        "text-column",
+        "wrong-dim",
+        "1d",
+        "divergence",
+        "target",
+        "batch",
+        "file",
+        "list",
+    ],
+)
+def test_bad_inputs_raise_before_work(data, kwargs, error, match):
+    field, _ = make_case()
+    with pytest.raises(error, match=match):
+        dataset_nll(field, data, **{**FAST, **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------
+# out, resume, atomic chunks
+def test_out_file_resume_and_overwrite(tmp_path):
+    field, x = make_case(10)
+    out = tmp_path / "nll.parquet"
+    first = dataset_nll(field, x, batch_size=4, out=out, **FAST)
+    assert out.exists() and not (tmp_path / "nll.parquet.chunks").exists()
+    pd.testing.assert_frame_equal(pd.read_parquet(out), first, check_like=False)
+    with pytest.raises(FileExistsError, match="resume"):
+        dataset_nll(field, x, batch_size=4, out=out, **FAST)
+    again = dataset_nll(field, x, batch_size=4, out=out, resume=True, **FAST)
+    assert again.attrs["summary"]["rows_computed"] == 0  # nothing recomputed
+    pd.testing.assert_frame_equal(again, first)
+    with pytest.raises(ValueError, match="batch_size"):
+        dataset_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
+    third = dataset_nll(field, x, batch_size=5, out=out, overwrite=True, **FAST)
+    assert third.attrs["summary"]["rows_computed"] == 10
+
+
+_KILL_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from _dist_worker import SETTINGS, SlowField, make_case
+
+field, x = make_case()
+cnftools.dataset_nll(SlowField(field, 0.01), x, out={out!r}, **SETTINGS)
+"""
+
+
+def test_resume_after_sigkill_gives_identical_rows(tmp_path):
+    field, x = make_case()
+    out = tmp_path / "nll.parquet"
+    chunks = tmp_path / "nll.parquet.chunks"
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(_KILL_SCRIPT.format(tests=str(TESTS), out=str(out))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # kill once 2 of the 6 units are on disk
+            if len(list(chunks.glob("unit-*.parquet"))) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = len(list(chunks.glob("unit-*.parquet")))
+    assert 2 <= done < 6, f"the kill should land mid-run, {done} units were on disk"
+    assert not out.exists()
+    resumed = dataset_nll(SlowField(field), x, out=out, resume=True, **SETTINGS)
+    assert resumed.attrs["summary"]["rows_computed"] == 40 - 7 * done
+    plain = dataset_nll(SlowField(field), x, **SETTINGS)
+    assert resumed["index"].tolist() == list(range(40))  # one row per input, no duplicates
+    # same inputs, same seeds, same operations: identical numbers, bit for bit
+    pd.testing.assert_frame_equal(resumed, plain, check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(out), plain, check_exact=True)
+
+
+# ----------------------------------------------------------------------------------------------
+def test_two_gloo_processes_equal_one(tmp_path):
+    field, x = make_case()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(TESTS / "_dist_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "world.txt").read_text() == "2"
+    two = pd.read_parquet(tmp_path / "frame.parquet")
+    one = dataset_nll(field, x, **SETTINGS)
+    # each unit's probes are seeded by (seed, batch), whichever rank computes it: bit-identical
+    pd.testing.assert_frame_equal(two, one, check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "nll.parquet"), one, check_exact=True)
+    assert not (tmp_path / "nll.parquet.chunks").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+def test_histogram_baseline_is_exact():
+    train = torch.tensor([[0, 1], [0, 2], [1, 2], [0, 2]])
+    test = torch.tensor([[1, 2]])
+    # add-one smoothing, L = 3: P(x_1 = 1) = (1 + 1)/(4 + 3), P(x_2 = 2) = (3 + 1)/(4 + 3)
+    expected = -math.log(2 / 7) - math.log(4 / 7)
+    got = histogram_baseline_nll(train, test, 3)
+    assert abs(float(got[0]) - expected) < 1e-12  # float64 arithmetic on a few terms
+
+
+def test_gaussian_baseline_beats_uniform_on_correlated_data():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randint(2, 14, (500, 1), generator=gen)
+    rows = (base + torch.randint(-1, 2, (500, 4), generator=gen)).clamp(0, 16)
+    nll = gaussian_baseline_nll(rows[:400], rows[400:], Dequantization(17, samples=2))
+    bpd = float(nll.mean()) / (4 * math.log(2))
+    # strongly correlated pixels: far below the uniform model's log2(17) = 4.09 bits/dim
+    assert bpd < math.log2(17) - 1

@@ -1,0 +1,288 @@
+"""Tests for cnftools.divergence: exact strategies against the full autograd Jacobian, Hutchinson.
+
+References are independent of the code under test: the divergence is compared with the trace of the
+per-sample Jacobian built by ``torch.autograd.functional.jacobian`` (non-vectorized: B * d separate
+backward passes), and Hutchinson's mean with the variance computed from that Jacobian.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import cnftools
+from cnftools.divergence import EXACT_STRATEGIES, choose_strategy
+
+ALL_EXACT = [("exact", s) for s in (*EXACT_STRATEGIES, None)] + [("loop", None)]
+DTYPES = [torch.float64, torch.float32]
+# Relative tolerances of a trace of d Jacobian entries: the exact strategies evaluate the same VJPs
+# as the reference in another order, so the error is a few ulps per entry times d (d <= 64).
+REL_TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+class SmoothMLP(nn.Module):
+    """A small smooth field on any event shape: v(x, t) = W3 tanh(W2 softplus(W1 [x, t]))."""
+
+    def __init__(self, event: tuple[int, ...], width: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        self.event = event
+        dim = math.prod(event)
+        generator = torch.Generator().manual_seed(seed)
+        self.l1 = nn.Linear(dim + 1, width)
+        self.l2 = nn.Linear(width, width)
+        self.l3 = nn.Linear(width, dim)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p.shape[-1]))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        h = torch.cat([x.reshape(x.shape[0], -1), t[:, None]], dim=1)
+        h = torch.tanh(self.l2(nn.functional.softplus(self.l1(h))))
+        return self.l3(h).reshape(x.shape)
+
+
+def per_sample_jacobian(v: nn.Module, x: Tensor, t: Tensor, create_graph: bool = False) -> Tensor:
+    """(B, d, d) per-sample Jacobians from the full (B d) x (B d) autograd Jacobian."""
+    batch, dim = x.shape[0], x[0].numel()
+    full = torch.autograd.functional.jacobian(lambda z: v(z, t), x, create_graph=create_graph)
+    full = full.reshape(batch, dim, batch, dim)
+    return torch.stack([full[b, :, b, :] for b in range(batch)])
+
+
+def jacobian_trace(v: nn.Module, x: Tensor, t: Tensor) -> Tensor:
+    return per_sample_jacobian(v, x, t).diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def assert_trace_close(actual: Tensor, expected: Tensor, scale: Tensor, dtype: torch.dtype) -> None:
+    # Error measured relative to sum_i |J_ii| (the trace's natural rounding scale), floored at 1.
+    bound = REL_TOL[dtype] * (scale + 1)
+    assert bool(((actual - expected).abs() <= bound).all()), (actual - expected).abs().max()
+
+
+event_shapes = st.one_of(
+    st.integers(1, 64).map(lambda d: (d,)),
+    st.sampled_from([(2, 3), (1, 4, 4), (3, 1, 2), (2, 2, 2, 2)]),
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=12)  # each example builds a B*d backward-pass Jacobian; keep the file < 60 s
+@given(event=event_shapes, batch=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_exact_equals_jacobian_trace(
+    dtype: torch.dtype, event: tuple[int, ...], batch: int, seed: int
+) -> None:
+    field = SmoothMLP(event, seed=seed).to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *event, generator=generator, dtype=dtype)
+    t = torch.rand(batch, generator=generator, dtype=dtype)
+    jac = per_sample_jacobian(field, x, t)
+    expected = jac.diagonal(dim1=1, dim2=2).sum(-1)
+    scale = jac.diagonal(dim1=1, dim2=2).abs().sum(-1)
+    for method, strategy in ALL_EXACT:
+        actual = cnftools.divergence(field, x, t, method, strategy=strategy)
+        assert actual.shape == (batch,) and actual.dtype == dtype
+        assert_trace_close(actual, expected, scale, dtype)
+
+
+@pytest.mark.parametrize(("method", "strategy"), ALL_EXACT, ids=str)
+def test_exact_under_no_grad_and_detached(method: str, strategy: str | None, dtype) -> None:
+    field = SmoothMLP((2, 3)).to(dtype)
+    x = torch.randn(5, 2, 3, dtype=dtype)
+    expected = jacobian_trace(field, x, torch.full((5,), 0.3, dtype=dtype))
+    with torch.no_grad():
+        actual = cnftools.divergence(field, x, 0.3, method, strategy=strategy)
+    assert not actual.requires_grad  # no graph is kept without create_graph
+    assert_trace_close(actual, expected, expected.abs() * 0 + 6.0, dtype)
+
+
+@pytest.mark.parametrize(("method", "strategy"), ALL_EXACT, ids=str)
+def test_create_graph_gives_parameter_gradients(method: str, strategy: str | None) -> None:
+    dtype = torch.float64
+    field = SmoothMLP((5,), seed=3).to(dtype)
+    x = torch.randn(4, 5, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    t = torch.linspace(0.1, 0.9, 4, dtype=dtype)
+    params = list(field.parameters())
+    jac = per_sample_jacobian(field, x, t, create_graph=True)
+    # The last bias does not enter the Jacobian: its gradient is None (zero) on both sides.
+    expected = torch.autograd.grad(jac.diagonal(dim1=1, dim2=2).sum(), params, allow_unused=True)
+    div = cnftools.divergence(field, x, t, method, create_graph=True, strategy=strategy)
+    actual = torch.autograd.grad(div.sum(), params, allow_unused=True)
+    assert (actual[-1], expected[-1]) == (None, None)
+    for a, e in zip(actual[:-1], expected[:-1], strict=True):
+        # Same second-order products summed in another order: float64 rounding only.
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_create_graph_differentiates_through_x() -> None:
+    # v = sin(x) * (1 + t): div = (1 + t) sum cos x, d div / dx = -(1 + t) sin x.
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    div = cnftools.divergence(
+        lambda x, t: torch.sin(x) * (1 + t[:, None]), x, 0.5, create_graph=True
+    )
+    (grad,) = torch.autograd.grad(div.sum(), x)
+    torch.testing.assert_close(grad, -1.5 * torch.sin(x.detach()), rtol=1e-13, atol=1e-14)
+
+
+def test_velocity_and_divergence_returns_the_field() -> None:
+    field = SmoothMLP((3,))
+    x = torch.randn(4, 3)
+    t = torch.full((4,), 0.5)
+    velocity, _ = cnftools.velocity_and_divergence(field, x, 0.5)
+    assert torch.equal(velocity, field(x, t))  # the same forward pass, bit for bit
+    assert not velocity.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("batch", "dim", "expected"),
+    [
+        (16, 64, ("batched", 64)),
+        (32, 64, ("batched", 32)),
+        (512, 64, ("loop", 1)),
+        (512, 2, ("loop", 1)),
+        (1, 2, ("batched", 2)),
+    ],
+)
+def test_choose_strategy(batch: int, dim: int, expected: tuple[str, int]) -> None:
+    assert choose_strategy(batch, dim, torch.device("cpu")) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Hutchinson
+def hutchinson_variance(jac: Tensor, noise: str) -> Tensor:
+    """Exact per-probe variance of e^T A e from the Jacobian A, per sample (B,)."""
+    off = jac - torch.diag_embed(jac.diagonal(dim1=1, dim2=2))
+    if noise == "rademacher":  # sum_{i != j} A_ij (A_ij + A_ji)
+        return (off * (off + off.transpose(1, 2))).sum((1, 2))
+    # Gaussian: ||A||_F^2 + tr(A^2)
+    return (jac**2).sum((1, 2)) + (jac * jac.transpose(1, 2)).sum((1, 2))
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
+def test_hutchinson_unbiased_with_exact_variance(noise: str) -> None:
+    dtype = torch.float64
+    field = SmoothMLP((6,), seed=7).to(dtype)
+    x = torch.randn(3, 6, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    t = torch.full((3,), 0.4, dtype=dtype)
+    jac = per_sample_jacobian(field, x, t)
+    exact = jac.diagonal(dim1=1, dim2=2).sum(-1)
+    n_probes = 4000
+    estimate, stderr = cnftools.divergence(
+        field, x, t, "hutchinson", n_probes=n_probes, noise=noise,
+        generator=torch.Generator().manual_seed(11), return_stderr=True,
+    )  # fmt: skip
+    true_stderr = (hutchinson_variance(jac, noise) / n_probes).sqrt()
+    # Unbiased: the mean of K iid probes is within 5 true standard errors (two-sided normal
+    # probability of failure ~6e-7 per sample; the seed is fixed, so this is deterministic).
+    assert bool(((estimate - exact).abs() <= 5 * true_stderr).all())
+    # The reported standard error estimates the true one: relative sampling error of a sample
+    # std over 4000 draws is ~ sqrt(kurtosis / 4K) < 5% here; allow 15%.
+    torch.testing.assert_close(stderr, true_stderr, rtol=0.15, atol=0.0)
+
+
+def test_hutchinson_rademacher_exact_for_diagonal_jacobian() -> None:
+    # e^T A e = tr A for diagonal A and e_i^2 = 1: one Rademacher probe is exact.
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    field = lambda x, t: torch.sin(x) * t.reshape(-1, 1, 1)  # noqa: E731
+    estimate = cnftools.divergence(
+        field, x, 0.7, "hutchinson", generator=torch.Generator().manual_seed(0)
+    )
+    expected = 0.7 * torch.cos(x).sum((1, 2))
+    torch.testing.assert_close(estimate, expected, rtol=1e-14, atol=1e-14)
+
+
+def test_hutchinson_fixed_probes_reproduce_and_match_manual(dtype: torch.dtype) -> None:
+    field = SmoothMLP((2, 2), seed=5).to(dtype)
+    x = torch.randn(4, 2, 2, dtype=dtype)
+    t = torch.full((4,), 0.6, dtype=dtype)
+    probes = torch.randn(3, 4, 2, 2, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    first = cnftools.divergence(field, x, t, "hutchinson", probes=probes)
+    second = cnftools.divergence(field, x, t, "hutchinson", probes=probes)
+    assert torch.equal(first, second)  # same probes, same arithmetic: bitwise equal
+    jac = per_sample_jacobian(field, x, t)
+    eps = probes.reshape(3, 4, 4)
+    manual = torch.einsum("kbi,bij,kbj->b", eps, jac, eps) / 3
+    # A handful of products and sums of O(1) numbers: ulp-level rounding.
+    torch.testing.assert_close(first, manual, rtol=REL_TOL[dtype] * 10, atol=REL_TOL[dtype] * 10)
+    gen = lambda: torch.Generator().manual_seed(9)  # noqa: E731
+    a = cnftools.divergence(field, x, t, "hutchinson", n_probes=2, generator=gen())
+    b = cnftools.divergence(field, x, t, "hutchinson", n_probes=2, generator=gen())
+    assert torch.equal(a, b)
+
+
+def test_hutchinson_create_graph_and_no_grad() -> None:
+    field = SmoothMLP((3,)).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    probes = torch.ones(1, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        est = cnftools.divergence(field, x, 0.5, "hutchinson", probes=probes)
+    assert not est.requires_grad
+    est = cnftools.divergence(field, x, 0.5, "hutchinson", probes=probes, create_graph=True)
+    grads = torch.autograd.grad(est.sum(), list(field.parameters()), allow_unused=True)
+    # Every parameter but the last bias (which does not enter the Jacobian) gets a gradient.
+    assert all(g is not None for g in grads[:-1]) and grads[-1] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+def identity(x: Tensor, t: Tensor) -> Tensor:
+    return x
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "trace"}, ValueError, "method must be"),
+        ({"strategy": "fastest"}, ValueError, "strategy must be"),
+        ({"method": "loop", "strategy": "batched"}, ValueError, "strategy= applies"),
+        ({"method": "hutchinson", "noise": "uniform"}, ValueError, "noise must be"),
+        ({"method": "hutchinson", "n_probes": 0}, ValueError, "n_probes"),
+        ({"method": "hutchinson", "return_stderr": True}, ValueError, "at least 2 probes"),
+        ({"return_stderr": True}, ValueError, "applies to method=.hutchinson. only"),
+        ({"probes": torch.ones(1, 2, 3)}, ValueError, "applies to method=.hutchinson. only"),
+        (
+            {"method": "hutchinson", "probes": torch.ones(2, 3)},
+            ValueError,
+            r"probes must have shape",
+        ),
+        (
+            {"method": "hutchinson", "probes": torch.ones(1, 2, 4)},
+            ValueError,
+            r"probes must have shape",
+        ),
+        (
+            {"method": "hutchinson", "probes": torch.ones(1, 2, 3, dtype=torch.float64)},
+            TypeError,
+            "dtype",
+        ),
+    ],
+)
+def test_bad_arguments_raise(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        cnftools.divergence(identity, torch.zeros(2, 3), 0.5, **kwargs)
+
+
+@pytest.mark.parametrize("strategy", [*EXACT_STRATEGIES, None])
+def test_bad_fields_raise(strategy: str | None) -> None:
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"<lambda> returned shape \(2,\)"):
+        cnftools.divergence(lambda x, t: x.sum(1), x, 0.5, strategy=strategy)
+    with pytest.raises(ValueError, match="does not depend on x"):
+        cnftools.divergence(lambda x, t: torch.ones_like(x), x, 0.5, strategy=strategy)
+    with pytest.raises(ValueError, match="does not depend on x"):
+        cnftools.divergence(lambda x, t: x.detach() * 2, x, 0.5, strategy=strategy)
+
+
+def test_bad_x_and_t_raise() -> None:
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        cnftools.divergence(identity, torch.zeros(2, 3, dtype=torch.int64), 0.5)
+    with pytest.raises(ValueError, match="x must have shape"):
+        cnftools.divergence(identity, torch.zeros(3), 0.5)
+    with pytest.raises(ValueError, match="t must lie in"):
+        cnftools.divergence(identity, torch.zeros(2, 3), -0.1)
+    with pytest.raises(TypeError, match="callable"):
+        cnftools.divergence("field", torch.zeros(2, 3), 0.5)  # type: ignore[arg-type]

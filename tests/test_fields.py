@@ -1,0 +1,98 @@
+"""Tests for cnftools.fields: the v(x, t) convention, call_field and the closed-form protocol."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from cnftools.fields import call_field, closed_form_divergence, field_name
+
+
+class Scaling:
+    """v(x, t) = c x, with closed-form divergence c d."""
+
+    def __init__(self, c: float) -> None:
+        self.c = c
+
+    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.c * x
+
+    def divergence(self, x: Tensor, t: Tensor) -> Tensor:
+        return torch.full(x.shape[:1], self.c * x[0].numel(), dtype=x.dtype)
+
+    def log_prob(self, x: Tensor, t: Tensor) -> Tensor:
+        return -0.5 * (x**2).sum(1)
+
+    __call__ = velocity
+
+
+class TimeRecorder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Tensor] = []
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        self.seen.append(t)
+        return x * t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+@pytest.mark.parametrize("t", [0.25, torch.tensor(0.25), torch.full((3,), 0.25)], ids=str)
+def test_call_field_passes_batched_time(t: object, dtype: torch.dtype) -> None:
+    field = TimeRecorder()
+    x = torch.ones(3, 2, 2, dtype=dtype)
+    out = call_field(field, x, t)
+    (seen,) = field.seen
+    # The convention: t arrives as a (B,) tensor on x's dtype/device, whatever form it was given in.
+    assert seen.shape == (3,) and seen.dtype == dtype and seen.device == x.device
+    # 0.25 is exact in binary, so equality is exact in both dtypes.
+    assert torch.equal(out, torch.full_like(x, 0.25))
+
+
+def test_call_field_rejects_wrong_shape_and_names_field() -> None:
+    def squash(x: Tensor, t: Tensor) -> Tensor:
+        return x.sum(1)
+
+    with pytest.raises(ValueError, match=r"squash.*shape \(4,\).*\(4, 3\)"):
+        call_field(squash, torch.zeros(4, 3), 0.5)
+
+
+def test_call_field_rejects_non_tensor_dtype_and_non_callable() -> None:
+    with pytest.raises(TypeError, match=r"must return a torch\.Tensor"):
+        call_field(lambda x, t: x.numpy(), torch.zeros(2, 3), 0.5)
+    with pytest.raises(TypeError, match="dtype"):
+        call_field(lambda x, t: x.float(), torch.zeros(2, 3, dtype=torch.float64), 0.5)
+    with pytest.raises(TypeError, match="callable"):
+        call_field(3.0, torch.zeros(2, 3), 0.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="t must lie in"):
+        call_field(lambda x, t: x, torch.zeros(2, 3), 1.5)
+
+
+def test_closed_form_divergence_found_on_object_and_velocity_methods() -> None:
+    field = Scaling(2.0)
+    x, t = torch.zeros(4, 3), torch.zeros(4)
+    for v in (field, field.velocity, field.__call__):
+        found = closed_form_divergence(v)
+        assert found is not None
+        # 2 * 3 = 6 exactly.
+        assert torch.equal(found(x, t), torch.full((4,), 6.0))
+
+
+def test_closed_form_divergence_absent() -> None:
+    field = Scaling(2.0)
+    assert closed_form_divergence(lambda x, t: x) is None
+    assert closed_form_divergence(nn.Linear(2, 2)) is None
+    # log_prob is not the object's velocity: its owner's divergence must not be used for it.
+    assert closed_form_divergence(field.log_prob) is None
+    assert closed_form_divergence(Scaling) is None  # a class is not a field instance
+
+
+def test_field_name() -> None:
+    field = Scaling(1.0)
+    assert field_name(field.velocity) == "Scaling.velocity"
+    assert field_name(nn.Linear(2, 2)) == "Linear"
+
+    def my_field(x: Tensor, t: Tensor) -> Tensor:
+        return x
+
+    assert field_name(my_field) == "my_field"

@@ -1,0 +1,392 @@
+"""Tests of cnftools.testing: every strategy draws what it promises, every assertion passes on a
+correct case and fails, with a message that explains the failure, on a wrong one."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cnftools
+from cnftools.cases import DATA_CASES, PATH_CASES
+from cnftools.testing import (
+    SMOOTH_ACTIVATIONS,
+    MixtureParameters,
+    assert_divergence_matches_jacobian,
+    assert_generates,
+    assert_log_likelihood_close,
+    assert_theorem3,
+    gaussian_mixtures,
+    gaussian_paths,
+    jacobian_trace,
+    mlp_fields,
+    points,
+    random_mlp_field,
+    spd_matrices,
+    times,
+)
+
+F64 = torch.float64
+
+
+def _draw(shape: tuple[int, ...], seed: int, dtype: torch.dtype = F64) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# --- strategies ---------------------------------------------------------------------------------
+
+
+@given(S=spd_matrices(4, min_eigenvalue=0.2, max_eigenvalue=3.0))
+def test_spd_matrices_are_symmetric_with_eigenvalues_in_range(S):
+    """Exactly symmetric; eigenvalues in [0.2, 3] up to 1e-12 (eigvalsh roundoff on entries ≤ 3)."""
+    assert S.shape == (4, 4) and S.dtype == F64
+    assert torch.equal(S, S.T)
+    eigenvalues = torch.linalg.eigvalsh(S)
+    assert float(eigenvalues.min()) >= 0.2 - 1e-12
+    assert float(eigenvalues.max()) <= 3.0 + 1e-12
+
+
+@given(S=spd_matrices(2, dtype=torch.float32))
+def test_spd_matrices_follow_dtype(S):
+    assert S.dtype == torch.float32 and torch.equal(S, S.T)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dim": 0}, "dim must be an int >= 1"),
+        ({"dim": 2, "min_eigenvalue": 0.0}, "min_eigenvalue"),
+        ({"dim": 2, "min_eigenvalue": 2.0, "max_eigenvalue": 1.0}, "min_eigenvalue"),
+    ],
+)
+def test_spd_matrices_reject_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        spd_matrices(**kwargs)
+
+
+@given(params=gaussian_mixtures(3, max_components=5, min_weight=0.1))
+def test_gaussian_mixtures_are_valid_and_build_a_marginal(params):
+    """Shapes agree, weights sum to 1 (1e-12: one float64 normalisation), covariances SPD."""
+    assert isinstance(params, MixtureParameters)
+    k = params.means.shape[0]
+    assert 1 <= k <= 5
+    assert params.means.shape == (k, 3) and params.covs.shape == (k, 3, 3)
+    assert params.weights.shape == (k,)
+    assert abs(float(params.weights.sum()) - 1.0) <= 1e-12
+    assert float(params.weights.min()) > 0
+    assert float(torch.linalg.eigvalsh(params.covs).min()) > 0
+    marginal = cnftools.MixtureMarginal(cnftools.OTPath(0.1), *params)
+    assert marginal.num_components == k
+
+
+def test_gaussian_mixtures_reject_bad_arguments():
+    with pytest.raises(ValueError, match="min_components"):
+        gaussian_mixtures(2, min_components=3, max_components=2)
+    with pytest.raises(ValueError, match="min_weight"):
+        gaussian_mixtures(2, min_weight=0.0)
+
+
+@given(x=points((2, 3), min_batch=2, max_batch=5, scale=2.0, dtype=torch.float32))
+def test_points_have_the_promised_shape_dtype_and_range(x):
+    assert x.dtype == torch.float32
+    assert 2 <= x.shape[0] <= 5 and x.shape[1:] == (2, 3)
+    assert float(x.abs().max()) <= 2.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"event_shape": ()}, "event_shape"),
+        ({"event_shape": (2, 0)}, "event_shape"),
+        ({"min_batch": 0}, "min_batch"),
+        ({"scale": -1.0}, "scale"),
+    ],
+)
+def test_points_reject_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        points(**kwargs)
+
+
+@given(t=times(margin=1e-3))
+def test_times_avoid_the_singular_end(t):
+    assert 0.0 <= t <= 1.0 - 1e-3
+
+
+@pytest.mark.parametrize("activation", SMOOTH_ACTIVATIONS)
+def test_random_mlp_field_is_seeded_and_leaves_the_global_rng_alone(activation):
+    """Same seed, same field (bit for bit); the global RNG state is unchanged."""
+    state = torch.get_rng_state()
+    a = random_mlp_field(3, seed=7, activation=activation)
+    b = random_mlp_field(3, seed=7, activation=activation)
+    c = random_mlp_field(3, seed=8, activation=activation)
+    assert torch.equal(torch.get_rng_state(), state)
+    x, t = _draw((4, 3), 0), torch.rand(4, dtype=F64)
+    assert torch.equal(a(x, t), b(x, t))
+    assert not torch.equal(a(x, t), c(x, t))
+
+
+def test_random_mlp_field_follows_dtype_and_refuses_relu():
+    v = random_mlp_field((2, 2), dtype=torch.float32)
+    assert v(torch.zeros(3, 2, 2), torch.zeros(3)).dtype == torch.float32
+    with pytest.raises(ValueError, match="smooth"):
+        random_mlp_field(2, activation="relu")
+
+
+# --- assert_theorem3 ------------------------------------------------------------------------------
+
+
+def test_assert_theorem3_passes_and_explains_a_failure():
+    """A correct path passes at 1e-10 (float64 roundoff); a 1 % error in the field is reported."""
+    x1 = _draw((6, 3), 0)
+    assert_theorem3(cnftools.OTPath(0.1), x1, 0.4)
+
+    class Wrong(cnftools.OTPath):
+        def conditional_velocity(self, x, t, x1):
+            return 1.01 * super().conditional_velocity(x, t, x1)
+
+    with pytest.raises(AssertionError, match=r"Theorem 3 fails .* > rtol .* worst row \d+ at t ="):
+        assert_theorem3(Wrong(0.1), x1, 0.4)
+
+
+# --- assert_divergence_matches_jacobian -----------------------------------------------------------
+
+
+def _linear_field(matrix: torch.Tensor):
+    return lambda x, t: x @ matrix.T + t[:, None]
+
+
+def test_jacobian_trace_of_a_linear_field_is_the_matrix_trace():
+    """tr A written by hand: -2 (exact in float64: sums of small integers)."""
+    matrix = torch.tensor([[1.0, 2.0, 0.0], [0.0, -3.0, 1.0], [4.0, 0.0, 0.0]], dtype=F64)
+    trace = jacobian_trace(_linear_field(matrix), _draw((5, 3), 1), torch.rand(5, dtype=F64))
+    assert torch.equal(trace, torch.full((5,), -2.0, dtype=F64))
+
+
+@pytest.mark.parametrize("activation", SMOOTH_ACTIVATIONS)
+def test_divergence_assertion_passes_on_a_closed_form(activation, dtype):
+    """A 1-hidden-layer tanh/... MLP's divergence written out by hand passes.
+
+    v(x) = W2 φ(W1 x + b), div v = Σ_j φ'(h_j) (W1 W2)_jj; φ' by autograd of the scalar
+    activation, which is independent of the Jacobian reference. Default tolerances (1e-10 float64,
+    1e-4 float32: a d-term sum of O(1) products).
+    """
+    gen = torch.Generator().manual_seed(3)
+    w1 = torch.randn(6, 3, generator=gen, dtype=dtype)
+    w2 = torch.randn(3, 6, generator=gen, dtype=dtype)
+    phi = {
+        "tanh": torch.tanh,
+        "silu": torch.nn.functional.silu,
+        "softplus": torch.nn.functional.softplus,
+        "gelu": torch.nn.functional.gelu,
+    }[activation]
+
+    def v(x, t):
+        return phi(x @ w1.T + t[:, None]) @ w2.T
+
+    def div(x, t):
+        h = (x @ w1.T + t[:, None]).detach().requires_grad_(True)
+        (dphi,) = torch.autograd.grad(phi(h).sum(), h)
+        return dphi @ torch.diagonal(w1 @ w2)
+
+    x = _draw((7, 3), 2, dtype)
+    assert_divergence_matches_jacobian(v, x, torch.rand(7, dtype=dtype), div)
+
+
+def test_divergence_assertion_uses_a_marginals_closed_form_divergence():
+    """With no divergence given, a marginal's own ``divergence`` is checked (1e-10, float64)."""
+    case = DATA_CASES["mixture K=4 d=2"]
+    marginal = case.marginal(cnftools.OTPath(0.1))
+    assert_divergence_matches_jacobian(marginal, _draw((6, 2), 4), 0.6, rtol=1e-10)
+
+
+def test_divergence_assertion_explains_a_wrong_divergence():
+    """Off by 1e-3 on a trace of -2: caught, message names the row, both values and diag(J)."""
+    matrix = torch.tensor([[1.0, 2.0], [0.5, -3.0]], dtype=F64)
+    x = _draw((5, 2), 5)
+
+    def wrong(x, t):
+        out = torch.full((5,), -2.0, dtype=F64)
+        out[3] += 1e-3
+        return out
+
+    with pytest.raises(AssertionError) as info:
+        assert_divergence_matches_jacobian(_linear_field(matrix), x, 0.25, wrong)
+    message = str(info.value)
+    assert "row 3 (t = 0.25)" in message
+    assert "the given divergence = -1.999" in message
+    assert "tr J = -2" in message
+    assert "diag(J) = [1, -3]" in message
+
+
+def test_divergence_assertion_rejects_a_wrong_shape():
+    x = _draw((4, 2), 6)
+    with pytest.raises(AssertionError, match=r"shape \(B,\) = \(4,\)"):
+        assert_divergence_matches_jacobian(lambda x, t: x, x, 0.5, torch.zeros(4, 1, dtype=F64))
+    with pytest.raises(AssertionError, match="must return the shape of x"):
+        assert_divergence_matches_jacobian(lambda x, t: x[:, :1], x, 0.5, torch.zeros(4))
+
+
+@settings(max_examples=10)
+@given(v=mlp_fields(3), t=times(), seed=st.integers(0, 2**16))
+def test_divergence_assertion_on_random_fields_with_their_own_jacobian(v, t, seed):
+    """Property: the reference agrees with a torch.func.jacrev Jacobian (1e-12: same maths)."""
+    x = _draw((3, 3), seed)
+    tt = torch.full((3,), t, dtype=F64)
+    jac = torch.func.vmap(torch.func.jacrev(lambda xi, ti: v(xi[None], ti[None])[0]))(x, tt)
+    expected = torch.diagonal(jac, dim1=1, dim2=2).sum(dim=1).detach()
+    assert math.isfinite(float(expected.sum()))
+    assert_divergence_matches_jacobian(v, x, tt, expected, rtol=1e-12)
+
+
+def test_messages_are_single_line_and_mention_tolerances():
+    x = _draw((2, 2), 7)
+    with pytest.raises(AssertionError) as info:
+        assert_divergence_matches_jacobian(lambda x, t: 2 * x, x, 0.5, torch.zeros(2, dtype=F64))
+    assert re.search(r"atol \+ rtol·scale = 0\.0e\+00 \+ 1\.0e-10·", str(info.value))
+
+
+# --- assert_generates -----------------------------------------------------------------------------
+
+
+def _conditional(path, x1):
+    return (
+        lambda x, t: path.log_prob(x, t, x1),
+        lambda x, t: path.conditional_velocity(x, t, x1),
+    )
+
+
+@given(path=gaussian_paths(), t=times(margin=1e-2), seed=st.integers(0, 2**16))
+def test_assert_generates_passes_on_every_conditional_path(path, t, seed):
+    """Theorem 3's field generates its own Gaussian path: default rtol 1e-9 in float64.
+
+    The closed-form cases reach ~1e-14 relative (THEORY §4; measured ≤ 6e-15 over PATH_CASES).
+    """
+    x1 = 2 * _draw((6, 3), seed)
+    x = path.sample(t, x1, torch.Generator().manual_seed(seed + 1))
+    log_p, u = _conditional(path, x1)
+    assert_generates(log_p, u, x, t)
+
+
+@pytest.mark.parametrize("name", sorted(PATH_CASES))
+def test_assert_generates_float32(name):
+    """float32, default rtol 1e-3 (measured ≤ 1.2e-4, VP(0.1, 20) at t = 0.9 the worst)."""
+    path = PATH_CASES[name].build()
+    x1 = 2 * _draw((8, 3), 0, torch.float32)
+    t = torch.linspace(0.0, 0.9, 8, dtype=torch.float32)
+    x = path.sample(t, x1, torch.Generator().manual_seed(1))
+    assert_generates(*_conditional(path, x1), x, t)
+
+
+@pytest.mark.parametrize(
+    "data", ["gaussian d=3", "mixture K=4 d=2", "empirical N=40 d=3 (weighted)"]
+)
+@pytest.mark.parametrize("divergence", ["exact", "closed_form"])
+def test_assert_generates_on_marginal_fields(data, divergence):
+    """Theorem 1 in closed form: the marginal field generates the marginal path (rtol 1e-9)."""
+    marginal = DATA_CASES[data].marginal(cnftools.VPPath())
+    x = marginal.sample(8, 0.6, torch.Generator().manual_seed(2))
+    assert_generates(marginal.log_prob, marginal, x, 0.6, divergence=divergence)
+
+
+def test_assert_generates_explains_a_wrong_field():
+    """A field 5 % too fast fails, and the message names the row, r, the ratio and the terms."""
+    path = cnftools.OTPath(0.1)
+    x1 = _draw((6, 2), 3)
+    x = path.sample(0.5, x1, torch.Generator().manual_seed(4))
+    log_p, u = _conditional(path, x1)
+    with pytest.raises(AssertionError) as info:
+        assert_generates(log_p, lambda x, t: 1.05 * u(x, t), x, 0.5)
+    message = str(info.value)
+    assert "continuity equation fails" in message
+    assert re.search(r"row \d \(t = 0\.5\): residual r = ", message)
+    assert re.search(r"\|r\| / scale = [0-9.e+-]+ > rtol 1\.0e-09", message)
+    for term in ("d/dt log p = ", "div v = ", "v·grad log p = "):
+        assert term in message
+    assert "of 6 rows fail" in message
+
+
+def test_assert_generates_explains_a_field_of_another_path():
+    """The OT field does not generate the VE path (same data): caught."""
+    x1 = _draw((4, 2), 5)
+    ve = cnftools.VEPath(0.1, 5.0)
+    x = ve.sample(0.3, x1, torch.Generator().manual_seed(6))
+    ot_field = _conditional(cnftools.OTPath(0.1), x1)[1]
+    with pytest.raises(AssertionError, match="does not generate the path"):
+        assert_generates(_conditional(ve, x1)[0], ot_field, x, 0.3)
+
+
+# --- assert_log_likelihood_close ----------------------------------------------------------------
+
+
+PATHS = {
+    "OT": lambda: cnftools.OTPath(0.1),
+    "VE": lambda: cnftools.VEPath(0.1, 5.0),
+    "VP": lambda: cnftools.VPPath(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_assert_log_likelihood_close_passes_with_the_true_prior(name, dtype):
+    """ODE log p_1 of the Gaussian marginal field = log N(x; m, a_1² S + s_1² I) (THEORY §9).
+
+    Default tolerances: 1e-6 nats in float64 with solver tolerance 1e-9 (measured ≤ 3e-9), 1e-3
+    in float32 with solver tolerance 1e-6 (measured ≤ 1e-5).
+    """
+    marginal = DATA_CASES["gaussian d=3"].marginal(PATHS[name](), dtype)
+    x = marginal.sample(4, 1.0, torch.Generator().manual_seed(7))
+    assert_log_likelihood_close(marginal, x, lambda x: marginal.log_prob(x, 1.0), marginal.prior())
+
+
+def test_assert_log_likelihood_close_explains_the_wrong_prior():
+    """VP's p_0 is not N(0, I): scoring z_0 under N(0, I) misses by ~1e-2 nats here; caught."""
+    marginal = DATA_CASES["gaussian d=3"].marginal(cnftools.VPPath())
+    x = marginal.sample(4, 1.0, torch.Generator().manual_seed(8))
+    with pytest.raises(AssertionError) as info:
+        assert_log_likelihood_close(marginal, x, lambda x: marginal.log_prob(x, 1.0))
+    message = str(info.value)
+    assert re.search(r"at row \d: ODE log p_1\(x\) = .*, expected .*, \|difference\| = ", message)
+    assert "log prior(z0) = " in message and "∫div v dt = " in message
+    assert "field evaluations (rtol=1e-09, atol=1e-09)" in message
+    assert "true p_0" in message
+
+
+def test_assert_log_likelihood_close_explains_a_wrong_target():
+    """OT's p_1 is N(m, S + σ_min² I), not q = N(m, S): using log q is caught (σ_min = 0.1)."""
+    case = DATA_CASES["gaussian d=3"]
+    params = case.parameters()
+    marginal = case.marginal(cnftools.OTPath(0.1))
+    q = torch.distributions.MultivariateNormal(params["mean"], params["cov"])
+    x = marginal.sample(4, 1.0, torch.Generator().manual_seed(9))
+    with pytest.raises(AssertionError, match="does not match the closed form"):
+        assert_log_likelihood_close(marginal, x, q.log_prob)
+
+
+def test_assert_log_likelihood_close_checks_the_expected_shape():
+    marginal = DATA_CASES["gaussian d=1"].marginal(cnftools.OTPath(0.1))
+    x = _draw((3, 1), 10)
+    with pytest.raises(AssertionError, match=r"shape \(B,\) = \(3,\)"):
+        assert_log_likelihood_close(marginal, x, torch.zeros(3, 1, dtype=F64))
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_kit_follows_the_device():
+    """Strategies build on the requested device; assertions run where the inputs live."""
+    device = torch.device("cuda")
+    v = random_mlp_field(3, seed=0, device=device)
+    x = _draw((5, 3), 11).to(device)
+    assert v(x, torch.zeros(5, dtype=F64, device=device)).device.type == "cuda"
+    assert_divergence_matches_jacobian(v, x, 0.5)
+    path = cnftools.VPPath()
+    x1 = _draw((5, 3), 12).to(device)
+    xt = path.sample(0.5, x1, torch.Generator(device=device).manual_seed(0))
+    assert_generates(*_conditional(path, x1), xt, 0.5)
+    marginal = DATA_CASES["gaussian d=3"].marginal(cnftools.OTPath(0.1), device=device)
+    x = marginal.sample(4, 1.0, torch.Generator(device=device).manual_seed(1))
+    assert_log_likelihood_close(marginal, x, lambda x: marginal.log_prob(x, 1.0), marginal.prior())
