@@ -345,9 +345,16 @@ def _grid_constructor(n_steps: int) -> Callable[[object, Tensor, Tensor], Tensor
 class _Dynamics(nn.Module):
     """Wraps ``f(t, y)`` for torchdiffeq: counts evaluations, records non-finite rows cheaply."""
 
-    def __init__(self, f: Callable[[Tensor, Tensor], Tensor], nfe: NFE, batch: int) -> None:
+    def __init__(
+        self,
+        f: Callable[[Tensor, Tensor], Tensor],
+        nfe: NFE,
+        batch: int,
+        interval: tuple[float, float] = (-math.inf, math.inf),
+    ) -> None:
         super().__init__()
         self.f = f
+        self.interval = interval
         self.nfe = nfe
         self.phase = "forward"
         self.bad_rows: Tensor | None = None
@@ -355,6 +362,14 @@ class _Dynamics(nn.Module):
         self.bad_time: Tensor | None = None
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
+        low, high = self.interval
+        if not low <= float(t.detach()) <= high:
+            # torchdiffeq's initial-step heuristic probes f at t0 + h0, and h0 can reach past the
+            # end of the interval (h0 = 22 was seen for VE's wide p_0). Fields may be undefined
+            # there (paths live on [0, 1]), so the probe is taken at the end point instead. It
+            # only sizes the first trial step, which error control then accepts or shrinks; every
+            # step itself lands inside the interval (``step_t``).
+            t = t.clamp(low, high)
         out = self.f(t, y)
         if self.phase == "forward":
             self.nfe.forward += 1
@@ -455,7 +470,8 @@ def integrate(
     if y0.dim() != 2:
         raise ValueError(f"the ODE state must have shape (B, n), got {tuple(y0.shape)}")
     nfe = nfe if nfe is not None else NFE()
-    dynamics = _Dynamics(f, nfe, y0.shape[0])
+    interval = (float(times.min()), float(times.max()))
+    dynamics = _Dynamics(f, nfe, y0.shape[0], interval)
     dynamics.phase = phase
     options: dict[str, object] = {}
     if config.is_adaptive:

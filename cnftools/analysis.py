@@ -671,7 +671,8 @@ def dataset_nll(
         dtype: computation dtype (default: the data's floating dtype; for integer data the field's
             parameter dtype, else torch's default).
         out: a ``.parquet`` file for the result; chunks go to ``out + ".chunks/"`` as they finish.
-        resume: continue a run killed or stopped earlier (same settings, checked).
+        resume: continue a run killed or stopped earlier (same settings, checked); when there is
+            none, start one (so ``resume=True`` is safe to pass always).
         overwrite: discard an existing ``out`` and its chunk directory instead of failing.
         keep_chunks: keep the chunk directory after the final file is written.
         progress: a tqdm bar (rows, rows/s) on rank 0; default: on when stderr is a terminal.
@@ -772,7 +773,7 @@ def dataset_nll(
         "seed": seed,
         "target_stderr": target_stderr,
         "max_probes": max_probes if target_stderr is not None else None,
-        "solver": {k: v for k, v in asdict(solver).items() if k != "adjoint"},
+        "solver": {key: value for key, value in asdict(solver).items() if key != "adjoint"},
         "prior": None if prior is None else repr(prior),
         "dequantization": None if dequantization is None else asdict(dequantization),
         "dtype": str(dtype).replace("torch.", ""),

@@ -98,12 +98,14 @@ def _run_validate(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         results, errors = run_experiments(ctx, experiments)
         elapsed = time.perf_counter() - start
-        checks = [c for _, cs, _ in results for c in cs]
+        checks = [c for _, cs, _ in results for c in cs if not c.claim]
+        claims = [c for _, cs, _ in results for c in cs if c.claim]
         n_failed = sum(not c.passed for c in checks)
         failed += n_failed + len(errors)
+        held = f", {sum(c.held for c in claims)}/{len(claims)} claims held" if claims else ""
         print(
-            f"{len(checks) - n_failed}/{len(checks)} checks passed, {len(errors)} experiment(s) "
-            f"crashed, {elapsed:.1f} s"
+            f"{len(checks) - n_failed}/{len(checks)} checks passed{held}, {len(errors)} "
+            f"experiment(s) crashed, {elapsed:.1f} s"
         )
         if args.out is not None:
             suffix = "" if len(dtypes) == 1 else f"_{str(dtype)[6:]}"
@@ -128,15 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_validate_arguments(validate)
     validate.set_defaults(run=_run_validate)
-    _load_extra_commands()
-    for name, (help_text, add_arguments, run) in _EXTRA_COMMANDS.items():
+    for name, (help_text, add_arguments, run) in _load_extra_commands().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(p)
         p.set_defaults(run=run)
     return parser
 
 
-def _load_extra_commands() -> None:
+def _load_extra_commands() -> dict:
     import importlib
     import pkgutil
 
@@ -145,6 +146,9 @@ def _load_extra_commands() -> None:
     for info in pkgutil.iter_modules(cnftools.__path__):
         if info.name.startswith("cli_"):
             importlib.import_module(f"cnftools.{info.name}")
+    # Read the registry of the importable module: under ``python -m cnftools.cli`` this file runs
+    # as ``__main__`` and the cli_* modules register into ``cnftools.cli``.
+    return importlib.import_module("cnftools.cli")._EXTRA_COMMANDS
 
 
 def main(argv: Sequence[str] | None = None) -> int:

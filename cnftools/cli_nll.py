@@ -331,6 +331,13 @@ def _add_nll_arguments(p: argparse.ArgumentParser) -> None:
         help="step of a fixed-grid solver (e.g. 0.02 with rk4)",
     )
     p.add_argument(
+        "--solver-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of steps of a fixed-grid solver (instead of --step-size)",
+    )
+    p.add_argument(
         "--dequantize",
         type=int,
         default=None,
@@ -430,6 +437,7 @@ def _nll(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         atol=args.atol,
         step_size=args.step_size,
+        steps=args.solver_steps,
         dequantization=deq,
         device=device,
         dtype=_DTYPES[args.dtype] if args.dtype else None,

@@ -246,6 +246,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from _dist_worker import SETTINGS, SlowField, make_case
+import cnftools
 
 field, x = make_case()
 cnftools.dataset_nll(SlowField(field, 0.01), x, out={out!r}, **SETTINGS)
@@ -259,7 +260,9 @@ def test_resume_after_sigkill_gives_identical_rows(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(_KILL_SCRIPT.format(tests=str(TESTS), out=str(out))))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # kill once 2 of the 6 units are on disk
@@ -268,7 +271,8 @@ def test_resume_after_sigkill_gives_identical_rows(tmp_path):
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
-        proc.wait()
+        _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {stderr[-2000:]}"
     done = len(list(chunks.glob("unit-*.parquet")))
     assert 2 <= done < 6, f"the kill should land mid-run, {done} units were on disk"
     assert not out.exists()
@@ -318,3 +322,10 @@ def test_gaussian_baseline_beats_uniform_on_correlated_data():
     bpd = float(nll.mean()) / (4 * math.log(2))
     # strongly correlated pixels: far below the uniform model's log2(17) = 4.09 bits/dim
     assert bpd < math.log2(17) - 1
+
+
+def test_progress_bar_reports_rows(capsys):
+    field, x = make_case(8)
+    dataset_nll(field, x, batch_size=4, **{**FAST, "progress": True})
+    err = capsys.readouterr().err
+    assert "8/8" in err and "row/s" in err

@@ -7,6 +7,7 @@ unresolved cross-reference, a docstring mkdocstrings cannot render. Install the 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
-    pytest.importorskip("mkdocs")
-    pytest.importorskip("mkdocstrings")
-    pytest.importorskip("mkdocstrings_handlers.python")
-    pytest.importorskip("pymdownx")
+    if not os.environ.get("CI"):  # in CI the docs extra is installed: a missing tool is a failure
+        pytest.importorskip("mkdocs")
+        pytest.importorskip("mkdocstrings")
+        pytest.importorskip("mkdocstrings_handlers.python")
+        pytest.importorskip("pymdownx")
     site = tmp_path / "site"
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],

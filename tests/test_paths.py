@@ -298,6 +298,11 @@ X1 = torch.zeros(4, 3, dtype=F64)
         (lambda p: p.mean(torch.zeros(3, dtype=F64), X1), ValueError, "shape \\(B,\\) = \\(4,\\)"),
         (lambda p: p.mean(torch.zeros(4, 1, dtype=F64), X1), ValueError, "t must be a scalar"),
         (lambda p: p.mean("0.5", X1), TypeError, "t must be a float"),
+        (
+            lambda p: p.mean(torch.tensor([0.1, float("nan"), 0.2, 0.3], dtype=F64), X1),
+            ValueError,
+            "t has non-finite values",
+        ),
         (lambda p: p.mean(0.5, X1.clone().fill_(float("nan"))), ValueError, "x1 has non-finite"),
         (lambda p: p.flow_map(torch.zeros(4, 2, dtype=F64), 0.5, X1), ValueError, "same shape"),
         (lambda p: p.flow_map(torch.zeros(5, 3, dtype=F64), 0.5, X1), ValueError, "same shape"),

@@ -33,7 +33,9 @@ SECTION = 8.5
 TITLE = "§8 claim: OT vs VP vs VE — NFE, straightness, Euler error, training"
 
 RADIUS, COMPONENT_STD = 2.0, 0.2
-VE_SIGMA_MAX = 5.0  # about the largest pairwise distance of the target (THEORY §8: σ_max per dataset)
+VE_SIGMA_MAX = (
+    5.0  # about the largest pairwise distance of the target (THEORY §8: σ_max per dataset)
+)
 
 
 def _paths() -> dict[str, cnftools.AffineGaussianPath]:
@@ -53,7 +55,9 @@ class ExactFieldStats:
     trajectory: Tensor  # (T, n_plot, 2)
 
 
-def _exact_field_stats(ctx: Context, name: str, path: cnftools.AffineGaussianPath) -> ExactFieldStats:
+def _exact_field_stats(
+    ctx: Context, name: str, path: cnftools.AffineGaussianPath
+) -> ExactFieldStats:
     target = eight_gaussians(RADIUS, COMPONENT_STD, device=ctx.device, dtype=ctx.dtype)
     marginal = target.marginal(path)
     n = 512 if ctx.full else 128
@@ -62,16 +66,20 @@ def _exact_field_stats(ctx: Context, name: str, path: cnftools.AffineGaussianPat
     grid = torch.linspace(0.0, 1.0, 201, dtype=ctx.dtype, device=ctx.device)
     tight = 1e-10 if ctx.dtype == torch.float64 else 1e-6
     trajectory = sample(marginal, z0, method="dopri5", rtol=tight, atol=tight, times=grid)
-    steps = trajectory.diff(dim=0).norm(dim=-1).sum(dim=0)
+    # Length-weighted straightness Σ chord / Σ length: a mean of per-trajectory ratios would be
+    # dominated by the short trajectories of points that start next to where they end.
+    length = trajectory.diff(dim=0).norm(dim=-1).sum(dim=0)
     chord = (trajectory[-1] - trajectory[0]).norm(dim=-1)
-    straightness = float((chord / steps).mean())
+    straightness = float(chord.sum() / length.sum())
     reference = trajectory[-1]
     euler_steps = [4, 8, 16, 32, 64, 128] if ctx.full else [4, 16, 64]
     errors = []
     for n_steps in euler_steps:
         end = sample(marginal, z0, method="euler", steps=n_steps)
         errors.append(float((end - reference).norm(dim=-1).mean()))
-    return ExactFieldStats(result.nfe.forward, straightness, euler_steps, errors, trajectory[:, :48])
+    return ExactFieldStats(
+        result.nfe.forward, straightness, euler_steps, errors, trajectory[:, :48]
+    )
 
 
 def _train_and_score(ctx: Context, path: cnftools.AffineGaussianPath) -> dict[str, float]:
@@ -114,11 +122,35 @@ def _ratio_row(quantity: str, ours: float, theirs: float, other: str, why: str) 
         ours / theirs,
         1.0,
         why,
+        claim=True,
     )
+
+
+def _conditional_straightness(ctx: Context, path: cnftools.AffineGaussianPath) -> float:
+    """Σ chord / Σ length of conditional trajectories t ↦ ψ_t(x0) (x1 from the target)."""
+    target = eight_gaussians(RADIUS, COMPONENT_STD, device=ctx.device, dtype=ctx.dtype)
+    x1 = target.sample(256, ctx.generator(3))
+    x0 = torch.randn(x1.shape, generator=ctx.generator(4), dtype=ctx.dtype, device=ctx.device)
+    grid = torch.linspace(0.0, 1.0, 401, dtype=ctx.dtype, device=ctx.device)
+    trajectory = torch.stack([path.flow_map(x0, float(t), x1) for t in grid])
+    length = trajectory.diff(dim=0).norm(dim=-1).sum(dim=0)
+    chord = (trajectory[-1] - trajectory[0]).norm(dim=-1)
+    return float(chord.sum() / length.sum())
 
 
 def run(ctx: Context) -> Iterator[Check]:
     paths = _paths()
+    conditional = {name: _conditional_straightness(ctx, path) for name, path in paths.items()}
+    for other in ("VP", "VE"):
+        yield Check(
+            "§8",
+            f"claim: conditional paths ψ_t(x0) bend less, OT vs {other}",
+            f"straightness OT {conditional['OT']:.6f} vs {other} {conditional[other]:.6f}",
+            (1 - conditional["OT"] + 1e-12) / (1 - conditional[other] + 1e-12),
+            0.999,
+            "ratio < 1 when OT is strictly straighter (a tie does not hold)",
+            claim=True,
+        )
     stats = {name: _exact_field_stats(ctx, name, path) for name, path in paths.items()}
     for other in ("VP", "VE"):
         yield _ratio_row(
@@ -128,12 +160,27 @@ def run(ctx: Context) -> Iterator[Check]:
         ot_bend = 1 - stats["OT"].straightness
         yield Check(
             "§8",
-            f"claim: bending 1 − chord/length, OT < {other}",
+            f"claim: bending 1 − Σchord/Σlength, OT < {other}",
             f"straightness OT {stats['OT'].straightness:.5f} vs {other} "
             f"{stats[other].straightness:.5f}",
             ot_bend / max(1 - stats[other].straightness, 1e-300),
             1.0,
             "ratio < 1 when OT trajectories are straighter",
+            claim=True,
+        )
+    for name, s in stats.items():
+        # A correctness check under the claims: Euler is first order, so between the two finest
+        # grids the error must fall like 1/N (slope −1); 0.25 allows for pre-asymptotic curvature.
+        slope = math.log(s.euler_errors[-1] / s.euler_errors[-2]) / math.log(
+            s.euler_steps[-1] / s.euler_steps[-2]
+        )
+        yield Check(
+            "§3",
+            "Euler convergence order on the exact marginal field (slope)",
+            f"{name}: N = {s.euler_steps[-2]}→{s.euler_steps[-1]}, slope {slope:.3f}",
+            abs(slope + 1),
+            0.25,
+            "first-order method; |slope + 1| ≤ 0.25",
         )
     for index, n_steps in enumerate(stats["OT"].euler_steps):
         for other in ("VP", "VE"):

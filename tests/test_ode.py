@@ -1,0 +1,246 @@
+"""Tests of cnftools._ode: solver configuration, NFE counting, grids, error norms and failures.
+
+Reference solutions are closed forms of scalar linear ODEs, written here independently of the code
+under test: dy/dt = a(t) y has y(1) = y(0) exp(∫_0^1 a), and dy/dt = ω cos(ω t) has y = sin(ω t).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cnftools._ode import (
+    ADAPTIVE_METHODS,
+    FIXED_GRID_METHODS,
+    NFE,
+    SolverConfig,
+    SolverError,
+    integrate,
+    resolve_config,
+)
+
+F64 = torch.float64
+
+
+def _rate(t: torch.Tensor) -> torch.Tensor:
+    """a(t) = 0.5 + cos(3 t); ∫_0^1 a = 0.5 + sin(3) / 3."""
+    return 0.5 + torch.cos(3 * t)
+
+
+EXACT_GROWTH = math.exp(0.5 + math.sin(3.0) / 3)
+
+
+def _linear(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return _rate(t) * y
+
+
+def _solve(config: SolverConfig, y0: torch.Tensor, nfe: NFE | None = None) -> torch.Tensor:
+    times = torch.tensor([0.0, 1.0], dtype=y0.dtype)
+    return integrate(_linear, y0, times, config, n_point=y0.shape[1], nfe=nfe)[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# SolverConfig validation
+
+
+def test_defaults_are_adaptive_dopri5() -> None:
+    config = SolverConfig()
+    assert (config.method, config.rtol, config.atol, config.is_adaptive) == (
+        "dopri5",
+        1e-5,
+        1e-5,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "rk45"}, ValueError, "method must be one of"),
+        ({"method": "rk4"}, ValueError, "needs exactly one of step_size"),
+        ({"method": "rk4", "steps": 4, "step_size": 0.25}, ValueError, "exactly one"),
+        ({"method": "dopri5", "step_size": 0.1}, ValueError, "adaptive"),
+        ({"method": "euler", "step_size": 0.0}, ValueError, "step_size"),
+        ({"method": "euler", "steps": 0}, ValueError, "steps"),
+        ({"rtol": -1.0}, ValueError, "rtol"),
+        ({"rtol": 0.0, "atol": 0.0}, ValueError, "both be 0"),
+        ({"atol": float("nan")}, ValueError, "atol"),
+        ({"rtol": "1e-5"}, TypeError, "rtol"),
+        ({"norm": "l2"}, ValueError, "norm"),
+        ({"adjoint_method": "rk4"}, ValueError, "same kind"),
+        ({"max_steps": 0}, ValueError, "max_steps"),
+        ({"adjoint": 1}, TypeError, "adjoint"),
+    ],
+)
+def test_invalid_configurations_are_errors(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        SolverConfig(**kwargs)
+
+
+def test_unknown_option_is_an_error_not_a_warning() -> None:
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SolverConfig(method="dopri5", safety=0.5)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("step_size", "steps"), [(0.1, 10), (0.25, 4), (0.3, 4), (1 / 3, 3), (1.0, 1)]
+)
+def test_step_size_maps_to_a_uniform_grid(step_size: float, steps: int) -> None:
+    # 1/0.1 is 10.000000000000002 in floating point: it must give 10 steps, not 11.
+    assert SolverConfig("rk4", step_size=step_size).n_steps == steps
+
+
+def test_replace_revalidates_and_refined_tightens() -> None:
+    config = SolverConfig("dopri5", rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="method"):
+        config.replace(method="nope")
+    refined = config.refined()
+    assert (refined.rtol, refined.atol) == pytest.approx((1e-8, 1e-10))
+    assert SolverConfig("midpoint", step_size=0.25).refined().n_steps == 8
+
+
+def test_resolve_config_keywords_override_config() -> None:
+    base = SolverConfig("dopri5", rtol=1e-7, atol=1e-7)
+    assert resolve_config(base, rtol=1e-9).rtol == 1e-9
+    assert resolve_config(base, rtol=None) is base
+    fixed = resolve_config(base, method="rk4", steps=8)
+    assert (fixed.method, fixed.n_steps, fixed.rtol) == ("rk4", 8, 1e-7)
+    back = resolve_config(fixed, method="dopri5")  # the grid is dropped for an adaptive method
+    assert back.is_adaptive and back.steps is None
+    with pytest.raises(ValueError, match="needs exactly one"):
+        resolve_config(base, method="euler")
+    with pytest.raises(TypeError, match="SolverConfig"):
+        resolve_config({"method": "rk4"})  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy and convergence order
+
+
+@pytest.mark.parametrize("method", sorted(ADAPTIVE_METHODS))
+def test_adaptive_methods_meet_tight_tolerance(method: str) -> None:
+    y0 = torch.tensor([[1.0], [-2.0]], dtype=F64)
+    tol = 1e-6 if method in ("adaptive_heun", "fehlberg2") else 1e-10
+    y1 = _solve(SolverConfig(method, rtol=tol, atol=tol), y0)
+    # Global error of a tolerance-controlled solve is a small multiple of the tolerance.
+    assert torch.allclose(y1, y0 * EXACT_GROWTH, rtol=100 * tol, atol=0)
+
+
+@pytest.mark.parametrize(("method", "order"), sorted(FIXED_GRID_METHODS.items()))
+def test_fixed_grid_convergence_order(method: str, order: int) -> None:
+    y0 = torch.ones(1, 1, dtype=F64)
+    steps = np.array([20, 40, 80, 160])
+    errors = [
+        abs(float(_solve(SolverConfig(method, steps=int(n)), y0)) - EXACT_GROWTH) for n in steps
+    ]
+    slope = np.polyfit(np.log(1 / steps), np.log(errors), 1)[0]
+    # The observed order approaches the theoretical one as h -> 0; ±0.2 allows the
+    # pre-asymptotic curvature at h = 1/20.
+    assert abs(slope - order) < 0.2, (errors, slope)
+
+
+@pytest.mark.parametrize(("method", "per_step"), [("euler", 1), ("midpoint", 2), ("rk4", 4)])
+def test_fixed_grid_nfe_is_stages_times_steps(method: str, per_step: int) -> None:
+    nfe = NFE()
+    _solve(SolverConfig(method, steps=7), torch.ones(3, 2, dtype=F64), nfe)
+    assert (nfe.forward, nfe.backward, nfe.total) == (7 * per_step, 0, 7 * per_step)
+
+
+def test_fixed_grid_output_times_are_grid_points() -> None:
+    # The grid of 4 steps gets 0.3 added: outputs are solver states, not interpolations, so the
+    # value at 0.3 is the one a solve ending at 0.3 gives.
+    y0 = torch.ones(1, 1, dtype=F64)
+    config = SolverConfig("rk4", steps=4)
+    times = torch.tensor([0.0, 0.3, 1.0], dtype=F64)
+    sol = integrate(_linear, y0, times, config, n_point=1)
+    direct = integrate(_linear, y0, torch.tensor([0.0, 0.3], dtype=F64), config, n_point=1)
+    assert float(sol[1]) == float(direct[-1])
+
+
+def test_max_sample_norm_controls_the_hard_sample() -> None:
+    # One hard row (ω = 20) among 63 trivial ones: the batch RMS dilutes its error by √64, the
+    # per-sample norm does not, so the hard row ends more accurate, at the price of more steps.
+    batch = 64
+    omega = torch.zeros(batch, 1, dtype=F64)
+    omega[0] = 20.0
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return omega * torch.cos(omega * t)
+
+    errors, nfes = {}, {}
+    for norm in ("rms", "max_sample"):
+        nfe = NFE()
+        config = SolverConfig(rtol=1e-6, atol=1e-6, norm=norm)
+        sol = integrate(
+            f,
+            torch.zeros(batch, 1, dtype=F64),
+            torch.tensor([0.0, 1.0], dtype=F64),
+            config,
+            n_point=1,
+            nfe=nfe,
+        )
+        errors[norm] = abs(float(sol[-1, 0, 0]) - math.sin(20.0))
+        nfes[norm] = nfe.forward
+    assert errors["max_sample"] < 0.5 * errors["rms"], errors
+    assert nfes["max_sample"] > nfes["rms"], nfes
+
+
+# ----------------------------------------------------------------------------------------------
+# Failures are errors that say what to do
+
+
+def test_step_size_underflow_says_what_to_try() -> None:
+    def singular(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(y) / (0.5 - t) ** 2
+
+    with pytest.raises(SolverError, match="underflow") as info:
+        integrate(
+            singular,
+            torch.zeros(2, 1, dtype=F64),
+            torch.tensor([0.0, 1.0], dtype=F64),
+            SolverConfig(rtol=1e-5, atol=1e-5),
+            n_point=1,
+        )
+    message = str(info.value)
+    assert "looser tolerance" in message and "fixed-grid" in message and "float64" in message
+
+
+def test_too_many_steps_is_an_error() -> None:
+    def rough(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(y) / (0.5 - t).abs().sqrt()
+
+    with pytest.raises(SolverError, match="max_steps=50"):
+        integrate(
+            rough,
+            torch.zeros(1, 1, dtype=F64),
+            torch.tensor([0.0, 1.0], dtype=F64),
+            SolverConfig(rtol=1e-8, atol=1e-8, max_steps=50),
+            n_point=1,
+        )
+
+
+@pytest.mark.parametrize("config", [SolverConfig(), SolverConfig("rk4", steps=10)], ids=str)
+def test_nan_from_the_field_names_the_rows(config: SolverConfig) -> None:
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = -y
+        rows = torch.arange(y.shape[0])[:, None]
+        return torch.where(((rows == 1) | (rows == 3)) & (t > 0.4), torch.nan, out)
+
+    with pytest.raises(SolverError, match=r"rows \[1, 3\]"):
+        integrate(
+            f,
+            torch.ones(5, 2, dtype=F64),
+            torch.tensor([0.0, 1.0], dtype=F64),
+            config,
+            n_point=2,
+        )
+
+
+def test_state_must_be_two_dimensional() -> None:
+    with pytest.raises(ValueError, match=r"\(B, n\)"):
+        integrate(
+            _linear, torch.ones(3, dtype=F64), torch.tensor([0.0, 1.0]), SolverConfig(), n_point=1
+        )
