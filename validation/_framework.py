@@ -149,7 +149,7 @@ def format_table(checks: list[Check], title: str = "") -> str:
             c.check,
             c.subject,
             f"{c.error:.2e}",
-            ("> " if c.expect_fail else "") + f"{c.tolerance:.0e}",
+            ("> " if c.expect_fail else "") + f"{c.tolerance:.2g}",
             c.verdict,
         )
         for c in checks
@@ -223,7 +223,7 @@ def write_report(
         lines += ["| section | check | subject | error | tolerance | pass | why this tolerance |"]
         lines += ["|---|---|---|---|---|---|---|"]
         for c in checks:
-            tol = ("> " if c.expect_fail else "") + f"{c.tolerance:.0e}"
+            tol = ("> " if c.expect_fail else "") + f"{c.tolerance:.2g}"
             verdict_cell = c.verdict if c.passed else "**FAIL**"
             lines.append(
                 f"| {c.section} | {c.check} | {c.subject} | {c.error:.2e} | {tol} | "

@@ -93,12 +93,13 @@ def _train_and_score(ctx: Context, path: cnftools.AffineGaussianPath) -> dict[st
         field, path, train, steps=3000, batch_size=256, lr=2e-3, seed=ctx.seed, t_max=1 - 1e-3
     )
     prior = target.marginal(path).distribution(0.0)
+    # Evaluation only: no graph through the solver (it would hold every step's activations).
     with torch.no_grad():
         z0 = prior.sample((1000,))
-    sampled = sample(field, z0, method="dopri5", rtol=1e-5, atol=1e-5, return_result=True)
-    result = log_likelihood(
-        field, test, prior, method="dopri5", rtol=1e-5, atol=1e-5, return_result=True
-    )
+        sampled = sample(field, z0, method="dopri5", rtol=1e-5, atol=1e-5, return_result=True)
+        result = log_likelihood(
+            field, test, prior, method="dopri5", rtol=1e-5, atol=1e-5, return_result=True
+        )
     nll = -result.log_prob
     entropy = -target.log_prob(test)
     gap = nll - entropy
@@ -211,17 +212,26 @@ def run(ctx: Context) -> Iterator[Check]:
             "same budget; gap to the true cross-entropy",
         )
     for name, r in trained.items():
-        # A sanity bound, not a claim: 3000 CFM steps get within 0.25 nats of the true
-        # cross-entropy of this 2-D target (the NLL itself is exact to the 1e-5 solver tolerance).
         yield Check(
             "§8",
-            "trained field: test NLL − true entropy (nats)",
+            "claim: 3000 CFM steps get within 0.25 nats of the true entropy",
             f"{name}: NLL {r['nll']:.4f}, H {r['entropy']:.4f} ± {r['gap_se']:.3f}, "
             f"NFE {r['nfe']:.0f}, {r['seconds']:.0f} s",
             abs(r["gap"]),
             0.25,
-            "training sanity: 3000 steps, MLP 3×128",
+            "same budget for every path: MLP 3×128, batch 256, lr 2e-3",
+            claim=True,
         )
+    # A pipeline check under the claims (train → sample → exact NLL): the OT field must learn this
+    # 2-D target to within 0.4 nats (measured 0.19 on CPU; the margin covers other devices' RNGs).
+    yield Check(
+        "§8",
+        "training pipeline sanity: OT test NLL − true entropy (nats)",
+        f"OT: NLL {trained['OT']['nll']:.4f} vs H {trained['OT']['entropy']:.4f}",
+        abs(trained["OT"]["gap"]),
+        0.4,
+        "3000 steps suffice for OT on eight Gaussians",
+    )
     _figure_densities(ctx, trained)
 
 
@@ -271,9 +281,10 @@ def _figure_densities(ctx: Context, trained: dict[str, dict[str, float]]) -> Non
     panels = {"true q": target.log_prob(grid)}
     for name, r in trained.items():
         prior = target.marginal(_paths()[name]).distribution(0.0)
-        panels[f"{name} (CFM)"] = log_likelihood(
-            r["field"], grid, prior, method="dopri5", rtol=1e-5, atol=1e-5
-        )
+        with torch.no_grad():
+            panels[f"{name} (CFM)"] = log_likelihood(
+                r["field"], grid, prior, method="dopri5", rtol=1e-5, atol=1e-5
+            )
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
     for ax, (title, logp) in zip(axes, panels.items(), strict=True):
         image = logp.exp().reshape(64, 64).T.detach().cpu().double().numpy()
