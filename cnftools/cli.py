@@ -50,8 +50,9 @@ def _add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         choices=[*_DTYPES, "both"],
-        default="float64",
-        help="floating precision of every check (default float64; 'both' runs each)",
+        default=None,
+        help="floating precision of every check: float64, float32 or both "
+        "(default: float64; with --full, both)",
     )
     parser.add_argument(
         "--full", action="store_true", help="run the full set of checks (slower, more cases)"
@@ -71,7 +72,7 @@ def _add_validate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from cnftools.validation import Context, discover, run_experiments, write_report
+    from cnftools.validation import Context, Run, discover, run_experiments, write_report
 
     experiments = discover()
     if args.list:
@@ -85,34 +86,35 @@ def _run_validate(args: argparse.Namespace) -> int:
             print(f"unknown experiment(s) {unknown}; known: {sorted(known)}", file=sys.stderr)
             return 2
         experiments = [e for e in experiments if e.name in args.only]
-    dtypes = list(_DTYPES.values()) if args.dtype == "both" else [_DTYPES[args.dtype]]
+    dtype_choice = args.dtype or ("both" if args.full else "float64")
+    dtypes = list(_DTYPES.values()) if dtype_choice == "both" else [_DTYPES[dtype_choice]]
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for dtype in dtypes:
-        ctx = Context(device=args.device, dtype=dtype, full=args.full, seed=args.seed, out=args.out)
-        print(
-            f"# cnftools validate: device={ctx.device} dtype={str(dtype)[6:]} "
-            f"mode={'full' if args.full else 'quick'}\n"
-        )
+    runs = []
+    for index, dtype in enumerate(dtypes):
+        # Figures come from the first dtype's run only (the second would overwrite them).
+        out = args.out if index == 0 else None
+        ctx = Context(device=args.device, dtype=dtype, full=args.full, seed=args.seed, out=out)
+        mode = "full" if args.full else "quick"
+        print(f"# cnftools validate: device={ctx.device} dtype={str(dtype)[6:]} mode={mode}\n")
         start = time.perf_counter()
         results, errors = run_experiments(ctx, experiments)
-        elapsed = time.perf_counter() - start
-        checks = [c for _, cs, _ in results for c in cs if not c.claim]
-        claims = [c for _, cs, _ in results for c in cs if c.claim]
-        n_failed = sum(not c.passed for c in checks)
-        failed += n_failed + len(errors)
-        held = f", {sum(c.held for c in claims)}/{len(claims)} claims held" if claims else ""
-        print(
-            f"{len(checks) - n_failed}/{len(checks)} checks passed{held}, {len(errors)} "
-            f"experiment(s) crashed, {elapsed:.1f} s"
+        run = Run(ctx, results, errors, time.perf_counter() - start)
+        runs.append(run)
+        held = (
+            f", {sum(c.held for c in run.claims)}/{len(run.claims)} claims held"
+            if run.claims
+            else ""
         )
-        if args.out is not None:
-            suffix = "" if len(dtypes) == 1 else f"_{str(dtype)[6:]}"
-            report = args.out / f"report{suffix}.md"
-            write_report(report, ctx, results, errors, elapsed)
-            print(f"report written to {report}")
-    return 1 if failed else 0
+        print(
+            f"{run.n_checks - run.n_failed}/{run.n_checks} checks passed{held}, "
+            f"{len(errors)} experiment(s) crashed, {run.elapsed:.1f} s\n"
+        )
+    if args.out is not None:
+        report = args.out / "report.md"
+        write_report(report, runs)
+        print(f"report written to {report}")
+    return 1 if any(r.n_failed or r.errors for r in runs) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

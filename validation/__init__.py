@@ -6,6 +6,13 @@ defines ``SECTION`` (the THEORY.md section number it checks, used for ordering),
 ``run(ctx: Context) -> Iterable[Check]``. The CLI discovers them; adding a file adds rows.
 """
 
-from cnftools.validation._framework import Check, Context, discover, run_experiments, write_report
+from cnftools.validation._framework import (
+    Check,
+    Context,
+    Run,
+    discover,
+    run_experiments,
+    write_report,
+)
 
-__all__ = ["Check", "Context", "discover", "run_experiments", "write_report"]
+__all__ = ["Check", "Context", "Run", "discover", "run_experiments", "write_report"]

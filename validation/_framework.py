@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["Check", "Context", "Experiment", "discover", "run_experiments", "write_report"]
+__all__ = ["Check", "Context", "Experiment", "Run", "discover", "run_experiments", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -190,24 +190,47 @@ def environment(ctx: Context) -> dict[str, str]:
     }
 
 
-def write_report(
-    path: Path,
-    ctx: Context,
-    results: list[tuple[Experiment, list[Check], float]],
-    errors: list[tuple[Experiment, str]],
-    elapsed: float,
-) -> None:
-    """Write the Markdown report: environment, one table per experiment, errors, figures."""
-    n_checks = sum(not c.claim for _, cs, _ in results for c in cs)
-    n_failed = sum(not c.passed for _, checks, _ in results for c in checks)
-    claims = [c for _, cs, _ in results for c in cs if c.claim]
+@dataclass
+class Run:
+    """One pass of the experiments in one dtype."""
+
+    ctx: Context
+    results: list[tuple[Experiment, list[Check], float]]
+    errors: list[tuple[Experiment, str]]
+    elapsed: float
+
+    @property
+    def n_checks(self) -> int:
+        return sum(not c.claim for _, cs, _ in self.results for c in cs)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(not c.passed for _, cs, _ in self.results for c in cs)
+
+    @property
+    def claims(self) -> list[Check]:
+        return [c for _, cs, _ in self.results for c in cs if c.claim]
+
+
+def write_report(path: Path, runs: list[Run]) -> None:
+    """Write one Markdown report: environment, then per dtype one table per experiment; figures."""
+    first = runs[0].ctx
+    env = environment(first)
+    env["dtype"] = ", ".join(str(r.ctx.dtype).replace("torch.", "") for r in runs)
+    total = sum(r.elapsed for r in runs)
+    failed = sum(r.n_failed + len(r.errors) for r in runs)
     lines = ["# cnftools validation report", ""]
-    lines += [f"- {k}: {v}" for k, v in environment(ctx).items()]
-    lines += [f"- time taken: {elapsed:.1f} s", ""]
-    verdict = "ALL PASSED" if n_failed == 0 and not errors else "FAILURES"
+    lines += [f"- {k}: {v}" for k, v in env.items()]
+    lines += [f"- time taken: {total:.1f} s", ""]
+    verdict = "ALL PASSED" if failed == 0 else "FAILURES"
+    summary = "; ".join(
+        f"{str(r.ctx.dtype).replace('torch.', '')}: {r.n_checks - r.n_failed} of {r.n_checks} "
+        f"checks passed, {len(r.errors)} experiment(s) crashed"
+        + (f", {sum(c.held for c in r.claims)} of {len(r.claims)} claims held" if r.claims else "")
+        for r in runs
+    )
     lines += [
-        f"**{verdict}**: {n_checks - n_failed} of {n_checks} checks passed, "
-        f"{len(errors)} experiment(s) crashed.",
+        f"**{verdict}** — {summary}.",
         "",
         "A row passes when error ≤ tolerance; rows marked `> tol` are negative controls that pass",
         "when the verifier *detects* a deliberately wrong input (error > tolerance). Rows marked",
@@ -215,25 +238,40 @@ def write_report(
         "about one target and one setting, reported as measured and never failing the run.",
         "",
     ]
-    if claims:
-        held = sum(c.held for c in claims)
-        lines += [f"**Claims**: {held} of {len(claims)} held.", ""]
-    for experiment, checks, seconds in results:
-        lines += [f"## {experiment.title}", "", f"`{experiment.name}`, {seconds:.1f} s", ""]
-        lines += ["| section | check | subject | error | tolerance | pass | why this tolerance |"]
-        lines += ["|---|---|---|---|---|---|---|"]
-        for c in checks:
-            tol = ("> " if c.expect_fail else "") + f"{c.tolerance:.2g}"
-            verdict_cell = c.verdict if c.passed else "**FAIL**"
-            lines.append(
-                f"| {c.section} | {c.check} | {c.subject} | {c.error:.2e} | {tol} | "
-                f"{verdict_cell} | {c.why} |"
-            )
-        lines.append("")
-    for experiment, text in errors:
-        lines += [f"## {experiment.name}: crashed", "", "```", text.rstrip(), "```", ""]
-    if ctx.figures:
+    for run in runs:
+        dtype = str(run.ctx.dtype).replace("torch.", "")
+        lines += [f"## {dtype} ({run.elapsed:.1f} s)", ""]
+        for experiment, checks, seconds in run.results:
+            lines += [
+                f"### {experiment.title} — {dtype}",
+                "",
+                f"`{experiment.name}`, {seconds:.1f} s",
+                "",
+            ]
+            lines += [
+                "| section | check | subject | error | tolerance | verdict | why this tolerance |"
+            ]
+            lines += ["|---|---|---|---|---|---|---|"]
+            for c in checks:
+                tol = ("> " if c.expect_fail else "") + f"{c.tolerance:.2g}"
+                verdict_cell = c.verdict if c.passed else "**FAIL**"
+                lines.append(
+                    f"| {c.section} | {c.check} | {c.subject} | {c.error:.2e} | {tol} | "
+                    f"{verdict_cell} | {c.why} |"
+                )
+            lines.append("")
+        for experiment, text in run.errors:
+            lines += [
+                f"### {experiment.name}: crashed ({dtype})",
+                "",
+                "```",
+                text.rstrip(),
+                "```",
+                "",
+            ]
+    figures = [p for r in runs for p in r.ctx.figures if p.exists()]
+    if figures:
         lines += ["## Figures", ""]
-        lines += [f"![{p.stem}]({p.name})" for p in ctx.figures if p.exists()]
+        lines += [f"![{p.stem}]({p.name})" for p in figures]
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -168,3 +168,55 @@ def run(ctx: Context) -> Iterator[Check]:
         0.0,
         "same inputs, same arithmetic",
     )
+    if ctx.full:
+        _figure_cost(ctx)
+
+
+def _figure_cost(ctx: Context) -> None:
+    """Wall time of exact (auto), the plain loop and Hutchinson (K=1) against d (full mode)."""
+    path = ctx.figure_path("divergence_cost_vs_d.png")
+    if path is None:
+        return
+    import time
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims, batch = [2, 8, 32, 128], 64
+    methods = {"exact (auto)": "exact", "plain loop": "loop", "Hutchinson K=1": "hutchinson"}
+    timings: dict[str, list[float]] = {name: [] for name in methods}
+    for d in dims:
+        torch.manual_seed(ctx.seed)
+        field = nn.Sequential(nn.Linear(d, 256), nn.SiLU(), nn.Linear(256, 256), nn.SiLU())
+        field.append(nn.Linear(256, d))
+        field = field.to(device=ctx.device, dtype=ctx.dtype)
+
+        def v(x: Tensor, t: Tensor, field: nn.Module = field) -> Tensor:
+            return field(x)
+
+        x = torch.randn(batch, d, generator=ctx.generator(700), dtype=ctx.dtype).to(ctx.device)
+        t = torch.full((batch,), 0.5, dtype=ctx.dtype, device=ctx.device)
+        for name, method in methods.items():
+            cnftools.divergence(v, x, t, method)  # warm-up
+            best = math.inf
+            for _ in range(3):
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize(ctx.device)
+                start = time.perf_counter()
+                cnftools.divergence(v, x, t, method)
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize(ctx.device)
+                best = min(best, time.perf_counter() - start)
+            timings[name].append(best * 1e3)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, values in timings.items():
+        ax.loglog(dims, values, "o-", label=name)
+    ax.set(
+        xlabel="d", ylabel="ms per call (best of 3)", title=f"divergence cost, B={batch}, MLP 3×256"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -124,6 +124,7 @@ def run(ctx: Context) -> Iterator[Check]:
         yield _hutchinson_check(ctx)
     if ctx.out is not None:
         _figure(ctx)
+        _figure_density_evolution(ctx)
 
 
 def _small_mlp(ctx: Context) -> MLPField:
@@ -218,7 +219,9 @@ def _figure(ctx: Context) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    marginal = DATA_CASES["gaussian d=3"].marginal(cnftools.OTPath(0.1), dtype=torch.float64)
+    marginal = DATA_CASES["gaussian d=3"].marginal(
+        cnftools.OTPath(0.1), dtype=torch.float64, device=ctx.device
+    )
     x = marginal.sample(8, 1.0, ctx.generator(500))
     exact = marginal.log_prob(x, 1.0)
     prior = marginal.prior()
@@ -246,4 +249,45 @@ def _figure(ctx: Context) -> None:
     fig.suptitle("OT(0.1), Gaussian d=3: log-likelihood error vs solver effort")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _figure_density_evolution(ctx: Context) -> None:
+    """p_t along ODE trajectories (dots) on the closed-form marginal density (lines), 1-D mixture."""
+    path = ctx.figure_path("density_evolution.png")
+    if path is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), sharey=False)
+    times = [0.0, 0.25, 0.5, 0.75, 1.0]
+    grid = torch.linspace(-4.5, 4.5, 400, dtype=ctx.dtype, device=ctx.device)[:, None]
+    for ax, path_name in zip(axes, ["OT(0.1)", "VE(0.1, 5)", "VP(0.1, 20)"], strict=True):
+        marginal = DATA_CASES["mixture K=3 d=1"].marginal(
+            _PATHS[path_name](), dtype=ctx.dtype, device=ctx.device
+        )
+        x = marginal.sample(60, 1.0, ctx.generator(600))
+        with torch.no_grad():
+            r = cnftools.log_likelihood(
+                marginal, x, marginal.prior(), times=times, rtol=1e-8, atol=1e-8, return_result=True
+            )
+        for j, t in enumerate(times):
+            density = marginal.log_prob(grid, t).exp().cpu().double().numpy()
+            (line,) = ax.plot(grid[:, 0].cpu().double().numpy(), density, lw=1.2, label=f"t={t}")
+            ax.plot(
+                r.trajectory[j, :, 0].cpu().double().numpy(),
+                r.log_prob_t[j].exp().cpu().double().numpy(),
+                "o",
+                ms=3,
+                color=line.get_color(),
+            )
+        ax.set(title=f"{path_name}: closed-form p_t (lines), ODE (dots)", xlabel="x")
+        ax.set_xlim(-4.5, 4.5)
+    axes[0].set_ylabel("density")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
