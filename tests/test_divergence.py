@@ -286,3 +286,21 @@ def test_bad_x_and_t_raise() -> None:
         cnftools.divergence(identity, torch.zeros(2, 3), -0.1)
     with pytest.raises(TypeError, match="callable"):
         cnftools.divergence("field", torch.zeros(2, 3), 0.5)  # type: ignore[arg-type]
+
+
+# --- through the public testing kit -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["batched", "loop", "forward"])
+@pytest.mark.parametrize("event", [(3,), (2, 3)])
+@given(seed=st.integers(0, 10_000), t=st.floats(0.0, 1.0))
+@settings(max_examples=8)
+def test_every_strategy_through_the_testing_kit(strategy, event, seed, t):
+    """``assert_divergence_matches_jacobian`` (float64 default: 1e-10 relative to max|J|·d) on the
+    kit's own random MLP fields, for each exact strategy."""
+    from cnftools.testing import assert_divergence_matches_jacobian, random_mlp_field
+
+    field = random_mlp_field(event, seed=seed)
+    x = torch.randn((5, *event), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    exact = cnftools.divergence(field, x, t, "exact", strategy=strategy)
+    assert_divergence_matches_jacobian(field, x, t, exact)

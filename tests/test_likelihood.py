@@ -180,6 +180,19 @@ def test_mixture_and_empirical_equal_closed_form(path: str, data: str) -> None:
     np.testing.assert_allclose(got.numpy(), _log_p(case, path, x, 1.0), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize(("path", "data"), MIXTURE_GRID)
+def test_mixture_closed_form_through_the_testing_kit(path: str, data: str) -> None:
+    """The same comparison through ``cnftools.testing.assert_log_likelihood_close``: its float64
+    default (1e-6 nats at solver tolerance 1e-9) against the closed form computed with scipy here."""
+    from cnftools.testing import assert_log_likelihood_close
+
+    case = DATA_CASES[data]
+    x = _data(case, path)
+    expected = torch.as_tensor(_log_p(case, path, x, 1.0), dtype=x.dtype)
+    marginal = case.marginal(_build_path(path))
+    assert_log_likelihood_close(marginal, x, expected, _exact_p0(case, path))
+
+
 @pytest.mark.parametrize(("path", "data"), [("OT(0.1)", "gaussian d=3"), MIXTURE_GRID[-1]])
 def test_density_evolution_matches_marginal_log_prob(path: str, data: str) -> None:
     case = DATA_CASES[data]
