@@ -365,7 +365,8 @@ class _Dynamics(nn.Module):
         low, high = self.interval
         if not low <= float(t.detach()) <= high:
             # torchdiffeq's initial-step heuristic probes f at t0 + h0, and h0 can reach past the
-            # end of the interval (h0 = 22 was seen for VE's wide p_0). Fields may be undefined
+            # end of the interval (h0 = 22 was seen for VP's marginal field at t = 0, where the field
+            # is tiny). Fields may be undefined
             # there (paths live on [0, 1]), so the probe is taken at the end point instead. It
             # only sizes the first trial step, which error control then accepts or shrinks; every
             # step itself lands inside the interval (``step_t``).
