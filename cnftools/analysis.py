@@ -1064,6 +1064,17 @@ def histogram_baseline_nll(
         >>> histogram_baseline_nll(torch.tensor([[0], [1]]), torch.tensor([[0]]), 2, alpha=0.0)
         tensor([0.6931], dtype=torch.float64)
     """
+    from cnftools.data import _check_integer_data
+
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    train = _check_integer_data(train, levels)
+    test = _check_integer_data(test, levels)
+    if train[0].numel() != test[0].numel():
+        raise ValueError(
+            f"train and test must have the same event size, got {tuple(train.shape)}, {tuple(test.shape)}"
+        )
+    # A baseline on host memory: counts are small (D × L) and the result is a float64 frame column.
     train = train.reshape(train.shape[0], -1).to("cpu").round().long()
     test = test.reshape(test.shape[0], -1).to("cpu").round().long()
     counts = torch.zeros(train.shape[1], levels, dtype=torch.float64)

@@ -109,7 +109,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="cpu or cuda[:N] (default: cpu; under torchrun cuda:LOCAL_RANK when available)",
     )
-    p.add_argument("--dtype", choices=list(_DTYPES), default=None, help="float64 or float32")
+    p.add_argument(
+        "--dtype",
+        choices=list(_DTYPES),
+        default=None,
+        help="float64 or float32 (train default: float32; nll default: the model's own dtype)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--progress",
@@ -186,8 +191,17 @@ def _train(args: argparse.Namespace) -> int:
     from cnftools.paths import OTPath, VEPath, VPPath
     from cnftools.training import save_checkpoint, train_cfm
 
+    # Flags that do not apply are refused, not ignored.
+    if args.path == "ot" and args.sigma_max is not None:
+        raise ValueError("--sigma-max applies to --path ve only (OT has sigma_min alone)")
+    if args.path == "vp" and (args.sigma_min is not None or args.sigma_max is not None):
+        raise ValueError(
+            "--sigma-min/--sigma-max do not apply to --path vp (beta_min=0.1, beta_max=20)"
+        )
     rows, levels = _load_rows(args)
     levels = args.dequantize if args.dequantize is not None else levels
+    if args.centered and levels is None:
+        raise ValueError("--centered applies only with a dequantization (--dequantize L or digits)")
     dtype = _DTYPES[args.dtype] if args.dtype else torch.float32
     device = torch.device(args.device or "cpu")
     if args.path == "ot":

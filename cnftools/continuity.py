@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from cnftools._checks import as_time, check_batched
+from cnftools._checks import as_time, check_batched, check_finite
 from cnftools.divergence import divergence as _autograd_divergence
 from cnftools.fields import call_checked, closed_form_divergence, field_name
 
@@ -138,6 +138,7 @@ def continuity_terms(
                 "log_prob(x, t) does not depend on x or t through autograd (requires_grad is "
                 "False); it must be written in torch operations"
             )
+        check_finite("log_prob(x, t)", log_p.detach())
         grad_x, grad_t = torch.autograd.grad(log_p.sum(), (x_in, t_in), allow_unused=True)
     grad_x = torch.zeros_like(x) if grad_x is None else grad_x.detach()
     grad_t = torch.zeros_like(tb) if grad_t is None else grad_t.detach()
@@ -145,6 +146,14 @@ def continuity_terms(
         velocity = call_checked(v, x, tb)
     div = _divergence_of(divergence, v, x, tb)
     transport = (velocity * grad_x).reshape(x.shape[0], -1).sum(dim=1)
+    # A residual computed from non-finite terms would be NaN, not a verdict: name the rows.
+    for name, term in (
+        ("∂_t log p", grad_t),
+        ("∇_x log p", grad_x),
+        ("v", velocity),
+        ("div v", div),
+    ):
+        check_finite(name, term)
     return ContinuityTerms(grad_t, div, transport)
 
 

@@ -44,7 +44,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from cnftools._checks import check_batched, check_floating
+from cnftools._checks import check_batched, check_finite, check_floating
 
 __all__ = [
     "DIGITS_LEVELS",
@@ -118,11 +118,19 @@ class GaussianMixture:
         weights = check_floating("weights", self.weights)
         if weights.shape != (k,):
             raise ValueError(f"weights must have shape (K,) = ({k},), got {tuple(weights.shape)}")
+        for name, tensor in (("means", means), ("covs", covs), ("weights", weights)):
+            check_finite(name, tensor)
+            if tensor.dtype != means.dtype or tensor.device != means.device:
+                raise TypeError(
+                    f"{name} must have the dtype and device of means ({means.dtype}, "
+                    f"{means.device}), got {tensor.dtype}, {tensor.device}"
+                )
         if bool((weights < 0).any()) or abs(float(weights.sum()) - 1) > 1e-6:
             raise ValueError("weights must be >= 0 and sum to 1")
         if not bool(torch.allclose(covs, covs.transpose(-1, -2))):
             raise ValueError("covs must be symmetric")
-        torch.linalg.cholesky(covs)  # raises for a non-SPD covariance
+        if bool((torch.linalg.cholesky_ex(covs).info != 0).any()):
+            raise ValueError("covs must be positive definite (a Cholesky factorisation failed)")
 
     @property
     def dim(self) -> int:
@@ -190,8 +198,12 @@ def gaussian_mixture(
 ) -> GaussianMixture:
     r"""An isotropic mixture :math:`\sum_k \pi_k \mathcal N(m_k, \sigma_k^2 I)` (uniform weights by default)."""
     means = check_floating("means", means)
+    if means.dim() != 2:
+        raise ValueError(f"means must have shape (K, d), got {tuple(means.shape)}")
     k, d = means.shape
     stds_t = torch.as_tensor(stds, dtype=means.dtype, device=means.device).expand(k)
+    if not bool(torch.isfinite(stds_t).all()) or bool((stds_t <= 0).any()):
+        raise ValueError(f"stds must be finite and > 0, got {stds}")
     covs = stds_t.reshape(k, 1, 1) ** 2 * torch.eye(d, dtype=means.dtype, device=means.device)
     if weights is None:
         weights = torch.full((k,), 1.0 / k, dtype=means.dtype, device=means.device)
@@ -395,9 +407,13 @@ def dequantize(
 
 
 def quantize(y: Tensor, levels: int, *, centered: bool = False) -> Tensor:
-    """The inverse of :func:`dequantize` up to the noise: ``floor(L y)`` clipped to ``0..L-1`` (long)."""
+    """The inverse of :func:`dequantize` up to the noise: ``floor(L y)`` clipped to ``0..L-1`` (long).
+
+    The clipping is deliberate and documented: it maps model *samples*, which may fall slightly
+    outside the cube, to valid pixel values. Non-finite values are refused.
+    """
     levels = _check_levels(levels)
-    y = check_floating("y", y)
+    y = check_finite("y", check_floating("y", y))
     unit = (y + 1) / 2 if centered else y
     return torch.clamp(torch.floor(unit * levels), 0, levels - 1).to(torch.long)
 

@@ -255,9 +255,11 @@ class LULinear(ModuleTransform):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         dtype = dtype or torch.get_default_dtype()
-        if generator is not None:
-            device = generator.device
-        gauss = torch.randn(dim, dim, generator=generator, dtype=dtype, device=device)
+        # Draw where the generator lives, then place the parameters where they were asked for.
+        draw_device = generator.device if generator is not None else device
+        gauss = torch.randn(dim, dim, generator=generator, dtype=dtype, device=draw_device)
+        if device is not None:
+            gauss = gauss.to(device)
         rotation = torch.linalg.qr(gauss).Q
         perm, lower, upper = torch.linalg.lu(rotation)
         diag = upper.diagonal()

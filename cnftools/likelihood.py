@@ -159,6 +159,24 @@ def _check_prior(prior: object, event: tuple[int, ...]) -> Distribution | None:
     return prior
 
 
+def _probe_prior(prior: Distribution | None, like: Tensor) -> None:
+    """Check the prior's dtype and device against the data before any solve (one cheap draw)."""
+    if prior is None:
+        return
+    try:
+        with torch.no_grad():
+            draw = prior.sample()
+    except NotImplementedError:  # a prior without sampling: its log_prob is checked after the solve
+        return
+    if draw.dtype != like.dtype:
+        raise TypeError(
+            f"prior must be built in the data's dtype {like.dtype}, but it samples {draw.dtype} "
+            f"(torch would silently promote its log_prob); move it with the data's dtype"
+        )
+    if draw.device != like.device:
+        raise ValueError(f"prior lives on {draw.device} but the data are on {like.device}")
+
+
 def _prior_log_prob(prior: Distribution | None, z: Tensor) -> Tensor:
     batch = z.shape[0]
     if prior is None:
@@ -592,6 +610,7 @@ def log_likelihood(
     _check_field(v)
     x = check_batched("x", x)
     prior_ = _check_prior(prior, tuple(x.shape[1:]))
+    _probe_prior(prior_, x)
     spec = _divergence_spec(v, x, divergence, n_probes, noise, probes, generator)
     config_ = resolve_config(
         config,
@@ -713,6 +732,7 @@ def sample_with_log_prob(
             if z0.shape != (n, *event):
                 raise ValueError(f"prior.sample((n,)) returned shape {tuple(z0.shape)}")
         z0 = check_batched("z0", z0)
+    _probe_prior(prior_, z0)
     spec = _divergence_spec(v, z0, divergence, n_probes, noise, None, generator)
     config_ = resolve_config(
         config,

@@ -358,6 +358,8 @@ class GaussianMarginal(_Marginal):
             raise ValueError(f"cov must have shape (d, d) = ({d}, {d}), got {tuple(cov.shape)}")
         if cov.device != mean.device:
             raise ValueError(f"mean and cov must be on one device, got {mean.device}, {cov.device}")
+        if cov.dtype != mean.dtype:
+            raise TypeError(f"mean and cov must have one dtype, got {mean.dtype} and {cov.dtype}")
         self.d = d
         self.dtype, self.device = mean.dtype, mean.device
         self.mean = mean.detach()
@@ -549,6 +551,10 @@ class MixtureMarginal(_Marginal):
                 raise ValueError(
                     f"weights must have shape (K,) = ({k},), got {tuple(weights.shape)}"
                 )
+            if weights.device != means.device:
+                raise ValueError(
+                    f"weights must be on the means' device {means.device}, got {weights.device}"
+                )
             if bool((weights < 0).any()):
                 raise ValueError("weights must be >= 0")
             if not float(weights.sum()) > 0:
@@ -563,6 +569,11 @@ class MixtureMarginal(_Marginal):
             if covs.shape != (k, d, d):
                 raise ValueError(
                     f"covs must have shape (K, d, d) = ({k}, {d}, {d}), got {tuple(covs.shape)}"
+                )
+            if covs.dtype != means.dtype or covs.device != means.device:
+                raise TypeError(
+                    f"covs must have the means' dtype and device ({means.dtype}, {means.device}), "
+                    f"got {covs.dtype}, {covs.device}"
                 )
             eigenvalues, eigenvectors = _check_spd("covs", covs.detach())
             eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[keep]

@@ -66,9 +66,18 @@ def sample_time(
         >>> t.shape, bool((t < 0.5).all())
         (torch.Size([4]), True)
     """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
     _check_time_range(t_min, t_max)
     u = torch.rand(batch, generator=generator, dtype=like.dtype, device=like.device)
-    return t_min + (t_max - t_min) * u
+    t = t_min + (t_max - t_min) * u
+    # t_min + (t_max - t_min) u can round up to t_max in float32 (u = 1 - 2^-24, t_min > 0);
+    # keep the interval half-open so a singular end (OT sigma_min = 0, VP) is never drawn.
+    below = torch.nextafter(
+        torch.tensor(t_max, dtype=like.dtype, device=like.device),
+        torch.tensor(t_min, dtype=like.dtype, device=like.device),
+    )
+    return torch.minimum(t, below)
 
 
 def cfm_loss(

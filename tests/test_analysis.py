@@ -329,3 +329,18 @@ def test_progress_bar_reports_rows(capsys):
     dataset_nll(field, x, batch_size=4, **{**FAST, "progress": True})
     err = capsys.readouterr().err
     assert "8/8" in err and "row/s" in err
+
+
+@pytest.mark.parametrize(
+    ("train", "test", "kwargs", "message"),
+    [
+        ([[0.4], [1.0]], [[1.0]], {}, "integer values"),
+        ([[0], [1]], [[20]], {}, "must lie in 0..16"),
+        ([[0], [1]], [[1]], {"alpha": -1.0}, "alpha must be a finite number > 0"),
+    ],
+)
+def test_histogram_baseline_validates_its_input(train, test, kwargs, message):
+    from cnftools.analysis import histogram_baseline_nll
+
+    with pytest.raises(ValueError, match=message):
+        histogram_baseline_nll(torch.tensor(train), torch.tensor(test), 17, **kwargs)

@@ -155,3 +155,31 @@ def test_help_documents_every_option(command, capsys):
     for action in p._actions:
         for flag in action.option_strings:
             assert flag in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--path", "ot", "--sigma-max", "3"], "--sigma-max applies to --path ve only"),
+        (["--path", "vp", "--sigma-min", "0.5"], "do not apply to --path vp"),
+        (["--centered"], "--centered applies only with a dequantization"),
+    ],
+)
+def test_train_refuses_flags_that_do_not_apply(tmp_path, capsys, flags, message):
+    from cnftools import cli
+
+    code = cli.main(
+        [
+            "train",
+            "--dataset",
+            "eight_gaussians",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "m.pt"),
+            *flags,
+        ]
+    )
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()

@@ -180,3 +180,16 @@ def test_bad_inputs_raise() -> None:
         cnftools.continuity_residual(None, field.velocity, x, 0.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="t must lie in"):
         cnftools.continuity_residual(field.log_prob, field.velocity, x, 1.5)
+
+
+def test_non_finite_log_prob_is_named_not_returned_as_nan():
+    """A log-density that is -inf somewhere (outside a support, an underflow) would make the residual
+    NaN; the verifier names the rows instead of returning a NaN verdict."""
+
+    def log_prob(x, t):
+        out = -0.5 * (x**2).sum(dim=1) + 0 * t
+        return torch.where(x[:, 0] > 0, out, torch.full_like(out, -math.inf))
+
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"log_prob\(x, t\) has non-finite values .* rows \[1\]"):
+        cnftools.continuity_residual(log_prob, lambda x, t: -x, x, 0.5)

@@ -181,3 +181,41 @@ def test_dequantize_errors():
         dequantize(torch.tensor([[0]]), 1)
     with pytest.raises(ValueError, match="dim must be a positive int"):
         bits_per_dim(1.0, 0)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (
+            lambda: gaussian_mixture(torch.zeros(2, 2), -0.2),
+            ValueError,
+            "stds must be finite and > 0",
+        ),
+        (lambda: gaussian_mixture(torch.zeros(2), 0.2), ValueError, "means must have shape"),
+        (
+            lambda: gaussian_mixture(torch.tensor([[float("nan"), 0.0]]), 0.2),
+            ValueError,
+            "means has non-finite",
+        ),
+        (
+            lambda: GaussianMixture(
+                torch.zeros(1, 2), torch.eye(2, dtype=torch.float64)[None], torch.ones(1)
+            ),
+            TypeError,
+            "covs must have the dtype and device of means",
+        ),
+        (
+            lambda: GaussianMixture(torch.zeros(1, 2), -torch.eye(2)[None], torch.ones(1)),
+            ValueError,
+            "positive definite",
+        ),
+    ],
+)
+def test_mixture_parameters_are_validated(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_quantize_refuses_non_finite_values():
+    with pytest.raises(ValueError, match="y has non-finite values"):
+        quantize(torch.tensor([[float("nan"), 0.5]]), 17)

@@ -606,3 +606,23 @@ def test_initial_step_probe_never_leaves_the_unit_interval() -> None:
     loose = cnftools.sample(marginal, z0, method="dopri5", rtol=1e-5, atol=1e-5)
     tight = cnftools.sample(marginal, z0, method="dopri5", rtol=1e-10, atol=1e-10)
     assert float((loose - tight).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("prior_dtype", "data_dtype"), [(torch.float64, torch.float32), (torch.float32, torch.float64)]
+)
+def test_prior_of_another_dtype_is_refused_before_the_solve(prior_dtype, data_dtype) -> None:
+    """A prior in another dtype would be silently promoted (float32 prior, float64 data) or fail
+    after the whole solve: it is refused up front, with no field evaluation."""
+    calls = []
+
+    def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return -x
+
+    prior = Independent(
+        Normal(torch.zeros(2, dtype=prior_dtype), torch.ones(2, dtype=prior_dtype)), 1
+    )
+    with pytest.raises(TypeError, match="prior must be built in the data's dtype"):
+        cnftools.log_likelihood(field, torch.zeros(3, 2, dtype=data_dtype), prior)
+    assert not calls

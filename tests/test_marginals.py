@@ -604,3 +604,15 @@ def test_theorem1_through_the_testing_kit(data_name, path_name):
     x = marginal.sample(16, t, torch.Generator().manual_seed(11))
     assert_generates(marginal.log_prob, marginal, x, t)
     assert_divergence_matches_jacobian(marginal, x, t)
+
+
+def test_parameters_of_mixed_dtypes_are_refused():
+    path = cnftools.OTPath(0.1)
+    with pytest.raises(TypeError, match="mean and cov must have one dtype"):
+        GaussianMarginal(
+            path, torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float32)
+        )
+    with pytest.raises(TypeError, match="covs must have the means' dtype and device"):
+        MixtureMarginal(
+            path, torch.zeros(1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float32)[None]
+        )

@@ -283,3 +283,23 @@ def test_theorem2_statistical():
         path, field, data, weights, n_batches=100, batch_size=32, generator=gen, fm_data=data + 0.5
     )
     assert float(z_bad.abs().max()) > threshold
+
+
+def test_sample_time_never_returns_t_max_even_after_rounding(monkeypatch):
+    """In float32, t_min + (t_max - t_min)·u with u = 1 - 2^-24 rounds to t_max exactly; the draw
+    must stay in the half-open interval so a singular end (VP, OT with sigma_min = 0) is never hit."""
+    from cnftools.objectives import sample_time
+
+    monkeypatch.setattr(
+        torch, "rand", lambda n, **kw: torch.full((n,), 1 - 2**-24, dtype=kw["dtype"])
+    )
+    t = sample_time(3, torch.zeros(1), t_min=0.5, t_max=1.0)
+    assert bool((t < 1.0).all()) and t.dtype == torch.float32
+
+
+@pytest.mark.parametrize("batch", [0, -1, 2.5, True])
+def test_sample_time_rejects_a_bad_batch(batch):
+    from cnftools.objectives import sample_time
+
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        sample_time(batch, torch.zeros(1))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -324,8 +323,3 @@ def test_user_path_returning_negative_std_is_rejected():
     path = cnftools.GaussianPath(lambda t, x1: t * x1, lambda t, x1: t - 0.5)
     with pytest.raises(ValueError, match="std\\(t, x1\\) must be finite and >= 0"):
         path.std(0.1, X1)
-
-
-def test_scipy_reference_is_independent():
-    """Sanity of the reference itself: scipy's logpdf of N(0, 1) at 0 is −½ log 2π."""
-    assert np.isclose(stats.norm.logpdf(0.0), -0.5 * math.log(2 * math.pi), rtol=1e-15)
