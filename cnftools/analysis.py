@@ -1066,8 +1066,8 @@ def histogram_baseline_nll(
     """
     from cnftools.data import _check_integer_data
 
-    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     train = _check_integer_data(train, levels)
     test = _check_integer_data(test, levels)
     if train[0].numel() != test[0].numel():

@@ -336,7 +336,7 @@ def test_progress_bar_reports_rows(capsys):
     [
         ([[0.4], [1.0]], [[1.0]], {}, "integer values"),
         ([[0], [1]], [[20]], {}, "must lie in 0..16"),
-        ([[0], [1]], [[1]], {"alpha": -1.0}, "alpha must be a finite number > 0"),
+        ([[0], [1]], [[1]], {"alpha": -1.0}, "alpha must be a finite number >= 0"),
     ],
 )
 def test_histogram_baseline_validates_its_input(train, test, kwargs, message):
