@@ -53,9 +53,10 @@ def run(ctx: Context) -> Iterator[Check]:
     # Importance-weighted bound against the exact discrete NLL of a factorised Gaussian model.
     levels, dim, n = 17, 8, 512
     generator = ctx.generator(12)
-    mu = torch.rand(dim, generator=generator, dtype=torch.float64).to(ctx.device)
-    sigma = 0.1 + 0.2 * torch.rand(dim, generator=generator, dtype=torch.float64).to(ctx.device)
-    x = torch.randint(0, levels, (n, dim), generator=generator).to(ctx.device)
+    f64 = {"dtype": torch.float64, "device": ctx.device}
+    mu = torch.rand(dim, generator=generator, **f64)
+    sigma = 0.1 + 0.2 * torch.rand(dim, generator=generator, **f64)
+    x = torch.randint(0, levels, (n, dim), generator=generator, device=ctx.device)
     normal = torch.distributions.Normal(mu.to(ctx.dtype), sigma.to(ctx.dtype))
 
     def log_prob_y(y: Tensor) -> Tensor:

@@ -144,8 +144,10 @@ def run(ctx: Context) -> Iterator[Check]:
             0.2,
             "sample std of K draws: relative error ~ sqrt(kurtosis / 4K) < 0.1",
         )
-    probes = torch.rand((n_probes, *x.shape), generator=ctx.generator(300), dtype=ctx.dtype)
-    probes = (2 * probes - 1).to(ctx.device)
+    probes = torch.rand(
+        (n_probes, *x.shape), generator=ctx.generator(300), dtype=ctx.dtype, device=ctx.device
+    )
+    probes = 2 * probes - 1
     biased = cnftools.divergence(field, x, t, "hutchinson", probes=probes)
     true_stderr = (_variance(jac, "gaussian") / n_probes).sqrt()
     yield Check(
@@ -196,7 +198,7 @@ def _figure_cost(ctx: Context) -> None:
         def v(x: Tensor, t: Tensor, field: nn.Module = field) -> Tensor:
             return field(x)
 
-        x = torch.randn(batch, d, generator=ctx.generator(700), dtype=ctx.dtype).to(ctx.device)
+        x = torch.randn(batch, d, generator=ctx.generator(700), dtype=ctx.dtype, device=ctx.device)
         t = torch.full((batch,), 0.5, dtype=ctx.dtype, device=ctx.device)
         for name, method in methods.items():
             cnftools.divergence(v, x, t, method)  # warm-up
