@@ -26,6 +26,7 @@ from cnftools.cases import PATH_CASES
 from cnftools.validation._framework import Check, Context
 
 SECTION = 11
+SECTIONS = (11,)  # the theory sections its rows check
 TITLE = "§11 Divergence: exact strategies and Hutchinson's estimator"
 
 _SIGMAS = 5.0

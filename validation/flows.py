@@ -41,6 +41,7 @@ from cnftools.flows import (
 from cnftools.validation._framework import Check, Context
 
 SECTION = 2
+SECTIONS = (1, 2, 3)  # the theory sections its rows check
 TITLE = "§1–3 Change of variables, discrete flows, Euler steps → CNF"
 
 LINEAR_FIELD = np.array([[-0.3, -1.0, 0.2], [0.8, 0.4, 0.0], [0.1, -0.2, -0.5]])

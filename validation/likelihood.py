@@ -32,6 +32,7 @@ from cnftools.models import MLPField
 from cnftools.validation._framework import Check, Context
 
 SECTION = 3.0
+SECTIONS = (3, 9)  # the theory sections its rows check
 TITLE = "§3 Likelihood by the augmented ODE"
 
 _PATHS = {
