@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+import numpy
+import scipy
 import torch
+import torchdiffeq
+
+import cnftools
 
 __all__ = [
     "Check",
@@ -201,12 +206,6 @@ def format_table(checks: list[Check], title: str = "") -> str:
 
 def environment(ctx: Context) -> dict[str, str]:
     """Device, dtype and versions, recorded at the top of the report."""
-    import numpy
-    import scipy
-    import torchdiffeq
-
-    import cnftools
-
     device = str(ctx.device)
     if ctx.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(ctx.device)})"

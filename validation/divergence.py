@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 import cnftools
 from cnftools.cases import PATH_CASES
+from cnftools.validation._figures import pyplot
 from cnftools.validation._framework import Check, Context
 
 SECTION = 11
@@ -180,12 +182,7 @@ def _figure_cost(ctx: Context) -> None:
     path = ctx.figure_path("divergence_cost_vs_d.png")
     if path is None:
         return
-    import time
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     dims, batch = [2, 8, 32, 128], 64
     methods = {"exact (auto)": "exact", "plain loop": "loop", "Hutchinson K=1": "hutchinson"}

@@ -27,6 +27,7 @@ from torch import Tensor
 import cnftools
 from cnftools.data import eight_gaussians
 from cnftools.likelihood import log_likelihood, sample
+from cnftools.validation._figures import pyplot
 from cnftools.validation._framework import Check, Context
 
 SECTION = 8.5
@@ -243,10 +244,7 @@ def _figures_exact(ctx: Context, stats: dict[str, ExactFieldStats]) -> None:
     path_traj = ctx.figure_path("ot_vs_diffusion_trajectories.png")
     if path_traj is None:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     for ax, (name, s) in zip(axes[:3], stats.items(), strict=True):
@@ -274,10 +272,7 @@ def _figure_densities(ctx: Context, trained: dict[str, dict[str, float]]) -> Non
     path_fig = ctx.figure_path("ot_vs_diffusion_densities.png")
     if path_fig is None:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     target = eight_gaussians(RADIUS, COMPONENT_STD, device=ctx.device, dtype=ctx.dtype)
     axis = torch.linspace(-3.2, 3.2, 64, dtype=ctx.dtype, device=ctx.device)
