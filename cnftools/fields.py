@@ -24,7 +24,7 @@ References:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
@@ -32,11 +32,14 @@ from torch import Tensor
 from cnftools._checks import as_time, check_batched
 
 __all__ = [
+    "Extras",
     "VelocityField",
     "call_checked",
     "call_field",
+    "check_extras",
     "closed_form_divergence",
     "field_name",
+    "select_extras",
 ]
 
 Divergence = Callable[[Tensor, Tensor], Tensor]
@@ -97,12 +100,67 @@ def call_field(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float | Tens
     return call_checked(v, x, as_time(t, x))
 
 
-def call_checked(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor) -> Tensor:
+Extras = Mapping[str, object]
+"""Extra keyword arguments of a conditional field, ``v(x, t, **extras)`` (see :func:`call_checked`)."""
+
+
+def select_extras(extras: Extras | None, batch: int, rows: Tensor | slice | None = None) -> dict:
+    """The extras for a sub-batch: tensors whose first dimension is the batch are indexed by
+    ``rows``; anything else (scalars, class embeddings shared by all rows) is passed as is.
+
+    Args:
+        extras: the field's keyword arguments (or ``None``).
+        batch: the batch size ``B`` the extras were given for.
+        rows: an index (a slice, a boolean mask or integer indices over the batch); ``None`` keeps
+            every row.
+
+    Returns:
+        A new dict (empty for ``None``).
+
+    Example:
+        >>> import torch
+        >>> extras = {"label": torch.arange(4), "scale": 2.0}
+        >>> select_extras(extras, 4, slice(1, 3))
+        {'label': tensor([1, 2]), 'scale': 2.0}
+    """
+    if not extras:
+        return {}
+    if rows is None:
+        return dict(extras)
+    return {
+        k: (e[rows] if isinstance(e, Tensor) and e.dim() >= 1 and e.shape[0] == batch else e)
+        for k, e in extras.items()
+    }
+
+
+def check_extras(extras: object) -> dict:
+    """Validate ``extras=``: ``None`` or a mapping from argument names to values.
+
+    Example:
+        >>> check_extras(None)
+        {}
+    """
+    if extras is None:
+        return {}
+    if not isinstance(extras, Mapping) or not all(isinstance(k, str) for k in extras):
+        raise TypeError(
+            f"extras must be a dict of keyword arguments for the field, v(x, t, **extras); "
+            f"got {type(extras).__name__}"
+        )
+    if {"x", "t"} & set(extras):
+        raise ValueError("extras must not contain 'x' or 't': cnftools passes those itself")
+    return dict(extras)
+
+
+def call_checked(
+    v: Callable[..., Tensor], x: Tensor, t: Tensor, extras: Extras | None = None
+) -> Tensor:
     """:func:`call_field` for inputs already validated (``x`` checked, ``t`` a ``(B,)`` tensor).
 
-    Only the field's output is checked; internal callers use this to validate inputs once.
+    The one place cnftools calls a field: ``v(x, t, **extras)``. Only the field's output is
+    checked; internal callers use this to validate inputs once.
     """
-    out = v(x, t)
+    out = v(x, t, **extras) if extras else v(x, t)
     if (
         isinstance(out, Tensor)
         and out.shape == x.shape

@@ -38,11 +38,12 @@ import torch
 from torch import Tensor
 
 from cnftools._checks import as_time, check_batched, check_floating, check_same_shape
+from cnftools.fields import Extras, call_checked, check_extras
 from cnftools.paths import GaussianPath, OTPath
 
 __all__ = ["cfm_loss", "empirical_posterior", "fm_loss", "sample_time", "theorem2_terms"]
 
-Field = Callable[[Tensor, Tensor], Tensor]
+Field = Callable[..., Tensor]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -91,6 +92,7 @@ def cfm_loss(
     t_min: float = 0.0,
     t_max: float = 1.0,
     reduction: str = "mean",
+    extras: Extras | None = None,
 ) -> Tensor:
     r"""The conditional flow-matching loss :math:`\mathcal L_{\mathrm{CFM}}` on a batch (THEORY §6).
 
@@ -112,9 +114,14 @@ def cfm_loss(
     truncation, never applied silently). An explicit ``t = 1`` raises for VP
     (``conditional_velocity`` is undefined there); OT uses its closed form, which stays finite.
 
+    Conditional fields (class labels, context vectors) get ``extras`` as keyword arguments,
+    ``v(x, t, **extras)``: a tensor whose first dimension is the batch ``B`` holds one value per
+    row of ``x1`` (row ``b`` of ``extras["y"]`` goes with ``x1[b]``); anything else is passed as
+    is. See docs/guide/conditional.md.
+
     Args:
-        v: the velocity field ``v(x, t)``: any callable or ``nn.Module``; called with ``x`` of shape
-            ``(B, *event)`` and ``t`` of shape ``(B,)``.
+        v: the velocity field ``v(x, t)`` (or ``v(x, t, **extras)``): any callable or
+            ``nn.Module``; called with ``x`` of shape ``(B, *event)`` and ``t`` of shape ``(B,)``.
         path: a Gaussian conditional path (OT, VE, VP or user-defined).
         x1: data points, shape ``(B, *event)``.
         t: times, a float, a 0-dim tensor or ``(B,)`` in ``[0, 1]``; drawn when ``None``.
@@ -124,6 +131,8 @@ def cfm_loss(
         t_min: keyword-only; lower end of the drawn times.
         t_max: keyword-only; upper end (exclusive) of the drawn times.
         reduction: keyword-only; ``"mean"`` (default, a scalar), ``"sum"`` or ``"none"`` (``(B,)``).
+        extras: keyword-only; keyword arguments for the field, e.g. ``{"y": labels}`` with
+            ``labels`` of shape ``(B,)``.
 
     Returns:
         A scalar tensor (or ``(B,)`` with ``reduction="none"``), differentiable in ``v``'s
@@ -147,11 +156,13 @@ def cfm_loss(
     References:
         Lipman et al. (2022), arXiv:2210.02747, eq. (9), (14), Theorem 2.
     """
+    _check_callable(v)
     if not isinstance(path, GaussianPath):
         raise TypeError(f"path must be a cnftools GaussianPath, got {type(path).__name__}")
     _check_reduction(reduction)
     x1 = check_batched("x1", x1)
     batch = x1.shape[0]
+    extras = check_extras(extras)
     if t is None:
         tt = sample_time(batch, x1, generator, t_min=t_min, t_max=t_max)
     else:
@@ -166,7 +177,7 @@ def cfm_loss(
         target = x1 - (1 - path.sigma_min) * x0
     else:
         target = path.conditional_velocity(x, tt, x1)
-    out = _call_field(v, x, tt)
+    out = call_checked(v, x, tt, extras)
     return _reduce(_squared_norm(out - target), reduction, "cfm_loss")
 
 
@@ -177,6 +188,7 @@ def fm_loss(
     t: float | Tensor,
     *,
     reduction: str = "mean",
+    extras: Extras | None = None,
 ) -> Tensor:
     r"""The flow-matching loss :math:`\mathcal L_{\mathrm{FM}}` against a known marginal field.
 
@@ -190,12 +202,18 @@ def fm_loss(
     The points ``x`` should be drawn from :math:`p_t` for this to estimate
     :math:`\mathcal L_{\mathrm{FM}}`; any points give the regression loss at those points.
 
+    ``extras`` reach ``v`` only, as ``v(x, t, **extras)`` (the marginal is called as
+    ``marginal.velocity(x, t)``): to regress a conditional field on a per-class marginal, pass that
+    class's marginal and its label.
+
     Args:
-        v: the velocity field ``v(x, t)``.
+        v: the velocity field ``v(x, t)`` (or ``v(x, t, **extras)``).
         marginal: any object with ``velocity(x, t) -> (B, *event)``.
         x: points, shape ``(B, *event)``.
         t: times, a float, a 0-dim tensor or ``(B,)`` in ``[0, 1]``.
         reduction: keyword-only; ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        extras: keyword-only; keyword arguments for the field (tensors with first dimension
+            ``B`` hold one value per row of ``x``).
 
     Returns:
         A scalar tensor (or ``(B,)`` with ``reduction="none"``).
@@ -211,6 +229,7 @@ def fm_loss(
     References:
         Lipman et al. (2022), arXiv:2210.02747, eq. (5).
     """
+    _check_callable(v)
     velocity = getattr(marginal, "velocity", None)
     if not callable(velocity):
         raise TypeError(
@@ -219,13 +238,14 @@ def fm_loss(
     _check_reduction(reduction)
     x = check_batched("x", x)
     tt = as_time(t, x)
+    extras = check_extras(extras)
     target = velocity(x, tt)
     if not isinstance(target, Tensor) or target.shape != x.shape:
         shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(
             f"marginal.velocity(x, t) returned {shape}, expected the shape of x {tuple(x.shape)}"
         )
-    out = _call_field(v, x, tt)
+    out = call_checked(v, x, tt, extras)
     return _reduce(_squared_norm(out - target), reduction, "fm_loss")
 
 
@@ -334,7 +354,8 @@ def theorem2_terms(
         raise ValueError(
             f"marginal_velocity must have shape {tuple(x.shape)}, got {tuple(u.shape)}"
         )
-    out = _call_field(v, x, as_time(t, x))
+    _check_callable(v)
+    out = call_checked(v, x, as_time(t, x))
     cfm = (w * ((out.unsqueeze(1) - u_i) ** 2).sum(dim=event_dims)).sum(dim=1)
     fm = _squared_norm(out - u)
     variance = (w * ((u_i - u.unsqueeze(1)) ** 2).sum(dim=event_dims)).sum(dim=1)
@@ -342,17 +363,9 @@ def theorem2_terms(
 
 
 # ----------------------------------------------------------------------------------------------
-def _call_field(v: Field, x: Tensor, t: Tensor) -> Tensor:
+def _check_callable(v: object) -> None:
     if not callable(v):
         raise TypeError(f"v must be a callable v(x, t), got {type(v).__name__}")
-    out = v(x, t)
-    check_floating("v(x, t)", out)
-    if out.shape != x.shape:
-        raise ValueError(
-            f"the velocity field returned shape {tuple(out.shape)} for x of shape "
-            f"{tuple(x.shape)}; v(x, t) must return the shape of x (does the field's dimension match the data's?)"
-        )
-    return out
 
 
 def _squared_norm(r: Tensor) -> Tensor:

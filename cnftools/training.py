@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from cnftools._checks import check_batched, check_same_shape
+from cnftools.fields import Extras, check_extras, select_extras
 from cnftools.models import MLPField
 from cnftools.objectives import cfm_loss
 from cnftools.paths import GaussianPath, OTPath, VEPath, VPPath
@@ -50,7 +51,7 @@ __all__ = [
 CHECKPOINT_FORMAT = "cnftools.checkpoint"
 CHECKPOINT_VERSION = 1
 
-DataSource = Tensor | Callable[[int, torch.Generator], Tensor]
+DataSource = Tensor | Callable[[int, torch.Generator], Tensor | tuple[Tensor, Mapping[str, object]]]
 
 
 @dataclass
@@ -108,25 +109,55 @@ def minibatch_ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
     return x0[order.to(x0.device)]
 
 
+def _per_row(value: object, rows: int, device: torch.device, dtype: torch.dtype) -> object:
+    """A per-row extra (a tensor with first dimension ``rows``) moved to the training device
+    (floating ones also to the training dtype); anything else as is."""
+    if not (isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == rows):
+        return value
+    return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+
+
+def _sampled(
+    out: object, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, dict]:
+    """Check a sampler's return, ``x1`` or ``(x1, extras)``, and move it to device/dtype."""
+    name = "data(batch_size, generator)"
+    extras: dict = {}
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], Mapping):
+            raise TypeError(f"{name} must return x1 or a pair (x1, extras dict)")
+        out, extras = out[0], check_extras(out[1])
+    x1 = check_batched(name, out)
+    if x1.shape[0] != batch_size:
+        raise ValueError(f"{name} returned {x1.shape[0]} rows, expected batch_size={batch_size}")
+    extras = {k: _per_row(e, batch_size, device, dtype) for k, e in extras.items()}
+    return x1.to(device=device, dtype=dtype), extras
+
+
 def _batches(
     data: DataSource,
+    extras: dict,
     batch_size: int,
     generator: torch.Generator,
     device: torch.device,
     dtype: torch.dtype,
-) -> Iterator[Tensor]:
-    """Minibatches: epochs of a random permutation (tensor data) or calls to a sampler."""
+) -> Iterator[tuple[Tensor, dict]]:
+    """Minibatches ``(x1, extras)``: epochs of a random permutation (tensor data; per-row extras
+    indexed by the same rows) or calls to a sampler."""
     if callable(data) and not isinstance(data, Tensor):
         while True:
-            batch = data(batch_size, generator)
-            yield check_batched("data(batch_size, generator)", batch).to(device=device, dtype=dtype)
+            yield _sampled(data(batch_size, generator), batch_size, device, dtype)
     assert isinstance(data, Tensor)
     n = data.shape[0]
     while True:
         perm = torch.randperm(n, generator=generator, device=generator.device)
         for start in range(0, n - batch_size + 1, batch_size):
             index = perm[start : start + batch_size].to(data.device)
-            yield data[index].to(device=device, dtype=dtype)
+            rows = {
+                k: _per_row(e, batch_size, device, dtype)
+                for k, e in select_extras(extras, n, index).items()
+            }
+            yield data[index].to(device=device, dtype=dtype), rows
 
 
 def train_cfm(
@@ -149,12 +180,21 @@ def train_cfm(
     progress: bool = False,
     callback: Callable[[int, float, nn.Module], bool | None] | None = None,
     callback_every: int = 100,
+    extras: Extras | None = None,
 ) -> TrainResult:
     r"""Train a velocity field with conditional flow matching (THEORY §6).
 
     Each step draws a data batch :math:`x_1`, noise :math:`x_0 \sim \mathcal N(0, I)` (re-paired
     by minibatch OT when ``minibatch_ot``), times :math:`t \sim \mathcal U[t_{\min}, t_{\max})`,
-    and takes one optimizer step on ``cfm_loss(field, path, x1, t, x0)``.
+    and takes one optimizer step on ``cfm_loss(field, path, x1, t, x0, extras=...)``.
+
+    Conditional training (class labels, context vectors; docs/guide/conditional.md): pass
+    ``extras={"y": labels}`` with tensor ``data``. Every tensor in ``extras`` whose first dimension
+    is ``N`` (the number of data rows) holds one value per row and is indexed with the same
+    minibatch rows as ``data`` (so ``x1[b]`` keeps its label); anything else is passed as is on
+    every step. The field is called as ``field(x, t, **extras)``. Minibatch OT re-orders the noise
+    :math:`x_0`, never :math:`x_1`, so the pairs (:math:`x_1`, label) are kept. A sampler gives
+    conditioning by returning ``(x1, extras)`` instead of ``x1``.
 
     Args:
         field: an ``nn.Module`` with ``forward(x, t)`` (e.g. :class:`~cnftools.MLPField`); it is
@@ -162,7 +202,9 @@ def train_cfm(
         path: the conditional probability path (OT, VE, VP or user-defined).
         data: a tensor ``(N, *event)`` (shuffled into epochs without replacement; the last partial
             batch of each epoch is dropped) or a sampler ``data(n, generator) -> (n, *event)``
-            (e.g. ``eight_gaussians().sample``). Batches are moved to the field's device/dtype.
+            (e.g. ``eight_gaussians().sample``), which may also return ``(x1, extras)`` with
+            per-row tensors of first dimension ``n``. Batches are moved to the field's
+            device/dtype (floating extras too; integer labels keep their dtype).
         steps: number of optimizer steps.
         batch_size: examples per step (at most ``N`` for tensor data).
         lr: Adam learning rate (ignored when ``optimizer`` is an instance).
@@ -181,6 +223,8 @@ def train_cfm(
         callback: ``callback(step, loss, field)`` every ``callback_every`` steps and at the last
             step; return ``True`` to stop early.
         callback_every: how often to call ``callback`` (and refresh the progress bar).
+        extras: keyword arguments for the field, e.g. ``{"y": labels}`` with ``labels`` of shape
+            ``(N,)`` for tensor ``data`` (only with tensor data; a sampler returns its own).
 
     Returns:
         A :class:`TrainResult` with the loss history as a DataFrame.
@@ -199,6 +243,14 @@ def train_cfm(
         ... )
         >>> list(result.history.columns), len(result.history)
         (['step', 'loss', 'lr', 'seconds'], 20)
+        >>> labels = torch.randint(0, 3, (100,))
+        >>> c = cnftools.MLPField(2, hidden=(16,), num_classes=3)
+        >>> x = torch.randn(100, 2) + 3 * labels[:, None]
+        >>> r = cnftools.train_cfm(
+        ...     c, cnftools.OTPath(0.05), x, extras={"y": labels}, steps=5, batch_size=20
+        ... )
+        >>> len(r.history)
+        5
 
     References:
         Lipman et al. (2022), arXiv:2210.02747, Algorithm 1; Tong et al. (2023), Algorithm 2.
@@ -216,12 +268,26 @@ def train_cfm(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    extras = check_extras(extras)
     if isinstance(data, Tensor):
         check_batched("data", data)
         if batch_size > data.shape[0]:
             raise ValueError(f"batch_size={batch_size} exceeds the {data.shape[0]} data points")
     elif not callable(data):
         raise TypeError("data must be a tensor (N, *event) or a sampler data(n, generator)")
+    elif extras:
+        raise ValueError(
+            "extras= goes with tensor data; a sampler gives its conditioning by returning "
+            "(x1, extras) from data(n, generator)"
+        )
+    if isinstance(data, Tensor):
+        for key, value in extras.items():
+            per_row = isinstance(value, Tensor) and value.dim() >= 1
+            if per_row and value.shape[0] == data.shape[0] and value.device != data.device:
+                raise ValueError(
+                    f"extras[{key!r}] is on {value.device} but data is on {data.device}; "
+                    "per-row extras are indexed with the data's rows: put them on one device"
+                )
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
     params = [p for p in field.parameters() if p.requires_grad]
@@ -248,7 +314,7 @@ def train_cfm(
             opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
         )
     generator = torch.Generator(device=device).manual_seed(int(seed))
-    batches = _batches(data, batch_size, generator, device, dtype)
+    batches = _batches(data, extras, batch_size, generator, device, dtype)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -261,12 +327,22 @@ def train_cfm(
     field.train()
     try:
         for step in range(1, steps + 1):
-            x1 = next(batches)
+            x1, batch_extras = next(batches)
             x0 = torch.randn(x1.shape, generator=generator, dtype=dtype, device=device)
             if minibatch_ot:
-                x0 = minibatch_ot_pairing(x0, x1)
+                x0 = minibatch_ot_pairing(x0, x1)  # permutes x0 only: (x1, extras) stay paired
             try:
-                loss = cfm_loss(field, path, x1, None, x0, generator, t_min=t_min, t_max=t_max)
+                loss = cfm_loss(
+                    field,
+                    path,
+                    x1,
+                    None,
+                    x0,
+                    generator,
+                    t_min=t_min,
+                    t_max=t_max,
+                    extras=batch_extras,
+                )
             except ValueError as error:
                 raise ValueError(f"train_cfm, step {step}: {error}") from error
             opt.zero_grad(set_to_none=True)

@@ -303,3 +303,73 @@ def test_sample_time_rejects_a_bad_batch(batch):
 
     with pytest.raises(ValueError, match="batch must be an int >= 1"):
         sample_time(batch, torch.zeros(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# extras: conditional fields v(x, t, **extras)
+def shift_field(x, t, y, scale=1.0):
+    """A conditional field with a known output: scale * y (per row), broadcast over the event."""
+    return scale * y.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))).expand_as(x)
+
+
+def test_cfm_loss_passes_extras_by_hand(dtype):
+    # OT(0): targets (1, 2) and (0, -1) (see the hand computation above). v = scale * y:
+    # y = (1, 0), scale 2 -> outputs (2, 2), (0, 0); residuals (1, 0), (0, 1): per-row 1 and 1.
+    x0, x1, t = (torch.tensor(a, dtype=dtype) for a in (X0, X1, T))
+    extras = {"y": torch.tensor([1, 0]), "scale": 2.0}
+    per = cnftools.cfm_loss(
+        shift_field, cnftools.OTPath(0.0), x1, t, x0, reduction="none", extras=extras
+    )
+    assert per.tolist() == [1.0, 1.0]  # exact binary fractions in both dtypes
+
+
+def test_cfm_loss_row_b_gets_label_b():
+    # A spy field records what it was called with: the extras arrive unchanged, row-aligned.
+    seen = {}
+
+    def spy(x, t, y):
+        seen["y"] = y
+        return torch.zeros_like(x)
+
+    x1 = torch.randn(5, 3, dtype=F64)
+    labels = torch.arange(5)
+    cnftools.cfm_loss(spy, cnftools.OTPath(0.1), x1, extras={"y": labels})
+    assert seen["y"] is labels
+
+
+def test_fm_loss_passes_extras_by_hand():
+    class Zero:
+        def velocity(self, x, t):
+            return torch.zeros_like(x)
+
+    x = torch.zeros(2, 3, dtype=F64)
+    # v = y per row: ‖(1,1,1)‖² = 3 and ‖(2,2,2)‖² = 12, mean 7.5 (exact)
+    loss = cnftools.fm_loss(shift_field, Zero(), x, 0.5, extras={"y": torch.tensor([1, 2])})
+    assert float(loss) == 7.5
+
+
+def test_conditional_mlp_field_in_cfm_loss_trains_on_labels():
+    torch.manual_seed(0)
+    v = cnftools.MLPField(2, hidden=(8,), num_classes=2).double()
+    x1 = torch.randn(4, 2, dtype=F64)
+    gen = torch.Generator().manual_seed(0)
+    loss = cnftools.cfm_loss(
+        v, cnftools.OTPath(0.1), x1, generator=gen, extras={"y": torch.tensor([0, 1, 0, 1])}
+    )
+    loss.backward()
+    assert v.condition.table.weight.grad.abs().sum() > 0  # the label embedding is trained
+    with pytest.raises(TypeError, match="needs y"):
+        cnftools.cfm_loss(v, cnftools.OTPath(0.1), x1)
+
+
+def test_extras_errors_are_clear():
+    path = cnftools.OTPath(0.1)
+    x1 = torch.randn(4, 2, dtype=F64)
+    with pytest.raises(TypeError, match="extras must be a dict"):
+        cnftools.cfm_loss(zero_field, path, x1, extras=[1, 2])
+    with pytest.raises(ValueError, match="must not contain 'x' or 't'"):
+        cnftools.cfm_loss(zero_field, path, x1, extras={"t": 0.5})
+    with pytest.raises(TypeError, match="extras must be a dict"):
+        cnftools.fm_loss(zero_field, cnftools.MixtureMarginal(path, x1), x1, 0.5, extras=3)
+    with pytest.raises(TypeError, match="callable"):
+        cnftools.cfm_loss("not a field", path, x1)
