@@ -160,6 +160,36 @@ def _batches(
             yield data[index].to(device=device, dtype=dtype), rows
 
 
+def _paired_within_labels(x0: Tensor, x1: Tensor, extras: dict) -> Tensor:
+    r"""Minibatch OT of ``x0`` to ``x1`` within each group of rows whose per-row extras agree.
+
+    Pairing across labels would bias the noise each class sees (OT sends a class the noise nearest
+    to it, so :math:`x_0 \mid y` would no longer be :math:`\mathcal N(0, I)`); within a group the
+    noise is still an i.i.d. draw, re-ordered.
+    """
+    batch = x1.shape[0]
+    keys = []
+    for key, value in extras.items():
+        if not (isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch):
+            continue
+        if value.is_floating_point() or value.is_complex():
+            raise ValueError(
+                "minibatch_ot=True pairs noise with data within groups of equal labels; "
+                f"extras[{key!r}] is {value.dtype} (a continuous condition), so there are no such "
+                "groups, and pairing across conditions would bias the noise each one sees: "
+                "use minibatch_ot=False"
+            )
+        keys.append(value.reshape(batch, -1).long())
+    if not keys:
+        return minibatch_ot_pairing(x0, x1)
+    groups = torch.unique(torch.cat(keys, dim=1), dim=0, return_inverse=True)[1]
+    paired = x0.clone()
+    for group in torch.unique(groups):
+        rows = (groups == group).nonzero().flatten()
+        paired[rows] = minibatch_ot_pairing(x0[rows], x1[rows])
+    return paired
+
+
 def train_cfm(
     field: nn.Module,
     path: GaussianPath,
@@ -193,7 +223,11 @@ def train_cfm(
     is ``N`` (the number of data rows) holds one value per row and is indexed with the same
     minibatch rows as ``data`` (so ``x1[b]`` keeps its label); anything else is passed as is on
     every step. The field is called as ``field(x, t, **extras)``. Minibatch OT re-orders the noise
-    :math:`x_0`, never :math:`x_1`, so the pairs (:math:`x_1`, label) are kept. A sampler gives
+    :math:`x_0`, never :math:`x_1`, so the pairs (:math:`x_1`, label) are kept, and it pairs only
+    within groups of rows with equal labels: pairing across classes would hand each class the
+    noise nearest to it, so its noise would no longer be :math:`\mathcal N(0, I)` and the learned
+    conditional flows would start from the wrong distribution. Continuous (floating) per-row
+    conditions admit no such groups and refuse ``minibatch_ot=True``. A sampler gives
     conditioning by returning ``(x1, extras)`` instead of ``x1``.
 
     Args:
@@ -330,7 +364,8 @@ def train_cfm(
             x1, batch_extras = next(batches)
             x0 = torch.randn(x1.shape, generator=generator, dtype=dtype, device=device)
             if minibatch_ot:
-                x0 = minibatch_ot_pairing(x0, x1)  # permutes x0 only: (x1, extras) stay paired
+                # permutes x0 only, within groups of equal labels: (x1, extras) stay paired
+                x0 = _paired_within_labels(x0, x1, batch_extras)
             try:
                 loss = cfm_loss(
                     field,
