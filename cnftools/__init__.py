@@ -5,11 +5,12 @@ Conventions (fixed for the whole package): time runs from ``t = 0`` (noise, ``N(
 ``(B, *event)`` and ``t`` of shape ``(B,)`` on ``x``'s device and dtype (see :mod:`cnftools.fields`).
 """
 
-from cnftools import flows
+from cnftools import flows, interop
 from cnftools._ode import SolverConfig, SolverError
 from cnftools.analysis import Dequantization, dataset_nll, summarize
 from cnftools.continuity import continuity_relative_residual, continuity_residual
 from cnftools.divergence import divergence, velocity_and_divergence
+from cnftools.interop import as_velocity
 from cnftools.likelihood import (
     LikelihoodResult,
     SampleResult,
@@ -40,6 +41,7 @@ __all__ = [
     "VEPath",
     "VPPath",
     "__version__",
+    "as_velocity",
     "cfm_loss",
     "continuity_relative_residual",
     "continuity_residual",
@@ -47,6 +49,7 @@ __all__ = [
     "divergence",
     "flows",
     "fm_loss",
+    "interop",
     "load_checkpoint",
     "log_likelihood",
     "minibatch_ot_pairing",
