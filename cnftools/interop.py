@@ -1,7 +1,7 @@
 r"""Models trained elsewhere as cnftools velocity fields: noise, data and score predictions, diffusers.
 
 A diffusion model is flow matching on an affine Gaussian path :math:`x = a_t x_1 + s_t \varepsilon`
-(docs/theory/paths.md): whatever it predicts -- the noise :math:`\hat\varepsilon`, the clean sample
+(docs/guide/diffusion.md): whatever it predicts -- the noise :math:`\hat\varepsilon`, the clean sample
 :math:`\hat x_1` or the score :math:`\nabla \log p_t = -\hat\varepsilon / s_t` -- determines the
 velocity
 

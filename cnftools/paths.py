@@ -330,7 +330,7 @@ class AffineGaussianPath(GaussianPath):
         return f"AffineGaussianPath(signal_scale={self._signal!r}, noise_scale={self._noise!r})"
 
     # ------------------------------------------------------------------------------------------
-    # Parametrization conversions (docs/theory/paths.md, "Diffusion parametrizations"): a model
+    # Parametrization conversions (docs/guide/diffusion.md): a model
     # that predicts the noise, the clean data or the score on this path is a velocity field.
     def _conversion_schedules(
         self, method: str, name: str, value: object, x: object, t: object
