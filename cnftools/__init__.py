@@ -19,7 +19,7 @@ from cnftools.likelihood import (
     sample_with_log_prob,
 )
 from cnftools.marginals import GaussianMarginal, MixtureMarginal
-from cnftools.models import MLPField
+from cnftools.models import ConvField, MLPField
 from cnftools.objectives import cfm_loss, fm_loss
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 from cnftools.training import load_checkpoint, minibatch_ot_pairing, save_checkpoint, train_cfm
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AffineGaussianPath",
+    "ConvField",
     "Dequantization",
     "GaussianMarginal",
     "GaussianPath",
