@@ -44,6 +44,7 @@ from cnftools.validation._framework import Check, Context
 __all__ = ["exact_posterior_mean", "probability_flow_velocity", "run"]
 
 SECTION = 13
+SECTIONS = (12, 13)  # the theory sections its rows check
 TITLE = "§13 Diffusion is flow matching: probability-flow ODE, parametrizations, DDPM bits/dim"
 
 _PATHS = {
