@@ -7,7 +7,8 @@ Conventions (fixed for the whole package): time runs from ``t = 0`` (noise, ``N(
 
 from cnftools import flows
 from cnftools._ode import SolverConfig, SolverError
-from cnftools.analysis import Dequantization, dataset_nll, summarize
+from cnftools.data import Dequantization
+from cnftools.nll import dataset_nll, summarize
 from cnftools.continuity import continuity_relative_residual, continuity_residual
 from cnftools.divergence import divergence, velocity_and_divergence
 from cnftools.likelihood import (

@@ -65,11 +65,11 @@ def _load_rows(args: argparse.Namespace) -> tuple[torch.Tensor, int | None]:
     """The ``--data`` file or ``--dataset`` as a tensor, and the dataset's levels (if known)."""
     if args.dataset is not None:
         return _builtin(args.dataset, args.split, args.n, args.seed)
-    from cnftools.analysis import _rows
+    from cnftools.nll import read_rows
 
     columns = args.columns.split(",") if args.columns else None
-    rows = _rows(args.data, columns)
-    return rows.get(0, rows.n), None
+    rows = read_rows(args.data, columns)
+    return rows.read_all(), None
 
 
 def _add_data_arguments(p: argparse.ArgumentParser, default_split: str) -> None:
@@ -418,7 +418,7 @@ def _init_distributed() -> bool:
 
 
 def _nll(args: argparse.Namespace) -> int:
-    from cnftools.analysis import Dequantization, dataset_nll
+    from cnftools import Dequantization, dataset_nll
     from cnftools.training import load_checkpoint
 
     device = torch.device(args.device) if args.device else None
@@ -474,15 +474,15 @@ def _nll(args: argparse.Namespace) -> int:
 
 
 def _baselines(args: argparse.Namespace, test: torch.Tensor, deq: object) -> dict[str, float]:
-    from cnftools.analysis import Dequantization, gaussian_baseline_nll, histogram_baseline_nll
+    from cnftools.nll import Dequantization, gaussian_baseline_nll, histogram_baseline_nll
 
     if not isinstance(deq, Dequantization):
         raise SystemExit("--baselines needs integer data with a dequantization (--dequantize L)")
     if args.baseline_data is not None:
-        from cnftools.analysis import _rows
+        from cnftools.nll import read_rows
 
-        rows = _rows(args.baseline_data, args.columns.split(",") if args.columns else None)
-        train = rows.get(0, rows.n)
+        rows = read_rows(args.baseline_data, args.columns.split(",") if args.columns else None)
+        train = rows.read_all()
     elif args.dataset is not None:
         train, _ = _builtin(args.dataset, "train", args.n, args.seed)
     else:
