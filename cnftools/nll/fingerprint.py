@@ -7,7 +7,8 @@ A resumed run must compute the same function of the same data as the run it cont
   (numbers, strings, tuples of them) of every submodule;
 * any other object (a closed-form marginal, a path, a prior, a wrapper class): its class and,
   recursively, its attributes — tensors by content, numbers and strings by value, nested objects
-  and modules as above; a bound method: its function's name and its ``__self__``;
+  and modules as above (attributes named ``*cache*``, memoised values, are skipped); a bound
+  method: its function's name and its ``__self__``;
 * a plain function or lambda (or an object holding one, e.g. a path built from lambdas): its
   code cannot be compared, so it is *not fingerprintable*: :func:`fingerprint` raises
   :class:`Unfingerprintable`, and ``dataset_nll(..., resume=True)`` then asks for ``run_id=``.
@@ -130,7 +131,8 @@ def _attributes(obj: object) -> dict[str, Any] | None:
                 found[slot] = getattr(obj, slot)
     if not found and not hasattr(obj, "__dict__"):
         return None
-    return found
+    # memoised values (``_cache``, ``_cached_x``) are derived from the rest and change on use
+    return {k: v for k, v in found.items() if "cache" not in k.lower()}
 
 
 def _walk_module(module: nn.Module, h: Any, seen: set[int]) -> None:

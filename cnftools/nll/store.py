@@ -173,7 +173,9 @@ class ChunkStore:
         if resume and self.out.exists():
             meta = read_meta(self.out)
             self._compare(meta, self.out)
-            return meta
+            if not (meta.get("failures") and self.dir.exists()):
+                return meta
+            # a finished run with failed rows kept its units: resume retries those rows
         if self.dir.exists():
             self._check_meta_file()
         else:
@@ -284,15 +286,28 @@ class ChunkStore:
         return frame
 
     def write_final(self, frame: pd.DataFrame, digests: list[str], keep_chunks: bool) -> None:
-        meta = {"format": FORMAT, "run_key": self.run_key, "run": self.run, "data": digests}
+        """Write ``out``; remove the chunks unless kept or some rows failed (resume retries them)."""
+        failures = int((frame["status"] != "ok").sum())
+        meta = {
+            "format": FORMAT, "run_key": self.run_key, "run": self.run, "data": digests,
+            "failures": failures,
+        }  # fmt: skip
         write_atomic(frame, meta, self.out)
-        if not keep_chunks:
+        if not keep_chunks and failures == 0:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def read_final(self) -> pd.DataFrame:
         return pd.read_parquet(self.out)
 
     def discard_if_empty(self) -> None:
-        """Remove a chunk directory that holds no unit (a run that failed before any)."""
-        if self.dir.exists() and not any(self.dir.glob("unit-*.parquet")):
-            shutil.rmtree(self.dir, ignore_errors=True)
+        """Remove the chunk directory this call made when no unit in it has a computed row."""
+        if not self.dir.exists():
+            return
+        for path in self.dir.glob("unit-*.parquet"):
+            try:
+                meta = read_meta(path)
+            except ResumeError:
+                return
+            if meta["failures"] < meta["rows"]:
+                return
+        shutil.rmtree(self.dir, ignore_errors=True)
