@@ -109,6 +109,66 @@ def test_hutchinson_mean_is_unbiased_and_meets_target_stderr():
     pd.testing.assert_frame_equal(frame, again)  # deterministic from the seed
 
 
+def test_unreachable_target_stderr_stops_at_max_probes():
+    """Today's main runs forever here (84 probes a row with a cap of 16 after a few seconds)."""
+    field, x = make_case(12)
+    with pytest.warns(RuntimeWarning, match="not reached within max_probes=16"):
+        frame = dataset_nll(
+            field, x, batch_size=6, divergence="hutchinson", n_probes=4, target_stderr=1e-9,
+            max_probes=16, **FAST,
+        )  # fmt: skip
+    summary = frame.attrs["summary"]
+    assert frame["rounds"].max() * 4 <= 16
+    assert summary["probes_per_row"] == 16 and summary["max_probes"] == 16
+    assert summary["target_met"] is False
+
+
+class _CountRows:
+    """The field, counting the rows it is called on during solves."""
+
+    def __init__(self, field):
+        self.field, self.rows = field, [0]
+
+    def __call__(self, x, t):
+        self.rows[0] += x.shape[0]
+        return self.field(x, t)
+
+
+def test_extra_probe_rounds_go_only_to_rows_that_need_them():
+    """R_i proportional to the row's probe sd: rows whose first round has no probe noise (two
+    Rademacher probes equal up to sign, in 2-D) keep one round, the others get more."""
+    field, x = make_case(20)
+    options = {"batch_size": 5, "divergence": "hutchinson", "n_probes": 2, **FAST}
+    first = dataset_nll(field, x, **options)
+    quiet = first["stderr"].to_numpy() == 0
+    assert 0 < quiet.sum() < 20
+    frame = dataset_nll(field, x, target_stderr=0.02, max_probes=64, **options)
+    rounds = frame["rounds"].to_numpy()
+    assert (rounds[quiet] == 1).all() and (rounds[~quiet] > 1).all()
+    assert frame.attrs["summary"]["target_met"] is True
+
+
+def test_num_threads_is_used_and_restored():
+    field, x = make_case(4)
+    before = torch.get_num_threads()
+    seen = []
+
+    def spy(x, t):
+        seen.append(torch.get_num_threads())
+        return field(x, t)
+
+    dataset_nll(spy, x, batch_size=4, num_threads=1, **FAST)
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="num_threads"):
+        dataset_nll(field, x, num_threads=0, **FAST)
+
+
+def test_choose_threads_is_bounded():
+    from cnftools.nll.distributed import choose_threads
+
+    assert 1 <= choose_threads(torch.device("cpu")) <= torch.get_num_threads()
+
+
 @pytest.mark.parametrize("kind", ["numpy", "frame", "npy", "csv", "parquet", "dataset", "loader"])
 def test_data_sources_agree(kind, tmp_path):
     field, x = make_case(9)
@@ -309,11 +369,12 @@ def test_resume_after_sigkill_gives_identical_rows(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-def test_two_gloo_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("source", ["tensor", "stream"])
+def test_two_gloo_processes_equal_one(tmp_path, source):
     field, x = make_case()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(TESTS / "_dist_worker.py"), str(tmp_path),
+        str(TESTS / "_dist_worker.py"), str(tmp_path), source,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90)
