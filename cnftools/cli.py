@@ -30,8 +30,14 @@ def check_device(text: str, flag: str = "--device") -> torch.device:
         raise UsageError(
             f"{flag} {text}: CUDA is not available on this machine (torch {torch.__version__})"
         )
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise UsageError(
+            f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"{flag} {text}: use cpu or cuda[:N]")
     return device
@@ -52,6 +58,7 @@ def check_writable(path: Path, flag: str = "--out") -> None:
         raise UsageError(
             f"{flag} {os.fspath(path)!r} is not writable ({error.strerror or error})"
         ) from None
+
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

@@ -42,7 +42,9 @@ def _one_line_error(capsys, *needles: str) -> str:
 @pytest.mark.parametrize("device", ["garbage", "cuda:7" if torch.cuda.is_available() else "cuda"])
 def test_nll_bad_device(trained, capsys, device):
     ckpt, data = trained
-    assert main(["nll", "--model", str(ckpt), "--data", str(data), "--device", device, *SOLVER]) == 2
+    assert (
+        main(["nll", "--model", str(ckpt), "--data", str(data), "--device", device, *SOLVER]) == 2
+    )
     _one_line_error(capsys, "--device")
 
 

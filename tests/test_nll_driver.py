@@ -200,8 +200,8 @@ def test_data_sources_agree(kind, tmp_path):
 
 def test_dequantized_value_matches_closed_form():
     """K-sample bound with the documented noise: log mean_k p_1(y_k) + D log(1/L)."""
-    from cnftools.nll.units import unit_seed as _unit_seed
     from cnftools.data import dequantize
+    from cnftools.nll.units import unit_seed as _unit_seed
 
     field, _ = make_case()
     levels, k = 5, 3

@@ -102,8 +102,16 @@ def test_resume_refuses_another_field_prior_or_data(tmp_path, change):
     elif change == "prior":
         first = second = field
         data_1 = data_2 = x
-        kwargs_1 = {"prior": torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))}
-        kwargs_2 = {"prior": torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64), 2 * torch.eye(2, dtype=torch.float64))}
+        kwargs_1 = {
+            "prior": torch.distributions.MultivariateNormal(
+                torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+            )
+        }
+        kwargs_2 = {
+            "prior": torch.distributions.MultivariateNormal(
+                torch.zeros(2, dtype=torch.float64), 2 * torch.eye(2, dtype=torch.float64)
+            )
+        }
     elif change == "middle-row":
         first = second = field
         data_1, data_2 = x, x.clone()
@@ -119,11 +127,11 @@ def test_resume_refuses_another_field_prior_or_data(tmp_path, change):
             dataset_nll(second, data_2, out=out, resume=True, **FAST, **kwargs)
         return
     _interrupted_run(first, data_1, out, 1, **kwargs, **kwargs_1)
-    with pytest.raises(ResumeError, match="other settings|changed"):
+    with pytest.raises(ResumeError, match=r"other settings|changed"):
         dataset_nll(second, data_2, out=out, resume=True, **FAST, **kwargs, **kwargs_2)
     # and after a finished run too
     dataset_nll(first, data_1, out=out, overwrite=True, **FAST, **kwargs, **kwargs_1)
-    with pytest.raises(ResumeError, match="other settings|other data"):
+    with pytest.raises(ResumeError, match=r"other settings|other data"):
         dataset_nll(second, data_2, out=out, resume=True, **FAST, **kwargs, **kwargs_2)
 
 
@@ -150,7 +158,7 @@ def test_missing_meta_json_refuses_instead_of_double_counting(tmp_path):
     out = tmp_path / "nll.parquet"
     _interrupted_run(field, x, out, 3, batch_size=10)
     (_chunks(out) / "meta.json").unlink()
-    with pytest.raises(ResumeError, match="meta.json"):
+    with pytest.raises(ResumeError, match=r"meta\.json"):
         dataset_nll(field, x, batch_size=15, out=out, resume=True, **FAST)
 
 
@@ -160,7 +168,7 @@ def test_unreadable_or_foreign_meta_json_refuses(tmp_path, content):
     out = tmp_path / "nll.parquet"
     _interrupted_run(field, x, out, 1, batch_size=10)
     (_chunks(out) / "meta.json").write_text(content)
-    with pytest.raises(ResumeError, match="meta.json"):
+    with pytest.raises(ResumeError, match=r"meta\.json"):
         dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
 
 
@@ -177,7 +185,7 @@ def test_damaged_or_misplaced_unit_file_refuses(tmp_path, damage):
         unit0.write_bytes(unit0.read_bytes()[:-40])
     else:  # unit 0's file holds batch 1's rows
         os.replace(unit1, unit0)
-    with pytest.raises(ResumeError, match="unit-b00000000-r000.parquet"):
+    with pytest.raises(ResumeError, match=r"unit-b00000000-r000\.parquet"):
         dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
 
 

@@ -329,7 +329,9 @@ def dataset_nll(
 class _Job:
     """One call of :func:`dataset_nll` after its arguments are checked."""
 
-    def __init__(self, field, rows: RowSource, s: Settings, run: dict, rank: int, world: int, progress):
+    def __init__(
+        self, field, rows: RowSource, s: Settings, run: dict, rank: int, world: int, progress
+    ):
         self.field, self.rows, self.s, self.run_meta = field, rows, s, run
         self.rank, self.world = rank, world
         self.show = (progress if progress is not None else sys.stderr.isatty()) and rank == 0
@@ -361,7 +363,9 @@ class _Job:
             round_ += 1
             by_batch: dict[int, list[int]] = {}
             for index in sorted(plan):
-                by_batch.setdefault(index // self.s.batch_size, []).append(index % self.s.batch_size)
+                by_batch.setdefault(index // self.s.batch_size, []).append(
+                    index % self.s.batch_size
+                )
             needed = {b: np.asarray(p, dtype=np.int64) for b, p in by_batch.items()}
         computed = sum(dist.gather(self.computed, self.rank, self.world))
         errors = dist.gather(self._error_text(), self.rank, self.world)
@@ -385,7 +389,9 @@ class _Job:
         bar = self._bar(round_, needed)
         frames, missing, error = [], 0, None
         try:
-            for batch in self.rows.batches(self.s.batch_size, lambda b: needed is None or b in needed):
+            for batch in self.rows.batches(
+                self.s.batch_size, lambda b: needed is None or b in needed
+            ):
                 if needed is not None and batch.index not in needed:
                     continue
                 rows = np.arange(batch.size) if needed is None else needed[batch.index]
@@ -405,7 +411,14 @@ class _Job:
                     continue
                 digest = self._digest(batch)
                 frame, err = compute_unit(
-                    self.field, batch.x, batch.start, rows, batch.index, round_, self.s, batch.extras
+                    self.field,
+                    batch.x,
+                    batch.start,
+                    rows,
+                    batch.index,
+                    round_,
+                    self.s,
+                    batch.extras,
                 )
                 if err is not None and self.first_error is None:
                     self.first_error = err
@@ -450,13 +463,18 @@ class _Job:
 
         total = self.rows.n if needed is None else int(sum(len(p) for p in needed.values()))
         desc = "dataset_nll" + (f" round {round_}" if round_ else "")
-        return tqdm(total=total, unit="row", desc=desc + (f" rank 0/{self.world}" if self.world > 1 else ""))
+        return tqdm(
+            total=total, unit="row", desc=desc + (f" rank 0/{self.world}" if self.world > 1 else "")
+        )
 
     # -- the end ---------------------------------------------------------------------------
     def _merge(self, units: list[pd.DataFrame], hutchinson: bool) -> pd.DataFrame:
         assert self.rows.n is not None
         frame = combine(
-            pd.concat(units, ignore_index=True), math.prod(self.rows.event), self.s.dequantization, hutchinson
+            pd.concat(units, ignore_index=True),
+            math.prod(self.rows.event),
+            self.s.dequantization,
+            hutchinson,
         )
         n = self.rows.n
         if len(frame) != n or not np.array_equal(frame["index"].to_numpy(), np.arange(n)):
@@ -488,7 +506,10 @@ class _Job:
         seconds = time.perf_counter() - start_time
         meta = self.run_meta
         run = {
-            **{k: meta[k] for k in ("batch_size", "divergence", "n_probes", "seed", "solver", "dtype")},
+            **{
+                k: meta[k]
+                for k in ("batch_size", "divergence", "n_probes", "seed", "solver", "dtype")
+            },
             "dequantization": meta["dequantization"],
             "target_stderr": meta["target_stderr"],
             "world_size": self.world,

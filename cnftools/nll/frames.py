@@ -26,7 +26,9 @@ from cnftools.data import Dequantization
 __all__ = ["combine", "plan_rounds", "summarize"]
 
 
-def combine(units: pd.DataFrame, dim: int, deq: Dequantization | None, hutchinson: bool) -> pd.DataFrame:
+def combine(
+    units: pd.DataFrame, dim: int, deq: Dequantization | None, hutchinson: bool
+) -> pd.DataFrame:
     """Merge per-round unit rows into one row per data point (mean over its probe rounds)."""
     units = units.sort_values(["index", "round"], kind="stable")
     grouped = units.groupby("index", sort=True)

@@ -253,7 +253,9 @@ def _from_path(path: Path, columns: Sequence[str] | None, what: str) -> RowSourc
         try:
             array = np.load(path, allow_pickle=False, mmap_mode="r")
         except ValueError as error:
-            raise ValueError(f"{what} file {os.fspath(path)!r} is not a numeric .npy: {error}")
+            raise ValueError(
+                f"{what} file {os.fspath(path)!r} is not a numeric .npy: {error}"
+            ) from None
         if array.dtype == object or array.ndim < 2:
             raise ValueError(
                 f"{what} file {os.fspath(path)!r} must hold a numeric array (N, *event), got "
@@ -271,7 +273,9 @@ def _from_path(path: Path, columns: Sequence[str] | None, what: str) -> RowSourc
     raise ValueError(f"{what} file {os.fspath(path)!r}: expected a .npy, .csv or .parquet file")
 
 
-def read_rows(data: object, columns: Sequence[str] | None = None, *, what: str = "data") -> RowSource:
+def read_rows(
+    data: object, columns: Sequence[str] | None = None, *, what: str = "data"
+) -> RowSource:
     """A :class:`RowSource` over ``data``, checked: the row reader of ``dataset_nll`` and the CLI.
 
     Args:
@@ -296,7 +300,9 @@ def read_rows(data: object, columns: Sequence[str] | None = None, *, what: str =
     """
     is_table = isinstance(data, pd.DataFrame | str | os.PathLike)
     if columns is not None and not is_table:
-        raise ValueError(f"columns= applies to a DataFrame or a .csv/.parquet file only, not {what}")
+        raise ValueError(
+            f"columns= applies to a DataFrame or a .csv/.parquet file only, not {what}"
+        )
     if isinstance(data, Tensor):
         return _from_tensor(data, what)
     if isinstance(data, np.ndarray):

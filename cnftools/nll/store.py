@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["FORMAT", "ResumeError", "RunLock", "ChunkStore", "unit_name", "write_atomic"]
+__all__ = ["FORMAT", "ChunkStore", "ResumeError", "RunLock", "unit_name", "write_atomic"]
 
 FORMAT = "cnftools.dataset_nll/2"
 META_KEY = b"cnftools.dataset_nll"
@@ -255,9 +255,7 @@ class ChunkStore:
         }  # fmt: skip
         write_atomic(frame, meta, self.dir / unit_name(batch, round_))
 
-    def read_unit(
-        self, batch: int, round_: int, digest: str, index: Iterable[int]
-    ) -> pd.DataFrame:
+    def read_unit(self, batch: int, round_: int, digest: str, index: Iterable[int]) -> pd.DataFrame:
         """Read a finished unit, checking its data hash and that it holds exactly ``index``."""
         path = self.dir / unit_name(batch, round_)
         meta = read_meta(path)

@@ -67,7 +67,11 @@ def _solve(v: Callable[..., Tensor], y: Tensor, s: Settings, generator: torch.Ge
     with torch.no_grad():  # no graph through the solver: only the divergence needs autograd
         result = log_likelihood(v, y, s.prior, config=s.config, return_result=True, **kwargs)
     stderr = result.stderr
-    return result.log_prob.detach(), int(result.nfe.total), None if stderr is None else stderr.detach()
+    return (
+        result.log_prob.detach(),
+        int(result.nfe.total),
+        None if stderr is None else stderr.detach(),
+    )
 
 
 def _value(
@@ -146,7 +150,10 @@ def compute_unit(
         # probe round that computes a subset of them reuses each row's own noise
         noise = torch.Generator(device=s.device).manual_seed(unit_seed(s.seed, batch, 0, 1))
         ys = (
-            [dequantize(xs, deq.levels, noise, centered=deq.centered, dtype=s.dtype) for _ in range(deq.samples)]
+            [
+                dequantize(xs, deq.levels, noise, centered=deq.centered, dtype=s.dtype)
+                for _ in range(deq.samples)
+            ]
             if xs.shape[0]
             else []
         )
