@@ -41,16 +41,20 @@ class Batch:
     size: int
     x: Tensor | None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    hashed: str | None = field(default=None, repr=False)
 
     def digest(self) -> str:
         """SHA-256 of the batch's content (dtype, shape and bytes of ``x`` and of every extra)."""
         assert self.x is not None
+        if self.hashed is not None:
+            return self.hashed
         h = hashlib.sha256()
         h.update(tensor_digest(self.x).encode())
         for key in sorted(self.extras):
             h.update(key.encode())
             h.update(tensor_digest(self.extras[key]).encode())
-        return h.hexdigest()
+        self.hashed = h.hexdigest()
+        return self.hashed
 
 
 def tensor_digest(t: Tensor) -> str:

@@ -113,7 +113,7 @@ class RunLock:
                     f"taking over the stale lock {os.fspath(self.path)!r} of {self._owner()!r} "
                     "(that process no longer runs)",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=3,
                 )
                 self.path.unlink(missing_ok=True)
                 continue
