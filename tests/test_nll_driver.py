@@ -17,13 +17,7 @@ import pytest
 import torch
 from _dist_worker import SETTINGS, SlowField, make_case, make_mixture
 
-from cnftools.nll import (
-    Dequantization,
-    dataset_nll,
-    gaussian_baseline_nll,
-    histogram_baseline_nll,
-    summarize,
-)
+from cnftools.nll import Dequantization, dataset_nll, summarize
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -391,42 +385,8 @@ def test_two_gloo_processes_equal_one(tmp_path, source):
 
 
 # ----------------------------------------------------------------------------------------------
-def test_histogram_baseline_is_exact():
-    train = torch.tensor([[0, 1], [0, 2], [1, 2], [0, 2]])
-    test = torch.tensor([[1, 2]])
-    # add-one smoothing, L = 3: P(x_1 = 1) = (1 + 1)/(4 + 3), P(x_2 = 2) = (3 + 1)/(4 + 3)
-    expected = -math.log(2 / 7) - math.log(4 / 7)
-    got = histogram_baseline_nll(train, test, 3)
-    assert abs(float(got[0]) - expected) < 1e-12  # float64 arithmetic on a few terms
-
-
-def test_gaussian_baseline_beats_uniform_on_correlated_data():
-    gen = torch.Generator().manual_seed(0)
-    base = torch.randint(2, 14, (500, 1), generator=gen)
-    rows = (base + torch.randint(-1, 2, (500, 4), generator=gen)).clamp(0, 16)
-    nll = gaussian_baseline_nll(rows[:400], rows[400:], Dequantization(17, samples=2))
-    bpd = float(nll.mean()) / (4 * math.log(2))
-    # strongly correlated pixels: far below the uniform model's log2(17) = 4.09 bits/dim
-    assert bpd < math.log2(17) - 1
-
-
 def test_progress_bar_reports_rows(capsys):
     field, x = make_case(8)
     dataset_nll(field, x, batch_size=4, **{**FAST, "progress": True})
     err = capsys.readouterr().err
     assert "8/8" in err and "row/s" in err
-
-
-@pytest.mark.parametrize(
-    ("train", "test", "kwargs", "message"),
-    [
-        ([[0.4], [1.0]], [[1.0]], {}, "integer values"),
-        ([[0], [1]], [[20]], {}, "must lie in 0..16"),
-        ([[0], [1]], [[1]], {"alpha": -1.0}, "alpha must be a finite number >= 0"),
-    ],
-)
-def test_histogram_baseline_validates_its_input(train, test, kwargs, message):
-    from cnftools.nll import histogram_baseline_nll
-
-    with pytest.raises(ValueError, match=message):
-        histogram_baseline_nll(torch.tensor(train), torch.tensor(test), 17, **kwargs)

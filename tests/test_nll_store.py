@@ -15,7 +15,7 @@ import torch
 from _dist_worker import make_case, make_mixture
 
 import cnftools
-from cnftools.nll import ResumeError, dataset_nll, fingerprint
+from cnftools.nll import ResumeError, dataset_nll
 
 FAST = {"method": "rk4", "steps": 10, "progress": False}
 
@@ -47,35 +47,6 @@ def _interrupted_run(field, data, out, units: int, **kwargs) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # fingerprints by content
-def test_fingerprint_sees_weights_buffers_and_marginal_tensors():
-    torch.manual_seed(0)
-    a = torch.nn.Linear(2, 2)
-    b = torch.nn.Linear(2, 2)
-    assert fingerprint(a) != fingerprint(b)
-    c = torch.nn.Linear(2, 2)
-    c.load_state_dict(a.state_dict())
-    assert fingerprint(a) == fingerprint(c)
-    bn = torch.nn.BatchNorm1d(2)
-    before = fingerprint(bn)
-    bn.running_mean += 1  # a buffer
-    assert fingerprint(bn) != before
-    m1, _ = make_case()
-    m2 = cnftools.GaussianMarginal(m1.path, m1.mean + 1e-12, m1.cov)
-    assert fingerprint(m1) != fingerprint(m2)  # one ulp-level change of a tensor attribute
-    assert fingerprint(m1.velocity) != fingerprint(m2.velocity)  # a bound method: its __self__
-    assert fingerprint(m1.velocity) != fingerprint(m1.score)
-
-
-def test_plain_functions_cannot_be_fingerprinted():
-    from cnftools.nll import Unfingerprintable
-
-    with pytest.raises(Unfingerprintable, match="lambda"):
-        fingerprint(lambda x, t: -x)
-    path = cnftools.AffineGaussianPath(lambda t: t, lambda t: 1 - 0.9 * t)
-    with pytest.raises(Unfingerprintable):
-        fingerprint(path)
-
-
 @pytest.mark.parametrize(
     "change",
     ["module-weights", "marginal-tensor", "bound-method", "prior", "middle-row", "lambda"],

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,8 +33,15 @@ class Job:
     """One call of :func:`~cnftools.dataset_nll` after its arguments are checked."""
 
     def __init__(
-        self, field, rows: RowSource, s: Settings, run: dict, rank: int, world: int, progress
-    ):
+        self,
+        field: Any,
+        rows: RowSource,
+        s: Settings,
+        run: dict[str, Any],
+        rank: int,
+        world: int,
+        progress: bool | None,
+    ) -> None:
         self.field, self.rows, self.s, self.run_meta = field, rows, s, run
         self.rank, self.world = rank, world
         self.show = (progress if progress is not None else sys.stderr.isatty()) and rank == 0
@@ -45,7 +53,7 @@ class Job:
     def run(self, store: ChunkStore | None, start_time: float, keep_chunks: bool):
         complete = dist.broadcast(self.final_meta is not None, self.world)
         if complete:
-            return self._finished(store) if self.rank == 0 else None
+            return self._finished(store, start_time) if self.rank == 0 else None
         hutchinson = self.s.divergence == "hutchinson"
         target = self.run_meta["target_stderr"]
         max_rounds = max(1, self.run_meta["max_probes"] // self.s.n_probes) if target else 1
@@ -197,7 +205,8 @@ class Job:
             stacklevel=4,
         )
 
-    def _finish(self, frame, store, start_time, computed, keep_chunks) -> pd.DataFrame:
+    def _run_attrs(self, frame: pd.DataFrame, start_time: float, computed: int) -> dict[str, Any]:
+        """``frame.attrs["run"]``: the settings, timing and probes used."""
         seconds = time.perf_counter() - start_time
         meta = self.run_meta
         run = {
@@ -216,7 +225,11 @@ class Job:
             run["probes_per_row"] = int(frame["rounds"].max()) * int(meta["n_probes"])
             if meta["max_probes"] is not None:
                 run["max_probes"] = meta["max_probes"]
-        frame.attrs["run"] = run
+        return run
+
+    def _finish(self, frame, store, start_time, computed, keep_chunks) -> pd.DataFrame:
+        meta = self.run_meta
+        frame.attrs["run"] = self._run_attrs(frame, start_time, computed)
         frame.attrs["summary"] = summary = summarize(frame)
         if summary.get("target_met") is False:
             warnings.warn(
@@ -231,7 +244,7 @@ class Job:
             store.write_final(frame, digests, keep_chunks)
         return frame
 
-    def _finished(self, store: ChunkStore) -> pd.DataFrame:
+    def _finished(self, store: ChunkStore, start_time: float) -> pd.DataFrame:
         """A finished run: check the data against the stored hashes, return the stored frame."""
         stored = self.final_meta.get("data", []) if self.final_meta else []
         got = [batch.digest() for batch in self.rows.batches(self.s.batch_size)]
@@ -241,6 +254,6 @@ class Job:
                 "of the rows differs); pass overwrite=True to compute it again"
             )
         frame = store.read_final()
-        frame.attrs["run"] = {"batch_size": self.s.batch_size, "rows_computed": 0, "seconds": 0.0}
+        frame.attrs["run"] = self._run_attrs(frame, start_time, 0)
         frame.attrs["summary"] = summarize(frame)
         return frame
