@@ -418,6 +418,8 @@ def _add_nll_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_nll(args: argparse.Namespace) -> int:
+    from cnftools.nll import RowsFailedError
+
     device = check_device(args.device) if args.device else None
     if args.out is not None:
         check_writable(args.out)
@@ -426,7 +428,7 @@ def _run_nll(args: argparse.Namespace) -> int:
         return _nll(args, device)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         raise UsageError(str(error)) from None
-    except RuntimeError as error:  # every row failed: a result, not a usage error
+    except RowsFailedError as error:  # every row failed: a result, not a usage error
         print(f"cnftools nll: error: {error}", file=sys.stderr)
         return 1
     finally:

@@ -160,14 +160,29 @@ def test_a_stream_with_another_order_on_each_pass_is_refused():
 
         def __iter__(self):
             self.passes += 1
-            order = torch.randperm(12, generator=torch.Generator().manual_seed(self.passes))
-            yield from x[order]
+            rest = 1 + torch.randperm(11, generator=torch.Generator().manual_seed(self.passes))
+            yield from x[torch.cat([torch.tensor([0]), rest])]  # row 0 first, the rest shuffled
 
     with pytest.raises(ValueError, match="deterministic order"):
         dataset_nll(
             field, Shuffled(), batch_size=4, divergence="hutchinson", n_probes=2,
             target_stderr=1e-6, max_probes=8, **FAST,
         )  # fmt: skip
+
+
+def test_a_one_shot_stream_is_refused():
+    """A stream that does not restart would silently lose its first rows to the trial reads."""
+    field, x = make_case(12)
+
+    class OneShot(torch.utils.data.IterableDataset):
+        def __init__(self):
+            self.rows = iter(x)
+
+        def __iter__(self):
+            return self.rows
+
+    with pytest.raises(ValueError, match="did not start again from its first row"):
+        dataset_nll(field, OneShot(), batch_size=4, **FAST)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from cnftools.nll.baselines import gaussian_baseline_nll, histogram_baseline_nll
 from cnftools.nll.driver import dataset_nll
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint
 from cnftools.nll.frames import summarize
+from cnftools.nll.job import RowsFailedError
 from cnftools.nll.sources import Batch, RowSource, read_rows
 from cnftools.nll.store import ResumeError
 
@@ -26,6 +27,7 @@ __all__ = [
     "Dequantization",
     "ResumeError",
     "RowSource",
+    "RowsFailedError",
     "Unfingerprintable",
     "dataset_nll",
     "fingerprint",

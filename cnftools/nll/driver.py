@@ -216,7 +216,8 @@ def dataset_nll(
         ValueError, TypeError: bad arguments or data, before any solve. Failing rows do not raise:
             a batch that fails is retried row by row, each failed row gets its error in
             ``status``, and a warning gives the count and the first error.
-        RuntimeError: every row failed (the first error is chained).
+        cnftools.nll.RowsFailedError: every row failed (a ``RuntimeError``; the first error is
+            chained).
         FileExistsError: ``out`` or its chunks exist and neither ``resume`` nor ``overwrite``, or
             another process holds ``out``'s lock.
         cnftools.nll.ResumeError: the files at ``out`` cannot be continued safely.
@@ -307,7 +308,7 @@ def dataset_nll(
                 try:
                     lock.acquire()
                     job.final_meta = store.open(resume, overwrite)
-                except (FileExistsError, ValueError) as exc:
+                except Exception as exc:  # every rank must learn of it, or they wait forever
                     error = exc
                 error = dist.broadcast(error, world)
             else:

@@ -26,7 +26,11 @@ from cnftools.nll.sources import Batch, RowSource
 from cnftools.nll.store import ChunkStore, ResumeError
 from cnftools.nll.units import Settings, compute_unit
 
-__all__ = ["Job"]
+__all__ = ["Job", "RowsFailedError"]
+
+
+class RowsFailedError(RuntimeError):
+    """Every row of a :func:`~cnftools.dataset_nll` run failed (the first error is chained)."""
 
 
 class Job:
@@ -195,7 +199,7 @@ class Job:
             return
         first_status = str(frame.loc[failed, "status"].iloc[0])
         if count == len(frame):
-            raise RuntimeError(
+            raise RowsFailedError(
                 f"dataset_nll: every row failed ({count} rows); first error: {first_status}"
             ) from self.first_error
         warnings.warn(

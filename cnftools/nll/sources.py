@@ -108,6 +108,7 @@ class RowSource:
     ) -> None:
         self.event, self.n, self._get, self._stream, self.what = event, n, get, stream, what
         self.streaming = stream is not None
+        self.first_digest: str | None = None
 
     def batches(self, batch_size: int, read: Callable[[int], bool] = lambda b: True):
         """Yield :class:`Batch` es of ``batch_size`` rows in order (the last may be shorter).
@@ -133,6 +134,8 @@ class RowSource:
         extras: list[dict[str, Tensor]] = []
         held = start = b = 0
         for x, extra in self._stream():
+            if start == held == 0 and x.shape[0]:
+                self._check_restarted(x[:1])
             while x.shape[0]:
                 take = min(batch_size - held, x.shape[0])
                 xs.append(x[:take])
@@ -151,6 +154,19 @@ class RowSource:
                 "stream must yield the same rows in the same order on every pass"
             )
         self.n = start
+
+    def _check_restarted(self, row: Tensor) -> None:
+        """Every pass must start at the same first row: a one-shot iterator would silently skip."""
+        digest = tensor_digest(row)
+        if self.first_digest is None:
+            self.first_digest = digest
+        elif digest != self.first_digest:
+            raise ValueError(
+                f"{self.what} did not start again from its first row on a new pass (a one-shot "
+                "iterator, or a shuffled order?): dataset_nll reads a stream several times (a "
+                "trial row, the rows, resume, probe rounds); pass a re-iterable dataset with a "
+                "fixed order, or a tensor"
+            )
 
     def _joined(self, b: int, start: int, xs: list[Tensor], extras: list[dict]) -> Batch:
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
@@ -240,7 +256,9 @@ def _from_stream(data: object, what: str) -> RowSource:
             yield _check_rows(x, what), extras
 
     for x, _ in stream():
-        return RowSource(tuple(x.shape[1:]), None, stream=stream, what=what)
+        source = RowSource(tuple(x.shape[1:]), None, stream=stream, what=what)
+        source.first_digest = tensor_digest(x[:1])
+        return source
     raise ValueError(f"{what} (a {type(data).__name__}) yielded no rows")
 
 
