@@ -209,3 +209,21 @@ def test_npy_is_memory_mapped_and_read_by_batch(tmp_path):
     rows = read_rows(path)
     assert rows.n == 10 and not rows.streaming
     np.testing.assert_array_equal(rows.read_all().numpy(), array)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ds: torch.utils.data.DataLoader(ds, batch_size=3),
+        lambda ds: torch.utils.data.DataLoader(ds, batch_size=None),
+        lambda ds: torch.utils.data.DataLoader(
+            ds, batch_sampler=torch.utils.data.BatchSampler(range(10), 4, drop_last=False)
+        ),
+    ],
+    ids=["batch_size", "no-batching", "batch_sampler"],
+)
+def test_every_kind_of_data_loader_yields_the_rows(make):
+    x = torch.arange(20.0).reshape(10, 2)
+    rows = read_rows(make(torch.utils.data.TensorDataset(x)))
+    assert rows.event == (2,) and [b.size for b in rows.batches(4)] == [4, 4, 2]
+    torch.testing.assert_close(rows.read_all(), x, rtol=0, atol=0)

@@ -246,7 +246,8 @@ def _from_dataset(dataset: torch.utils.data.Dataset, what: str) -> RowSource:
 
 
 def _from_stream(data: object, what: str) -> RowSource:
-    batched = isinstance(data, torch.utils.data.DataLoader) and data.batch_size is not None
+    # a DataLoader yields batches unless it was made with batch_size=None and no batch_sampler
+    batched = isinstance(data, torch.utils.data.DataLoader) and data.batch_sampler is not None
 
     def stream() -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
         for value in data:  # type: ignore[attr-defined]
