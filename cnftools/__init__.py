@@ -7,8 +7,8 @@ Conventions (fixed for the whole package): time runs from ``t = 0`` (noise, ``N(
 
 from cnftools import flows, interop
 from cnftools._ode import SolverConfig, SolverError
-from cnftools.analysis import Dequantization, dataset_nll, summarize
 from cnftools.continuity import continuity_relative_residual, continuity_residual
+from cnftools.data import Dequantization
 from cnftools.divergence import divergence, velocity_and_divergence
 from cnftools.interop import as_velocity
 from cnftools.likelihood import (
@@ -20,6 +20,7 @@ from cnftools.likelihood import (
 )
 from cnftools.marginals import GaussianMarginal, MixtureMarginal
 from cnftools.models import ConvField, MLPField
+from cnftools.nll import dataset_nll, summarize
 from cnftools.objectives import cfm_loss, fm_loss
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 from cnftools.training import load_checkpoint, minibatch_ot_pairing, save_checkpoint, train_cfm
