@@ -1,5 +1,4 @@
-r"""Velocity-field models: an MLP and a small convolutional network, each with a time embedding
-and an optional conditioning input (a class label or a vector).
+r"""Velocity-field models: a plain MLP with a time embedding.
 
 :class:`MLPField` is the standard network for flow matching on vectors (and on any event shape,
 by flattening): the time :math:`t` is embedded with sinusoidal (or random Fourier) features,
@@ -14,25 +13,8 @@ Only smooth activations are offered (SiLU, softplus, tanh, GELU): ReLU makes :ma
 piecewise linear, its Jacobian jumps across kinks, and adaptive ODE solvers (dopri5) shrink their
 step at every kink they cross, so likelihood evaluation stalls. ``activation="relu"`` is refused.
 
-:class:`ConvField` is the image counterpart for ``(B, C, H, W)`` inputs: 3×3 convolutions with
-padding that keeps the shape, SiLU, and the time features added to every hidden layer as a
-per-channel bias,
-
-.. math::
-
-    h_0 = x, \qquad h_{l} = \phi\big(K_l * h_{l-1} + A_l\, c + b_l\big), \qquad
-    v_\theta(x, t) = K_{L+1} * h_L + b_{L+1},
-
-where :math:`c = [e(t), e_y(y)]` holds the time features and, for a conditional field, the
-features of the condition :math:`y` (see :class:`ConditionEmbedding`).
-
-Both accept a conditioning input ``forward(x, t, y=None)`` when built with ``num_classes=`` (``y``
-holds integer class labels, embedded by a learned table) or ``cond_dim=`` (``y`` holds vectors,
-used as they are); cnftools passes it through ``extras={"y": labels}`` (docs/guide/conditional.md).
-A conditional field called without ``y``, or an unconditional one given ``y``, raises.
-
 Any ``torch.nn.Module`` (or callable) with ``forward(x, t)`` works wherever cnftools takes a field;
-these classes are convenient defaults, not a requirement.
+this class is a convenient default, not a requirement.
 
 References:
     Lipman et al., Flow Matching for Generative Modeling (2022), arXiv:2210.02747, App. E;
@@ -51,12 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnftools._checks import as_time
-
 __all__ = [
     "ACTIVATIONS",
     "TIME_EMBEDDINGS",
-    "ConditionEmbedding",
+    "Conditioning",
     "ConvField",
     "MLPField",
     "TimeEmbedding",
@@ -151,126 +131,104 @@ class TimeEmbedding(nn.Module):
         return torch.cat(parts, dim=1)
 
 
-class ConditionEmbedding(nn.Module):
-    r"""Features of a conditioning input :math:`y`, shape ``(B, out_features)``.
+class Conditioning(nn.Module):
+    r"""The optional conditioning input of a field: class labels or a feature vector.
 
-    * ``num_classes=K``: :math:`y` holds integer labels in :math:`\{0, \dots, K-1\}`, shape ``(B,)``
-      (or one label for every row: an ``int`` or a 0-dim integer tensor); the features are rows of
-      a learned table, :math:`e_y(y) = E_{y} \in \mathbb R^{\text{features}}`.
-    * ``cond_dim=m``: :math:`y` holds real vectors, shape ``(B, m)`` (or one vector ``(m,)`` for
-      every row), used as they are (cast to the input's dtype): :math:`e_y(y) = y`.
+    * ``num_classes=K``: ``y`` is an integer tensor ``(B,)`` of labels in ``[0, K)``, embedded by an
+      ``nn.Embedding(K, class_features)``;
+    * ``cond_dim=C``: ``y`` is a ``(B, C)`` tensor of ``x``'s dtype, used as is;
+    * neither: the field is unconditional and ``y`` must be ``None``.
 
-    Labels are checked (integer dtype, range, shape, device) before the table is read: an
-    out-of-range label is a clear error here, not an index error on the device.
+    ``forward(y, x)`` returns the list of feature tensors to concatenate (empty when
+    unconditional), each ``(B, features)``.
 
     Args:
-        num_classes: number of classes (exclusive with ``cond_dim``).
-        cond_dim: length of the conditioning vector (exclusive with ``num_classes``).
-        features: width of the learned class embedding (ignored for vectors).
-
-    Example:
-        >>> import torch
-        >>> emb = ConditionEmbedding(num_classes=10, features=4)
-        >>> emb(torch.tensor([3, 7]), torch.zeros(2, 5)).shape
-        torch.Size([2, 4])
-        >>> emb(3, torch.zeros(2, 5)).shape  # one label for every row
-        torch.Size([2, 4])
+        num_classes: number of classes, or ``None``.
+        cond_dim: width of the conditioning vector, or ``None``.
+        class_features: width of the class embedding.
     """
 
     def __init__(
-        self, num_classes: int | None = None, cond_dim: int | None = None, features: int = 16
+        self, num_classes: int | None = None, cond_dim: int | None = None, class_features: int = 16
     ) -> None:
         super().__init__()
-        if (num_classes is None) == (cond_dim is None):
-            raise ValueError(
-                "pass exactly one of num_classes= (integer labels) or cond_dim= (vectors), "
-                f"got num_classes={num_classes!r}, cond_dim={cond_dim!r}"
-            )
-        self.num_classes = num_classes
-        self.cond_dim = cond_dim
-        self.table: nn.Embedding | None = None
+        if num_classes is not None and cond_dim is not None:
+            raise ValueError("give at most one of num_classes and cond_dim")
         if num_classes is not None:
             _check_int("num_classes", num_classes, 1)
-            _check_int("class_features", features, 1)
-            self.table = nn.Embedding(num_classes, features)
-            self.out_features = features
-        else:
-            self.out_features = _check_int("cond_dim", cond_dim, 1)
+        if cond_dim is not None:
+            _check_int("cond_dim", cond_dim, 1)
+        _check_int("class_features", class_features, 1)
+        self.num_classes = num_classes
+        self.cond_dim = cond_dim
+        self.class_features = class_features
+        self.embedding = (
+            nn.Embedding(num_classes, class_features) if num_classes is not None else None
+        )
+        self.features = (
+            class_features if num_classes is not None else (cond_dim if cond_dim is not None else 0)
+        )
+
+    def config(self) -> dict[str, Any]:
+        """The arguments as plain values (for a field's ``config()``)."""
+        return {
+            "num_classes": self.num_classes,
+            "cond_dim": self.cond_dim,
+            "class_features": self.class_features,
+        }
 
     def describe(self) -> str:
-        """``"num_classes=K"`` or ``"cond_dim=m"``, for error messages."""
         if self.num_classes is not None:
-            return f"num_classes={self.num_classes}"
-        return f"cond_dim={self.cond_dim}"
+            return f", num_classes={self.num_classes}"
+        return f", cond_dim={self.cond_dim}" if self.cond_dim is not None else ""
 
-    def forward(self, y: object, x: Tensor) -> Tensor:
-        """Features of ``y`` for the batch ``x`` (``(B, *event)``); returns ``(B, out_features)``."""
+    def forward(self, y: Tensor | None, x: Tensor) -> list[Tensor]:
         batch = x.shape[0]
-        if self.table is not None:
-            labels = self._labels(y, batch, x.device)
-            return self.table(labels)
-        return self._vectors(y, batch, x)
-
-    def _labels(self, y: object, batch: int, device: torch.device) -> Tensor:
-        assert self.num_classes is not None
-        k = self.num_classes
-        if isinstance(y, bool) or not isinstance(y, int | Tensor):
-            raise TypeError(
-                f"y must hold integer class labels (a (B,) integer tensor or an int), "
-                f"got {type(y).__name__}"
+        if self.num_classes is None and self.cond_dim is None:
+            if y is not None:
+                raise ValueError(
+                    "this field is unconditional but got y; build it with num_classes= or cond_dim="
+                )
+            return []
+        if y is None:
+            what = (
+                f"num_classes={self.num_classes}"
+                if self.num_classes
+                else f"cond_dim={self.cond_dim}"
             )
-        if isinstance(y, int):
-            if not 0 <= y < k:
-                raise ValueError(f"y must be a class label in 0..{k - 1}, got {y}")
-            return torch.full((batch,), y, dtype=torch.long, device=device)
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise TypeError(
-                f"y must hold integer class labels (num_classes={k}), got dtype {y.dtype}; "
-                "a vector condition needs a field built with cond_dim="
-            )
-        if y.dim() == 0:
-            y = y.reshape(1).expand(batch)
-        elif y.shape != (batch,):
-            raise ValueError(
-                f"y must have shape (B,) = ({batch},) (one label per row) or be one label, "
-                f"got shape {tuple(y.shape)}"
-            )
-        if y.device != device:
-            raise ValueError(f"y is on {y.device} but x is on {device}")
-        low, high = (int(v) for v in torch.stack(torch.aminmax(y)).tolist())
-        if low < 0 or high >= k:
-            raise ValueError(
-                f"y must hold class labels in 0..{k - 1}, got values in [{low}, {high}]"
-            )
-        return y.long()
-
-    def _vectors(self, y: object, batch: int, x: Tensor) -> Tensor:
-        m = self.cond_dim
-        if not isinstance(y, Tensor) or not y.is_floating_point():
-            got = y.dtype if isinstance(y, Tensor) else type(y).__name__
-            raise TypeError(
-                f"y must be a floating tensor of shape (B, {m}) (cond_dim={m}), got {got}"
-            )
-        if y.shape == (m,):
-            y = y.expand(batch, m)
-        elif y.shape != (batch, m):
-            raise ValueError(
-                f"y must have shape (B, cond_dim) = ({batch}, {m}) or ({m},), got {tuple(y.shape)}"
-            )
+            raise ValueError(f"this field is conditional ({what}): pass y=, e.g. v(x, t, y=labels)")
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
         if y.device != x.device:
             raise ValueError(f"y is on {y.device} but x is on {x.device}")
-        return y.to(x.dtype)
+        if self.embedding is not None:
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+            if y.shape != (batch,):
+                raise ValueError(f"y must have shape (B,) = ({batch},), got {tuple(y.shape)}")
+            low, high = (int(v) for v in torch.stack(torch.aminmax(y)).tolist())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(
+                    f"class labels y must lie in [0, {self.num_classes}), got values in "
+                    f"[{low}, {high}]"
+                )
+            return [self.embedding(y).to(x.dtype)]
+        if y.shape != (batch, self.cond_dim):
+            raise ValueError(
+                f"y must have shape (B, cond_dim) = ({batch}, {self.cond_dim}), got {tuple(y.shape)}"
+            )
+        if y.dtype != x.dtype:
+            raise TypeError(f"y must have x's dtype {x.dtype}, got {y.dtype}")
+        return [y]
 
 
 class MLPField(nn.Module):
     r"""A multilayer-perceptron velocity field :math:`v_\theta(x, t)` with a time embedding.
 
     The input ``x`` of shape ``(B, *event)`` is flattened to ``(B, dim)``, concatenated with the
-    time features :math:`e(t)` (see :class:`TimeEmbedding`) and, for a conditional field, the
-    condition's features :math:`e_y(y)` (see :class:`ConditionEmbedding`), mapped through
-    ``len(hidden)`` hidden layers with a smooth activation and a final linear layer back to
-    ``dim``, and reshaped to ``x``'s shape:
-    :math:`v_\theta(x, t, y) = \mathrm{MLP}([\mathrm{vec}(x), e(t), e_y(y)])`.
+    time features :math:`e(t)` (see :class:`TimeEmbedding`), mapped through ``len(hidden)`` hidden
+    layers with a smooth activation and a final linear layer back to ``dim``, and reshaped to
+    ``x``'s shape.
 
     Args:
         dim: the flattened event size :math:`d = \prod \text{event}` (an ``int``), or the event
@@ -288,19 +246,20 @@ class MLPField(nn.Module):
         time_scale: frequency scale of the random Fourier embedding.
         time_seed: seed of the random Fourier frequencies.
         zero_init_output: start from :math:`v_\theta \equiv 0` (last layer zeroed).
-        num_classes: make the field class-conditional: ``forward(x, t, y)`` with integer labels
-            ``y`` in ``0..num_classes-1`` (exclusive with ``cond_dim``).
-        cond_dim: make the field vector-conditional: ``forward(x, t, y)`` with ``y`` of shape
-            ``(B, cond_dim)``.
-        class_features: width of the learned class embedding (with ``num_classes``).
+        num_classes: make the field class-conditional, :math:`v_\theta(x, t, y)` with integer
+            labels :math:`y \in \{0, \dots, \text{num\_classes} - 1\}`, embedded in
+            ``class_features`` dimensions (an ``nn.Embedding``) and concatenated to the input.
+        cond_dim: make the field conditional on a vector :math:`y` of ``cond_dim`` features,
+            concatenated to the input. At most one of ``num_classes`` and ``cond_dim``.
+        class_features: width of the class embedding.
         device: where to create the parameters.
         dtype: parameter dtype (default: torch's default dtype).
 
     Shapes:
         ``forward(x, t, y=None)``: ``x`` is ``(B, *event)``; ``t`` is a float, a 0-dim tensor or
-        ``(B,)`` in :math:`[0, 1]` (expanded to ``(B,)``, cast to ``x``'s dtype); ``y`` as in
-        :class:`ConditionEmbedding`, required exactly when the field is conditional. Returns
-        ``(B, *event)``.
+        ``(B,)`` (expanded to ``(B,)``, cast to ``x``'s dtype); ``y`` (conditional fields only)
+        is an integer ``(B,)`` tensor of labels or a ``(B, cond_dim)`` tensor of ``x``'s dtype.
+        Returns ``(B, *event)``.
 
     Example:
         >>> import torch, cnftools
@@ -313,12 +272,13 @@ class MLPField(nn.Module):
         >>> x = torch.randn(3, 2)
         >>> bool(torch.equal(v(x, 0.5), v2(x, 0.5)))
         True
-        >>> c = cnftools.MLPField(2, hidden=(32,), num_classes=3)
-        >>> c(x, 0.5, y=torch.tensor([0, 2, 1])).shape
+        >>> labelled = cnftools.MLPField(2, hidden=(16,), num_classes=10)
+        >>> labelled(x, 0.5, y=torch.tensor([0, 3, 9])).shape
         torch.Size([3, 2])
 
     References:
-        Lipman et al. (2022), arXiv:2210.02747, App. E (MLP fields for 2-D data).
+        Lipman et al. (2022), arXiv:2210.02747, App. E (MLP fields for 2-D data);
+        Dhariwal and Nichol (2021), arXiv:2105.05233 (class-conditional models).
     """
 
     def __init__(
@@ -340,6 +300,7 @@ class MLPField(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.conditioning = Conditioning(num_classes, cond_dim, class_features)
         if isinstance(dim, bool):
             raise TypeError("dim must be an int or a tuple of ints (the event shape), got bool")
         if isinstance(dim, int):
@@ -353,11 +314,23 @@ class MLPField(nn.Module):
             self.dim = math.prod(self.event_shape)
         else:
             raise TypeError(f"dim must be an int or a non-empty tuple of ints, got {dim!r}")
-        widths_hidden = _check_widths(hidden)
-        key = _check_activation(activation)
+        if isinstance(hidden, int) or not isinstance(hidden, Sequence):
+            raise TypeError(
+                f"hidden must be a sequence of layer widths, e.g. (256, 256), got {hidden!r}"
+            )
+        for width in hidden:
+            _check_int("hidden (layer width)", width, 1)
+        key = str(activation).lower()
+        if key in _NON_SMOOTH:
+            raise ValueError(
+                f"activation={activation!r} is not smooth: the field's Jacobian jumps at its kinks "
+                f"and adaptive ODE solvers stall there; use one of {sorted(ACTIVATIONS)}"
+            )
+        if key not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self._config: dict[str, Any] = {
             "dim": list(self.event_shape) if self.event_shape is not None else self.dim,
-            "hidden": widths_hidden,
+            "hidden": [int(h) for h in hidden],
             "time_embedding": time_embedding,
             "activation": key,
             "time_features": int(time_features),
@@ -365,9 +338,7 @@ class MLPField(nn.Module):
             "time_scale": float(time_scale),
             "time_seed": int(time_seed),
             "zero_init_output": bool(zero_init_output),
-            "num_classes": num_classes,
-            "cond_dim": cond_dim,
-            "class_features": int(class_features),
+            **self.conditioning.config(),
         }
         self.time_embedding = TimeEmbedding(
             time_embedding,
@@ -376,9 +347,11 @@ class MLPField(nn.Module):
             scale=time_scale,
             seed=time_seed,
         )
-        self.condition = _condition(num_classes, cond_dim, class_features)
-        cond_width = 0 if self.condition is None else self.condition.out_features
-        widths = [self.dim + time_features + cond_width, *widths_hidden, self.dim]
+        widths = [
+            self.dim + time_features + self.conditioning.features,
+            *[int(h) for h in hidden],
+            self.dim,
+        ]
         layers: list[nn.Module] = []
         for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(n_in, n_out))
@@ -393,10 +366,11 @@ class MLPField(nn.Module):
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, t: float | Tensor, y: object = None) -> Tensor:
-        """Evaluate :math:`v_\\theta(x, t)` (or :math:`v_\\theta(x, t, y)`); ``x`` is ``(B, *event)``.
+    def forward(self, x: Tensor, t: float | Tensor, y: Tensor | None = None) -> Tensor:
+        """Evaluate :math:`v_\\theta(x, t[, y])`; ``x`` is ``(B, *event)``, the result has its shape.
 
-        Shapes, dtypes and the time range are checked; the values of ``x`` are not.
+        Shapes are checked (cheaply, without a device synchronisation); values are not, except
+        class labels (one synchronisation: an out-of-range label raises ``ValueError``).
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__}")
@@ -413,13 +387,41 @@ class MLPField(nn.Module):
                 f"x has event shape {event} ({math.prod(event)} values) "
                 f"but this MLPField has dim={self.dim}"
             )
-        _check_dtype(x, self.net[0].weight)
-        features = _features(self, x, t, y)
-        inputs = torch.cat([x.reshape(x.shape[0], self.dim), features], dim=1)
-        return self.net(inputs).reshape(x.shape)
+        batch = x.shape[0]
+        tt = self._time(t, x)
+        flat = x.reshape(batch, self.dim)
+        weight = self.net[0].weight
+        if weight.dtype != x.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the field's parameters are {weight.dtype}; "
+                f"convert one of them, e.g. field.to({x.dtype})"
+            )
+        parts = [flat, self.time_embedding(tt), *self.conditioning(y, x)]
+        return self.net(torch.cat(parts, dim=1)).reshape(x.shape)
+
+    @staticmethod
+    def _time(t: float | Tensor, x: Tensor) -> Tensor:
+        batch = x.shape[0]
+        if isinstance(t, bool):
+            raise TypeError("t must be a float, a 0-dim tensor or a tensor of shape (B,)")
+        if isinstance(t, Real):
+            return torch.full((batch,), float(t), dtype=x.dtype, device=x.device)
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"t must be a float, a 0-dim tensor or a (B,) tensor, got {type(t).__name__}"
+            )
+        if t.dim() == 0:
+            return t.to(device=x.device, dtype=x.dtype).reshape(1).expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(
+                f"t must be a scalar or have shape (B,) = ({batch},), got shape {tuple(t.shape)}"
+            )
+        if t.device != x.device:
+            raise ValueError(f"t is on {t.device} but x is on {x.device}")
+        return t.to(x.dtype)
 
     def config(self) -> dict[str, Any]:
-        """The constructor arguments as a plain dict (ints, floats, strs, bools, None, lists).
+        """The constructor arguments as a plain dict (ints, floats, strs, bools, lists).
 
         Safe to store next to the ``state_dict`` and reload with ``torch.load(weights_only=True)``.
         """
@@ -427,11 +429,7 @@ class MLPField(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> MLPField:
-        """Build an untrained field from :meth:`config`'s dict; ``overrides`` (e.g. dtype) win.
-
-        A dict without the conditioning entries (written before they existed) builds an
-        unconditional field.
-        """
+        """Build an untrained field from :meth:`config`'s dict; ``overrides`` (e.g. dtype) win."""
         if not isinstance(cfg, dict):
             raise TypeError(f"cfg must be a dict from MLPField.config(), got {type(cfg).__name__}")
         args = dict(cfg)
@@ -446,75 +444,71 @@ class MLPField(nn.Module):
 
     def extra_repr(self) -> str:
         c = self._config
-        text = (
+        return (
             f"dim={c['dim']}, hidden={tuple(c['hidden'])}, time_embedding={c['time_embedding']!r}, "
-            f"activation={c['activation']!r}"
+            f"activation={c['activation']!r}{self.conditioning.describe()}"
         )
-        return text if self.condition is None else f"{text}, {self.condition.describe()}"
 
 
 class ConvField(nn.Module):
-    r"""A small convolutional velocity field for images, ``(B, C, H, W) -> (B, C, H, W)``.
+    r"""A small convolutional velocity field for images ``(B, C, H, W)``.
+
+    The time features :math:`e(t)` (and, for a conditional field, the class embedding or the
+    conditioning vector) are broadcast over the image as extra channels, then ``len(hidden)``
+    3×3 convolutions (padding 1) with a smooth activation and a final 3×3 convolution back to
+    ``C`` channels:
 
     .. math::
 
-        h_0 = x, \qquad h_l = \phi\big(K_l * h_{l-1} + A_l\, c + b_l\big)\ (l = 1..L), \qquad
-        v_\theta(x, t) = K_{L+1} * h_L + b_{L+1},
+        v_\theta(x, t) = K_L * \phi\big(\cdots \phi(K_1 * [x, e(t) \mathbf 1_{H\times W}]
+        + b_1) \cdots\big) + b_L .
 
-    with :math:`k \times k` convolutions :math:`K_l` (zero padding :math:`\lfloor k/2 \rfloor`, so
-    every layer keeps :math:`H \times W`), a smooth activation :math:`\phi`, and
-    :math:`c = [e(t), e_y(y)]` the time features (:class:`TimeEmbedding`) and, for a conditional
-    field, the condition's features (:class:`ConditionEmbedding`), added to every hidden layer as a
-    per-channel bias through a linear map :math:`A_l`. Any :math:`H, W` work (the weights do not
-    depend on them). Device and dtype follow the parameters; inputs must match them.
-
-    The receptive field is :math:`(L+1)(k-1) + 1` pixels wide (9 for the default three 3×3 hidden
-    layers): enough for 8×8 digits; larger images want a U-Net (any ``nn.Module`` works).
+    No normalisation layers (they couple the samples of a batch or the pixels, which makes the
+    divergence of one sample depend on the others) and only smooth activations, as for
+    :class:`MLPField`.
 
     Args:
-        channels: :math:`C`, the image channels (input and output).
-        hidden: channels of the hidden layers, at least one (default ``(64, 64, 64)``).
-        kernel_size: odd :math:`k` (default 3).
-        time_embedding: as for :class:`MLPField`.
+        channels: the image channels :math:`C`.
+        hidden: channel widths of the hidden convolutions.
+        time_embedding: ``"sinusoidal"`` (default), ``"fourier"`` or ``"linear"``.
         activation: ``"silu"`` (default), ``"softplus"``, ``"tanh"`` or ``"gelu"``.
         time_features: width of the time embedding.
-        time_max_frequency: largest sinusoidal frequency factor.
+        time_max_frequency: largest sinusoidal frequency factor (see :class:`TimeEmbedding`).
         time_scale: frequency scale of the random Fourier embedding.
         time_seed: seed of the random Fourier frequencies.
         zero_init_output: start from :math:`v_\theta \equiv 0` (last convolution zeroed).
-        num_classes: class-conditional: ``forward(x, t, y)`` with integer labels ``y``.
-        cond_dim: vector-conditional: ``forward(x, t, y)`` with ``y`` of shape ``(B, cond_dim)``.
-        class_features: width of the learned class embedding.
+        num_classes: class-conditional with integer labels ``y`` (see :class:`Conditioning`).
+        cond_dim: conditional on a ``(B, cond_dim)`` vector ``y``.
+        class_features: width of the class embedding.
         device: where to create the parameters.
-        dtype: parameter dtype.
+        dtype: parameter dtype (default: torch's default dtype).
 
     Shapes:
-        ``forward(x, t, y=None)``: ``x`` is ``(B, C, H, W)``; ``t`` a float, 0-dim or ``(B,)``;
-        ``y`` as in :class:`ConditionEmbedding`. Returns ``(B, C, H, W)``.
+        ``forward(x, t, y=None)``: ``x`` is ``(B, C, H, W)`` (any ``H, W``); ``t`` a float, a 0-dim
+        tensor or ``(B,)``. Returns ``(B, C, H, W)``.
 
     Example:
         >>> import torch, cnftools
         >>> _ = torch.manual_seed(0)
-        >>> v = cnftools.ConvField(1, hidden=(8, 8), num_classes=10)
-        >>> x = torch.randn(4, 1, 8, 8)
-        >>> v(x, 0.5, y=torch.tensor([0, 1, 2, 3])).shape
-        torch.Size([4, 1, 8, 8])
-        >>> w = cnftools.ConvField.from_config(v.config())
-        >>> _ = w.load_state_dict(v.state_dict())
-        >>> bool(torch.equal(w(x, 0.5, y=3), v(x, 0.5, y=3)))
+        >>> v = cnftools.models.ConvField(1, hidden=(8, 8), num_classes=10)
+        >>> x = torch.randn(2, 1, 8, 8)
+        >>> v(x, 0.5, y=torch.tensor([3, 7])).shape
+        torch.Size([2, 1, 8, 8])
+        >>> v2 = cnftools.models.ConvField.from_config(v.config())
+        >>> _ = v2.load_state_dict(v.state_dict())
+        >>> bool(torch.equal(v(x, 0.5, y=torch.tensor([3, 7])), v2(x, 0.5, y=torch.tensor([3, 7]))))
         True
 
     References:
-        Ho et al., Denoising Diffusion Probabilistic Models (2020), arXiv:2006.11239 (time features
-        added per channel, as in its U-Net); Lipman et al. (2022), arXiv:2210.02747.
+        Ho et al., Denoising Diffusion Probabilistic Models (2020), arXiv:2006.11239 (convolutional
+        noise predictors); Lipman et al. (2022), arXiv:2210.02747, App. E.
     """
 
     def __init__(
         self,
         channels: int,
-        hidden: Sequence[int] = (64, 64, 64),
+        hidden: Sequence[int] = (32, 32),
         *,
-        kernel_size: int = 3,
         time_embedding: str = "sinusoidal",
         activation: str = "silu",
         time_features: int = 13,
@@ -530,18 +524,22 @@ class ConvField(nn.Module):
     ) -> None:
         super().__init__()
         _check_int("channels", channels, 1)
-        widths = _check_widths(hidden)
-        if not widths:
-            raise ValueError("hidden must list at least one hidden layer's channels, e.g. (64,)")
-        _check_int("kernel_size", kernel_size, 1)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (the padding keeps H, W), got {kernel_size}")
-        key = _check_activation(activation)
+        if isinstance(hidden, int) or not isinstance(hidden, Sequence):
+            raise TypeError(
+                f"hidden must be a sequence of channel widths, e.g. (32, 32), got {hidden!r}"
+            )
+        for width in hidden:
+            _check_int("hidden (channel width)", width, 1)
+        key = str(activation).lower()
+        if key in _NON_SMOOTH or key not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(ACTIVATIONS)} (smooth), got {activation!r}"
+            )
+        self.conditioning = Conditioning(num_classes, cond_dim, class_features)
         self.channels = channels
         self._config: dict[str, Any] = {
-            "channels": channels,
-            "hidden": widths,
-            "kernel_size": kernel_size,
+            "channels": int(channels),
+            "hidden": [int(h) for h in hidden],
             "time_embedding": time_embedding,
             "activation": key,
             "time_features": int(time_features),
@@ -549,9 +547,7 @@ class ConvField(nn.Module):
             "time_scale": float(time_scale),
             "time_seed": int(time_seed),
             "zero_init_output": bool(zero_init_output),
-            "num_classes": num_classes,
-            "cond_dim": cond_dim,
-            "class_features": int(class_features),
+            **self.conditioning.config(),
         }
         self.time_embedding = TimeEmbedding(
             time_embedding,
@@ -560,121 +556,64 @@ class ConvField(nn.Module):
             scale=time_scale,
             seed=time_seed,
         )
-        self.condition = _condition(num_classes, cond_dim, class_features)
-        cond_width = time_features + (0 if self.condition is None else self.condition.out_features)
-        pad = kernel_size // 2
-        ins = [channels, *widths[:-1]]
-        self.convs = nn.ModuleList(
-            nn.Conv2d(n_in, n_out, kernel_size, padding=pad)
-            for n_in, n_out in zip(ins, widths, strict=True)
-        )
-        self.conditioners = nn.ModuleList(nn.Linear(cond_width, n) for n in widths)
-        self.activation = ACTIVATIONS[key]()
-        self.output = nn.Conv2d(widths[-1], channels, kernel_size, padding=pad)
+        widths = [
+            channels + time_features + self.conditioning.features,
+            *[int(h) for h in hidden],
+            channels,
+        ]
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+            layers.append(nn.Conv2d(n_in, n_out, kernel_size=3, padding=1))
+            if i < len(widths) - 2:
+                layers.append(ACTIVATIONS[key]())
+        self.net = nn.Sequential(*layers)
         if zero_init_output:
-            nn.init.zeros_(self.output.weight)
-            nn.init.zeros_(self.output.bias)
+            last = self.net[-1]
+            assert isinstance(last, nn.Conv2d)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, t: float | Tensor, y: object = None) -> Tensor:
-        """Evaluate :math:`v_\\theta(x, t)` (or :math:`v_\\theta(x, t, y)`) on ``(B, C, H, W)``."""
+    def forward(self, x: Tensor, t: float | Tensor, y: Tensor | None = None) -> Tensor:
+        """Evaluate :math:`v_\\theta(x, t[, y])` on images ``x`` of shape ``(B, C, H, W)``."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[0] == 0:
+        if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(
-                f"x must have shape (B, C, H, W) with C = {self.channels} and B >= 1, "
-                f"got {tuple(x.shape)}"
+                f"x must have shape (B, C, H, W) with C = {self.channels}, got {tuple(x.shape)}"
             )
-        _check_dtype(x, self.output.weight)
-        features = _features(self, x, t, y)
-        h = x
-        for conv, conditioner in zip(self.convs, self.conditioners, strict=True):
-            h = self.activation(conv(h) + conditioner(features)[:, :, None, None])
-        return self.output(h)
+        weight = self.net[0].weight
+        if weight.dtype != x.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the field's parameters are {weight.dtype}; "
+                f"convert one of them, e.g. field.to({x.dtype})"
+            )
+        height, width = x.shape[2:]
+        features = [self.time_embedding(MLPField._time(t, x)), *self.conditioning(y, x)]
+        planes = torch.cat(features, dim=1)[:, :, None, None].expand(-1, -1, height, width)
+        return self.net(torch.cat([x, planes], dim=1))
 
     def config(self) -> dict[str, Any]:
-        """The constructor arguments as a plain dict (safe for ``torch.load(weights_only=True)``)."""
+        """The constructor arguments as a plain dict (see :meth:`MLPField.config`)."""
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self._config.items()}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> ConvField:
         """Build an untrained field from :meth:`config`'s dict; ``overrides`` (e.g. dtype) win."""
-        if not isinstance(cfg, dict):
-            raise TypeError(f"cfg must be a dict from ConvField.config(), got {type(cfg).__name__}")
+        if not isinstance(cfg, dict) or "channels" not in cfg:
+            raise ValueError("cfg must be the dict returned by ConvField.config()")
         args = dict(cfg)
         args.update(overrides)
-        if "channels" not in args:
-            raise ValueError("cfg has no 'channels' entry; pass the dict from ConvField.config()")
         channels = args.pop("channels")
-        hidden = tuple(args.pop("hidden", (64, 64, 64)))
+        hidden = tuple(args.pop("hidden", (32, 32)))
         return cls(channels, hidden, **args)
 
     def extra_repr(self) -> str:
         c = self._config
-        text = (
+        return (
             f"channels={c['channels']}, hidden={tuple(c['hidden'])}, "
-            f"kernel_size={c['kernel_size']}, activation={c['activation']!r}"
-        )
-        return text if self.condition is None else f"{text}, {self.condition.describe()}"
-
-
-# ----------------------------------------------------------------------------------------------
-def _features(field: MLPField | ConvField, x: Tensor, t: object, y: object) -> Tensor:
-    """``[e(t), e_y(y)]`` of shape ``(B, F)``, with the conditioning contract enforced."""
-    name = type(field).__name__
-    condition = field.condition
-    if condition is None and y is not None:
-        raise TypeError(
-            f"this {name} is unconditional but was given y; build it with num_classes= or "
-            "cond_dim= to condition on y (or do not pass y / extras)"
-        )
-    if condition is not None and y is None:
-        raise TypeError(
-            f"this {name} is conditional ({condition.describe()}) and needs y: call "
-            "v(x, t, y=labels), or pass extras={'y': labels} to cnftools"
-        )
-    parts = [field.time_embedding(as_time(t, x))]
-    if condition is not None:
-        parts.append(condition(y, x).to(x.dtype))
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
-
-def _condition(
-    num_classes: int | None, cond_dim: int | None, class_features: int
-) -> ConditionEmbedding | None:
-    if num_classes is None and cond_dim is None:
-        return None
-    return ConditionEmbedding(num_classes, cond_dim, class_features)
-
-
-def _check_widths(hidden: object) -> list[int]:
-    if isinstance(hidden, int) or not isinstance(hidden, Sequence):
-        raise TypeError(
-            f"hidden must be a sequence of layer widths, e.g. (256, 256), got {hidden!r}"
-        )
-    for width in hidden:
-        _check_int("hidden (layer width)", width, 1)
-    return [int(h) for h in hidden]
-
-
-def _check_activation(activation: str) -> str:
-    key = str(activation).lower()
-    if key in _NON_SMOOTH:
-        raise ValueError(
-            f"activation={activation!r} is not smooth: the field's Jacobian jumps at its kinks "
-            f"and adaptive ODE solvers stall there; use one of {sorted(ACTIVATIONS)}"
-        )
-    if key not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return key
-
-
-def _check_dtype(x: Tensor, weight: Tensor) -> None:
-    if weight.dtype != x.dtype:
-        raise TypeError(
-            f"x has dtype {x.dtype} but the field's parameters are {weight.dtype}; "
-            f"convert one of them, e.g. field.to({x.dtype})"
+            f"activation={c['activation']!r}{self.conditioning.describe()}"
         )
 
 

@@ -11,7 +11,7 @@ vector-Jacobian products per evaluation) and reports
   and a per-pixel histogram fitted per class), and
 * an upper bound on the unconditional bits/dim, -log2 p(x) / 64 <= (-log2 p(x | label)
   - log2 p(label)) / 64, since p(x) = sum_c p(c) p(x | c) >= p(label) p(x | label), beside the
-  unconditional baselines of ``cnftools.analysis``.
+  unconditional baselines of ``cnftools.nll``.
 
 The split is the one ``cnftools train/nll --dataset digits`` use (a fixed permutation, seed 0;
 1438 train, 359 test). Needs scikit-learn. Measured numbers: docs/guide/images.md.
@@ -30,8 +30,8 @@ import time
 import torch
 
 import cnftools
-from cnftools.analysis import gaussian_baseline_nll, histogram_baseline_nll
 from cnftools.data import DIGITS_LEVELS, bits_per_dim, dequantization_log_det, dequantize
+from cnftools.nll import gaussian_baseline_nll, histogram_baseline_nll
 
 NUM_CLASSES = 10
 SPLIT_SEED = 0  # the permutation of cnftools.cli_nll.digits_split
@@ -101,8 +101,9 @@ def conditional_nll(
 ) -> tuple[torch.Tensor, int]:
     """-log p(x | label) in nats per image (K = 1 dequantization bound) and the total NFE.
 
-    Each class is solved as one batch with the field's label bound to it (one label for every
-    row), so any batching the likelihood engine does keeps the label right.
+    Each class is solved as one batch with the field's label bound to it (the same label for
+    every row the field is called with), so any batching the likelihood engine does keeps the
+    label right.
     """
     gen = torch.Generator().manual_seed(seed)
     y = dequantize(images, DIGITS_LEVELS, gen, centered=True)
@@ -116,7 +117,7 @@ def conditional_nll(
             continue
 
         def bound(x, t, label=label):
-            return field(x, t, y=label)
+            return field(x, t, y=torch.full((x.shape[0],), label, device=x.device))
 
         with torch.no_grad():  # no graph for gradients through the solve (memory grows with NFE)
             result = cnftools.log_likelihood(
