@@ -33,8 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnftools._checks import as_time
-
 __all__ = [
     "ACTIVATIONS",
     "TIME_EMBEDDINGS",
@@ -371,9 +369,8 @@ class MLPField(nn.Module):
     def forward(self, x: Tensor, t: float | Tensor, y: Tensor | None = None) -> Tensor:
         """Evaluate :math:`v_\\theta(x, t[, y])`; ``x`` is ``(B, *event)``, the result has its shape.
 
-        Shapes are checked; values are not, except ``t`` (in :math:`[0, 1]`, checked by the
-        package's one time check) and class labels (an out-of-range label raises
-        ``ValueError``): one device synchronisation each.
+        Shapes are checked (cheaply, without a device synchronisation); values are not, except
+        class labels (one synchronisation: an out-of-range label raises ``ValueError``).
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__}")
@@ -391,7 +388,7 @@ class MLPField(nn.Module):
                 f"but this MLPField has dim={self.dim}"
             )
         batch = x.shape[0]
-        tt = as_time(t, x)
+        tt = self._time(t, x)
         flat = x.reshape(batch, self.dim)
         weight = self.net[0].weight
         if weight.dtype != x.dtype:
@@ -401,6 +398,27 @@ class MLPField(nn.Module):
             )
         parts = [flat, self.time_embedding(tt), *self.conditioning(y, x)]
         return self.net(torch.cat(parts, dim=1)).reshape(x.shape)
+
+    @staticmethod
+    def _time(t: float | Tensor, x: Tensor) -> Tensor:
+        batch = x.shape[0]
+        if isinstance(t, bool):
+            raise TypeError("t must be a float, a 0-dim tensor or a tensor of shape (B,)")
+        if isinstance(t, Real):
+            return torch.full((batch,), float(t), dtype=x.dtype, device=x.device)
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"t must be a float, a 0-dim tensor or a (B,) tensor, got {type(t).__name__}"
+            )
+        if t.dim() == 0:
+            return t.to(device=x.device, dtype=x.dtype).reshape(1).expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(
+                f"t must be a scalar or have shape (B,) = ({batch},), got shape {tuple(t.shape)}"
+            )
+        if t.device != x.device:
+            raise ValueError(f"t is on {t.device} but x is on {x.device}")
+        return t.to(x.dtype)
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments as a plain dict (ints, floats, strs, bools, lists).
@@ -572,7 +590,7 @@ class ConvField(nn.Module):
                 f"convert one of them, e.g. field.to({x.dtype})"
             )
         height, width = x.shape[2:]
-        features = [self.time_embedding(as_time(t, x)), *self.conditioning(y, x)]
+        features = [self.time_embedding(MLPField._time(t, x)), *self.conditioning(y, x)]
         planes = torch.cat(features, dim=1)[:, :, None, None].expand(-1, -1, height, width)
         return self.net(torch.cat([x, planes], dim=1))
 
