@@ -17,7 +17,7 @@ The split is the one ``cnftools train/nll --dataset digits`` use (a fixed permut
 1438 train, 359 test). Needs scikit-learn. Measured numbers: docs/guide/images.md.
 
 Run:
-    python examples/digits_conditional.py                  # about 5 minutes on one CPU core
+    python examples/digits_conditional.py                  # about 6 minutes on one CPU core
     python examples/digits_conditional.py --steps 200      # a quick look
 """
 
@@ -166,7 +166,7 @@ def report(nll: dict[str, torch.Tensor], dim: int) -> list[tuple[str, float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--hidden", default="32,32,32")
     parser.add_argument("--threads", type=int, default=1)
