@@ -18,8 +18,9 @@ other processes hits both alike; the minimum over rounds is reported):
   give the same numbers (``max Δ log p``, the largest absolute difference); ``max err`` is the
   solve's error against the exact ``log p_1`` (the error of the short grid, the same for both).
 
-Ratios are two-pass time / one-pass time (> 1: the one pass is faster). Expect +-15% noise per cell
-on a shared machine.
+Ratios are two-pass time / one-pass time (> 1: the one pass is faster). With ``--threads 1`` on a
+CPU the clock is the process's CPU time (other jobs on a shared machine then hardly disturb it);
+otherwise it is wall time, and on a shared machine expect +-30% noise per cell.
 
 Run: ``python benchmarks/marginals.py`` (a few minutes on 2 busy CPU cores), ``--quick`` for a smoke
 run, ``--device cuda`` on a GPU, ``--markdown`` for a table to paste into the docs.
@@ -63,15 +64,24 @@ def best_times(
     """Minimum wall time per function over interleaved rounds (after one warm-up call each)."""
     for fn in fns.values() if warm_up else ():
         fn()
+    clock = _clock(device)
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             _sync(device)
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], clock() - start)
     return best
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    """CPU time of this process on one CPU thread (insensitive to other jobs on a shared machine),
+    wall time otherwise."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
 
 
 def make_marginal(kind: str, n: int, d: int, device: torch.device) -> cnftools.MixtureMarginal:
@@ -112,12 +122,11 @@ def row(
 
         return run
 
-    cheap = 2 * steps * calls["one pass"] < 1.0  # a solve under about a second: repeat it
     solves = best_times(
         {"solve 2-pass": solve("two", two), "solve 1-pass": solve("one", marginal)},
-        rounds if cheap else 1,
+        max(1, rounds // 3),
         device,
-        warm_up=cheap,
+        warm_up=False,  # the calls above warmed everything up
     )
     one, other = results["one"], results["two"]
     diff = float((one.log_prob - other.log_prob).abs().max())
@@ -185,18 +194,19 @@ def main() -> None:
     device = torch.device(args.device)
     if args.quick:
         grid = [("empirical", 500, 32, 16)]
-        rounds = 2
+        rounds = 3
     else:
         grid = [
             ("empirical", 2000, 32, 32),
             ("empirical", 4000, 64, 16),
             ("mixture", 32, 32, 32),
         ]
-        rounds = 3
+        rounds = 9
     print(
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"device {device}, {torch.get_num_threads()} threads, float64, OT sigma_min = 0.2, "
-        f"calls at t = 0.7, solves: midpoint, {args.steps} steps"
+        f"calls at t = 0.7, solves: midpoint, {args.steps} steps, "
+        f"clock: {'process CPU time' if _clock(device) is time.process_time else 'wall time'}"
     )
     rows = [row(kind, n, d, b, rounds, args.steps, device) for kind, n, d, b in grid]
     print_table(rows, args.markdown)

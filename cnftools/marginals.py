@@ -13,7 +13,10 @@ They have closed forms when :math:`q` is a Gaussian (:class:`GaussianMarginal`),
 mixture or an empirical (weighted point-mass) distribution (:class:`MixtureMarginal`). Each marginal
 is itself a velocity field ``v(x, t)`` (``marginal(x, t) == marginal.velocity(x, t)``) and
 carries its closed-form ``divergence(x, t)``, which
-:func:`cnftools.fields.closed_form_divergence` picks up.
+:func:`cnftools.fields.closed_form_divergence` picks up; ``velocity_and_divergence(x, t)`` gives
+both from one pass (ODE solves use it), and ``statistics(x, t, ...)`` returns any of ``log_prob``,
+``score``, ``posterior_mean`` (:math:`\mathbb E[x_1 \mid x_t = x]`), ``velocity``,
+``divergence`` by name (:class:`MarginalStatistics`). Theory: docs/theory/marginals.md.
 
 Numerics: every covariance is diagonalised once (``eigh``, in float64), so that
 :math:`\Sigma_t = a_t^2 S + s_t^2 I` is diagonal in the eigenbasis of :math:`S` at every time; no
@@ -541,6 +544,15 @@ class _Marginal:
 
         Returns:
             ``(u, div)``: shapes ``(B, d)`` and ``(B,)``.
+
+        Example:
+            >>> import torch, cnftools
+            >>> data = torch.randn(100, 3, dtype=torch.float64)
+            >>> marginal = cnftools.MixtureMarginal(cnftools.OTPath(0.2), data)
+            >>> x = torch.randn(4, 3, dtype=torch.float64)
+            >>> u, div = marginal.velocity_and_divergence(x, 0.5)
+            >>> torch.equal(u, marginal.velocity(x, 0.5)), u.shape, div.shape
+            (True, torch.Size([4, 3]), torch.Size([4]))
         """
         stats = self.statistics(x, t, velocity=True, divergence=True)
         assert stats.velocity is not None and stats.divergence is not None
@@ -782,6 +794,9 @@ class MixtureMarginal(_Marginal):
         \operatorname{div} u = d\,\frac{ss'}{s^2} + \frac{a}{s^2}\Big(a' - a\frac{ss'}{s^2}\Big)
         \operatorname{tr}\operatorname{Cov}_w(x_1),\qquad \hat x_1 = \sum_i w_i x_1^i .
 
+    Every method is one streamed pass of :meth:`statistics`; :meth:`velocity_and_divergence`
+    shares that pass between the field and its divergence (what ODE solves call).
+
     Sums over components run ``chunk_size`` components at a time (online softmax, pairwise-merged
     weighted means and centred covariances), so memory is ``O(B · chunk_size · d)``, not
     ``O(B · K · d)``.
@@ -790,8 +805,10 @@ class MixtureMarginal(_Marginal):
         path: an :class:`~cnftools.paths.AffineGaussianPath`.
         means: component means :math:`m_k` (or data points), shape ``(K, d)``.
         covs: component covariances, shape ``(K, d, d)``, each SPD; ``None`` for empirical data.
-        weights: :math:`\pi_k`, shape ``(K,)``, finite, ``>= 0`` with a positive sum; they are
-            normalised to sum to one, and zero-weight components are dropped. Default uniform.
+        weights: :math:`\pi_k`, shape ``(K,)``, finite, ``>= 0``, not all zero; normalised in
+            log space (:math:`\log w_k - \operatorname{logsumexp}_j \log w_j`, so ``[1e308,
+            1e308]`` or subnormal weights work), zero-weight components dropped. Default uniform.
+            ``self.weights`` holds the normalised float64 weights.
         chunk_size: components per chunk; ``None`` chooses it so that a ``(B, chunk, d)``
             temporary has at most 2**22 elements.
 
