@@ -29,6 +29,7 @@ __all__ = [
     "DataCase",
     "PathCase",
     "cosine_path",
+    "random_orthogonal",
     "random_spd",
     "x1_dependent_path",
 ]
@@ -137,41 +138,103 @@ PATH_CASES: dict[str, PathCase] = {
 # dtype and device sees the same numbers.
 
 
-def random_spd(
+def _check_generator(generator: object) -> torch.Generator:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return generator
+
+
+def _check_dimension(d: object) -> int:
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"d must be an int >= 1, got {d!r}")
+    return d
+
+
+def random_orthogonal(
     d: int,
     generator: torch.Generator,
-    *,
-    low: float = 0.5,
-    high: float = 2.0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    r"""A random symmetric positive-definite ``(d, d)`` matrix with eigenvalues in ``[low, high]``.
+    r"""A random orthogonal ``(d, d)`` matrix: the :math:`Q` of the QR factorisation of a Gaussian
+    matrix, column signs fixed by :math:`\operatorname{sign}(\operatorname{diag} R)` (so it is
+    Haar-distributed). Drawn in float64 on ``generator``'s device, then cast to ``dtype`` and
+    ``device`` (default: the generator's device).
 
-    :math:`S = Q\,\mathrm{diag}(\lambda)\,Q^\top` with :math:`Q` a random orthogonal matrix (QR of a
-    Gaussian matrix, signs fixed) and :math:`\lambda_j \sim U[\mathrm{low}, \mathrm{high}]`, so the
-    condition number is at most ``high / low``. Drawn in float64 on ``generator``'s device, then
-    cast; exactly symmetric.
+    Example:
+        >>> import torch
+        >>> from cnftools.cases import random_orthogonal
+        >>> q = random_orthogonal(4, torch.Generator().manual_seed(0))
+        >>> torch.allclose(q @ q.T, torch.eye(4, dtype=torch.float64), atol=1e-12)
+        True
+    """
+    d, generator = _check_dimension(d), _check_generator(generator)
+    g = torch.randn(d, d, generator=generator, dtype=torch.float64, device=generator.device)
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r))
+    return q.to(dtype=dtype, device=device if device is not None else generator.device)
+
+
+def random_spd(
+    d: int,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    *,
+    eigenvalues: tuple[float, float] | Tensor = (0.5, 2.0),
+) -> Tensor:
+    r"""A random symmetric positive-definite ``(d, d)`` matrix :math:`S = Q\,\mathrm{diag}(\lambda)
+    \,Q^\top`, :math:`Q` from :func:`random_orthogonal`.
+
+    The one home for random covariances in cnftools (the shared cases, the hypothesis strategy
+    :func:`cnftools.testing.spd_matrices`, benchmarks). Built in float64 on ``generator``'s device,
+    made exactly symmetric, then cast.
+
+    Args:
+        d: the dimension.
+        generator: the source of randomness (draws :math:`Q`, then :math:`\lambda` if drawn).
+        dtype: dtype of the result (default float64).
+        device: device of the result (default: the generator's device).
+        eigenvalues: ``(low, high)`` with ``0 < low <= high`` draws
+            :math:`\lambda_j \sim U[\mathrm{low}, \mathrm{high}]` (condition number at most
+            ``high / low``); a ``(d,)`` tensor of positive values uses exactly those.
+
+    Raises:
+        ValueError: ``d`` not a positive int, a bad range, or eigenvalues of the wrong shape,
+            non-finite or not positive.
+        TypeError: ``generator`` is not a ``torch.Generator``.
 
     Example:
         >>> import torch
         >>> from cnftools.cases import random_spd
-        >>> S = random_spd(3, torch.Generator().manual_seed(0))
-        >>> bool((torch.linalg.eigvalsh(S) >= 0.5 - 1e-12).all()), bool((S == S.T).all())
+        >>> S = random_spd(3, torch.Generator().manual_seed(0), eigenvalues=(0.5, 2.0))
+        >>> lam = torch.linalg.eigvalsh(S)
+        >>> bool((lam >= 0.5 - 1e-12).all() and (lam <= 2.0 + 1e-12).all()), bool((S == S.T).all())
         (True, True)
     """
-    if not 0 < low <= high:
-        raise ValueError(f"need 0 < low <= high, got low={low}, high={high}")
-    gen_device = generator.device
-    g = torch.randn(d, d, generator=generator, dtype=torch.float64, device=gen_device)
-    q, r = torch.linalg.qr(g)
-    q = q * torch.sign(torch.diagonal(r))
-    lam = low + (high - low) * torch.rand(
-        d, generator=generator, dtype=torch.float64, device=gen_device
-    )
+    d, generator = _check_dimension(d), _check_generator(generator)
+    if isinstance(eigenvalues, Tensor):
+        lam = eigenvalues.detach().to(dtype=torch.float64, device=generator.device)
+        if lam.shape != (d,):
+            raise ValueError(f"eigenvalues must have shape (d,) = ({d},), got {tuple(lam.shape)}")
+        if not bool((torch.isfinite(lam) & (lam > 0)).all()):
+            raise ValueError("eigenvalues must be finite and > 0")
+        q = random_orthogonal(d, generator)
+    else:
+        if not (isinstance(eigenvalues, tuple) and len(eigenvalues) == 2):
+            raise ValueError(
+                f"eigenvalues must be a (low, high) tuple or a (d,) tensor, got {eigenvalues!r}"
+            )
+        low, high = (float(v) for v in eigenvalues)
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+            raise ValueError(f"eigenvalues=(low, high) needs 0 < low <= high, got {eigenvalues}")
+        q = random_orthogonal(d, generator)
+        lam = low + (high - low) * torch.rand(
+            d, generator=generator, dtype=torch.float64, device=generator.device
+        )
     s = (q * lam) @ q.T
     s = 0.5 * (s + s.T)
-    return s.to(dtype=dtype, device=device if device is not None else gen_device)
+    return s.to(dtype=dtype, device=device if device is not None else generator.device)
 
 
 @dataclass(frozen=True)
@@ -205,14 +268,14 @@ class DataCase:
         if self.kind == "gaussian":
             out = {
                 "mean": self.scale * torch.randn(self.d, generator=gen, dtype=f64),
-                "cov": random_spd(self.d, gen, low=0.25, high=2.0),
+                "cov": random_spd(self.d, gen, eigenvalues=(0.25, 2.0)),
             }
         else:
             k = self.components
             out = {"means": self.scale * torch.randn(k, self.d, generator=gen, dtype=f64)}
             if self.kind == "mixture":
                 out["covs"] = torch.stack(
-                    [random_spd(self.d, gen, low=0.1, high=1.0) for _ in range(k)]
+                    [random_spd(self.d, gen, eigenvalues=(0.1, 1.0)) for _ in range(k)]
                 )
             elif self.kind != "empirical":
                 raise ValueError(f"unknown data kind {self.kind!r}")

@@ -14,7 +14,9 @@ A field that knows its divergence :math:`\nabla\cdot v = \operatorname{tr} \part
 in closed form says so through one optional protocol: a method ``divergence(x, t) -> (B,)`` on the
 field object (for example the marginal fields of :mod:`cnftools.marginals`). A bound method
 ``obj.velocity`` or ``obj.__call__`` of an object with such a ``divergence`` method counts too.
-:func:`closed_form_divergence` finds it; nothing else in cnftools inspects field types.
+:func:`closed_form_divergence` finds it; nothing else in cnftools inspects field types. Such a
+field may also offer ``velocity_and_divergence(x, t) -> (v, div)`` computing both in one pass;
+:func:`call_with_closed_form_divergence` then uses it (ODE solves need both at every step).
 
 References:
     Chen et al., Neural Ordinary Differential Equations (2018), arXiv:1806.07366;
@@ -36,6 +38,7 @@ __all__ = [
     "VelocityField",
     "call_checked",
     "call_field",
+    "call_with_closed_form_divergence",
     "check_extras",
     "closed_form_divergence",
     "field_name",
@@ -160,7 +163,10 @@ def call_checked(
     The one place cnftools calls a field: ``v(x, t, **extras)``. Only the field's output is
     checked; internal callers use this to validate inputs once.
     """
-    out = v(x, t, **extras) if extras else v(x, t)
+    return _checked_output(v, x, v(x, t, **extras) if extras else v(x, t))
+
+
+def _checked_output(v: object, x: Tensor, out: object) -> Tensor:
     if (
         isinstance(out, Tensor)
         and out.shape == x.shape
@@ -228,3 +234,36 @@ def closed_form_divergence(v: object) -> Divergence | None:
         return None
     candidate = getattr(owner, "divergence", None)
     return candidate if callable(candidate) else None
+
+
+def call_with_closed_form_divergence(
+    v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, divergence: Divergence
+) -> tuple[Tensor, Tensor]:
+    r"""``(v(x, t), divergence(x, t))`` for a field with a closed-form divergence, in one pass
+    when the object that owns ``divergence`` also offers ``velocity_and_divergence(x, t)``.
+
+    Inputs as for :func:`call_checked` (already validated); ``divergence`` is what
+    :func:`closed_form_divergence` returned for ``v``. The velocity is checked like
+    :func:`call_checked`'s; the divergence is returned as the field computed it.
+
+    Example:
+        >>> import torch, cnftools
+        >>> m = cnftools.GaussianMarginal(
+        ...     cnftools.OTPath(0.1),
+        ...     torch.zeros(2, dtype=torch.float64),
+        ...     torch.eye(2, dtype=torch.float64),
+        ... )
+        >>> x, t = torch.ones(3, 2, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64)
+        >>> u, div = call_with_closed_form_divergence(m, x, t, closed_form_divergence(m))
+        >>> torch.equal(div, m.divergence(x, t)), torch.equal(u, m.velocity(x, t))
+        (True, True)
+    """
+    owner = getattr(divergence, "__self__", None)
+    one_pass = getattr(owner, "velocity_and_divergence", None)
+    same_object = owner is not None and (v is owner or getattr(v, "__self__", None) is owner)
+    if not (
+        same_object and callable(one_pass) and getattr(owner, "divergence", None) == divergence
+    ):
+        return call_checked(v, x, t), divergence(x, t)
+    out, div = one_pass(x, t)
+    return _checked_output(v, x, out), div

@@ -57,7 +57,12 @@ from cnftools.divergence import (
     _hutchinson,
     choose_strategy,
 )
-from cnftools.fields import call_checked, closed_form_divergence, field_name
+from cnftools.fields import (
+    call_checked,
+    call_with_closed_form_divergence,
+    closed_form_divergence,
+    field_name,
+)
 
 __all__ = [
     "LikelihoodResult",
@@ -360,8 +365,7 @@ def _augmented(
             return call_checked(v, z, tb).reshape(batch, d)
         graph = torch.is_grad_enabled()
         if spec.closed is not None:
-            out = call_checked(v, z, tb)
-            div = spec.closed(z, tb)
+            out, div = call_with_closed_form_divergence(v, z, tb, spec.closed)
             if not isinstance(div, Tensor) or div.shape != (batch,):
                 shape = tuple(div.shape) if isinstance(div, Tensor) else type(div).__name__
                 raise ValueError(

@@ -13,7 +13,10 @@ They have closed forms when :math:`q` is a Gaussian (:class:`GaussianMarginal`),
 mixture or an empirical (weighted point-mass) distribution (:class:`MixtureMarginal`). Each marginal
 is itself a velocity field ``v(x, t)`` (``marginal(x, t) == marginal.velocity(x, t)``) and
 carries its closed-form ``divergence(x, t)``, which
-:func:`cnftools.fields.closed_form_divergence` picks up.
+:func:`cnftools.fields.closed_form_divergence` picks up; ``velocity_and_divergence(x, t)`` gives
+both from one pass (ODE solves use it), and ``statistics(x, t, ...)`` returns any of ``log_prob``,
+``score``, ``posterior_mean`` (:math:`\mathbb E[x_1 \mid x_t = x]`), ``velocity``,
+``divergence`` by name (:class:`MarginalStatistics`). Theory: docs/theory/marginals.md.
 
 Numerics: every covariance is diagonalised once (``eigh``, in float64), so that
 :math:`\Sigma_t = a_t^2 S + s_t^2 I` is diagonal in the eigenbasis of :math:`S` at every time; no
@@ -35,7 +38,9 @@ References:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Integral
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,7 +56,7 @@ from torch.distributions import (
 from cnftools._checks import as_time, check_batched, check_finite, check_floating
 from cnftools.paths import AffineGaussianPath
 
-__all__ = ["GaussianMarginal", "MixtureMarginal"]
+__all__ = ["GaussianMarginal", "MarginalStatistics", "MixtureMarginal"]
 
 _DEFAULT_CHUNK_ELEMENTS = 2**22  # about 32 MiB per (B, chunk, d) float64 temporary
 
@@ -107,6 +112,24 @@ def _check_n(n: object) -> int:
     return int(n)
 
 
+def _normalised_log_weights(weights: object, k: int, device: torch.device) -> Tensor:
+    r"""Validate mixture weights and normalise them in log space, in float64:
+    :math:`\log\pi_k = \log w_k - \operatorname{logsumexp}_j \log w_j` (so ``[1e308, 1e308]``
+    gives ``[0.5, 0.5]``, not an overflowing sum). Zero weights give ``-inf``."""
+    weights = check_floating("weights", weights)
+    if weights.shape != (k,):
+        raise ValueError(f"weights must have shape (K,) = ({k},), got {tuple(weights.shape)}")
+    if weights.device != device:
+        raise ValueError(f"weights must be on the means' device {device}, got {weights.device}")
+    check_finite("weights", weights)
+    if bool((weights < 0).any()):
+        raise ValueError(f"weights must be >= 0, got a minimum of {float(weights.min()):.3g}")
+    if not bool((weights > 0).any()):
+        raise ValueError("weights must not all be zero (they need a positive sum)")
+    log_w = torch.log(weights.detach().to(torch.float64))
+    return log_w - torch.logsumexp(log_w, dim=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Schedules
 class _Times:
@@ -144,6 +167,58 @@ class _Times:
 
 
 # ----------------------------------------------------------------------------------------------
+# Named results
+@dataclass(frozen=True)
+class MarginalStatistics:
+    r"""Closed-form statistics of a marginal path at ``(x, t)``, by name.
+
+    Returned by :meth:`GaussianMarginal.statistics` and :meth:`MixtureMarginal.statistics`; every
+    field that was not asked for is ``None`` (``log_prob`` is always there: the other statistics
+    need it). With posterior weights :math:`w_k \propto \pi_k\,\mathcal N(x; a_t m_k, \Sigma_k)`:
+
+    .. math::
+
+        \hat x_1 = \mathbb E[x_1 \mid x_t = x] = \sum_k w_k \big(m_k + a_t S_k \Sigma_k^{-1}
+        (x - a_t m_k)\big),\qquad
+        \operatorname{div} u_t = \underbrace{\sum_k w_k \operatorname{tr} A_k}_{\texttt{weighted\_trace}}
+        + \sum_k w_k (g_k - \bar g)\cdot(u_k - \bar u).
+
+    Attributes:
+        log_prob: :math:`\log p_t(x)`, shape ``(B,)``.
+        score: :math:`\nabla_x \log p_t(x)`, shape ``(B, d)``.
+        posterior_mean: :math:`\hat x_1 = \mathbb E[x_1 \mid x_t = x]`, shape ``(B, d)``.
+        velocity: the marginal field :math:`u_t(x)`, shape ``(B, d)``.
+        divergence: :math:`\nabla\cdot u_t(x)`, shape ``(B,)``.
+        weighted_trace: :math:`\sum_k w_k \operatorname{tr} A_k`, shape ``(B,)``: the divergence
+            without the covariance term (equal to ``divergence`` for a single Gaussian; for
+            empirical data :math:`d\,s s'/s^2`).
+
+    References:
+        docs/theory/marginals.md (closed forms for Gaussian, mixture and empirical data).
+    """
+
+    log_prob: Tensor
+    score: Tensor | None = None
+    posterior_mean: Tensor | None = None
+    velocity: Tensor | None = None
+    divergence: Tensor | None = None
+    weighted_trace: Tensor | None = None
+
+
+def _describe(score: bool, posterior_mean: bool, velocity: bool, divergence: bool) -> str:
+    """The name of the most demanding statistic asked for (for error messages)."""
+    for name, wanted in (
+        ("divergence", divergence),
+        ("velocity", velocity),
+        ("posterior_mean", posterior_mean),
+        ("score", score),
+    ):
+        if wanted:
+            return name
+    return "log_prob"
+
+
+# ----------------------------------------------------------------------------------------------
 # Streaming softmax statistics
 def _weighted_mean(w: Tensor, v: Tensor) -> Tensor:
     """Σ_k w_bk v_k: ``w`` (B, k); ``v`` (k, d), (B, k, d) or (B, k)."""
@@ -154,34 +229,34 @@ def _weighted_mean(w: Tensor, v: Tensor) -> Tensor:
     return (w.unsqueeze(-1) * v).sum(dim=1)
 
 
-class _SoftmaxStatistics:
+class _OnlineSoftmax:
     r"""Online softmax over components, merged chunk by chunk.
 
-    Keeps :math:`\log \sum_k e^{\ell_k}`, the softmax-weighted means of some per-component values
-    and, optionally, the weighted cross-covariance
-    :math:`\sum_k w_k (p_k - \bar p)\cdot(q_k - \bar q)` of two of them. Chunks merge
-    with Chan et al.'s pairwise formulas, so no (B, K, d) tensor is ever formed for the whole K, and
-    centred sums avoid the cancellation of raw second moments.
+    Keeps :math:`\log \sum_k e^{\ell_k}`, the softmax-weighted means of named per-component values
+    and, when ``pair = (p, q)`` names two of them, the weighted cross-covariance
+    :math:`\sum_k w_k (p_k - \bar p)\cdot(q_k - \bar q)`. Chunks merge with Chan et al.'s pairwise
+    formulas, so no (B, K, d) tensor is ever formed for the whole K, and centred sums avoid the
+    cancellation of raw second moments.
     """
 
-    def __init__(self, pair: tuple[int, int] | None = None) -> None:
+    def __init__(self, pair: tuple[str, str] | None = None) -> None:
         self.pair = pair
         self.top: Tensor | None = None
         self.mass: Tensor | None = None
-        self.means: list[Tensor] = []
+        self.means: dict[str, Tensor] = {}
         self.cross: Tensor | None = None
 
-    def add(self, logits: Tensor, values: list[Tensor]) -> None:
+    def add(self, logits: Tensor, values: dict[str, Tensor]) -> None:
         top = logits.max(dim=1).values
         e = torch.exp(logits - top.unsqueeze(1))
         mass = e.sum(dim=1)
         w = e / mass.unsqueeze(1)
-        means = [_weighted_mean(w, v) for v in values]
+        means = {name: _weighted_mean(w, v) for name, v in values.items()}
         cross = None
         if self.pair is not None:
-            i, j = self.pair
-            pc = values[i] - means[i].unsqueeze(1)
-            qc = pc if i == j else values[j] - means[j].unsqueeze(1)
+            p, q = self.pair
+            pc = values[p] - means[p].unsqueeze(1)
+            qc = pc if p == q else values[q] - means[q].unsqueeze(1)
             cross = (w * (pc * qc).sum(dim=-1)).sum(dim=1)
         if self.top is None:
             self.top, self.mass, self.means, self.cross = top, mass, means, cross
@@ -192,19 +267,19 @@ class _SoftmaxStatistics:
         fb = mass * torch.exp(top - new_top)
         total = fa + fb
         alpha, beta = fa / total, fb / total
-        deltas = [mb - ma for ma, mb in zip(self.means, means, strict=True)]
+        deltas = {name: means[name] - self.means[name] for name in means}
         if self.pair is not None:
             assert self.cross is not None and cross is not None
-            i, j = self.pair
+            p, q = self.pair
             self.cross = (
                 alpha * self.cross
                 + beta * cross
-                + alpha * beta * (deltas[i] * deltas[j]).sum(dim=-1)
+                + alpha * beta * (deltas[p] * deltas[q]).sum(dim=-1)
             )
-        self.means = [
-            ma + (beta.unsqueeze(-1) if ma.dim() == 2 else beta) * dl
-            for ma, dl in zip(self.means, deltas, strict=True)
-        ]
+        self.means = {
+            name: mean + (beta.unsqueeze(-1) if mean.dim() == 2 else beta) * deltas[name]
+            for name, mean in self.means.items()
+        }
         self.top, self.mass = new_top, total
 
     def log_normalizer(self) -> Tensor:
@@ -214,45 +289,157 @@ class _SoftmaxStatistics:
 
 # ----------------------------------------------------------------------------------------------
 # Per-component closed forms for full covariances (used by both marginal classes)
-def _full_components(
+class _Components(NamedTuple):
+    """Per-component terms, shapes (B, k) or (B, k, d); ``None`` where not asked for."""
+
+    log_density: Tensor
+    score: Tensor | None
+    posterior_mean: Tensor | None
+    velocity: Tensor | None
+    trace: Tensor | None
+
+
+def _gaussian_components(
     x: Tensor,
     times: _Times,
     mean: Tensor,
     eigenvalues: Tensor,
     eigenvectors: Tensor,
-    need: str,
-) -> dict[str, Tensor]:
-    r"""Closed forms of §9 for components :math:`\mathcal N(a_t m_k, a_t^2 S_k + s_t^2 I)`.
+    *,
+    score: bool = False,
+    posterior_mean: bool = False,
+    velocity: bool = False,
+) -> _Components:
+    r"""Closed forms for components :math:`\mathcal N(a_t m_k, \Sigma_k)`, :math:`\Sigma_k =
+    a_t^2 S_k + s_t^2 I`, all in the eigenbasis of :math:`S_k = Q_k \Lambda_k Q_k^\top`.
 
-    ``mean`` (k, d), ``eigenvalues`` (k, d), ``eigenvectors`` (k, d, d). ``need`` is one of
-    ``"log_prob"``, ``"velocity"``, ``"divergence"``, ``"score"``. Returns ``log_density`` (B, k)
-    and, as needed, ``velocity`` u_k (B, k, d), ``score`` g_k (B, k, d), ``trace`` tr A_k (B, k).
+    With :math:`y = Q_k^\top (x - a_t m_k)` and :math:`\sigma^2_j = a_t^2\lambda_j + s_t^2`: the
+    log-density, the score :math:`g_k = -Q_k (y/\sigma^2)`, the posterior mean
+    :math:`m_k + Q_k (a_t\lambda/\sigma^2)\, y`, the velocity
+    :math:`u_k = a_t' m_k + Q_k \frac{a a'\lambda + s s'}{\sigma^2} y` and, with it,
+    :math:`\operatorname{tr} A_k = \sum_j \frac{a a'\lambda_j + s s'}{\sigma_j^2}`.
+
+    ``mean`` (k, d), ``eigenvalues`` (k, d), ``eigenvectors`` (k, d, d); ``x`` (B, d).
     """
     a, s2 = times.a, times.s2
-    centre = a[:, None, None] * mean  # (B, k, d)
-    diff = x.unsqueeze(1) - centre
+    diff = x.unsqueeze(1) - a[:, None, None] * mean  # (B, k, d)
     y = torch.einsum("bki,kij->bkj", diff, eigenvectors)  # Q_k^T (x - a m_k)
     var = a[:, None, None] ** 2 * eigenvalues + s2[:, None, None]  # eigenvalues of Σ_k(t)
     d = x.shape[1]
-    out = {
-        "log_density": -0.5
-        * ((y**2 / var).sum(-1) + torch.log(var).sum(-1) + d * math.log(2 * math.pi))
-    }
-    if need in ("score", "divergence"):
-        out["score"] = -torch.einsum("kij,bkj->bki", eigenvectors, y / var)
-    if need in ("velocity", "divergence"):
+    log_density = -0.5 * ((y**2 / var).sum(-1) + torch.log(var).sum(-1) + d * math.log(2 * math.pi))
+    rotate = lambda z: torch.einsum("kij,bkj->bki", eigenvectors, z)  # noqa: E731
+    g = -rotate(y / var) if score else None
+    x1_hat = mean + rotate(a[:, None, None] * eigenvalues / var * y) if posterior_mean else None
+    u = trace = None
+    if velocity:
         da, rate = times.derivatives()
-        coef = (a * da)[:, None, None] * eigenvalues + rate[:, None, None]
-        coef = coef / var  # eigenvalues of A_k = (a a' S_k + s s' I) Σ_k^{-1}
-        out["velocity"] = da[:, None, None] * mean + torch.einsum(
-            "kij,bkj->bki", eigenvectors, coef * y
+        coef = ((a * da)[:, None, None] * eigenvalues + rate[:, None, None]) / var  # eig of A_k
+        u = da[:, None, None] * mean + rotate(coef * y)
+        trace = coef.sum(-1)
+    return _Components(log_density, g, x1_hat, u, trace)
+
+
+class _MixturePosterior(NamedTuple):
+    """Softmax-weighted statistics of a full-covariance mixture (``None`` where not asked for)."""
+
+    log_normalizer: Tensor
+    score: Tensor | None
+    posterior_mean: Tensor | None
+    velocity: Tensor | None
+    weighted_trace: Tensor | None
+    covariance_term: Tensor | None  # Σ_k w_k (g_k - ḡ)·(u_k - ū)
+
+
+def _mixture_posterior(
+    x: Tensor,
+    times: _Times,
+    params: dict[str, Tensor],
+    step: int,
+    *,
+    score: bool,
+    posterior_mean: bool,
+    velocity: bool,
+    divergence: bool,
+) -> _MixturePosterior:
+    r"""One streamed pass over the components of :math:`\sum_k \pi_k \mathcal N(m_k, S_k)`.
+
+    The log-densities (and so the softmax weights), the rotations :math:`Q_k^\top(x - a_t m_k)`
+    and the per-component terms are computed once per chunk for every statistic asked for; the
+    divergence's covariance term is the pairwise-merged cross-covariance of scores and velocities.
+    """
+    need_score, need_velocity = score or divergence, velocity or divergence
+    stats = _OnlineSoftmax(pair=("score", "velocity") if divergence else None)
+    means, log_weights = params["means"], params["log_weights"]
+    for lo in range(0, means.shape[0], step):
+        sl = slice(lo, lo + step)
+        comp = _gaussian_components(
+            x,
+            times,
+            means[sl],
+            params["eigenvalues"][sl],
+            params["eigenvectors"][sl],
+            score=need_score,
+            posterior_mean=posterior_mean,
+            velocity=need_velocity,
         )
-        out["trace"] = coef.sum(-1)
-    return out
+        values = {
+            "score": comp.score,
+            "posterior_mean": comp.posterior_mean,
+            "velocity": comp.velocity,
+            "trace": comp.trace if divergence else None,
+        }
+        stats.add(
+            log_weights[sl] + comp.log_density,
+            {name: v for name, v in values.items() if v is not None},
+        )
+    m = stats.means
+    return _MixturePosterior(
+        stats.log_normalizer(),
+        m.get("score") if score else None,
+        m.get("posterior_mean"),
+        m.get("velocity") if need_velocity else None,
+        m.get("trace"),
+        stats.cross,
+    )
 
 
+class _EmpiricalPosterior(NamedTuple):
+    """Softmax-weighted statistics of weighted data points (``None`` where not asked for)."""
+
+    log_normalizer: Tensor  # logsumexp_i ℓ_i, without the -(d/2) log(2π s²) term
+    posterior_mean: Tensor | None  # x̂_1 = Σ_i w_i x_1^i
+    trace_covariance: Tensor | None  # tr Cov_w(x_1) = Σ_i w_i ‖x_1^i - x̂_1‖²
+
+
+def _empirical_posterior(
+    x: Tensor,
+    times: _Times,
+    points: Tensor,
+    log_weights: Tensor,
+    step: int,
+    *,
+    posterior_mean: bool,
+    covariance: bool,
+) -> _EmpiricalPosterior:
+    r"""One streamed pass over data points: :math:`\ell_i = \log q_i - \lVert x - a_t x_1^i
+    \rVert^2/(2 s_t^2)`, the posterior mean and (optionally) the trace of the posterior covariance,
+    sharing the distances and the softmax."""
+    a, s2 = times.a, times.s2
+    stats = _OnlineSoftmax(pair=("data", "data") if covariance else None)
+    keep_points = posterior_mean or covariance
+    for lo in range(0, points.shape[0], step):
+        pts = points[lo : lo + step]
+        sq = ((x.unsqueeze(1) - a[:, None, None] * pts) ** 2).sum(-1)
+        logits = log_weights[lo : lo + step] - 0.5 * sq / s2[:, None]
+        stats.add(logits, {"data": pts} if keep_points else {})
+    return _EmpiricalPosterior(stats.log_normalizer(), stats.means.get("data"), stats.cross)
+
+
+# ----------------------------------------------------------------------------------------------
+# The marginal classes
 class _Marginal:
-    """Shared plumbing: path, parameter caching per dtype/device, input checks."""
+    """Shared plumbing: path, parameter caching per dtype/device, input checks, and the public
+    methods, each one call to :meth:`statistics` asking for what it returns."""
 
     d: int
 
@@ -295,12 +482,81 @@ class _Marginal:
             like = torch.empty(1, self.d, dtype=self.dtype, device=self.device)
         return as_time(t, like)
 
+    def statistics(
+        self,
+        x: Tensor,
+        t: float | Tensor,
+        *,
+        score: bool = False,
+        posterior_mean: bool = False,
+        velocity: bool = False,
+        divergence: bool = False,
+    ) -> MarginalStatistics:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def __call__(self, x: Tensor, t: float | Tensor) -> Tensor:
         """The marginal field: ``marginal(x, t) == marginal.velocity(x, t)``."""
         return self.velocity(x, t)
 
-    def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def log_prob(self, x: Tensor, t: float | Tensor) -> Tensor:
+        r""":math:`\log p_t(x)`, shape ``(B,)``."""
+        return self.statistics(x, t).log_prob
+
+    def score(self, x: Tensor, t: float | Tensor) -> Tensor:
+        r"""The score :math:`\nabla_x \log p_t(x)`, shape ``(B, d)``.
+
+        For every affine path (Tweedie): :math:`\nabla_x \log p_t(x) = (a_t \hat x_1 - x)/s_t^2`
+        where :math:`s_t > 0`, with :math:`\hat x_1` = :meth:`posterior_mean`.
+        """
+        out = self.statistics(x, t, score=True).score
+        assert out is not None
+        return out
+
+    def posterior_mean(self, x: Tensor, t: float | Tensor) -> Tensor:
+        r"""The denoiser :math:`\hat x_1 = \mathbb E[x_1 \mid x_t = x]`, shape ``(B, d)``.
+
+        For components :math:`\mathcal N(m_k, S_k)`: :math:`\sum_k w_k (m_k + a_t S_k
+        \Sigma_k^{-1}(x - a_t m_k))`; for data points: :math:`\sum_i w_i x_1^i`.
+        """
+        out = self.statistics(x, t, posterior_mean=True).posterior_mean
+        assert out is not None
+        return out
+
+    def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:
+        r"""The marginal field :math:`u_t(x)` of Theorem 1 in closed form, shape ``(B, d)``."""
+        out = self.statistics(x, t, velocity=True).velocity
+        assert out is not None
+        return out
+
+    def divergence(self, x: Tensor, t: float | Tensor) -> Tensor:
+        r"""The closed-form :math:`\nabla\cdot u_t(x)`, shape ``(B,)``."""
+        out = self.statistics(x, t, divergence=True).divergence
+        assert out is not None
+        return out
+
+    def velocity_and_divergence(self, x: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        r"""``(velocity(x, t), divergence(x, t))`` from one pass over the components.
+
+        The posterior weights, the Mahalanobis terms and the per-component fields are computed
+        once and shared, instead of once per method; the numbers equal the separate calls up to
+        the order of floating-point operations. This is what an ODE solve of the augmented state
+        :math:`[z, \int \nabla\cdot u]` needs (see :func:`cnftools.fields.closed_form_divergence`).
+
+        Returns:
+            ``(u, div)``: shapes ``(B, d)`` and ``(B,)``.
+
+        Example:
+            >>> import torch, cnftools
+            >>> data = torch.randn(100, 3, dtype=torch.float64)
+            >>> marginal = cnftools.MixtureMarginal(cnftools.OTPath(0.2), data)
+            >>> x = torch.randn(4, 3, dtype=torch.float64)
+            >>> u, div = marginal.velocity_and_divergence(x, 0.5)
+            >>> torch.equal(u, marginal.velocity(x, 0.5)), u.shape, div.shape
+            (True, torch.Size([4, 3]), torch.Size([4]))
+        """
+        stats = self.statistics(x, t, velocity=True, divergence=True)
+        assert stats.velocity is not None and stats.divergence is not None
+        return stats.velocity, stats.divergence
 
     def prior(self) -> Distribution:
         r"""The exact :math:`p_0` as a distribution (``distribution(0.0)``); not always
@@ -373,34 +629,72 @@ class GaussianMarginal(_Marginal):
             "eigenvectors": self._eigenvectors,
         }
 
-    def _one(self, x: Tensor, times: _Times, need: str) -> dict[str, Tensor]:
-        times.require_nondegenerate(need)
+    def statistics(
+        self,
+        x: Tensor,
+        t: float | Tensor,
+        *,
+        score: bool = False,
+        posterior_mean: bool = False,
+        velocity: bool = False,
+        divergence: bool = False,
+    ) -> MarginalStatistics:
+        r"""Named closed forms at ``(x, t)`` from one pass; see :class:`MarginalStatistics`.
+
+        ``log_prob`` :math:`= \log\mathcal N(x; a_t m, \Sigma_t)` always; ``score``
+        :math:`= -\Sigma_t^{-1}(x - a_t m)`, ``posterior_mean`` :math:`= m + a_t S
+        \Sigma_t^{-1}(x - a_t m)`, ``velocity`` :math:`= a_t' m + A_t(x - a_t m)` and
+        ``divergence`` :math:`= \operatorname{tr} A_t` (= ``weighted_trace``) when asked for.
+
+        Args:
+            x: points, shape ``(B, d)``.
+            t: a float, a 0-dim tensor or a ``(B,)`` tensor in ``[0, 1]``.
+            score, posterior_mean, velocity, divergence: which statistics to compute.
+
+        Raises:
+            ValueError: bad ``x``/``t``, or :math:`a_t = s_t = 0` (a point mass).
+
+        Example:
+            >>> import torch, cnftools
+            >>> marginal = cnftools.GaussianMarginal(
+            ...     cnftools.OTPath(0.1),
+            ...     torch.zeros(2, dtype=torch.float64),
+            ...     torch.eye(2, dtype=torch.float64),
+            ... )
+            >>> stats = marginal.statistics(
+            ...     torch.ones(3, 2, dtype=torch.float64), 0.5, velocity=True, divergence=True
+            ... )
+            >>> stats.velocity.shape, stats.divergence.shape, stats.score is None
+            (torch.Size([3, 2]), torch.Size([3]), True)
+        """
+        x, times = self._prepare(x, t)
+        times.require_nondegenerate(_describe(score, posterior_mean, velocity, divergence))
         p = self._params(x)
-        out = _full_components(
-            x, times, p["mean"][None], p["eigenvalues"][None], p["eigenvectors"][None], need
+        comp = _gaussian_components(
+            x,
+            times,
+            p["mean"][None],
+            p["eigenvalues"][None],
+            p["eigenvectors"][None],
+            score=score,
+            posterior_mean=posterior_mean,
+            velocity=velocity or divergence,
         )
-        return {k: v[:, 0] for k, v in out.items()}
-
-    def log_prob(self, x: Tensor, t: float | Tensor) -> Tensor:
-        r""":math:`\log \mathcal N(x; a_t m, a_t^2 S + s_t^2 I)`, shape ``(B,)``."""
-        x, times = self._prepare(x, t)
-        return self._one(x, times, "log_prob")["log_density"]
-
-    def score(self, x: Tensor, t: float | Tensor) -> Tensor:
-        r""":math:`\nabla_x \log p_t(x) = -\Sigma_t^{-1}(x - a_t m)`, shape ``(B, d)``."""
-        x, times = self._prepare(x, t)
-        return self._one(x, times, "score")["score"]
-
-    def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:
-        r"""The marginal field :math:`u_t(x) = a_t' m + A_t (x - a_t m)`, shape ``(B, d)``."""
-        x, times = self._prepare(x, t)
-        return self._one(x, times, "velocity")["velocity"]
+        first = lambda v: None if v is None else v[:, 0]  # noqa: E731
+        trace = first(comp.trace) if divergence else None
+        return MarginalStatistics(
+            log_prob=comp.log_density[:, 0],
+            score=first(comp.score),
+            posterior_mean=first(comp.posterior_mean),
+            velocity=first(comp.velocity) if velocity else None,
+            divergence=trace,
+            weighted_trace=trace,
+        )
 
     def divergence(self, x: Tensor, t: float | Tensor) -> Tensor:
         r""":math:`\operatorname{div} u_t = \operatorname{tr} A_t = \sum_j
         \frac{a a' \lambda_j + s s'}{a^2 \lambda_j + s^2}`, shape ``(B,)``."""
-        x, times = self._prepare(x, t)
-        return self._one(x, times, "velocity")["trace"]
+        return super().divergence(x, t)
 
     def flow(self, z: Tensor, t: float | Tensor, t0: float | Tensor = 0.0) -> Tensor:
         r"""The flow of the marginal field from time ``t0`` to ``t`` (THEORY §9):
@@ -500,6 +794,9 @@ class MixtureMarginal(_Marginal):
         \operatorname{div} u = d\,\frac{ss'}{s^2} + \frac{a}{s^2}\Big(a' - a\frac{ss'}{s^2}\Big)
         \operatorname{tr}\operatorname{Cov}_w(x_1),\qquad \hat x_1 = \sum_i w_i x_1^i .
 
+    Every method is one streamed pass of :meth:`statistics`; :meth:`velocity_and_divergence`
+    shares that pass between the field and its divergence (what ODE solves call).
+
     Sums over components run ``chunk_size`` components at a time (online softmax, pairwise-merged
     weighted means and centred covariances), so memory is ``O(B · chunk_size · d)``, not
     ``O(B · K · d)``.
@@ -508,8 +805,10 @@ class MixtureMarginal(_Marginal):
         path: an :class:`~cnftools.paths.AffineGaussianPath`.
         means: component means :math:`m_k` (or data points), shape ``(K, d)``.
         covs: component covariances, shape ``(K, d, d)``, each SPD; ``None`` for empirical data.
-        weights: :math:`\pi_k`, shape ``(K,)``, finite, ``>= 0`` with a positive sum; they are
-            normalised to sum to one, and zero-weight components are dropped. Default uniform.
+        weights: :math:`\pi_k`, shape ``(K,)``, finite, ``>= 0``, not all zero; normalised in
+            log space (:math:`\log w_k - \operatorname{logsumexp}_j \log w_j`, so ``[1e308,
+            1e308]`` or subnormal weights work), zero-weight components dropped. Default uniform.
+            ``self.weights`` holds the normalised float64 weights.
         chunk_size: components per chunk; ``None`` chooses it so that a ``(B, chunk, d)``
             temporary has at most 2**22 elements.
 
@@ -544,24 +843,10 @@ class MixtureMarginal(_Marginal):
             raise ValueError(f"means must have shape (K, d), got {tuple(means.shape)}")
         k, d = means.shape
         if weights is None:
-            weights = torch.full((k,), 1.0 / k, dtype=torch.float64, device=means.device)
+            log_weights = torch.full((k,), -math.log(k), dtype=torch.float64, device=means.device)
         else:
-            weights = check_finite("weights", check_floating("weights", weights))
-            if weights.shape != (k,):
-                raise ValueError(
-                    f"weights must have shape (K,) = ({k},), got {tuple(weights.shape)}"
-                )
-            if weights.device != means.device:
-                raise ValueError(
-                    f"weights must be on the means' device {means.device}, got {weights.device}"
-                )
-            if bool((weights < 0).any()):
-                raise ValueError("weights must be >= 0")
-            if not float(weights.sum()) > 0:
-                raise ValueError("weights must have a positive sum")
-            weights = weights.to(torch.float64)
-            weights = weights / weights.sum()
-        keep = weights > 0
+            log_weights = _normalised_log_weights(weights, k, means.device)
+        keep = log_weights > -math.inf
         self.empirical = covs is None
         eigenvalues = eigenvectors = None
         if covs is not None:
@@ -583,7 +868,8 @@ class MixtureMarginal(_Marginal):
         self.d = d
         self.dtype, self.device = means.dtype, means.device
         self.means = means.detach()[keep]
-        self.weights = weights[keep]
+        self._log_weights = log_weights[keep]
+        self.weights = torch.exp(self._log_weights)
         self._eigenvalues, self._eigenvectors = eigenvalues, eigenvectors
 
     @property
@@ -592,7 +878,7 @@ class MixtureMarginal(_Marginal):
         return self.means.shape[0]
 
     def _params64(self) -> dict[str, Tensor]:
-        out = {"means": self.means.to(torch.float64), "log_weights": torch.log(self.weights)}
+        out = {"means": self.means.to(torch.float64), "log_weights": self._log_weights}
         if not self.empirical:
             assert self._eigenvalues is not None and self._eigenvectors is not None
             out["eigenvalues"], out["eigenvectors"] = self._eigenvalues, self._eigenvectors
@@ -604,81 +890,123 @@ class MixtureMarginal(_Marginal):
         per_component = batch * self.d * (self.d if not self.empirical else 1)
         return max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, per_component))
 
-    def _statistics(self, x: Tensor, times: _Times, need: str) -> _SoftmaxStatistics:
+    def statistics(
+        self,
+        x: Tensor,
+        t: float | Tensor,
+        *,
+        score: bool = False,
+        posterior_mean: bool = False,
+        velocity: bool = False,
+        divergence: bool = False,
+    ) -> MarginalStatistics:
+        r"""Named closed forms at ``(x, t)`` from one streamed pass; see
+        :class:`MarginalStatistics`.
+
+        Whatever is asked for shares one computation of the log-densities, the softmax weights
+        and the per-component terms (chunk by chunk). Empirical data use the isotropic formulas
+        (``u`` and ``div u`` from :math:`\hat x_1` and :math:`\operatorname{tr}\operatorname{Cov}_w
+        (x_1)`); mixtures the full-covariance ones.
+
+        Args:
+            x: points, shape ``(B, d)``.
+            t: a float, a 0-dim tensor or a ``(B,)`` tensor in ``[0, 1]``.
+            score, posterior_mean, velocity, divergence: which statistics to compute.
+
+        Raises:
+            ValueError: bad ``x``/``t``; empirical data where :math:`s_t = 0`; any data where
+                :math:`a_t = s_t = 0`.
+
+        Example:
+            >>> import torch, cnftools
+            >>> data = torch.tensor([[0.0, 0.0], [2.0, 1.0]], dtype=torch.float64)
+            >>> marginal = cnftools.MixtureMarginal(cnftools.OTPath(0.2), data)
+            >>> x = torch.zeros(4, 2, dtype=torch.float64)
+            >>> stats = marginal.statistics(x, 0.5, posterior_mean=True, divergence=True)
+            >>> stats.posterior_mean.shape, stats.divergence.shape, stats.velocity is None
+            (torch.Size([4, 2]), torch.Size([4]), True)
+        """
+        x, times = self._prepare(x, t)
+        what = _describe(score, posterior_mean, velocity, divergence)
         p = self._params(x)
         step = self._chunk(x.shape[0])
         if self.empirical:
-            times.require_positive_noise(need)
-            stats = _SoftmaxStatistics(pair=(0, 0) if need == "divergence" else None)
-            a, s2 = times.a, times.s2
-            for lo in range(0, self.num_components, step):
-                pts = p["means"][lo : lo + step]
-                sq = ((x.unsqueeze(1) - a[:, None, None] * pts) ** 2).sum(-1)
-                logits = p["log_weights"][lo : lo + step] - 0.5 * sq / s2[:, None]
-                stats.add(logits, [] if need == "log_prob" else [pts])
-            return stats
-        times.require_nondegenerate(need)
-        pair = (0, 1) if need == "divergence" else None
-        stats = _SoftmaxStatistics(pair=pair)
-        for lo in range(0, self.num_components, step):
-            sl = slice(lo, lo + step)
-            comp = _full_components(
-                x, times, p["means"][sl], p["eigenvalues"][sl], p["eigenvectors"][sl], need
+            return self._empirical_statistics(
+                x, times, p, step, what, score, posterior_mean, velocity, divergence
             )
-            logits = p["log_weights"][sl] + comp["log_density"]
-            values = {
-                "log_prob": [],
-                "score": [comp.get("score")],
-                "velocity": [comp.get("velocity")],
-                "divergence": [comp.get("score"), comp.get("velocity"), comp.get("trace")],
-            }[need]
-            stats.add(logits, values)  # type: ignore[arg-type]
-        return stats
+        times.require_nondegenerate(what)
+        post = _mixture_posterior(
+            x,
+            times,
+            p,
+            step,
+            score=score,
+            posterior_mean=posterior_mean,
+            velocity=velocity,
+            divergence=divergence,
+        )
+        div = None
+        if divergence:
+            assert post.weighted_trace is not None and post.covariance_term is not None
+            div = post.weighted_trace + post.covariance_term
+        return MarginalStatistics(
+            log_prob=post.log_normalizer,
+            score=post.score,
+            posterior_mean=post.posterior_mean,
+            velocity=post.velocity if velocity else None,
+            divergence=div,
+            weighted_trace=post.weighted_trace,
+        )
 
-    def log_prob(self, x: Tensor, t: float | Tensor) -> Tensor:
-        r""":math:`\log p_t(x) = \operatorname{logsumexp}_k \ell_k`, shape ``(B,)``."""
-        x, times = self._prepare(x, t)
-        stats = self._statistics(x, times, "log_prob")
-        out = stats.log_normalizer()
-        if self.empirical:
-            out = out - 0.5 * self.d * torch.log(2 * math.pi * times.s2)
-        return out
-
-    def score(self, x: Tensor, t: float | Tensor) -> Tensor:
-        r""":math:`\nabla_x \log p_t(x) = \sum_k w_k g_k`, shape ``(B, d)``."""
-        x, times = self._prepare(x, t)
-        stats = self._statistics(x, times, "score" if not self.empirical else "velocity")
-        if self.empirical:
-            return -(x - times.a[:, None] * stats.means[0]) / times.s2[:, None]
-        return stats.means[0]
-
-    def posterior_mean(self, x: Tensor, t: float | Tensor) -> Tensor:
-        r"""Empirical data only: the posterior mean :math:`\hat x_1 = \sum_i w_i x_1^i`, (B, d)."""
-        if not self.empirical:
-            raise ValueError("posterior_mean is defined here for empirical data (covs=None) only")
-        x, times = self._prepare(x, t)
-        return self._statistics(x, times, "velocity").means[0]
-
-    def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:
-        r"""The marginal field of Theorem 1 in closed form, shape ``(B, d)``."""
-        x, times = self._prepare(x, t)
-        stats = self._statistics(x, times, "velocity")
-        if not self.empirical:
-            return stats.means[0]
-        da, rate = times.derivatives()
-        ratio = (rate / times.s2)[:, None]
-        return ratio * x + (da[:, None] - times.a[:, None] * ratio) * stats.means[0]
-
-    def divergence(self, x: Tensor, t: float | Tensor) -> Tensor:
-        r"""The closed-form :math:`\operatorname{div} u_t(x)`, shape ``(B,)``."""
-        x, times = self._prepare(x, t)
-        stats = self._statistics(x, times, "divergence")
-        assert stats.cross is not None
-        if not self.empirical:
-            return stats.means[2] + stats.cross
-        da, rate = times.derivatives()
-        ratio = rate / times.s2
-        return self.d * ratio + times.a / times.s2 * (da - times.a * ratio) * stats.cross
+    def _empirical_statistics(
+        self,
+        x: Tensor,
+        times: _Times,
+        p: dict[str, Tensor],
+        step: int,
+        what: str,
+        score: bool,
+        posterior_mean: bool,
+        velocity: bool,
+        divergence: bool,
+    ) -> MarginalStatistics:
+        r"""The isotropic closed forms for data points (``covs=None``), from one streamed pass."""
+        times.require_positive_noise(what)
+        post = _empirical_posterior(
+            x,
+            times,
+            p["means"],
+            p["log_weights"],
+            step,
+            posterior_mean=score or posterior_mean or velocity or divergence,
+            covariance=divergence,
+        )
+        a, s2 = times.a, times.s2
+        log_prob = post.log_normalizer - 0.5 * self.d * torch.log(2 * math.pi * s2)
+        x1_hat = post.posterior_mean
+        g = u = div = weighted_trace = None
+        if score:
+            assert x1_hat is not None
+            g = (a[:, None] * x1_hat - x) / s2[:, None]  # Tweedie
+        if velocity or divergence:
+            da, rate = times.derivatives()
+            ratio = rate / s2  # s s' / s^2
+            gain = da - a * ratio  # a' - a s s' / s^2
+            if velocity:
+                assert x1_hat is not None
+                u = ratio[:, None] * x + gain[:, None] * x1_hat
+            if divergence:
+                assert post.trace_covariance is not None
+                weighted_trace = self.d * ratio
+                div = weighted_trace + a / s2 * gain * post.trace_covariance
+        return MarginalStatistics(
+            log_prob=log_prob,
+            score=g,
+            posterior_mean=x1_hat if posterior_mean else None,
+            velocity=u,
+            divergence=div,
+            weighted_trace=weighted_trace,
+        )
 
     def distribution(self, t: float | Tensor) -> MixtureSameFamily:
         r"""The exact :math:`p_t` as a ``MixtureSameFamily`` (full-covariance ``MultivariateNormal``
@@ -688,7 +1016,7 @@ class MixtureMarginal(_Marginal):
         """
         times = _Times(self.path, self._scalar_time(t))
         p = self._params(times.t)
-        mix = Categorical(probs=torch.exp(p["log_weights"]))
+        mix = Categorical(logits=p["log_weights"])
         loc = times.a * p["means"]
         if self.empirical:
             times.require_positive_noise("distribution")

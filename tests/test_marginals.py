@@ -616,3 +616,308 @@ def test_parameters_of_mixed_dtypes_are_refused():
         MixtureMarginal(
             path, torch.zeros(1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float32)[None]
         )
+
+
+# --- one pass: velocity and divergence together (issue #12.6) -------------------------------------
+
+T_FORMS = ["float", "0-d", "(B,)", "expanded (B,)"]
+
+
+def _time_form(form: str, value: float, batch: int, dtype: torch.dtype):
+    if form == "float":
+        return value
+    if form == "0-d":
+        return torch.tensor(value, dtype=dtype)
+    if form == "(B,)":
+        return torch.full((batch,), value, dtype=dtype)
+    return torch.tensor(value, dtype=dtype).expand(batch)
+
+
+@pytest.mark.parametrize(("path_name", "data_name"), CASE_GRID)
+def test_velocity_and_divergence_equal_the_separate_passes(path_name, data_name):
+    """One pass gives the numbers of velocity() and divergence() called separately: 1e-12
+    relative in float64 (the same formulas on the same inputs; only shared intermediates), and the
+    divergence equals the autograd Jacobian trace (1e-10 relative, roundoff)."""
+    case, path_case = DATA_CASES[data_name], AFFINE_PATH_CASES[path_name]
+    marginal = case.marginal(path_case.build(), chunk_size=5)
+    x = 1.5 * _draw((7, case.d), 40)
+    t = _times(7, case.t_max(path_case), 41)
+    u, div = marginal.velocity_and_divergence(x, t)
+    u_ref, div_ref = marginal.velocity(x, t), marginal.divergence(x, t)
+    torch.testing.assert_close(u, u_ref, rtol=1e-12, atol=1e-12 * float(u_ref.abs().max()))
+    torch.testing.assert_close(div, div_ref, rtol=1e-12, atol=1e-12 * float(div_ref.abs().max()))
+    jac = _jacobian_trace(marginal.velocity, x, t)
+    assert float((div - jac).abs().max()) <= 1e-10 * max(1.0, float(jac.abs().max()))
+
+
+@pytest.mark.parametrize("form", T_FORMS)
+@pytest.mark.parametrize("data_name", ["gaussian d=3", "mixture K=4 d=2", "empirical N=6 d=1"])
+def test_velocity_and_divergence_accept_every_form_of_t(data_name, form, dtype):
+    """float, 0-d, (B,) and expanded (B,) t give the same one-pass result as a (B,) tensor, in the
+    input's dtype; float32 agrees with float64 to 1e-4 relative (eps32 times condition numbers)."""
+    case = DATA_CASES[data_name]
+    path = cnftools.VPPath(0.1, 20.0)
+    marginal = case.marginal(path, dtype=dtype)
+    x = _draw((5, case.d), 42, dtype)
+    u, div = marginal.velocity_and_divergence(x, _time_form(form, 0.6, 5, dtype))
+    assert u.dtype == dtype and div.dtype == dtype and u.shape == x.shape and div.shape == (5,)
+    u64, div64 = case.marginal(path).velocity_and_divergence(x.double(), 0.6)
+    tol = 1e-12 if dtype == F64 else 1e-4
+    torch.testing.assert_close(u.double(), u64, rtol=tol, atol=tol * float(u64.abs().max()))
+    torch.testing.assert_close(
+        div.double(), div64, rtol=tol, atol=tol * max(1.0, float(div64.abs().max()))
+    )
+
+
+@given(
+    case=st.builds(
+        lambda k, d, seed: DataCase("empirical", d, k, seed),
+        st.integers(1, 30),
+        st.integers(1, 5),
+        st.integers(0, 10_000),
+    ),
+    t=st.floats(0.0, 0.95),
+    chunk=st.integers(1, 8),
+)
+def test_one_pass_property_empirical(case, t, chunk):
+    """Property: for random weighted data sets, chunk sizes and t, one pass = separate passes
+    (1e-12 relative) on the σ_min = 0.2 OT path."""
+    marginal = case.marginal(cnftools.OTPath(0.2), chunk_size=chunk)
+    x = _draw((4, case.d), case.seed)
+    u, div = marginal.velocity_and_divergence(x, t)
+    u_ref, div_ref = marginal.velocity(x, t), marginal.divergence(x, t)
+    torch.testing.assert_close(u, u_ref, rtol=1e-12, atol=1e-12 * float(u_ref.abs().max()))
+    torch.testing.assert_close(div, div_ref, rtol=1e-12, atol=1e-12 * float(div_ref.abs().max()))
+
+
+class _CountingMarginal(MixtureMarginal):
+    """A mixture marginal that counts which public entry points a solve uses."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = {"velocity": 0, "divergence": 0, "velocity_and_divergence": 0}
+
+    def velocity(self, x, t):
+        self.calls["velocity"] += 1
+        return super().velocity(x, t)
+
+    def divergence(self, x, t):
+        self.calls["divergence"] += 1
+        return super().divergence(x, t)
+
+    def velocity_and_divergence(self, x, t):
+        self.calls["velocity_and_divergence"] += 1
+        return super().velocity_and_divergence(x, t)
+
+
+class _TwoPasses:
+    """The same field offering velocity and divergence but no one-pass method."""
+
+    def __init__(self, marginal) -> None:
+        self.marginal = marginal
+
+    def __call__(self, x, t):
+        return self.marginal.velocity(x, t)
+
+    def divergence(self, x, t):
+        return self.marginal.divergence(x, t)
+
+
+@pytest.mark.parametrize("as_bound_method", [False, True])
+def test_log_likelihood_uses_the_one_pass(as_bound_method):
+    """log_likelihood on a marginal (or its bound .velocity) evaluates velocity_and_divergence
+    at every step (never divergence separately), and returns what the two-pass field returns: same steps, 1e-12 relative (identical
+    numbers up to summation order); both equal the exact log p_1 within the solver tolerance."""
+    p = DATA_CASES["empirical N=40 d=3 (weighted)"].parameters()
+    path = cnftools.OTPath(0.2)
+    counting = _CountingMarginal(path, p["means"], weights=p["weights"], chunk_size=16)
+    x = counting.sample(6, 1.0, torch.Generator().manual_seed(43))
+    field = counting.velocity if as_bound_method else counting
+    prior = counting.prior()
+    one = cnftools.log_likelihood(field, x, prior, rtol=1e-9, atol=1e-9)
+    # every step evaluates the one pass; the engine may probe the plain field once up front
+    assert counting.calls["velocity_and_divergence"] > 5
+    assert counting.calls["divergence"] == 0
+    assert counting.calls["velocity"] <= 1
+    two = cnftools.log_likelihood(_TwoPasses(counting), x, prior, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(one, two, rtol=1e-12, atol=1e-12)
+    exact = counting.log_prob(x, 1.0)
+    torch.testing.assert_close(one, exact, rtol=1e-6, atol=1e-6)
+
+
+def test_one_pass_is_not_used_for_another_objects_divergence():
+    """A field whose divergence is borrowed from another object is called itself (no one pass of
+    the other object replaces it)."""
+    marginal = DATA_CASES["gaussian d=3"].marginal(cnftools.OTPath(0.1))
+
+    class Borrowing:
+        def __call__(self, x, t):
+            return 2 * marginal.velocity(x, t)
+
+        divergence = staticmethod(lambda x, t: 2 * marginal.divergence(x, t))
+
+    from cnftools.fields import call_with_closed_form_divergence, closed_form_divergence
+
+    field = Borrowing()
+    x, t = _draw((4, 3), 44), torch.full((4,), 0.3, dtype=F64)
+    u, div = call_with_closed_form_divergence(field, x, t, closed_form_divergence(field))
+    torch.testing.assert_close(u, 2 * marginal.velocity(x, t), rtol=0, atol=0)
+    torch.testing.assert_close(div, 2 * marginal.divergence(x, t), rtol=0, atol=0)
+
+
+# --- named statistics, posterior mean and score (issue #14.2) --------------------------------------
+
+
+@pytest.mark.parametrize("data_name", sorted(DATA_CASES))
+def test_statistics_are_named_and_match_the_methods(data_name):
+    """statistics() returns named fields; those not asked for are None; each equals its method
+    (1e-12 relative, same formulas)."""
+    case = DATA_CASES[data_name]
+    marginal = case.marginal(cnftools.VEPath(0.1, 5.0), chunk_size=3)
+    x, t = _draw((5, case.d), 45), _times(5, 1.0, 46)
+    only_log_prob = marginal.statistics(x, t)
+    assert only_log_prob.score is None and only_log_prob.velocity is None
+    assert only_log_prob.divergence is None and only_log_prob.posterior_mean is None
+    stats = marginal.statistics(
+        x, t, score=True, posterior_mean=True, velocity=True, divergence=True
+    )
+    for name in ("log_prob", "score", "posterior_mean", "velocity", "divergence"):
+        ref = getattr(marginal, name)(x, t)
+        got = getattr(stats, name)
+        torch.testing.assert_close(
+            got, ref, rtol=1e-12, atol=1e-12 * max(1.0, float(ref.abs().max()))
+        )
+    assert stats.weighted_trace is not None and stats.weighted_trace.shape == (5,)
+
+
+def _posterior_mean_reference(case: DataCase, path, x: np.ndarray, t: float) -> np.ndarray:
+    """E[x1 | x_t = x] by Gaussian conditioning per component (numpy solve, no eigh) and
+    scipy posterior weights: x1 | x, k ~ m_k + a S_k Σ_k^{-1} (x - a m_k); points: x1^i."""
+    a, _, s2, _ = _schedule(path, t)
+    p = {k: v.numpy() for k, v in case.parameters().items()}
+    eye = np.eye(case.d)
+    if case.kind == "gaussian":
+        means, covs, weights = p["mean"][None], p["cov"][None], np.ones(1)
+    else:
+        means, weights = p["means"], p["weights"]
+        covs = p.get("covs", np.zeros((case.components, case.d, case.d)))
+    logits, cond = [], []
+    for m, c, w in zip(means, covs, weights, strict=True):
+        sigma = a**2 * c + s2 * eye
+        logits.append(np.log(w) + stats.multivariate_normal(a * m, sigma).logpdf(x).reshape(-1))
+        cond.append(m + a * np.linalg.solve(sigma, (x - a * m).T).T @ c.T)
+    logits = np.stack(logits, axis=1)
+    w = np.exp(logits - special.logsumexp(logits, axis=1, keepdims=True))
+    return np.einsum("bk,kbd->bd", w, np.stack(cond))
+
+
+@pytest.mark.parametrize("path_name", sorted(AFFINE_PATH_CASES))
+@pytest.mark.parametrize("data_name", sorted(DATA_CASES))
+def test_posterior_mean_matches_gaussian_conditioning(path_name, data_name):
+    """posterior_mean(x, t) = E[x1 | x_t = x] against per-component Gaussian conditioning (numpy
+    solve + scipy weights): 1e-9 relative to max(1, max|x̂1|) in float64 (solves with condition
+    numbers up to ~1e2 near t = 1)."""
+    case, path_case = DATA_CASES[data_name], AFFINE_PATH_CASES[path_name]
+    path = path_case.build()
+    marginal = case.marginal(path, chunk_size=4)
+    x = 1.5 * _draw((5, case.d), 47)
+    for t in (0.2, 0.7, case.t_max(path_case) if case.kind == "empirical" else 0.97):
+        expected = _posterior_mean_reference(case, path, x.numpy(), t)
+        got = marginal.posterior_mean(x, t).numpy()
+        scale = max(1.0, float(np.abs(expected).max()))
+        assert float(np.abs(got - expected).max()) <= 1e-9 * scale
+
+
+@given(
+    data_name=st.sampled_from(sorted(DATA_CASES)),
+    path=st.one_of(builtin_paths(), user_affine_paths()),
+    t=st.floats(0.0, 0.95),
+    seed=st.integers(0, 2**16),
+)
+def test_tweedie_links_score_and_posterior_mean(data_name, path, t, seed):
+    """Tweedie, for every q and affine path: ∇log p_t(x) = (a_t x̂1 − x)/s_t² where s_t > 0.
+    score() (itself checked against autograd) and posterior_mean() are computed from different
+    per-component terms; they agree to 1e-8 relative to max|score| (float64; s_t² ≥ ~1e-3)."""
+    if not isinstance(path, cnftools.AffineGaussianPath):
+        return
+    case = DATA_CASES[data_name]
+    marginal = case.marginal(path)
+    tt = torch.tensor([t], dtype=F64)
+    s2 = float(path.noise_variance(tt))
+    if s2 < 1e-3:
+        return
+    a = float(path.signal_scale(tt))
+    x = _draw((4, case.d), seed)
+    score, x1_hat = marginal.score(x, t), marginal.posterior_mean(x, t)
+    tweedie = (a * x1_hat - x) / s2
+    assert float((score - tweedie).abs().max()) <= 1e-8 * max(1.0, float(score.abs().max()))
+
+
+# --- mixture weights in log space (issue #11.8) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [1e308, 1e308, 1e308],
+        [5e-324, 5e-324, 5e-324],
+        [1e-300, 1e-300, 1e-300],
+    ],
+    ids=["huge", "subnormal", "tiny"],
+)
+def test_extreme_weights_are_normalised_in_log_space(weights):
+    """Equal weights of any representable size give the uniform mixture: no overflow of the sum
+    (1e308), no underflow to zero (5e-324): log p_t equals the default-weight marginal (1e-12)."""
+    data = _draw((3, 2), 48)
+    path = cnftools.OTPath(0.1)
+    marginal = MixtureMarginal(path, data, weights=torch.tensor(weights, dtype=F64))
+    assert marginal.num_components == 3
+    torch.testing.assert_close(marginal.weights, torch.full((3,), 1 / 3, dtype=F64))
+    x = _draw((4, 2), 49)
+    uniform = MixtureMarginal(path, data)
+    torch.testing.assert_close(
+        marginal.log_prob(x, 0.5), uniform.log_prob(x, 0.5), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_float32_weights_near_the_top_of_the_range():
+    """float32 weights 3e38 (their sum overflows float32) normalise to [0.25, 0.75]."""
+    w = torch.tensor([1e38, 3e38], dtype=F32)
+    marginal = MixtureMarginal(cnftools.OTPath(0.1), _draw((2, 2), 50, F32), weights=w)
+    torch.testing.assert_close(marginal.weights, torch.tensor([0.25, 0.75], dtype=F64))
+
+
+@given(exponent=st.integers(-300, 300), seed=st.integers(0, 2**16))
+def test_weights_are_scale_invariant(exponent, seed):
+    """Property: multiplying all weights by 10^k (|k| ≤ 300) changes nothing: 1e-12 relative."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(4, 2, generator=g, dtype=F64)
+    w = 0.1 + torch.rand(4, generator=g, dtype=F64)
+    path = cnftools.OTPath(0.2)
+    x = torch.randn(3, 2, generator=g, dtype=F64)
+    ref = MixtureMarginal(path, data, weights=w)
+    scaled = MixtureMarginal(path, data, weights=w * 10.0**exponent)
+    torch.testing.assert_close(scaled.weights, ref.weights, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        scaled.log_prob(x, 0.5), ref.log_prob(x, 0.5), rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    ("weights", "error", "match"),
+    [
+        (torch.tensor([1.0, math.nan, 1.0], dtype=F64), ValueError, "non-finite"),
+        (torch.tensor([1.0, -math.inf, 1.0], dtype=F64), ValueError, "non-finite"),
+        (torch.tensor([1.0, -1e-300, 1.0], dtype=F64), ValueError, ">= 0"),
+        (torch.zeros(3, dtype=F64), ValueError, "all be zero"),
+        (torch.ones(3, 1, dtype=F64), ValueError, r"shape \(K,\)"),
+        (torch.ones(3, dtype=torch.int64), TypeError, "floating"),
+        ([1.0, 1.0, 1.0], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_weights_are_refused_before_any_work(weights, error, match):
+    """NaN, ±inf, negative, all-zero, wrongly shaped, integer and non-tensor weights: clear errors
+    naming ``weights``."""
+    with pytest.raises(error, match=match) as info:
+        MixtureMarginal(cnftools.OTPath(), _draw((3, 2), 51), weights=weights)
+    assert "weights" in str(info.value)

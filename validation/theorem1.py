@@ -128,8 +128,7 @@ def run(ctx: Context) -> Iterator[Check]:
 
 def _mixture_divergence_control(marginal, x, t, ref, scale, subject) -> Check:
     """Σ_k w_k tr A_k alone (no covariance term) must disagree with the autograd trace."""
-    stats = marginal._statistics(*marginal._prepare(x, t), "divergence")
-    incomplete = stats.means[2]
+    incomplete = marginal.statistics(x, t, divergence=True).weighted_trace
     return Check(
         "§10",
         "control: div without Σ w (g−ḡ)·u is rejected",
