@@ -24,7 +24,8 @@ References:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
@@ -32,11 +33,15 @@ from torch import Tensor
 from cnftools._checks import as_time, check_batched
 
 __all__ = [
+    "CONVENTION_HINT",
+    "Extras",
     "VelocityField",
     "call_checked",
     "call_field",
+    "check_extras",
     "closed_form_divergence",
     "field_name",
+    "select_extras",
 ]
 
 Divergence = Callable[[Tensor, Tensor], Tensor]
@@ -67,7 +72,9 @@ def field_name(v: object) -> str:
     return type(v).__name__
 
 
-def call_field(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float | Tensor) -> Tensor:
+def call_field(
+    v: Callable[..., Tensor], x: Tensor, t: float | Tensor, extras: Extras | None = None
+) -> Tensor:
     r"""Call a velocity field by the package convention and check what it returns.
 
     Args:
@@ -75,6 +82,7 @@ def call_field(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float | Tens
         x: points, shape ``(B, *event)``.
         t: a float, a 0-dim tensor or a ``(B,)`` tensor in :math:`[0, 1]`; ``v`` always receives a
             ``(B,)`` tensor on ``x``'s device and dtype.
+        extras: keyword arguments passed to the field as they are (a conditional field's label).
 
     Returns:
         :math:`v(x, t)`, shape ``(B, *event)``.
@@ -94,15 +102,91 @@ def call_field(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float | Tens
     if not callable(v):
         raise TypeError(f"the velocity field must be callable v(x, t), got {type(v).__name__}")
     x = check_batched("x", x)
-    return call_checked(v, x, as_time(t, x))
+    return call_checked(v, x, as_time(t, x), check_extras(extras))
 
 
-def call_checked(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor) -> Tensor:
+Extras = Mapping[str, object]
+"""Extra keyword arguments of a conditional field, ``v(x, t, **extras)`` (see :func:`call_checked`)."""
+
+_SHAPE_ERROR = re.compile(
+    r"size of tensor|must match the size|shapes? cannot be multiplied|shape '\[|is invalid for "
+    r"input of size|broadcast|dimension|Sizes of tensors|expected .*shape|mat1 and mat2",
+    re.IGNORECASE,
+)
+
+CONVENTION_HINT = (
+    "cnftools calls the field as v(x, t, **extras) with x of shape (B, *event) and t of shape "
+    "(B,) (one time per sample); torchdiffeq's f(t, x) argument order is a common mistake"
+)
+"""The hint added to a shape or broadcast error raised inside a field call."""
+
+
+def select_extras(extras: Extras | None, batch: int, rows: Tensor | slice | None = None) -> dict:
+    """The extras for a sub-batch: tensors whose first dimension is the batch are indexed by
+    ``rows``; anything else (scalars, class embeddings shared by all rows) is passed as is.
+
+    Args:
+        extras: the field's keyword arguments (or ``None``).
+        batch: the batch size ``B`` the extras were given for.
+        rows: an index (a slice, a boolean mask or integer indices over the batch); ``None`` keeps
+            every row.
+
+    Returns:
+        A new dict (empty for ``None``).
+
+    Example:
+        >>> import torch
+        >>> extras = {"label": torch.arange(4), "scale": 2.0}
+        >>> select_extras(extras, 4, slice(1, 3))
+        {'label': tensor([1, 2]), 'scale': 2.0}
+    """
+    if not extras:
+        return {}
+    if rows is None:
+        return dict(extras)
+    return {
+        k: (e[rows] if isinstance(e, Tensor) and e.dim() >= 1 and e.shape[0] == batch else e)
+        for k, e in extras.items()
+    }
+
+
+def check_extras(extras: object) -> dict:
+    """Validate ``extras=``: ``None`` or a mapping from argument names to values.
+
+    Example:
+        >>> check_extras(None)
+        {}
+    """
+    if extras is None:
+        return {}
+    if not isinstance(extras, Mapping) or not all(isinstance(k, str) for k in extras):
+        raise TypeError(
+            f"extras must be a dict of keyword arguments for the field, v(x, t, **extras); "
+            f"got {type(extras).__name__}"
+        )
+    if {"x", "t"} & set(extras):
+        raise ValueError("extras must not contain 'x' or 't': cnftools passes those itself")
+    return dict(extras)
+
+
+def call_checked(
+    v: Callable[..., Tensor], x: Tensor, t: Tensor, extras: Extras | None = None
+) -> Tensor:
     """:func:`call_field` for inputs already validated (``x`` checked, ``t`` a ``(B,)`` tensor).
 
-    Only the field's output is checked; internal callers use this to validate inputs once.
+    The one place cnftools calls a field: ``v(x, t, **extras)``. Only the field's output is
+    checked; internal callers use this to validate inputs once. A shape or broadcast error raised
+    inside the field is re-raised with :data:`CONVENTION_HINT` (the original error chained).
     """
-    out = v(x, t)
+    try:
+        out = v(x, t, **extras) if extras else v(x, t)
+    except RuntimeError as error:
+        if not _SHAPE_ERROR.search(str(error)) or "vmap" in str(error):
+            raise
+        raise RuntimeError(
+            f"calling velocity field {field_name(v)} failed: {error}\nHint: {CONVENTION_HINT}; "
+            f"here x has shape {tuple(x.shape)} and t shape {tuple(t.shape)}"
+        ) from error
     if (
         isinstance(out, Tensor)
         and out.shape == x.shape
