@@ -23,10 +23,14 @@ and :math:`d` vector-Jacobian products (:mod:`cnftools.divergence`). ``divergenc
 uses :math:`K` probe vectors :math:`\varepsilon_k` drawn once and held fixed for the whole solve,
 integrates each probe's estimate separately, and reports the per-sample standard error of their mean.
 
-Gradients with respect to ``x``, the prior's and the field's parameters flow by backpropagation
-through the solver (default) or by the adjoint method (``adjoint=True``, memory independent of the
-number of steps). When gradients are needed the exact divergence is built with ``create_graph=True``;
-otherwise the solve runs without a graph (evaluate under ``torch.no_grad()`` to make sure).
+Gradients only when asked: by default the solve keeps no graph, whatever the field's parameters
+(memory as under ``torch.no_grad()``). Asked means ``x.requires_grad`` or ``grad=True`` (direct
+backpropagation through the solver) or ``adjoint=True`` (the adjoint method, memory independent of
+the number of steps); then the exact divergence is built with ``create_graph=True``.
+
+``accuracy=`` asks for nats instead of tolerances: the engine chooses method and tolerance, checks
+itself with a tighter solve and solves again only the rows not yet certified. ``extras=`` passes
+keyword arguments to a conditional field, ``v(x, t, **extras)``.
 
 Shapes: data ``x`` and noise ``z0`` are ``(B, *event)``; log-densities are ``(B,)``.
 

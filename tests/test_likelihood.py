@@ -762,8 +762,9 @@ def test_accuracy_lives_in_solver_config_and_excludes_tolerances() -> None:
         cnftools.log_likelihood(marginal, x, accuracy=1e-6, rtol=1e-3)
     with pytest.raises(ValueError, match="accuracy must be > 0"):
         SolverConfig(accuracy=0.0)
-    assert SolverConfig(accuracy=1e-6).accuracy_plan().method == "dopri5"
-    assert SolverConfig(accuracy=1e-9).accuracy_plan().method == "dopri8"
+    plan = SolverConfig(accuracy=1e-6, adjoint=True).accuracy_plan()
+    assert plan.method in ("dopri5", "dopri8") and plan.norm == "max_sample" and plan.adjoint
+    assert plan.rtol == plan.atol and plan.accuracy == 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
