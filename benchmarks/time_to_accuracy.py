@@ -56,6 +56,7 @@ except ImportError:  # pragma: no cover - optional peer
 
 F64 = torch.float64
 SIGMA_MIN = 0.1
+MEMORY_LIMIT_GIB = 8
 TARGETS = (1e-4, 1e-6, 1e-8)
 
 
@@ -266,16 +267,22 @@ def memory_report(device: torch.device) -> None:
 
     print("\npeak memory, B = 512, d = 64, 20 midpoint steps, 3x128 SiLU MLP (fresh process each)")
     for mode in ("default", "no_grad", "direct-gradient", "adjoint"):
-        code = _MEMORY_CHILD.format(mode=mode, device=device.type)
+        code = _MEMORY_CHILD.format(mode=mode, device=device.type, limit=MEMORY_LIMIT_GIB)
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=False
         )
-        print(f"  {mode:16s} {out.stdout.strip() or out.stderr.strip()[-200:]}")
+        text = out.stdout.strip() or out.stderr.strip()[-120:]
+        if "memory" in text.lower() and not out.stdout.strip():
+            text = f"over the {MEMORY_LIMIT_GIB} GiB address-space cap ({text.splitlines()[-1]})"
+        print(f"  {mode:16s} {text}")
     del resource
 
 
 _MEMORY_CHILD = """
 import resource, time, torch, cnftools
+# a shared machine: cap the address space so the direct-gradient graph fails instead of swapping
+cap = {limit} * 2**30
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 torch.manual_seed(0)
 dev = torch.device("{device}")
 v = cnftools.MLPField(64, (128, 128, 128), dtype=torch.float64).to(dev)
