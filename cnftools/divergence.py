@@ -81,7 +81,7 @@ MIN_CHUNK = 8
 TUNED_ROWS: dict[str, int] = {"cpu": 16384, "cuda": 262144}
 """Most rows (``chunk * B``) per batched backward pass a measuring strategy tries (memory bound)."""
 
-TUNING_CALLS = 4
+TUNING_CALLS = 6
 """Calls a measuring :class:`DivergenceStrategy` spends timing the loop against the batched VJPs
 (alternately, each call computed once); the faster serves the rest of the solve."""
 
