@@ -33,10 +33,12 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 __all__ = [
+    "ACCURACY_STEP",
     "ADAPTIVE_METHODS",
     "FIXED_GRID_METHODS",
     "NFE",
     "NORMS",
+    "TOLERANCE_FLOOR",
     "SolverConfig",
     "SolverError",
     "integrate",
@@ -65,6 +67,20 @@ NORMS = ("rms", "max_sample")
 ``"max_sample"``, the largest per-sample RMS (every sample meets the tolerance on its own)."""
 
 _ALL_METHODS = {**FIXED_GRID_METHODS, **ADAPTIVE_METHODS}
+
+ACCURACY_STEP = 10.0
+"""Each check of ``accuracy=`` tightens the tolerance by this factor."""
+
+TOLERANCE_FLOOR = 1e-13
+"""The tightest tolerance ``accuracy=`` tries (float64 rounding sits below it)."""
+
+ACCURACY_PLAN: tuple[tuple[float, str, float], ...] = ((0.0, "dopri8", 1.0),)
+"""``(smallest accuracy, method, tolerance / accuracy)`` rows for the first solve of
+``accuracy=`` (the first row whose smallest accuracy is below the target is used). Measured on the
+time-to-accuracy benchmark's Gaussian fields (d = 2, 16, 64, B = 256): the 8th-order dopri8 with
+the per-sample norm has a log-density error of 0.1 to 0.5 times its tolerance at tolerances
+1e-4 ... 1e-10, where dopri5's is 3 to 40 times; with tolerance = accuracy it needed the fewest
+evaluations, self-check included, of the plans tried (see ``docs/benchmarks.md``)."""
 
 
 class SolverError(RuntimeError):
@@ -142,6 +158,9 @@ class SolverConfig:
         max_steps: most steps an adaptive solve may take between two output times before a
             :class:`SolverError`.
         first_step: initial step of an adaptive method (default: chosen automatically).
+        accuracy: the target absolute error (nats) of each row's log-density. When set, the
+            likelihood engine chooses method and tolerances itself (:meth:`accuracy_plan`) and
+            ignores ``method``, ``rtol``, ``atol``, ``steps``, ``step_size`` and ``norm``.
 
     Raises:
         ValueError: for an unknown method or norm, a fixed-grid method without a grid, a grid for
@@ -171,6 +190,7 @@ class SolverConfig:
     norm: str = "rms"
     max_steps: int = 100_000
     first_step: float | None = None
+    accuracy: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in _ALL_METHODS:
@@ -227,6 +247,8 @@ class SolverConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.first_step is not None and not _check_tolerance("first_step", self.first_step) > 0:
             raise ValueError("first_step must be > 0")
+        if self.accuracy is not None and not _check_tolerance("accuracy", self.accuracy) > 0:
+            raise ValueError("accuracy must be > 0 (nats)")
 
     @property
     def is_adaptive(self) -> bool:
@@ -264,6 +286,39 @@ class SolverConfig:
         n = self.n_steps
         assert n is not None
         return self.replace(step_size=None, steps=2 * n)
+
+    def accuracy_plan(self) -> SolverConfig:
+        """The first solve of ``accuracy=``: method and tolerance from :data:`ACCURACY_PLAN`,
+        per-sample norm; the other settings (adjoint, ``max_steps``) kept.
+
+        Example:
+            >>> SolverConfig(accuracy=1e-8).accuracy_plan().method
+            'dopri8'
+        """
+        if self.accuracy is None:
+            raise ValueError("accuracy_plan needs a config with accuracy set")
+        method, ratio = next(
+            (method, ratio)
+            for smallest, method, ratio in ACCURACY_PLAN
+            if self.accuracy >= smallest
+        )
+        tol = max(self.accuracy * ratio, TOLERANCE_FLOOR)
+        return self.replace(
+            method=method,
+            rtol=tol,
+            atol=tol,
+            steps=None,
+            step_size=None,
+            norm="max_sample",
+            adjoint_method=None,
+        )
+
+    def tightened(self, factor: float) -> SolverConfig:
+        """Adaptive tolerances divided by ``factor`` (not below :data:`TOLERANCE_FLOOR`)."""
+        return self.replace(
+            rtol=max(self.rtol / factor, TOLERANCE_FLOOR),
+            atol=max(self.atol / factor, TOLERANCE_FLOOR),
+        )
 
 
 def resolve_config(config: SolverConfig | None, **keywords: object) -> SolverConfig:

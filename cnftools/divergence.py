@@ -42,19 +42,28 @@ References:
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.func import jvp, vmap
 
 from cnftools._checks import as_time, check_batched, check_finite, check_floating
-from cnftools.fields import call_checked, field_name
+from cnftools.fields import (
+    Extras,
+    call_checked,
+    call_with_closed_form_divergence,
+    check_extras,
+    field_name,
+)
 
 __all__ = [
     "BATCHED_ROWS",
     "EXACT_STRATEGIES",
     "MIN_CHUNK",
+    "DivergenceStrategy",
     "choose_strategy",
     "divergence",
     "velocity_and_divergence",
@@ -74,6 +83,13 @@ memory-bounded guess, not a measurement.
 
 MIN_CHUNK = 8
 """``"auto"`` uses the loop when a backward pass could carry fewer basis vectors than this."""
+
+TUNED_ROWS: dict[str, int] = {"cpu": 16384, "cuda": 262144}
+"""Most rows (``chunk * B``) per batched backward pass a measuring strategy tries (memory bound)."""
+
+TUNING_CALLS = 6
+"""Calls a measuring :class:`DivergenceStrategy` spends timing the loop against the batched VJPs
+(alternately, each call computed once); the faster serves the rest of the solve."""
 
 
 def choose_strategy(batch: int, dim: int, device: torch.device) -> tuple[str, int]:
@@ -165,19 +181,19 @@ def _exact_batched(v: Field, y: Tensor, x: Tensor, create_graph: bool, chunk: in
     return total
 
 
-def _exact_forward(v: Field, x: Tensor, t: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    from torch.func import jvp, vmap
-
+def _exact_forward(
+    v: Field, x: Tensor, t: Tensor, chunk: int, extras: Extras | None = None
+) -> tuple[Tensor, Tensor]:
     batch = x.shape[0]
     dim = x[0].numel()
 
     def field_flat(z: Tensor) -> Tensor:
-        return v(z, t).reshape(batch, dim)
+        return call_checked(v, z, t, extras).reshape(batch, dim)
 
     def column(tangent: Tensor) -> Tensor:
         return jvp(field_flat, (x,), (tangent.reshape(x.shape),))[1]
 
-    out = call_checked(v, x, t)
+    out = call_checked(v, x, t, extras)
     _check_field_output(v, x, out)
     total = torch.zeros(batch, dtype=x.dtype, device=x.device)
     for start in range(0, dim, chunk):
@@ -201,44 +217,12 @@ def _check_method(method: str, strategy: str | None) -> None:
             )
 
 
-def _make_probes(
-    x: Tensor,
-    probes: Tensor | None,
-    n_probes: int,
-    noise: str,
-    generator: torch.Generator | None,
-) -> Tensor:
-    if probes is not None:
-        probes = check_floating("probes", probes)
-        if probes.dim() != x.dim() + 1 or probes.shape[1:] != x.shape or probes.shape[0] < 1:
-            raise ValueError(
-                f"probes must have shape (K, B, *event) = (K, {', '.join(map(str, x.shape))}) "
-                f"with K >= 1, got {tuple(probes.shape)}"
-            )
-        if probes.dtype != x.dtype or probes.device != x.device:
-            raise TypeError(
-                f"probes must share x's dtype and device ({x.dtype}, {x.device}), "
-                f"got {probes.dtype} on {probes.device}"
-            )
-        return check_finite("probes", probes)
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"n_probes must be a positive int, got {n_probes!r}")
-    if noise not in ("rademacher", "gaussian"):
-        raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
-    shape = (n_probes, *x.shape)
-    if noise == "gaussian":
-        return torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
-    bits = torch.randint(0, 2, shape, generator=generator, device=x.device)
-    return bits.to(x.dtype).mul_(2).sub_(1)
-
-
 def _hutchinson(
-    v: Field, y: Tensor, x: Tensor, probes: Tensor, create_graph: bool, rows: int
+    v: Field, y: Tensor, x: Tensor, probes: Tensor, create_graph: bool, chunk: int
 ) -> Tensor:
-    """Per-probe estimates, shape (K, B)."""
+    """Per-probe estimates, shape (K, B); ``chunk`` probes per backward pass (1: a plain loop)."""
     n_probes, batch = probes.shape[0], probes.shape[1]
     flat = probes.reshape(n_probes, batch, -1)
-    chunk = max(1, rows // batch)
     estimates = []
     for start in range(0, n_probes, chunk):
         eps = flat[start : start + chunk]
@@ -248,6 +232,262 @@ def _hutchinson(
             g = _grad(v, y, x, eps, create_graph=create_graph, batched=True)
         estimates.append((g.reshape(eps.shape) * eps).sum(dim=-1))
     return torch.cat(estimates, dim=0)
+
+
+def _is_vmap_failure(error: RuntimeError) -> bool:
+    text = str(error)
+    return "vmap" in text or "batch" in text.lower()
+
+
+class DivergenceStrategy:
+    r"""How the divergence of a field is taken for one batch: the one fast path of cnftools.
+
+    Three kinds, each returning the velocity and the divergence *columns* ``(B, K)`` from one
+    forward pass of the field (:meth:`__call__`):
+
+    - ``"exact"``: :math:`\operatorname{tr}\partial v/\partial x` by ``d`` VJPs, issued by
+      ``strategy`` (``"auto"``: by size, :func:`choose_strategy`; or ``"batched"``, ``"loop"``,
+      ``"forward"``). ``K = 1``.
+    - ``"hutchinson"``: :math:`\varepsilon_k^\top (\partial v/\partial x)\varepsilon_k` for
+      ``K`` probes held by the strategy (fixed, e.g. for a whole ODE solve). ``K`` columns.
+    - ``"closed_form"``: the field's own ``divergence(x, t)``. ``K = 1``.
+
+    Batched VJPs (``is_grads_batched``, vmap) fail on some models (ops without a vmap rule, e.g.
+    ``"NYI: querying is_contiguous inside of vmap"``). Then the strategy warns once and uses
+    the loop of single VJPs from that call on, for the exact basis and for Hutchinson's probes
+    alike; the same numbers, more backward passes.
+
+    Args:
+        kind: ``"exact"``, ``"hutchinson"`` or ``"closed_form"``.
+        strategy: the exact strategy (``"auto"``, or one of :data:`EXACT_STRATEGIES`).
+        probes: Hutchinson probes ``(K, B, *event)``.
+        closed: the closed-form ``divergence(x, t) -> (B,)`` (see
+            :func:`cnftools.fields.closed_form_divergence`).
+        measure: with ``strategy="auto"``, for a strategy called many times on one batch size
+            (an ODE solve): the first :data:`TUNING_CALLS` calls alternate the loop and the
+            batched VJPs (chunks up to :data:`TUNED_ROWS` rows), timed, and the faster serves the
+            remaining calls. Every call is computed once; only the choice depends on timing.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> t = torch.full((5,), 0.5, dtype=torch.float64)
+        >>> velocity, columns = DivergenceStrategy("exact")(lambda x, t: -2 * x, x, t)
+        >>> columns[:, 0]
+        tensor([-6., -6., -6., -6., -6.], dtype=torch.float64)
+
+    References:
+        Grathwohl et al. (2019), arXiv:1810.01367, §3; Chen et al. (2018), arXiv:1806.07366.
+    """
+
+    KINDS = ("exact", "hutchinson", "closed_form")
+
+    def __init__(
+        self,
+        kind: str = "exact",
+        *,
+        strategy: str = "auto",
+        probes: Tensor | None = None,
+        closed: Callable[[Tensor, Tensor], Tensor] | None = None,
+        measure: bool = False,
+    ) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        if strategy not in (*EXACT_STRATEGIES, "auto"):
+            raise ValueError(
+                f"strategy must be one of {(*EXACT_STRATEGIES, 'auto')}, got {strategy!r}"
+            )
+        if (kind == "hutchinson") != (probes is not None):
+            raise ValueError("probes are needed by, and only by, kind='hutchinson'")
+        if (kind == "closed_form") != (closed is not None):
+            raise ValueError("closed is needed by, and only by, kind='closed_form'")
+        self.kind = kind
+        self.strategy = strategy
+        self.probes = probes
+        self.closed = closed
+        self.vmap_failed = False  # set once a batched VJP failed: the loop from then on
+        self.measure = measure
+        self.timings: dict[str, list[float]] = {"loop": [], "batched": []}
+        self.measured: str | None = None  # "loop" | "batched" once measured
+
+    @staticmethod
+    def draw_probes(
+        like: Tensor,
+        n_probes: int = 1,
+        noise: str = "rademacher",
+        generator: torch.Generator | None = None,
+        probes: Tensor | None = None,
+    ) -> Tensor:
+        r"""Hutchinson probes ``(K, B, *event)`` for points ``like`` of shape ``(B, *event)``.
+
+        Given ``probes`` (``(K, B, *event)``) are checked and
+        returned detached; otherwise ``n_probes`` are drawn, ``"rademacher"`` (:math:`\pm 1`)
+        or ``"gaussian"``, from ``generator`` on ``like``'s device and dtype.
+
+        Example:
+            >>> import torch
+            >>> DivergenceStrategy.draw_probes(torch.zeros(4, 2), 3).shape
+            torch.Size([3, 4, 2])
+        """
+        if probes is not None:
+            probes = check_floating("probes", probes)
+            if probes.dim() != like.dim() + 1 or probes.shape[1:] != like.shape:
+                raise ValueError(
+                    f"probes must have shape (K, B, *event) = "
+                    f"(K, {', '.join(map(str, like.shape))}) with K >= 1, "
+                    f"got {tuple(probes.shape)}"
+                )
+            if probes.shape[0] < 1:
+                raise ValueError("probes must hold at least one probe (K >= 1)")
+            if probes.dtype != like.dtype or probes.device != like.device:
+                raise TypeError(
+                    f"probes must share the data's dtype and device ({like.dtype}, "
+                    f"{like.device}), got {probes.dtype} on {probes.device}"
+                )
+            return check_finite("probes", probes).detach()
+        if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
+            raise ValueError(f"n_probes must be a positive int, got {n_probes!r}")
+        if noise not in ("rademacher", "gaussian"):
+            raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
+        shape = (n_probes, *like.shape)
+        if noise == "gaussian":
+            return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+        bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
+        return bits.to(like.dtype).mul_(2).sub_(1)
+
+    @property
+    def columns(self) -> int:
+        """``K``: divergence columns per call (probes for Hutchinson, else 1)."""
+        return 1 if self.probes is None else int(self.probes.shape[0])
+
+    def subset(self, rows: Tensor | slice) -> DivergenceStrategy:
+        """The same strategy for a sub-batch (Hutchinson probes indexed by ``rows``)."""
+        probes = None if self.probes is None else self.probes[:, rows]
+        out = DivergenceStrategy(
+            self.kind, strategy=self.strategy, probes=probes, closed=self.closed
+        )
+        out.vmap_failed = self.vmap_failed
+        out.measured = self.measured  # sub-batches are smaller: keep the choice, do not re-time
+        return out
+
+    def _fall_back(self, v: Field, error: RuntimeError) -> None:
+        warnings.warn(
+            f"batched divergence failed for field {field_name(v)} ({error}); "
+            "using the loop of single backward passes from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.vmap_failed = True
+
+    def __call__(
+        self,
+        v: Field,
+        x: Tensor,
+        t: Tensor,
+        *,
+        create_graph: bool = False,
+        extras: Extras | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        r"""``(v(x, t), columns)``: the velocity ``(B, *event)`` and divergence columns ``(B, K)``.
+
+        Args:
+            v: the field (called as ``v(x, t, **extras)``).
+            x: validated points ``(B, *event)``.
+            t: times, a ``(B,)`` tensor.
+            create_graph: keep the graph (differentiable results; w.r.t. ``x`` when
+                ``x.requires_grad``); otherwise both outputs are detached.
+            extras: keyword arguments for the field.
+        """
+        batch, dim = x.shape[0], x[0].numel()
+        if self.kind == "closed_form":
+            assert self.closed is not None
+            out, div = call_with_closed_form_divergence(v, x, t, self.closed, extras)
+            if not isinstance(div, Tensor) or div.shape != (batch,):
+                shape = tuple(div.shape) if isinstance(div, Tensor) else type(div).__name__
+                raise ValueError(
+                    f"the divergence(x, t) of field {field_name(v)} returned {shape}, "
+                    f"expected shape ({batch},)"
+                )
+            columns = div.to(out.dtype).unsqueeze(1)
+            return (out, columns) if create_graph else (out.detach(), columns.detach())
+        rows = BATCHED_ROWS.get(x.device.type, BATCHED_ROWS["cpu"])
+        with torch.enable_grad():
+            x_in = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+            if self.kind == "exact" and self.strategy == "forward":
+                chunk = max(1, min(dim, max(rows // batch, MIN_CHUNK)))
+                out, div = _exact_forward(v, x_in, t, chunk, extras)
+                columns = div.unsqueeze(1)
+            else:
+                out = call_checked(v, x_in, t, extras)
+                _check_field_output(v, x_in, out)
+                y = out if out.dim() == 2 else out.reshape(batch, dim)
+                columns = self._vjp_columns(v, y, x_in, create_graph, rows)
+        if not create_graph:
+            out, columns = out.detach(), columns.detach()
+        return out, columns
+
+    def _vjp_columns(self, v: Field, y: Tensor, x: Tensor, create_graph: bool, rows: int) -> Tensor:
+        batch, dim = y.shape
+        if self.kind == "hutchinson":
+            assert self.probes is not None
+            chunk = 1 if self.vmap_failed else max(1, rows // batch)
+            try:
+                return _hutchinson(v, y, x, self.probes, create_graph, chunk).T
+            except RuntimeError as error:
+                if chunk == 1 or self.probes.shape[0] == 1 or not _is_vmap_failure(error):
+                    raise
+                self._fall_back(v, error)
+                return _hutchinson(v, y, x, self.probes, create_graph, 1).T
+        if self.strategy == "loop" or self.vmap_failed:
+            return _exact_loop(v, y, x, create_graph).unsqueeze(1)
+        if self.strategy == "auto" and (self.measure or self.measured is not None) and dim > 1:
+            return self._measured_columns(v, y, x, create_graph)
+        if self.strategy == "auto":
+            chosen, chunk = choose_strategy(batch, dim, x.device)
+            if chosen == "loop":
+                return _exact_loop(v, y, x, create_graph).unsqueeze(1)
+            try:
+                return _exact_batched(v, y, x, create_graph, chunk).unsqueeze(1)
+            except RuntimeError as error:
+                if not _is_vmap_failure(error):
+                    raise
+                self._fall_back(v, error)
+                return _exact_loop(v, y, x, create_graph).unsqueeze(1)
+        chunk = max(1, min(dim, max(rows // batch, MIN_CHUNK)))
+        return _exact_batched(v, y, x, create_graph, chunk).unsqueeze(1)
+
+    def _measured_columns(self, v: Field, y: Tensor, x: Tensor, create_graph: bool) -> Tensor:
+        batch, dim = y.shape
+        rows = TUNED_ROWS.get(x.device.type, TUNED_ROWS["cpu"])
+        chunk = max(1, min(dim, rows // max(batch, 1)))
+        if chunk < 2:
+            self.measured = "loop"
+        choice = self.measured
+        if choice is None:
+            done = len(self.timings["loop"]) + len(self.timings["batched"])
+            choice = "loop" if done % 2 == 0 else "batched"
+        timing = self.measured is None
+        if timing and x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        if choice == "loop":
+            total = _exact_loop(v, y, x, create_graph)
+        else:
+            try:
+                total = _exact_batched(v, y, x, create_graph, chunk)
+            except RuntimeError as error:
+                if not _is_vmap_failure(error):
+                    raise
+                self._fall_back(v, error)
+                self.measured = "loop"
+                return _exact_loop(v, y, x, create_graph).unsqueeze(1)
+        if timing:
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            self.timings[choice].append(time.perf_counter() - start)
+            if sum(map(len, self.timings.values())) >= TUNING_CALLS:
+                self.measured = min(self.timings, key=lambda k: min(self.timings[k]))
+        return total.unsqueeze(1)
 
 
 def velocity_and_divergence(
@@ -263,6 +503,7 @@ def velocity_and_divergence(
     generator: torch.Generator | None = None,
     return_stderr: bool = False,
     strategy: str | None = None,
+    extras: Extras | None = None,
 ) -> tuple[Tensor, ...]:
     r"""The field and its divergence from one forward pass: ``(v(x, t), div)`` (``+ (stderr,)``).
 
@@ -281,63 +522,25 @@ def velocity_and_divergence(
     _check_method(method, strategy)
     x = check_batched("x", x)
     tb = as_time(t, x)
+    extras_ = check_extras(extras)
     if method == "hutchinson":
-        eps = _make_probes(x, probes, n_probes, noise, generator)
+        eps = DivergenceStrategy.draw_probes(x, n_probes, noise, generator, probes)
         if return_stderr and eps.shape[0] < 2:
             raise ValueError("return_stderr needs at least 2 probes (n_probes >= 2 or K >= 2)")
+        chosen = DivergenceStrategy("hutchinson", probes=eps)
     elif return_stderr:
         raise ValueError("return_stderr applies to method='hutchinson' only")
     elif probes is not None:
         raise ValueError("probes applies to method='hutchinson' only")
-
-    batch, dim = x.shape[0], x[0].numel()
-    chosen, chunk = ("loop", 1) if method == "loop" else ("", 0)
-    if method == "exact":
-        if strategy in (None, "auto"):
-            chosen, chunk = choose_strategy(batch, dim, x.device)
-        else:
-            chosen = strategy
-            rows = BATCHED_ROWS.get(x.device.type, BATCHED_ROWS["cpu"])
-            chunk = max(1, min(dim, max(rows // batch, MIN_CHUNK)))
-
-    with torch.enable_grad():
-        x_in = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
-        if chosen == "forward":
-            out, div = _exact_forward(v, x_in, tb, chunk)
-            if not create_graph:
-                out, div = out.detach(), div.detach()
-            return out, div
-        out = call_checked(v, x_in, tb)
-        _check_field_output(v, x_in, out)
-        y = out if out.dim() == 2 else out.reshape(batch, dim)  # no view node when flat
-        stderr = None
-        if method == "hutchinson":
-            rows = BATCHED_ROWS.get(x.device.type, BATCHED_ROWS["cpu"])
-            per_probe = _hutchinson(v, y, x_in, eps, create_graph, rows)
-            div = per_probe.mean(dim=0)
-            if return_stderr:
-                stderr = per_probe.std(dim=0, correction=1) / math.sqrt(per_probe.shape[0])
-        elif chosen == "loop":
-            div = _exact_loop(v, y, x_in, create_graph)
-        elif strategy in (None, "auto"):
-            try:
-                div = _exact_batched(v, y, x_in, create_graph, chunk)
-            except RuntimeError as error:  # an op without a vmap rule: fall back, loudly
-                if "vmap" not in str(error) and "batch" not in str(error).lower():
-                    raise
-                warnings.warn(
-                    f"batched divergence failed for field {field_name(v)} ({error}); "
-                    "falling back to strategy='loop'",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                div = _exact_loop(v, y, x_in, create_graph)
-        else:
-            div = _exact_batched(v, y, x_in, create_graph, chunk)
-    if not create_graph:
-        out, div = out.detach(), div.detach()
-        stderr = None if stderr is None else stderr.detach()
-    return (out, div) if stderr is None else (out, div, stderr)
+    else:
+        exact = "loop" if method == "loop" else (strategy or "auto")
+        chosen = DivergenceStrategy("exact", strategy=exact)
+    out, columns = chosen(v, x, tb, create_graph=create_graph, extras=extras_)
+    div = columns.mean(dim=1)
+    if return_stderr:
+        stderr = columns.std(dim=1, correction=1) / math.sqrt(columns.shape[1])
+        return out, div, stderr
+    return out, div
 
 
 def divergence(
@@ -353,6 +556,7 @@ def divergence(
     generator: torch.Generator | None = None,
     return_stderr: bool = False,
     strategy: str | None = None,
+    extras: Extras | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The divergence :math:`\nabla\cdot v(x, t) = \operatorname{tr} \partial v / \partial x`, per sample.
 
@@ -374,6 +578,8 @@ def divergence(
             :math:`s_K / \sqrt K` (Hutchinson only).
         strategy: force an exact strategy: ``"batched"``, ``"loop"``, ``"forward"``, or
             ``"auto"``/``None`` (by size, :func:`choose_strategy`).
+        extras: keyword arguments for a conditional field, ``v(x, t, **extras)``, passed as
+            they are.
 
     Returns:
         The divergence, shape ``(B,)``; with ``return_stderr``, ``(estimate, stderr)``. Exact
@@ -414,5 +620,6 @@ def divergence(
         generator=generator,
         return_stderr=return_stderr,
         strategy=strategy,
+        extras=extras,
     )
     return result[1] if len(result) == 2 else (result[1], result[2])

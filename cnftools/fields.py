@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
@@ -34,6 +35,7 @@ from torch import Tensor
 from cnftools._checks import as_time, check_batched
 
 __all__ = [
+    "CONVENTION_HINT",
     "Extras",
     "VelocityField",
     "call_checked",
@@ -73,7 +75,9 @@ def field_name(v: object) -> str:
     return type(v).__name__
 
 
-def call_field(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float | Tensor) -> Tensor:
+def call_field(
+    v: Callable[..., Tensor], x: Tensor, t: float | Tensor, extras: Extras | None = None
+) -> Tensor:
     r"""Call a velocity field by the package convention and check what it returns.
 
     Args:
@@ -81,6 +85,7 @@ def call_field(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float | Tens
         x: points, shape ``(B, *event)``.
         t: a float, a 0-dim tensor or a ``(B,)`` tensor in :math:`[0, 1]`; ``v`` always receives a
             ``(B,)`` tensor on ``x``'s device and dtype.
+        extras: keyword arguments passed to the field as they are (a conditional field's label).
 
     Returns:
         :math:`v(x, t)`, shape ``(B, *event)``.
@@ -100,11 +105,23 @@ def call_field(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: float | Tens
     if not callable(v):
         raise TypeError(f"the velocity field must be callable v(x, t), got {type(v).__name__}")
     x = check_batched("x", x)
-    return call_checked(v, x, as_time(t, x))
+    return call_checked(v, x, as_time(t, x), check_extras(extras))
 
 
 Extras = Mapping[str, object]
 """Extra keyword arguments of a conditional field, ``v(x, t, **extras)`` (see :func:`call_checked`)."""
+
+_SHAPE_ERROR = re.compile(
+    r"size of tensor|must match the size|shapes? cannot be multiplied|shape '\[|is invalid for "
+    r"input of size|broadcast|dimension|Sizes of tensors|expected .*shape|mat1 and mat2",
+    re.IGNORECASE,
+)
+
+CONVENTION_HINT = (
+    "cnftools calls the field as v(x, t, **extras) with x of shape (B, *event) and t of shape "
+    "(B,) (one time per sample); torchdiffeq's f(t, x) argument order is a common mistake"
+)
+"""The hint added to a shape or broadcast error raised inside a field call."""
 
 
 def select_extras(extras: Extras | None, batch: int, rows: Tensor | slice | None = None) -> dict:
@@ -161,9 +178,19 @@ def call_checked(
     """:func:`call_field` for inputs already validated (``x`` checked, ``t`` a ``(B,)`` tensor).
 
     The one place cnftools calls a field: ``v(x, t, **extras)``. Only the field's output is
-    checked; internal callers use this to validate inputs once.
+    checked; internal callers use this to validate inputs once. A shape or broadcast error raised
+    inside the field is re-raised with :data:`CONVENTION_HINT` (the original error chained).
     """
-    return _checked_output(v, x, v(x, t, **extras) if extras else v(x, t))
+    try:
+        out = v(x, t, **extras) if extras else v(x, t)
+    except RuntimeError as error:
+        if not _SHAPE_ERROR.search(str(error)) or "vmap" in str(error):
+            raise
+        raise RuntimeError(
+            f"calling velocity field {field_name(v)} failed: {error}\nHint: {CONVENTION_HINT}; "
+            f"here x has shape {tuple(x.shape)} and t shape {tuple(t.shape)}"
+        ) from error
+    return _checked_output(v, x, out)
 
 
 def _checked_output(v: object, x: Tensor, out: object) -> Tensor:
@@ -237,14 +264,19 @@ def closed_form_divergence(v: object) -> Divergence | None:
 
 
 def call_with_closed_form_divergence(
-    v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, divergence: Divergence
+    v: Callable[..., Tensor],
+    x: Tensor,
+    t: Tensor,
+    divergence: Divergence,
+    extras: Extras | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""``(v(x, t), divergence(x, t))`` for a field with a closed-form divergence, in one pass
     when the object that owns ``divergence`` also offers ``velocity_and_divergence(x, t)``.
 
     Inputs as for :func:`call_checked` (already validated); ``divergence`` is what
     :func:`closed_form_divergence` returned for ``v``. The velocity is checked like
-    :func:`call_checked`'s; the divergence is returned as the field computed it.
+    :func:`call_checked`'s; the divergence is returned as the field computed it. With ``extras``
+    both are called with them as keywords, in two passes.
 
     Example:
         >>> import torch, cnftools
@@ -261,9 +293,10 @@ def call_with_closed_form_divergence(
     owner = getattr(divergence, "__self__", None)
     one_pass = getattr(owner, "velocity_and_divergence", None)
     same_object = owner is not None and (v is owner or getattr(v, "__self__", None) is owner)
-    if not (
+    if extras or not (
         same_object and callable(one_pass) and getattr(owner, "divergence", None) == divergence
     ):
-        return call_checked(v, x, t), divergence(x, t)
+        out = call_checked(v, x, t, extras)
+        return out, (divergence(x, t, **extras) if extras else divergence(x, t))
     out, div = one_pass(x, t)
     return _checked_output(v, x, out), div

@@ -23,10 +23,14 @@ and :math:`d` vector-Jacobian products (:mod:`cnftools.divergence`). ``divergenc
 uses :math:`K` probe vectors :math:`\varepsilon_k` drawn once and held fixed for the whole solve,
 integrates each probe's estimate separately, and reports the per-sample standard error of their mean.
 
-Gradients with respect to ``x``, the prior's and the field's parameters flow by backpropagation
-through the solver (default) or by the adjoint method (``adjoint=True``, memory independent of the
-number of steps). When gradients are needed the exact divergence is built with ``create_graph=True``;
-otherwise the solve runs without a graph (evaluate under ``torch.no_grad()`` to make sure).
+Gradients only when asked: by default the solve keeps no graph, whatever the field's parameters
+(memory as under ``torch.no_grad()``). Asked means ``x.requires_grad`` or ``grad=True`` (direct
+backpropagation through the solver) or ``adjoint=True`` (the adjoint method, memory independent of
+the number of steps); then the exact divergence is built with ``create_graph=True``.
+
+``accuracy=`` asks for nats instead of tolerances: the engine chooses method and tolerance, checks
+itself with a tighter solve and solves again only the rows not yet certified. ``extras=`` passes
+keyword arguments to a conditional field, ``v(x, t, **extras)``.
 
 Shapes: data ``x`` and noise ``z0`` are ``(B, *event)``; log-densities are ``(B,)``.
 
@@ -39,7 +43,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
 
@@ -48,21 +52,17 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from cnftools._checks import check_batched
-from cnftools._ode import NFE, SolverConfig, SolverError, integrate, resolve_config
-from cnftools.divergence import (
-    BATCHED_ROWS,
-    _check_field_output,
-    _exact_batched,
-    _exact_loop,
-    _hutchinson,
-    choose_strategy,
+from cnftools._ode import (
+    ACCURACY_STEP,
+    NFE,
+    TOLERANCE_FLOOR,
+    SolverConfig,
+    SolverError,
+    integrate,
+    resolve_config,
 )
-from cnftools.fields import (
-    call_checked,
-    call_with_closed_form_divergence,
-    closed_form_divergence,
-    field_name,
-)
+from cnftools.divergence import DivergenceStrategy
+from cnftools.fields import call_checked, check_extras, closed_form_divergence, select_extras
 
 __all__ = [
     "LikelihoodResult",
@@ -198,6 +198,46 @@ def _prior_log_prob(prior: Distribution | None, z: Tensor) -> Tensor:
     return out
 
 
+def _check_grad(grad: object) -> bool | None:
+    if grad is not None and not isinstance(grad, bool):
+        raise TypeError(f"grad must be None, True or False, got {type(grad).__name__}")
+    return grad
+
+
+def _resolve(
+    config: SolverConfig | None,
+    method: str | None,
+    rtol: float | None,
+    atol: float | None,
+    step_size: float | None,
+    steps: int | None,
+    adjoint: bool | None,
+    norm: str | None,
+    accuracy: float | None,
+) -> SolverConfig:
+    """The keywords as sugar over :class:`SolverConfig`; ``accuracy`` excludes the grid and
+    tolerance keywords (the engine chooses them)."""
+    if accuracy is not None:
+        given = {"method": method, "rtol": rtol, "atol": atol, "step_size": step_size}
+        given["steps"] = steps
+        clash = [name for name, value in given.items() if value is not None]
+        if clash:
+            raise ValueError(
+                f"accuracy= chooses the method and tolerances itself; do not also give {clash}"
+            )
+    return resolve_config(
+        config,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        step_size=step_size,
+        steps=steps,
+        adjoint=adjoint,
+        norm=norm,
+        accuracy=accuracy,
+    )
+
+
 def _check_times(times: object, like: Tensor) -> list[float] | None:
     if times is None:
         return None
@@ -235,7 +275,12 @@ def _resolve_params(v: object, params: Iterable[Tensor] | None) -> tuple[tuple[T
 
 
 def _needs_graph(
-    v: Field, start: Tensor, params: tuple[Tensor, ...], known: bool, t_start: float
+    v: Field,
+    start: Tensor,
+    params: tuple[Tensor, ...],
+    known: bool,
+    t_start: float,
+    extras: dict,
 ) -> bool:
     """Whether the solve must be differentiable: grad mode on and something requires grad.
 
@@ -251,7 +296,7 @@ def _needs_graph(
     # A plain callable may close over parameters: one probe evaluation tells.
     with torch.enable_grad():
         t = torch.full((start.shape[0],), t_start, dtype=start.dtype, device=start.device)
-        out = v(start.detach(), t)
+        out = call_checked(v, start.detach(), t, extras)
     return isinstance(out, Tensor) and out.requires_grad
 
 
@@ -269,20 +314,7 @@ def _time_grid(times: list[float] | None, reverse: bool, like: Tensor) -> tuple[
 # The augmented dynamics
 
 
-@dataclass(frozen=True)
-class _DivergenceSpec:
-    kind: str  # "exact" | "hutchinson" | "none"
-    closed: Callable[[Tensor, Tensor], Tensor] | None
-    probes: Tensor | None  # (K, B, *event)
-
-    @property
-    def columns(self) -> int:
-        if self.kind == "none":
-            return 0
-        return 1 if self.kind == "exact" else int(self.probes.shape[0])  # type: ignore[union-attr]
-
-
-def _divergence_spec(
+def _divergence_strategy(
     v: Field,
     like: Tensor,
     divergence: str,
@@ -290,7 +322,7 @@ def _divergence_spec(
     noise: str,
     probes: Tensor | None,
     generator: torch.Generator | None,
-) -> _DivergenceSpec:
+) -> DivergenceStrategy:
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
@@ -298,95 +330,38 @@ def _divergence_spec(
     if divergence == "exact":
         if probes is not None or n_probes != 1:
             raise ValueError("probes and n_probes apply to divergence='hutchinson' only")
-        return _DivergenceSpec("exact", closed_form_divergence(v), None)
-    if probes is not None:
-        if not isinstance(probes, Tensor) or not probes.is_floating_point():
-            raise TypeError("probes must be a floating tensor of shape (K, B, *event)")
-        if probes.shape == like.shape:
-            probes = probes.unsqueeze(0)
-        if probes.shape[1:] != like.shape:
-            raise ValueError(
-                f"probes must have shape (K, B, *event) = (K, {', '.join(map(str, like.shape))}), "
-                f"got {tuple(probes.shape)}"
-            )
-        if probes.dtype != like.dtype or probes.device != like.device:
-            raise ValueError("probes must have the data's dtype and device")
-        return _DivergenceSpec("hutchinson", None, probes.detach())
-    shape = (n_probes, *like.shape)
-    if noise == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
-        eps = bits.to(like.dtype) * 2 - 1
-    elif noise == "gaussian":
-        eps = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
-    else:
-        raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
-    return _DivergenceSpec("hutchinson", None, eps)
+        closed = closed_form_divergence(v)
+        if closed is not None:
+            return DivergenceStrategy("closed_form", closed=closed)
+        return DivergenceStrategy("exact", measure=True)
+    if isinstance(probes, Tensor) and probes.shape == like.shape:
+        probes = probes.unsqueeze(0)  # one probe given as (B, *event)
+    eps = DivergenceStrategy.draw_probes(like, n_probes, noise, generator, probes)
+    return DivergenceStrategy("hutchinson", probes=eps)
 
 
 def _augmented(
-    v: Field, start: Tensor, spec: _DivergenceSpec
+    v: Field, start: Tensor, strategy: DivergenceStrategy | None, extras: dict
 ) -> Callable[[Tensor, Tensor], Tensor]:
     r"""``f(t, y)`` for the state ``y = [vec(z), A]`` of shape ``(B, d + K)``:
     :math:`dz/dt = v(z, t)`, :math:`dA_k/dt = \operatorname{div}_k v(z, t)` (``K`` columns: one for
-    the exact divergence, one per Hutchinson probe, none for plain sampling).
+    the exact divergence, one per Hutchinson probe, none for plain sampling, ``strategy=None``).
 
-    Without a closed form, ``v`` and its divergence come from one forward pass of the field and
-    the VJPs of :mod:`cnftools.divergence` (its strategy, chosen once for the batch size). The
-    graph is kept (``create_graph``) exactly when the solve runs with gradients enabled: direct
-    backpropagation, or the adjoint's backward solve.
+    The velocity and the columns come from one forward pass of the field through the
+    :class:`~cnftools.divergence.DivergenceStrategy`. The graph is kept (``create_graph``) exactly
+    when the solve runs with gradients enabled: direct backpropagation, or the adjoint's backward
+    solve.
     """
     batch, event = start.shape[0], tuple(start.shape[1:])
     d = math.prod(event)
-    strategy, chunk = choose_strategy(batch, d, start.device)
-    rows = BATCHED_ROWS.get(start.device.type, BATCHED_ROWS["cpu"])
-    state = {"strategy": strategy}
-
-    def exact(out: Tensor, z: Tensor, graph: bool) -> Tensor:
-        y = out.reshape(batch, d)
-        if state["strategy"] == "batched":
-            try:
-                return _exact_batched(v, y, z, graph, chunk)
-            except RuntimeError as error:  # an op without a vmap rule: use the loop, loudly
-                if "vmap" not in str(error) and "batch" not in str(error).lower():
-                    raise
-                warnings.warn(
-                    f"batched divergence failed for field {field_name(v)} ({error}); "
-                    "using the loop of d backward passes for this solve",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                state["strategy"] = "loop"
-        return _exact_loop(v, y, z, graph)
 
     def f(t: Tensor, y: Tensor) -> Tensor:
-        z = y[:, :d].reshape(batch, *event)
+        z = y[:, :d].reshape(batch, *event) if len(event) != 1 else y[:, :d]
         tb = t.expand(batch)
-        if spec.kind == "none":
-            return call_checked(v, z, tb).reshape(batch, d)
-        graph = torch.is_grad_enabled()
-        if spec.closed is not None:
-            out, div = call_with_closed_form_divergence(v, z, tb, spec.closed)
-            if not isinstance(div, Tensor) or div.shape != (batch,):
-                shape = tuple(div.shape) if isinstance(div, Tensor) else type(div).__name__
-                raise ValueError(
-                    f"the divergence(x, t) of field {field_name(v)} returned {shape}, "
-                    f"expected shape ({batch},)"
-                )
-            columns = div.unsqueeze(1)
-        else:
-            with torch.enable_grad():
-                zz = z if (graph and z.requires_grad) else z.detach().requires_grad_(True)
-                out = call_checked(v, zz, tb)
-                _check_field_output(v, zz, out)
-                if spec.kind == "exact":
-                    columns = exact(out, zz, graph).unsqueeze(1)
-                else:
-                    assert spec.probes is not None
-                    y_out = out.reshape(batch, d)
-                    columns = _hutchinson(v, y_out, zz, spec.probes, graph, rows).T
-            if not graph:
-                out, columns = out.detach(), columns.detach()
-        return torch.cat([out.reshape(batch, d), columns.to(out.dtype)], dim=1)
+        if strategy is None:
+            return call_checked(v, z, tb, extras).reshape(batch, d)
+        out, columns = strategy(v, z, tb, create_graph=torch.is_grad_enabled(), extras=extras)
+        return torch.cat([out.reshape(batch, d), columns], dim=1)
 
     return f
 
@@ -408,26 +383,44 @@ def _augmented_solve(
     v: Field,
     start: Tensor,
     grid: Tensor,
-    spec: _DivergenceSpec,
+    strategy: DivergenceStrategy | None,
     config: SolverConfig,
     params: tuple[Tensor, ...],
     graph: bool,
     nfe: NFE,
     phase: str,
     context: str,
+    extras: dict,
 ) -> _Solve:
-    if torch.is_inference_mode_enabled() and spec.kind != "none" and spec.closed is None:
+    if (
+        torch.is_inference_mode_enabled()
+        and strategy is not None
+        and strategy.kind != "closed_form"
+    ):
         # The autograd divergence needs normal tensors: leave inference mode for the solve.
         with torch.inference_mode(False):
-            probes = None if spec.probes is None else spec.probes.clone()
-            spec = _DivergenceSpec(spec.kind, spec.closed, probes)
+            if strategy.probes is not None:
+                strategy = strategy.subset(slice(None))
+                strategy.probes = strategy.probes.clone()  # type: ignore[union-attr]
+            extras = {k: e.clone() if isinstance(e, Tensor) else e for k, e in extras.items()}
             return _augmented_solve(
-                v, start.clone(), grid.clone(), spec, config, params, False, nfe, phase, context
+                v,
+                start.clone(),
+                grid.clone(),
+                strategy,
+                config,
+                params,
+                False,
+                nfe,
+                phase,
+                context,
+                extras,
             )
     batch, event = start.shape[0], tuple(start.shape[1:])
     d = math.prod(event)
-    y0 = torch.cat([start.reshape(batch, d), start.new_zeros(batch, spec.columns)], dim=1)
-    f = _augmented(v, start, spec)
+    columns = 0 if strategy is None else strategy.columns
+    y0 = torch.cat([start.reshape(batch, d), start.new_zeros(batch, columns)], dim=1)
+    f = _augmented(v, start, strategy, extras)
     if graph:
         solution = integrate(
             f, y0, grid, config, n_point=d, params=params, nfe=nfe, phase=phase, context=context
@@ -445,10 +438,10 @@ def _augmented_solve(
                 context=context,
             )
     z = solution[:, :, :d].reshape(len(grid), batch, *event)
-    columns = solution[:, :, d:]
+    integral_columns = solution[:, :, d:]
     # columns hold ∫_{grid[0]}^{t} div; shift so that they hold ∫_0^t div.
     zero_index = 0 if float(grid[0]) == 0.0 else len(grid) - 1
-    integral = columns - columns[zero_index]
+    integral = integral_columns - integral_columns[zero_index]
     return _Solve(z, integral, nfe)
 
 
@@ -462,6 +455,55 @@ def _check_result(name: str, value: Tensor, context: str) -> None:
         )
 
 
+def _wants_graph(
+    grad: bool | None,
+    v: Field,
+    start: Tensor,
+    config: SolverConfig,
+    params: tuple[Tensor, ...],
+    known: bool,
+    t_start: float,
+    extras: dict,
+) -> bool:
+    """Whether the solve keeps a graph: only when gradients were asked for.
+
+    Asked means ``grad=True``, ``adjoint=True`` or ``x.requires_grad``; ``grad=False`` never.
+    Then the graph is built if grad mode is on and something requires grad.
+    """
+    if grad is False or not torch.is_grad_enabled():
+        return False
+    if grad is None and not (config.adjoint or start.requires_grad):
+        return False
+    return _needs_graph(v, start, params, known, t_start, extras)
+
+
+def _one_solve(
+    v: Field,
+    start: Tensor,
+    reverse: bool,
+    prior: Distribution | None,
+    grid: Tensor,
+    strategy: DivergenceStrategy,
+    config: SolverConfig,
+    params: tuple[Tensor, ...],
+    graph: bool,
+    nfe: NFE,
+    phase: str,
+    context: str,
+    extras: dict,
+) -> tuple[_Solve, Tensor, Tensor, Tensor]:
+    """One augmented solve: ``(solve, log_prior, per_probe ∫div (B, K), log_prob)``."""
+    i0, i1 = (len(grid) - 1, 0) if reverse else (0, len(grid) - 1)
+    solve = _augmented_solve(
+        v, start, grid, strategy, config, params, graph, nfe, phase, context, extras
+    )
+    with torch.enable_grad() if graph else torch.no_grad():
+        log_prior = _prior_log_prob(prior, solve.z[i0])
+        per_probe = solve.integral[i1]
+        log_prob = log_prior - per_probe.mean(dim=1)
+    return solve, log_prior, per_probe, log_prob
+
+
 def _likelihood(
     v: Field,
     start: Tensor,
@@ -469,32 +511,48 @@ def _likelihood(
     prior: Distribution | None,
     *,
     config: SolverConfig,
-    spec: _DivergenceSpec,
+    strategy: DivergenceStrategy,
     params: tuple[Tensor, ...],
     known: bool,
     times: list[float] | None,
     error_estimate: bool,
     context: str,
+    grad: bool | None,
+    extras: dict,
 ) -> LikelihoodResult:
     nfe = NFE()
-    graph = _needs_graph(v, start, params, known, 1.0 if reverse else 0.0)
+    graph = _wants_graph(grad, v, start, config, params, known, 1.0 if reverse else 0.0, extras)
     if graph and config.adjoint and not known:
         raise ValueError(
             "adjoint=True needs the field's parameters: v is not an nn.Module, so pass "
             "params=model.parameters() (the tensors the field depends on)"
         )
+    if config.accuracy is not None:
+        return _to_accuracy(
+            v, start, reverse, prior, config, strategy, params, graph, nfe, context, extras
+        )
     grid, index = _time_grid(times, reverse, start)
-    solve = _augmented_solve(v, start, grid, spec, config, params, graph, nfe, "forward", context)
-    # In grid order: for reverse (likelihood) grid[0] = 1, grid[-1] = 0; forward: the opposite.
+    solve, log_prior, per_probe, log_prob = _one_solve(
+        v,
+        start,
+        reverse,
+        prior,
+        grid,
+        strategy,
+        config,
+        params,
+        graph,
+        nfe,
+        "forward",
+        context,
+        extras,
+    )
     i0, i1 = (len(grid) - 1, 0) if reverse else (0, len(grid) - 1)
     z0, x = solve.z[i0], solve.z[i1]
-    log_prior = _prior_log_prob(prior, z0)
-    per_probe = solve.integral[i1]  # (B, K): ∫_0^1 div per probe
     div_integral = per_probe.mean(dim=1)
-    log_prob = log_prior - div_integral
     _check_result("log p_1", log_prob, context)
     stderr = None
-    if spec.kind == "hutchinson" and per_probe.shape[1] > 1:
+    if strategy.kind == "hutchinson" and per_probe.shape[1] > 1:
         stderr = per_probe.std(dim=1) / math.sqrt(per_probe.shape[1])
     times_t = log_prob_t = trajectory = None
     if times is not None:
@@ -505,10 +563,21 @@ def _likelihood(
     if error_estimate:
         refined = config.refined()
         with torch.no_grad():
-            fine = _augmented_solve(
-                v, start.detach(), grid, spec, refined, (), False, nfe, "estimate", context
+            *_, fine_log_prob = _one_solve(
+                v,
+                start.detach(),
+                reverse,
+                prior,
+                grid,
+                strategy,
+                refined,
+                (),
+                False,
+                nfe,
+                "estimate",
+                context,
+                extras,
             )
-            fine_log_prob = _prior_log_prob(prior, fine.z[i0]) - fine.integral[i1].mean(dim=1)
         estimate = (log_prob.detach() - fine_log_prob).abs()
         if not config.is_adaptive:  # Richardson: error(N) ≈ |l_N - l_2N| 2^p / (2^p - 1)
             estimate = estimate * (2**config.order / (2**config.order - 1))
@@ -528,6 +597,127 @@ def _likelihood(
     )
 
 
+def _certificate(tight: Tensor, loose: Tensor, config: SolverConfig) -> Tensor:
+    """Certified error of the tighter of two solves: the larger of their difference and the
+    tighter solve's absolute tolerance (the difference alone can vanish by chance when the looser
+    solve happens to be accurate too)."""
+    return torch.clamp((tight - loose).abs(), min=config.atol)
+
+
+def _to_accuracy(
+    v: Field,
+    start: Tensor,
+    reverse: bool,
+    prior: Distribution | None,
+    config: SolverConfig,
+    strategy: DivergenceStrategy,
+    params: tuple[Tensor, ...],
+    graph: bool,
+    nfe: NFE,
+    context: str,
+    extras: dict,
+) -> LikelihoodResult:
+    r"""Solve until every row's log-density is certified to ``config.accuracy`` nats.
+
+    A first solve at the tolerance :meth:`SolverConfig.accuracy_plan` chooses, then a solve
+    :data:`ACCURACY_STEP` times tighter; the tighter value is returned and the difference of the
+    two is its certified error (an upper bound whenever the tighter solve is at least twice as
+    accurate as the looser one; never below the tighter solve's tolerance). Rows whose certificate exceeds the target are solved again, alone,
+    each round :data:`ACCURACY_STEP` times tighter, down to the tolerance floor.
+    """
+    assert config.accuracy is not None
+    target = config.accuracy
+    grid, _ = _time_grid(None, reverse, start)
+    i0, i1 = (len(grid) - 1, 0) if reverse else (0, len(grid) - 1)
+    coarse = config.accuracy_plan()
+    *_, previous = _one_solve(
+        v,
+        start,
+        reverse,
+        prior,
+        grid,
+        strategy,
+        coarse,
+        params,
+        False,
+        nfe,
+        "estimate",
+        context,
+        extras,
+    )
+    fine = coarse.tightened(ACCURACY_STEP)
+    solve, log_prior, per_probe, log_prob = _one_solve(
+        v,
+        start,
+        reverse,
+        prior,
+        grid,
+        strategy,
+        fine,
+        params,
+        graph,
+        nfe,
+        "forward",
+        context,
+        extras,
+    )
+    z0, x = solve.z[i0], solve.z[i1]
+    certified = _certificate(log_prob.detach(), previous, fine)
+    batch = start.shape[0]
+    while True:
+        todo = (certified > target).nonzero().flatten()
+        if todo.numel() == 0 or fine.rtol <= TOLERANCE_FLOOR:
+            break
+        fine = fine.tightened(ACCURACY_STEP)
+        sub = _one_solve(
+            v,
+            start[todo],
+            reverse,
+            prior,
+            grid,
+            strategy.subset(todo),
+            fine,
+            params,
+            graph,
+            nfe,
+            "forward",
+            context,
+            select_extras(extras, batch, todo),
+        )
+        sub_solve, sub_prior, sub_probe, sub_log_prob = sub
+        sub_certified = _certificate(sub_log_prob.detach(), log_prob[todo].detach(), fine)
+        certified = certified.index_copy(0, todo, sub_certified)
+        log_prob = log_prob.index_copy(0, todo, sub_log_prob)
+        log_prior = log_prior.index_copy(0, todo, sub_prior)
+        per_probe = per_probe.index_copy(0, todo, sub_probe)
+        z0 = z0.index_copy(0, todo, sub_solve.z[i0])
+        x = x.index_copy(0, todo, sub_solve.z[i1])
+    _check_result("log p_1", log_prob, context)
+    missed = certified > target
+    if bool(missed.any()):
+        warnings.warn(
+            f"{context}: accuracy={target:g} not certified for {int(missed.sum())} of {batch} rows "
+            f"at the tolerance floor {TOLERANCE_FLOOR:g} (largest certified error "
+            f"{float(certified.max()):.3g}); see result.error_estimate",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    stderr = None
+    if strategy.kind == "hutchinson" and per_probe.shape[1] > 1:
+        stderr = per_probe.std(dim=1) / math.sqrt(per_probe.shape[1])
+    return LikelihoodResult(
+        log_prob=log_prob,
+        x=x,
+        z0=z0,
+        log_prior=log_prior,
+        divergence_integral=per_probe.mean(dim=1),
+        nfe=nfe,
+        stderr=stderr,
+        error_estimate=certified,
+        config=fine,
+    )
+
+
 def log_likelihood(
     v: Field,
     x: Tensor,
@@ -541,6 +731,7 @@ def log_likelihood(
     adjoint: bool | None = None,
     norm: str | None = None,
     config: SolverConfig | None = None,
+    accuracy: float | None = None,
     divergence: str = "exact",
     n_probes: int = 1,
     noise: str = "rademacher",
@@ -549,6 +740,8 @@ def log_likelihood(
     params: Iterable[Tensor] | None = None,
     times: Sequence[float] | Tensor | None = None,
     error_estimate: bool = False,
+    grad: bool | None = None,
+    extras: Mapping[str, object] | None = None,
     return_result: bool = False,
 ) -> Tensor | LikelihoodResult:
     r"""The exact log-likelihood :math:`\log p_1(x)` of a continuous normalizing flow (THEORY §3).
@@ -575,7 +768,14 @@ def log_likelihood(
         steps: number of fixed-grid steps (alternative to ``step_size``).
         adjoint: gradients by the adjoint method.
         norm: adaptive error norm, ``"rms"`` (batch) or ``"max_sample"`` (per sample).
-        config: a :class:`~cnftools.SolverConfig`; keywords given directly override its fields.
+        config: a :class:`~cnftools.SolverConfig`, the carrier of all solver settings; the
+            keywords above (and ``accuracy``) are sugar that override its fields.
+        accuracy: ask for nats, get nats: the target absolute error of each row's
+            :math:`\log p_1(x)` (e.g. ``1e-6``). The engine then chooses method and tolerance
+            (:meth:`SolverConfig.accuracy_plan`), checks itself with a second, tighter solve,
+            solves again only the rows not yet certified, and reports each row's certified error
+            in ``result.error_estimate``. Exclusive with ``method``, ``rtol``, ``atol``,
+            ``step_size``, ``steps`` and ``times``.
         divergence: ``"exact"`` or ``"hutchinson"``.
         n_probes: Hutchinson probes :math:`K` (fixed for the whole solve).
         noise: Hutchinson probe distribution, ``"rademacher"`` or ``"gaussian"``.
@@ -587,6 +787,14 @@ def log_likelihood(
             along each trajectory (density evolution), in the result.
         error_estimate: also solve with :meth:`SolverConfig.refined` and report the difference
             per sample (in the result).
+        grad: gradients of the result. ``None`` (default): only when asked for, that is when
+            ``x.requires_grad`` (direct backpropagation) or ``adjoint=True`` (w.r.t. ``x`` and
+            the field's parameters); otherwise the solve keeps no graph and the result has no
+            ``grad_fn``, whatever the field's parameters (memory as under ``torch.no_grad()``).
+            ``True``: differentiable w.r.t. the field's parameters too (maximum-likelihood
+            training; by the adjoint if ``adjoint=True``). ``False``: never.
+        extras: keyword arguments for a conditional field, ``v(x, t, **extras)``: tensors whose
+            first dimension is ``B`` follow their rows; anything else is passed as is.
         return_result: return a :class:`LikelihoodResult` instead of the tensor.
 
     Returns:
@@ -615,18 +823,14 @@ def log_likelihood(
     x = check_batched("x", x)
     prior_ = _check_prior(prior, tuple(x.shape[1:]))
     _probe_prior(prior_, x)
-    spec = _divergence_spec(v, x, divergence, n_probes, noise, probes, generator)
-    config_ = resolve_config(
-        config,
-        method=method,
-        rtol=rtol,
-        atol=atol,
-        step_size=step_size,
-        steps=steps,
-        adjoint=adjoint,
-        norm=norm,
-    )
+    extras_ = check_extras(extras)
+    strategy = _divergence_strategy(v, x, divergence, n_probes, noise, probes, generator)
+    config_ = _resolve(config, method, rtol, atol, step_size, steps, adjoint, norm, accuracy)
     times_ = _check_times(times, x)
+    if config_.accuracy is not None and (times_ is not None or error_estimate):
+        raise ValueError(
+            "accuracy= reports its own certified error and takes no times= or error_estimate="
+        )
     params_, known = _resolve_params(v, params)
     result = _likelihood(
         v,
@@ -634,12 +838,14 @@ def log_likelihood(
         True,
         prior_,
         config=config_,
-        spec=spec,
+        strategy=strategy,
         params=params_,
         known=known,
         times=times_,
         error_estimate=bool(error_estimate),
         context="log_likelihood",
+        grad=_check_grad(grad),
+        extras=extras_,
     )
     return result if return_result else result.log_prob
 
@@ -668,6 +874,8 @@ def sample_with_log_prob(
     params: Iterable[Tensor] | None = None,
     times: Sequence[float] | Tensor | None = None,
     error_estimate: bool = False,
+    grad: bool | None = None,
+    extras: Mapping[str, object] | None = None,
     return_result: bool = False,
 ) -> tuple[Tensor, Tensor] | LikelihoodResult:
     r"""Draw :math:`x_1` and its log-density :math:`\log p_1(x_1)` in one forward solve.
@@ -687,6 +895,8 @@ def sample_with_log_prob(
         generator: random generator for the standard-normal draws and Hutchinson probes.
         method, rtol, atol, step_size, steps, adjoint, norm, config: as in :func:`log_likelihood`.
         divergence, n_probes, noise, params, times, error_estimate: as in :func:`log_likelihood`.
+        grad: as in :func:`log_likelihood` (asked for when ``z0.requires_grad``).
+        extras: as in :func:`log_likelihood` (rows follow the samples).
         return_result: return a :class:`LikelihoodResult` (``x`` holds the samples).
 
     Returns:
@@ -737,17 +947,11 @@ def sample_with_log_prob(
                 raise ValueError(f"prior.sample((n,)) returned shape {tuple(z0.shape)}")
         z0 = check_batched("z0", z0)
     _probe_prior(prior_, z0)
-    spec = _divergence_spec(v, z0, divergence, n_probes, noise, None, generator)
-    config_ = resolve_config(
-        config,
-        method=method,
-        rtol=rtol,
-        atol=atol,
-        step_size=step_size,
-        steps=steps,
-        adjoint=adjoint,
-        norm=norm,
-    )
+    extras_ = check_extras(extras)
+    strategy = _divergence_strategy(v, z0, divergence, n_probes, noise, None, generator)
+    config_ = _resolve(config, method, rtol, atol, step_size, steps, adjoint, norm, None)
+    if config_.accuracy is not None:
+        raise ValueError("accuracy applies to log_likelihood only")
     times_ = _check_times(times, z0)
     params_, known = _resolve_params(v, params)
     result = _likelihood(
@@ -756,12 +960,14 @@ def sample_with_log_prob(
         False,
         prior_,
         config=config_,
-        spec=spec,
+        strategy=strategy,
         params=params_,
         known=known,
         times=times_,
         error_estimate=bool(error_estimate),
         context="sample_with_log_prob",
+        grad=_check_grad(grad),
+        extras=extras_,
     )
     return result if return_result else (result.x, result.log_prob)
 
@@ -780,6 +986,8 @@ def sample(
     config: SolverConfig | None = None,
     params: Iterable[Tensor] | None = None,
     times: Sequence[float] | Tensor | None = None,
+    grad: bool | None = None,
+    extras: Mapping[str, object] | None = None,
     return_result: bool = False,
 ) -> Tensor | SampleResult:
     r"""Integrate :math:`dz/dt = v(z, t)` from :math:`z_0 = x_0` at :math:`t = 0` to :math:`t = 1`.
@@ -791,6 +999,8 @@ def sample(
         params: the field's tensors, for adjoint gradients of a non-``nn.Module`` callable.
         times: if given, return the trajectory :math:`z_t` at these times in :math:`[0, 1]`,
             shape ``(T, B, *event)``, in the order given.
+        grad: as in :func:`log_likelihood` (asked for when ``x0.requires_grad``).
+        extras: as in :func:`log_likelihood`.
         return_result: return a :class:`SampleResult` (with the NFE).
 
     Returns:
@@ -809,25 +1019,20 @@ def sample(
     """
     _check_field(v)
     x0 = check_batched("x0", x0)
-    config_ = resolve_config(
-        config,
-        method=method,
-        rtol=rtol,
-        atol=atol,
-        step_size=step_size,
-        steps=steps,
-        adjoint=adjoint,
-        norm=norm,
-    )
+    extras_ = check_extras(extras)
+    config_ = _resolve(config, method, rtol, atol, step_size, steps, adjoint, norm, None)
+    if config_.accuracy is not None:
+        raise ValueError("accuracy applies to log_likelihood only")
     times_ = _check_times(times, x0)
     params_, known = _resolve_params(v, params)
     nfe = NFE()
-    graph = _needs_graph(v, x0, params_, known, 0.0)
+    graph = _wants_graph(_check_grad(grad), v, x0, config_, params_, known, 0.0, extras_)
     if graph and config_.adjoint and not known:
         raise ValueError("adjoint=True needs params= for a field that is not an nn.Module")
     grid, index = _time_grid(times_, False, x0)
-    spec = _DivergenceSpec("none", None, None)
-    solve = _augmented_solve(v, x0, grid, spec, config_, params_, graph, nfe, "forward", "sample")
+    solve = _augmented_solve(
+        v, x0, grid, None, config_, params_, graph, nfe, "forward", "sample", extras_
+    )
     x1 = solve.z[-1]
     trajectory = solve.z[index] if times_ is not None else None
     if return_result:

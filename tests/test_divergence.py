@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import cnftools
-from cnftools.divergence import EXACT_STRATEGIES, choose_strategy
+from cnftools.divergence import EXACT_STRATEGIES, DivergenceStrategy, choose_strategy
 
 ALL_EXACT = [("exact", s) for s in (*EXACT_STRATEGIES, None)] + [("loop", None)]
 DTYPES = [torch.float64, torch.float32]
@@ -304,3 +304,122 @@ def test_every_strategy_through_the_testing_kit(strategy, event, seed, t):
     x = torch.randn((5, *event), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     exact = cnftools.divergence(field, x, t, "exact", strategy=strategy)
     assert_divergence_matches_jacobian(field, x, t, exact)
+
+
+# ----------------------------------------------------------------------------------------------
+# The divergence-strategy object: one fast path for divergence() and the likelihood engine
+
+
+class _NoVmapDouble(torch.autograd.Function):
+    """2 x whose backward asks a question vmap cannot answer, as a diffusers UNet does."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad.is_contiguous(memory_format=torch.channels_last)  # NYI inside vmap
+        return 2 * grad
+
+
+class NoVmapField(nn.Module):
+    """v(x, t) = tanh(2 x) (1 + t): fine for single VJPs, fails under batched (vmapped) VJPs."""
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return torch.tanh(_NoVmapDouble.apply(x)) * (1 + t[:, None])
+
+
+def _no_vmap_divergence(x: Tensor, t: float) -> Tensor:
+    # d/dx tanh(2x) (1 + t) = 2 (1 - tanh^2(2x)) (1 + t), summed over the d entries
+    return (2 * (1 - torch.tanh(2 * x) ** 2) * (1 + t)).sum(dim=1)
+
+
+@pytest.mark.parametrize("method", ["exact", "hutchinson"])
+def test_batched_vjp_failure_falls_back_to_the_loop(method: str) -> None:
+    """Batched exact VJPs and batched Hutchinson probes (K > 1) both fall back, loudly, and give
+    the numbers of the loop (float64: rounding only, 1e-12)."""
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    probes = torch.randn(5, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    kwargs = {"probes": probes} if method == "hutchinson" else {"strategy": "auto"}
+    with pytest.warns(RuntimeWarning, match="vmap"):
+        div = cnftools.divergence(NoVmapField(), x, 0.5, method, **kwargs)
+    if method == "exact":
+        expected = _no_vmap_divergence(x, 0.5)
+    else:  # the mean over probes of eps^T diag(J) eps, J diagonal here
+        diag = 2 * (1 - torch.tanh(2 * x) ** 2) * 1.5
+        expected = (probes**2 * diag).sum(dim=2).mean(dim=0)
+    torch.testing.assert_close(div, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_likelihood_engine_uses_the_same_fallback_for_hutchinson() -> None:
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    probes = torch.randn(3, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(RuntimeWarning, match="vmap"):
+        lp = cnftools.log_likelihood(
+            NoVmapField(), x, divergence="hutchinson", probes=probes, method="rk4", steps=4
+        )
+    assert lp.shape == (3,) and bool(torch.isfinite(lp).all())
+
+
+@pytest.mark.parametrize("kind", ["exact", "hutchinson", "closed_form"])
+def test_strategy_object_matches_divergence(kind: str) -> None:
+    field = SmoothMLP((3,)).double()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    t = torch.full((5,), 0.3, dtype=torch.float64)
+    probes = DivergenceStrategy.draw_probes(x, 4, "gaussian", torch.Generator().manual_seed(5))
+    if kind == "exact":
+        strategy = DivergenceStrategy("exact")
+        expected = cnftools.divergence(field, x, t, strategy="loop")[:, None]
+    elif kind == "hutchinson":
+        strategy = DivergenceStrategy("hutchinson", probes=probes)
+        expected = torch.stack(
+            [cnftools.divergence(field, x, t, "hutchinson", probes=p[None]) for p in probes], 1
+        )
+    else:
+        strategy = DivergenceStrategy(
+            "closed_form", closed=lambda x, t: cnftools.divergence(field, x, t)
+        )
+        expected = cnftools.divergence(field, x, t)[:, None]
+    velocity, columns = strategy(field, x, t)
+    assert columns.shape == (5, strategy.columns)
+    torch.testing.assert_close(velocity, field(x, t).detach(), rtol=0, atol=0)
+    torch.testing.assert_close(columns, expected, rtol=1e-12, atol=1e-12)
+    assert velocity.grad_fn is None and columns.grad_fn is None
+
+
+@pytest.mark.parametrize("batch", [2, 64])
+def test_measuring_strategy_gives_the_loop_numbers(batch: int) -> None:
+    """Whatever the timing picks, every call gives the trace (float64: 1e-12 relative)."""
+    field = SmoothMLP((6,)).double()
+    strategy = DivergenceStrategy("exact", measure=True)
+    x = torch.randn(batch, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    t = torch.full((batch,), 0.7, dtype=torch.float64)
+    expected = cnftools.divergence(field, x, t, strategy="loop")
+    for _ in range(6):
+        _, columns = strategy(field, x, t)
+        torch.testing.assert_close(columns[:, 0], expected, rtol=1e-12, atol=1e-12)
+    assert strategy.measured in ("loop", "batched")
+
+
+def test_strategy_refuses_inconsistent_arguments() -> None:
+    with pytest.raises(ValueError, match="kind must be"):
+        DivergenceStrategy("trace")
+    with pytest.raises(ValueError, match="probes are needed"):
+        DivergenceStrategy("hutchinson")
+    with pytest.raises(ValueError, match="closed is needed"):
+        DivergenceStrategy("closed_form")
+
+
+def test_extras_reach_the_field_in_divergence() -> None:
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    scale = torch.arange(1.0, 5.0, dtype=torch.float64)
+
+    def field(x: Tensor, t: Tensor, *, scale: Tensor, shift: float) -> Tensor:
+        return scale[:, None] * x + shift
+
+    div = cnftools.divergence(field, x, 0.5, extras={"scale": scale, "shift": 2.0})
+    torch.testing.assert_close(div, 3 * scale, rtol=0, atol=1e-12)
+    v, div2 = cnftools.velocity_and_divergence(field, x, 0.5, extras={"scale": scale, "shift": 1.0})
+    torch.testing.assert_close(v, scale[:, None] * x + 1.0)
+    torch.testing.assert_close(div2, 3 * scale, rtol=0, atol=1e-12)

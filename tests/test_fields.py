@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cnftools.fields import call_field, closed_form_divergence, field_name
+from cnftools.fields import call_field, closed_form_divergence, field_name, select_extras
 
 
 class Scaling:
@@ -96,3 +96,41 @@ def test_field_name() -> None:
         return x
 
     assert field_name(my_field) == "my_field"
+
+
+def test_shape_error_in_the_field_gets_the_convention_hint() -> None:
+    """A field written in torchdiffeq's f(t, x) order fails on a shape error: the hint names the
+    convention and the original error is chained."""
+
+    def swapped(t: Tensor, x: Tensor) -> Tensor:  # torchdiffeq order: t is really x here
+        return x * t  # (B,) * (B, 3): a broadcast error for B = 4
+
+    x = torch.zeros(4, 3)
+    with pytest.raises(RuntimeError, match=r"t of shape \(B,\)") as info:
+        call_field(swapped, x, 0.5)
+    assert "f(t, x)" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_other_errors_in_the_field_pass_unchanged() -> None:
+    def broken(x: Tensor, t: Tensor) -> Tensor:
+        raise RuntimeError("out of coffee")
+
+    with pytest.raises(RuntimeError, match=r"^out of coffee$"):
+        call_field(broken, torch.zeros(2, 3), 0.5)
+
+
+def test_extras_are_passed_as_keywords_and_sliced_with_the_batch() -> None:
+    label = torch.arange(4)
+
+    def conditional(x: Tensor, t: Tensor, *, label: Tensor, gain: float) -> Tensor:
+        return x + gain * label[:, None].to(x.dtype)
+
+    out = call_field(conditional, torch.zeros(4, 2), 0.5, {"label": label, "gain": 2.0})
+    torch.testing.assert_close(out, 2.0 * label[:, None].float().expand(4, 2))
+    sub = select_extras({"label": label, "gain": 2.0, "table": torch.ones(3)}, 4, label > 1)
+    assert sub["label"].tolist() == [2, 3] and sub["gain"] == 2.0 and sub["table"].shape == (3,)
+    with pytest.raises(TypeError, match="extras must be a dict"):
+        call_field(conditional, torch.zeros(4, 2), 0.5, [label])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must not contain 'x' or 't'"):
+        call_field(conditional, torch.zeros(4, 2), 0.5, {"t": 1.0})

@@ -367,7 +367,9 @@ def test_adjoint_memory_does_not_grow_with_steps() -> None:
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = cnftools.log_likelihood(v, x, method="rk4", steps=steps, adjoint=adjoint)
+            out = cnftools.log_likelihood(
+                v, x, method="rk4", steps=steps, adjoint=adjoint, grad=True
+            )
         gc.collect()
         alive = sum(r() is not None for r in refs)
         del out
@@ -377,10 +379,10 @@ def test_adjoint_memory_does_not_grow_with_steps() -> None:
     assert held(True, 20) == held(True, 10)
 
 
-def test_gradient_flows_without_x_requiring_grad() -> None:
+def test_gradient_flows_without_x_requiring_grad_when_asked() -> None:
     v = _small_mlp()
     x = torch.randn(3, 3, dtype=F64)
-    cnftools.log_likelihood(v, x, method="rk4", steps=4).sum().backward()
+    cnftools.log_likelihood(v, x, method="rk4", steps=4, grad=True).sum().backward()
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in v.parameters())
 
 
@@ -626,3 +628,180 @@ def test_prior_of_another_dtype_is_refused_before_the_solve(prior_dtype, data_dt
     with pytest.raises(TypeError, match="prior must be built in the data's dtype"):
         cnftools.log_likelihood(field, torch.zeros(3, 2, dtype=data_dtype), prior)
     assert not calls
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients only when asked (issue: the default call must not hold the graph of the whole solve)
+
+
+def test_default_call_on_a_trainable_module_keeps_no_graph() -> None:
+    v = _small_mlp()
+    assert all(p.requires_grad for p in v.parameters())
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(11))
+    result = cnftools.log_likelihood(v, x, method="midpoint", steps=5, return_result=True)
+    assert result.log_prob.grad_fn is None and not result.log_prob.requires_grad
+    with torch.no_grad():
+        expected = cnftools.log_likelihood(v, x, method="midpoint", steps=5)
+    torch.testing.assert_close(result.log_prob, expected, rtol=0, atol=0)
+    x1, lp = cnftools.sample_with_log_prob(v, z0=x, method="midpoint", steps=5)
+    assert x1.grad_fn is None and lp.grad_fn is None
+    assert cnftools.sample(v, x, method="midpoint", steps=5).grad_fn is None
+
+
+def test_default_call_holds_no_tensors_for_backward() -> None:
+    """The memory claim, counted: no tensor is saved for backward by the default call."""
+    v = _small_mlp()
+    x = torch.randn(8, 3, dtype=F64, generator=torch.Generator().manual_seed(12))
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+        cnftools.log_likelihood(v, x, method="midpoint", steps=20)
+    kept_while_solving = len(saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+        out = cnftools.log_likelihood(v, x, method="midpoint", steps=20, grad=True)
+    assert out.grad_fn is not None and len(saved) > 0
+    # the divergence's VJPs save tensors inside each evaluation (freed at once); the graph of
+    # the solve (grad=True) saves every evaluation's: many times more.
+    assert len(saved) > 5 * max(kept_while_solving / 20, 1)
+
+
+@pytest.mark.parametrize("how", ["grad", "x_requires_grad", "adjoint"])
+def test_gradients_when_asked(how: str) -> None:
+    v = _small_mlp()
+    x = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(13))
+    kwargs: dict = {"method": "rk4", "steps": 4}
+    if how == "grad":
+        kwargs["grad"] = True
+    elif how == "adjoint":
+        kwargs["adjoint"] = True
+    else:
+        x = x.requires_grad_(True)
+    v.zero_grad()
+    cnftools.log_likelihood(v, x, **kwargs).sum().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in v.parameters())
+    if how == "x_requires_grad":
+        assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def test_grad_false_wins_and_bad_grad_refused() -> None:
+    v = _small_mlp()
+    x = torch.randn(3, 3, dtype=F64).requires_grad_(True)
+    assert cnftools.log_likelihood(v, x, method="rk4", steps=2, grad=False).grad_fn is None
+    with pytest.raises(TypeError, match="grad must be"):
+        cnftools.log_likelihood(v, x, method="rk4", steps=2, grad="yes")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# Ask for nats, get nats
+
+
+def _gaussian_case(d: int, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    cov = q @ torch.diag(0.2 + 1.8 * torch.rand(d, generator=g, dtype=F64)) @ q.T
+    marginal = cnftools.GaussianMarginal(cnftools.OTPath(0.1), torch.zeros(d, dtype=F64), cov)
+    x = torch.randn(batch, d, generator=g, dtype=F64)
+    return marginal, x, marginal.log_prob(x, 1.0)
+
+
+class _Opaque(torch.nn.Module):
+    """A marginal's velocity with no closed-form divergence hook (autograd divergence)."""
+
+    def __init__(self, marginal: cnftools.GaussianMarginal) -> None:
+        super().__init__()
+        self.marginal = marginal
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.marginal.velocity(x, t)
+
+
+@pytest.mark.parametrize("accuracy", [1e-4, 1e-7, 1e-9])
+def test_accuracy_is_met_and_certified(accuracy: float) -> None:
+    """Against the closed form: the true error is below the target and below the certified error
+    (the certificate is an upper bound); the certified error itself meets the target."""
+    marginal, x, exact = _gaussian_case(4, 6)
+    result = cnftools.log_likelihood(_Opaque(marginal), x, accuracy=accuracy, return_result=True)
+    error = (result.log_prob - exact).abs()
+    assert result.error_estimate is not None and result.error_estimate.shape == (6,)
+    assert bool((result.error_estimate <= accuracy).all())
+    assert bool((error <= result.error_estimate + 1e-13).all())  # 1e-13: float64 rounding
+    assert result.nfe.estimate > 0  # the self-check's cost is counted
+    assert result.log_prob.grad_fn is None
+
+
+def test_accuracy_tightens_only_rows_that_need_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row far in the tail needs a tighter solve than the rest; only it is solved again. The
+    first solve is made deliberately loose (tolerance 300 x the target) so that rounds happen."""
+    monkeypatch.setattr("cnftools._ode.ACCURACY_PLAN", ((0.0, "dopri5", 300.0),))
+    marginal, x, _ = _gaussian_case(2, 8, seed=1)
+    x = x.clone()
+    x[3] = 6.0  # far out: the field and its error are largest here
+    exact = marginal.log_prob(x, 1.0)
+    calls: list[int] = []
+
+    class Counting(_Opaque):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return super().forward(x, t)
+
+    result = cnftools.log_likelihood(Counting(marginal), x, accuracy=1e-9, return_result=True)
+    assert bool(((result.log_prob - exact).abs() <= 1e-9).all())
+    assert bool((result.error_estimate <= 1e-9).all())
+    # some later rounds ran on a sub-batch, and only after full-batch solves
+    assert 0 < min(calls) < 8 and calls[0] == 8
+    first_sub = next(i for i, n in enumerate(calls) if n < 8)
+    assert all(n < 8 for n in calls[first_sub:])
+
+
+def test_accuracy_lives_in_solver_config_and_excludes_tolerances() -> None:
+    marginal, x, exact = _gaussian_case(2, 3)
+    config = SolverConfig(accuracy=1e-6)
+    lp = cnftools.log_likelihood(_Opaque(marginal), x, config=config)
+    assert bool(((lp - exact).abs() <= 1e-6).all())
+    with pytest.raises(ValueError, match="accuracy= chooses"):
+        cnftools.log_likelihood(marginal, x, accuracy=1e-6, rtol=1e-3)
+    with pytest.raises(ValueError, match="accuracy must be > 0"):
+        SolverConfig(accuracy=0.0)
+    plan = SolverConfig(accuracy=1e-6, adjoint=True).accuracy_plan()
+    assert plan.method in ("dopri5", "dopri8") and plan.norm == "max_sample" and plan.adjoint
+    assert plan.rtol == plan.atol and plan.accuracy == 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditional fields: extras=
+
+
+class _Conditional(torch.nn.Module):
+    """v(x, t; c) = -c x per row: log p_1(x) = log N(x e^{-c} ... ) in closed form below."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *, rate: torch.Tensor) -> torch.Tensor:
+        return -rate[:, None] * x
+
+
+def test_extras_reach_the_field_in_every_entry_point() -> None:
+    """dz/dt = -c z from z_0 ~ N(0, I): z_1 = z_0 e^{-c}, so p_1 = N(0, e^{-2c} I) per row."""
+    d, rate = 3, torch.tensor([0.5, 1.0, 2.0], dtype=F64)
+    x = torch.randn(3, d, dtype=F64, generator=torch.Generator().manual_seed(14))
+    std = torch.exp(-rate)
+    exact = torch.distributions.Normal(0.0, std[:, None]).log_prob(x).sum(dim=1)
+    field, extras = _Conditional(), {"rate": rate}
+    lp = cnftools.log_likelihood(field, x, extras=extras, rtol=1e-10, atol=1e-10)
+    # rtol = atol = 1e-10 solves of states of size up to ~50: 1e-9 relative leaves margin
+    torch.testing.assert_close(lp, exact, rtol=1e-9, atol=1e-8)
+    acc = cnftools.log_likelihood(field, x, extras=extras, accuracy=1e-8)
+    torch.testing.assert_close(acc, exact, rtol=0, atol=1e-8)
+    hutch = cnftools.log_likelihood(
+        field, x, extras=extras, divergence="hutchinson", n_probes=2, rtol=1e-10, atol=1e-10
+    )
+    # Rademacher probes are exact for a diagonal Jacobian
+    torch.testing.assert_close(hutch, exact, rtol=1e-9, atol=1e-8)
+    x1 = cnftools.sample(field, x, extras=extras, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x1, x * std[:, None], rtol=0, atol=1e-8)
+    x1, lp1 = cnftools.sample_with_log_prob(field, z0=x, extras=extras, rtol=1e-10, atol=1e-10)
+    exact1 = torch.distributions.Normal(0.0, std[:, None]).log_prob(x1).sum(dim=1)
+    torch.testing.assert_close(lp1, exact1, rtol=1e-9, atol=1e-8)
+
+
+def test_field_in_torchdiffeq_order_gets_the_hint() -> None:
+    with pytest.raises(RuntimeError, match="f\\(t, x\\)"):
+        cnftools.log_likelihood(lambda t, x: x * t, torch.zeros(4, 3, dtype=F64))
