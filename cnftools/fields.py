@@ -38,6 +38,7 @@ __all__ = [
     "CONVENTION_HINT",
     "Extras",
     "VelocityField",
+    "accepts_keyword",
     "call_checked",
     "call_field",
     "call_with_closed_form_divergence",
@@ -151,6 +152,26 @@ def select_extras(extras: Extras | None, batch: int, rows: Tensor | slice | None
         k: (e[rows] if isinstance(e, Tensor) and e.dim() >= 1 and e.shape[0] == batch else e)
         for k, e in extras.items()
     }
+
+
+def accepts_keyword(v: object, name: str) -> bool:
+    """Whether calling ``v(x, t, name=...)`` is allowed by its signature (a parameter ``name`` or
+    ``**kwargs``; for an ``nn.Module`` its ``forward``). ``True`` when there is no signature to read.
+
+    Example:
+        >>> accepts_keyword(lambda x, t: x, "y"), accepts_keyword(lambda x, t, y=None: x, "y")
+        (False, True)
+    """
+    target = getattr(v, "forward", v)
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == name and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for p in parameters
+    )
 
 
 def check_extras(extras: object) -> dict:

@@ -390,3 +390,97 @@ def test_progress_bar_reports_rows(capsys):
     dataset_nll(field, x, batch_size=4, **{**FAST, "progress": True})
     err = capsys.readouterr().err
     assert "8/8" in err and "row/s" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditional fields: extras= reaches the field as v(x, t, **extras), sliced with every batch.
+def _conditional_case():
+    import cnftools
+
+    torch.manual_seed(0)
+    field = cnftools.MLPField(2, (16,), num_classes=3, dtype=torch.float64)
+    x = torch.randn(23, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(23) % 3
+    return field, x, y
+
+
+@pytest.mark.parametrize("route", ["extras", "pairs", "loader"])
+def test_conditional_field_gets_each_rows_label(route):
+    """Every route gives each row its own label: the values equal one log_likelihood call with
+    extras on the whole tensor, to rounding (a fixed rk4 grid, so batch composition cannot change
+    the steps; 1e-12 nats covers float64 summation order)."""
+    import cnftools
+
+    field, x, y = _conditional_case()
+    data, extras = {
+        "extras": (x, {"y": y}),
+        "pairs": (torch.utils.data.TensorDataset(x, y), None),
+        "loader": (
+            torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4),
+            None,
+        ),
+    }[route]
+    frame = dataset_nll(
+        field, data, extras=extras, batch_size=8, method="rk4", steps=8, progress=False
+    )
+    with torch.no_grad():
+        expected = cnftools.log_likelihood(field, x, extras={"y": y}, method="rk4", steps=8)
+    assert (frame["status"] == "ok").all()
+    np.testing.assert_allclose(frame["log_prob"], expected.numpy(), rtol=0, atol=1e-12)
+    # and a wrong label changes the value: the labels really reach the field
+    shifted = dataset_nll(
+        field, x, extras={"y": (y + 1) % 3}, batch_size=8, method="rk4", steps=8, progress=False
+    )
+    assert np.abs(shifted["log_prob"].to_numpy() - expected.numpy()).max() > 1e-6
+
+
+def test_constant_extras_are_passed_as_is_and_resume_checks_every_extra(tmp_path):
+    import cnftools
+
+    field, x, y = _conditional_case()
+    out = tmp_path / "nll.parquet"
+    kw = dict(batch_size=8, method="rk4", steps=4, progress=False, out=out, keep_chunks=True)
+    dataset_nll(field, x, extras={"y": y}, **kw)
+    with pytest.raises(cnftools.nll.ResumeError):
+        dataset_nll(field, x, extras={"y": y.flip(0)}, resume=True, **kw)
+
+    def scaled(x, t, scale):
+        return scale * x
+
+    with pytest.raises(ValueError, match="per-row"):  # a stream cannot slice a tensor per row
+        dataset_nll(
+            field,
+            torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4),
+            extras={"y": y},
+            progress=False,
+        )
+    frame = dataset_nll(scaled, x, extras={"scale": 0.5}, batch_size=8, method="rk4", steps=4)
+    # v = x/2: log p_1(x) = log N(e^{-1/2} x; 0, I) - d/2 exactly (the divergence is constant)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(x * math.exp(-0.5)).sum(1) - 1.0
+    np.testing.assert_allclose(frame["log_prob"], expected.numpy(), rtol=0, atol=1e-4)
+
+
+def test_labels_of_a_dataset_skip_a_field_that_takes_none():
+    """torchvision-style (x, label) items with an unconditional field: the labels are not passed
+    (they do not enter log p(x)); the values equal those of the bare rows exactly."""
+    _, x, y = _conditional_case()
+
+    def unconditional(x, t):
+        return -x
+
+    plain = dataset_nll(unconditional, x, batch_size=8, method="rk4", steps=4, progress=False)
+    pairs = dataset_nll(
+        unconditional,
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=8,
+        method="rk4",
+        steps=4,
+        progress=False,
+    )
+    np.testing.assert_array_equal(pairs["log_prob"], plain["log_prob"])
+
+
+def test_extras_given_twice_are_refused():
+    field, x, y = _conditional_case()
+    with pytest.raises(ValueError, match="both"):
+        dataset_nll(field, torch.utils.data.TensorDataset(x, y), extras={"y": y}, progress=False)

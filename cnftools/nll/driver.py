@@ -29,10 +29,11 @@ from torch import Tensor, nn
 
 from cnftools._ode import SolverConfig, resolve_config
 from cnftools.data import Dequantization
+from cnftools.fields import accepts_keyword, check_extras
 from cnftools.nll import distributed as dist
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint, settings_key
 from cnftools.nll.job import Job
-from cnftools.nll.sources import read_rows
+from cnftools.nll.sources import read_rows, tensor_digest
 from cnftools.nll.store import ChunkStore, RunLock
 from cnftools.nll.units import Settings
 
@@ -56,13 +57,46 @@ def _prepare_field(v: object, device: torch.device, dtype: torch.dtype) -> Calla
     return v  # type: ignore[return-value]
 
 
-def _check_field(v: Callable[..., Tensor], first: Tensor, s: Settings, event: tuple) -> None:
+def _split_extras(
+    extras: Mapping[str, Any] | None, n: int | None
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``extras=`` as per-row tensors (first dimension ``n``) and constants (the rest)."""
+    given = check_extras(extras)
+    per_row = {
+        k: val.detach()
+        for k, val in given.items()
+        if isinstance(val, Tensor) and val.dim() >= 1 and n is not None and val.shape[0] == n
+    }
+    if n is None and any(isinstance(val, Tensor) and val.dim() >= 1 for val in given.values()):
+        raise ValueError(
+            "extras: with a streamed dataset the number of rows is not known, so a tensor cannot "
+            "be told per-row or constant; let the dataset yield (x, y) items for per-row values"
+        )
+    return per_row, {k: val for k, val in given.items() if k not in per_row}
+
+
+def _extras_identity(row_extras: dict[str, Tensor], constant: dict[str, Any]) -> str:
+    """Content of ``extras=`` for the run's identity (per-row tensors are hashed whole too)."""
+    parts = {k: tensor_digest(val) for k, val in row_extras.items()}
+    for key, val in constant.items():
+        parts[key] = tensor_digest(val) if isinstance(val, Tensor) else repr(val)
+    return settings_key(parts)
+
+
+def _check_field(
+    v: Callable[..., Tensor],
+    first: Tensor,
+    s: Settings,
+    event: tuple,
+    row_extras: Mapping[str, Tensor],
+) -> None:
     """Evaluate the field once on a finite first row, so a wrong dimension fails before any work."""
     first = first.to("cpu")
     finite = torch.isfinite(first.to(torch.float64)).reshape(first.shape[0], -1).all(dim=1)
     if not bool(finite.any()):
         return  # every row of the first batch is non-finite: each is reported in its status
     x = first[finite][:1]
+    extras = {**s.extras, **{k: val[finite][:1].to(s.device) for k, val in row_extras.items()}}
     if s.dequantization is not None:
         levels = s.dequantization.levels
         x = (x.to(torch.float64).clamp(0, levels - 1) + 0.5) / levels
@@ -70,7 +104,7 @@ def _check_field(v: Callable[..., Tensor], first: Tensor, s: Settings, event: tu
     t = torch.full((1,), 0.5, device=s.device, dtype=s.dtype)
     try:
         with torch.no_grad():
-            out = v(x, t)
+            out = v(x, t, **extras)
     except Exception as error:
         raise ValueError(
             f"the field v fails on a data row of shape {tuple(x.shape)} (event shape {event}, "
@@ -141,6 +175,7 @@ def dataset_nll(
     progress: bool | None = None,
     run_id: str | None = None,
     num_threads: int | None = None,
+    extras: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame | None:
     r"""Per-row log-likelihood of a dataset under a CNF, as a DataFrame.
 
@@ -202,6 +237,13 @@ def dataset_nll(
         num_threads: torch threads for the run, restored afterwards (default on CPU:
             :func:`cnftools.nll.distributed.choose_threads`, the idle cores of this process's
             share of the machine; elsewhere unchanged).
+        extras: keyword arguments of a conditional field, ``v(x, t, **extras)``. A tensor whose
+            first dimension is the number of rows ``N`` is per row: sliced with every batch (and
+            shard), part of each batch's content hash. Anything else is passed as is and is part
+            of the run's identity. A dataset that yields ``(x, y)`` items gives ``extras["y"]``
+            per row itself when the field takes a ``y`` argument (an unconditional field on a
+            labelled dataset ignores the labels); with a stream (``IterableDataset``), per-row
+            values must come that way.
 
     Returns:
         On rank 0 (or without ``torch.distributed``): a DataFrame, one row per data row in input
@@ -274,19 +316,28 @@ def dataset_nll(
     )
     rank, world = dist.rank_and_world()
     rows = read_rows(data, columns)
-    first = rows.first(batch_size)
+    row_extras, constant_extras = _split_extras(extras, rows.n)
+    rows.attach_extras(row_extras)
+    first_batch = rows.first(batch_size)
+    if first_batch.extras and not all(accepts_keyword(v, k) for k in first_batch.extras):
+        # (x, label) items for a field that takes no label (an unconditional model on a
+        # labelled dataset): the labels do not enter log p(x), so they are not passed
+        rows.item_extras = False
+        first_batch = rows.first(batch_size)
+    first = first_batch.x
     dtype = dtype or _infer_dtype(first, v, dequantization)
     device = torch.device(device) if device is not None else dist.default_device(first, v, world)
     identity = _identity(v, prior, run_id, need=out is not None and resume)
+    identity["extras"] = _extras_identity(row_extras, constant_extras)
     count = num_threads if num_threads is not None else dist.choose_threads(device)
     with dist.threads(count):
         field = _prepare_field(v, device, dtype)
         settings = Settings(
             batch_size, divergence, n_probes, seed, solver, dequantization,
-            dict(solver_options or {}), prior, device, dtype,
+            dict(solver_options or {}), prior, device, dtype, constant_extras,
         )  # fmt: skip
-        _check_field(field, first, settings, rows.event)
-        del first
+        _check_field(field, first, settings, rows.event, first_batch.extras)
+        del first, first_batch
         run = {
             "rows": rows.n, "event": list(rows.event), **identity, "batch_size": batch_size,
             "divergence": divergence, "n_probes": n_probes if hutchinson else None, "seed": seed,

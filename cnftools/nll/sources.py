@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +109,36 @@ class RowSource:
         self.event, self.n, self._get, self._stream, self.what = event, n, get, stream, what
         self.streaming = stream is not None
         self.first_digest: str | None = None
+        self.row_extras: dict[str, Tensor] = {}
+        self.item_extras = True  # False: the (x, y) items' y is not for the field (dropped)
+
+    def attach_extras(self, row_extras: dict[str, Tensor]) -> None:
+        """Per-row extras given beside the data (``dataset_nll(..., extras=)``): tensors of first
+        dimension ``N``, sliced into every batch next to the data's own extras."""
+        if row_extras and self.n is None:
+            raise ValueError(
+                f"extras: per-row tensors need the number of rows, which a stream ({self.what}) "
+                "does not know in advance; let the dataset yield (x, y) items instead"
+            )
+        for key, value in row_extras.items():
+            if value.shape[0] != self.n:
+                raise ValueError(
+                    f"extras[{key!r}] has {value.shape[0]} rows, {self.what} has {self.n}"
+                )
+        self.row_extras = dict(row_extras)
+
+    def _with_row_extras(self, batch: Batch) -> Batch:
+        if not self.item_extras and batch.extras:
+            batch = replace(batch, extras={})
+        if not self.row_extras or batch.x is None:
+            return batch
+        clash = sorted(set(self.row_extras) & set(batch.extras))
+        if clash:
+            raise ValueError(
+                f"extras {clash} are given both by {self.what}'s (x, y) items and by extras="
+            )
+        sliced = {k: v[batch.start : batch.start + batch.size] for k, v in self.row_extras.items()}
+        return replace(batch, extras={**batch.extras, **sliced})
 
     def batches(self, batch_size: int, read: Callable[[int], bool] = lambda b: True):
         """Yield :class:`Batch` es of ``batch_size`` rows in order (the last may be shorter).
@@ -124,7 +154,8 @@ class RowSource:
                     yield Batch(b, start, stop - start, None)
                     continue
                 x, extras = self._get(start, stop)
-                yield Batch(b, start, stop - start, self._checked(x, start), extras)
+                batch = Batch(b, start, stop - start, self._checked(x, start), extras)
+                yield self._with_row_extras(batch)
             return
         yield from self._rebatch(batch_size)
 
@@ -184,11 +215,11 @@ class RowSource:
             )
         return x
 
-    def first(self, count: int) -> Tensor:
-        """Up to ``count`` first rows (for dtype inference and a trial call of the field)."""
+    def first(self, count: int) -> Batch:
+        """Up to ``count`` first rows and their extras (dtype inference, a trial call of the field)."""
         for batch in self.batches(count):
             assert batch.x is not None
-            return batch.x
+            return batch
         raise ValueError(f"{self.what} has no rows")  # pragma: no cover - checked on creation
 
     def read_all(self) -> Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,7 @@ class Settings:
     prior: object
     device: torch.device
     dtype: torch.dtype
+    extras: dict[str, Any] = field(default_factory=dict)  # constant extras (not per row)
 
 
 def unit_seed(*parts: int) -> int:
@@ -57,7 +58,13 @@ def unit_seed(*parts: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def _solve(v: Callable[..., Tensor], y: Tensor, s: Settings, generator: torch.Generator | None):
+def _solve(
+    v: Callable[..., Tensor],
+    y: Tensor,
+    s: Settings,
+    generator: torch.Generator | None,
+    extras: Mapping[str, Any],
+):
     """One solve through :func:`cnftools.likelihood.log_likelihood`: ``(log_prob, nfe, stderr)``."""
     from cnftools.likelihood import log_likelihood
 
@@ -65,7 +72,9 @@ def _solve(v: Callable[..., Tensor], y: Tensor, s: Settings, generator: torch.Ge
     if s.divergence == "hutchinson":
         kwargs.update(divergence="hutchinson", n_probes=s.n_probes, generator=generator)
     with torch.no_grad():  # no graph through the solver: only the divergence needs autograd
-        result = log_likelihood(v, y, s.prior, config=s.config, return_result=True, **kwargs)
+        result = log_likelihood(
+            v, y, s.prior, config=s.config, return_result=True, extras=extras or None, **kwargs
+        )
     stderr = result.stderr
     return (
         result.log_prob.detach(),
@@ -75,12 +84,17 @@ def _solve(v: Callable[..., Tensor], y: Tensor, s: Settings, generator: torch.Ge
 
 
 def _value(
-    v: Callable[..., Tensor], ys: list[Tensor], log_det: float, s: Settings, gen
+    v: Callable[..., Tensor],
+    ys: list[Tensor],
+    log_det: float,
+    s: Settings,
+    gen,
+    extras: Mapping[str, Any],
 ) -> tuple[Tensor, int, Tensor | None]:
     """Row values from the ``K`` inputs ``ys`` (K = 1 without dequantization)."""
     terms, variances, total = [], [], 0
     for y in ys:
-        lp, used, se = _solve(v, y, s, gen)
+        lp, used, se = _solve(v, y, s, gen, extras)
         terms.append(lp + log_det)
         variances.append(None if se is None else se**2)
         total += used
@@ -112,9 +126,9 @@ def compute_unit(
 ) -> tuple[pd.DataFrame, BaseException | None]:
     """Values of the rows ``rows`` (positions within the batch ``x``) of unit ``(batch, round)``.
 
-    ``extras`` (per-row tensors of the batch, e.g. a dataset's labels ``y``) are carried with the
-    batch and are part of its content hash; the field call ``v(x, t, **extras)`` is made once
-    ``cnftools.log_likelihood`` takes ``extras=``.
+    ``extras`` (per-row tensors of the batch, e.g. a dataset's labels ``y``) are part of the
+    batch's content hash and are sliced with the rows; with the run's constant extras they reach
+    the field as ``v(x, t, **extras)``.
 
     Returns:
         The unit's frame (``index``, ``round``, ``log_prob``, ``variance``, ``nfe``, ``status``)
@@ -164,8 +178,13 @@ def compute_unit(
     if todo.size:
         pick = torch.as_tensor(position[todo], device=s.device)
         gen = _probe_generator(s, batch, round_)
+        valid_extras = {k: val.to(s.device)[valid] for k, val in (extras or {}).items()}
+
+        def extras_of(index: Tensor) -> dict[str, Any]:
+            return {**s.extras, **{k: val[index] for k, val in valid_extras.items()}}
+
         try:
-            lp, used, var = _value(v, [y[pick] for y in ys], log_det, s, gen)
+            lp, used, var = _value(v, [y[pick] for y in ys], log_det, s, gen, extras_of(pick))
             log_prob[todo] = lp.to("cpu", torch.float64).numpy()
             if var is not None:
                 variance[todo] = var.to("cpu", torch.float64).numpy()
@@ -178,7 +197,12 @@ def compute_unit(
                 one = torch.as_tensor(position[i : i + 1], device=s.device)
                 try:
                     lp, used, var = _value(
-                        v, [y[one] for y in ys], log_det, s, _probe_generator(s, batch, round_, i)
+                        v,
+                        [y[one] for y in ys],
+                        log_det,
+                        s,
+                        _probe_generator(s, batch, round_, i),
+                        extras_of(one),
                     )
                 except Exception as row_error:
                     status[i] = _error_text(row_error)
