@@ -26,6 +26,16 @@ _DIGITS_SPLIT_SEED = 0
 
 
 # ----------------------------------------------------------------------------------------------
+def _digits_rows(split: str, n: int) -> torch.Tensor | slice:
+    """The rows of ``split`` among the ``n`` digits: a fixed 80/20 permutation (seed 0)."""
+    if split == "all":
+        return slice(None)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED))
+    n_test = round(_DIGITS_TEST_FRACTION * n)
+    index = order[:n_test] if split == "test" else order[n_test:]
+    return index.sort().values
+
+
 def digits_split(split: str) -> torch.Tensor:
     """scikit-learn's digits, split 80/20 by a fixed permutation (seed 0): 1438 train, 359 test.
 
@@ -34,14 +44,15 @@ def digits_split(split: str) -> torch.Tensor:
     from cnftools.data import load_digits
 
     data = load_digits()
-    if split == "all":
-        return data
-    order = torch.randperm(
-        data.shape[0], generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED)
-    )
-    n_test = round(_DIGITS_TEST_FRACTION * data.shape[0])
-    index = order[:n_test] if split == "test" else order[n_test:]
-    return data[index.sort().values]
+    return data[_digits_rows(split, data.shape[0])]
+
+
+def digits_split_labels(split: str) -> torch.Tensor:
+    """The class labels ``0..9`` of :func:`digits_split`'s rows, in the same order: ``(N,)``."""
+    from cnftools.data import load_digit_labels
+
+    labels = load_digit_labels()
+    return labels[_digits_rows(split, labels.shape[0])]
 
 
 def _builtin(name: str, split: str, n: int, seed: int) -> tuple[torch.Tensor, int | None]:
@@ -182,6 +193,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "(stored in the checkpoint; digits: default 17)",
     )
     p.add_argument("--centered", action="store_true", help="with --dequantize: y = 2(x + u)/L - 1")
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="train a class-conditional field v(x, t, y) on the dataset's labels (--dataset "
+        "digits); `cnftools nll` then reports log p(x | y) with each row's own label",
+    )
     _add_common(p)
 
 
@@ -218,12 +235,16 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(
             "--sigma-min/--sigma-max do not apply to --path vp (beta_min=0.1, beta_max=20)"
         )
+    if args.conditional and args.dataset != "digits":
+        raise ValueError("--conditional needs labelled data: --dataset digits")
     rows, levels = _load_rows(args)
+    labels = digits_split_labels(args.split) if args.conditional else None
     levels = args.dequantize if args.dequantize is not None else levels
     if args.centered and levels is None:
         raise ValueError("--centered applies only with a dequantization (--dequantize L or digits)")
     dtype = _DTYPES[args.dtype] if args.dtype else torch.float32
     device = torch.device(args.device or "cpu")
+    labels = None if labels is None else labels.to(device)
     if args.path == "ot":
         path = OTPath(**({} if args.sigma_min is None else {"sigma_min": args.sigma_min}))
     elif args.path == "ve":
@@ -242,6 +263,7 @@ def _train(args: argparse.Namespace) -> int:
         hidden,
         activation=args.activation,
         time_embedding=args.time_embedding,
+        num_classes=None if labels is None else int(labels.max()) + 1,
         device=device,
         dtype=dtype,
     )
@@ -249,13 +271,17 @@ def _train(args: argparse.Namespace) -> int:
         x = rows.to(device)
         centered = args.centered
 
-        def sampler(n: int, gen: torch.Generator) -> torch.Tensor:
+        def sampler(n: int, gen: torch.Generator) -> object:
             index = torch.randint(0, x.shape[0], (n,), generator=gen, device=gen.device)
-            return dequantize(x[index.to(x.device)], levels, gen, centered=centered, dtype=dtype)
+            index = index.to(x.device)
+            x1 = dequantize(x[index], levels, gen, centered=centered, dtype=dtype)
+            return x1 if labels is None else (x1, {"y": labels[index]})
 
         data: object = sampler
+        extras = None
     else:
         data = rows.to(device=device, dtype=dtype)
+        extras = None if labels is None else {"y": labels}
     result = train_cfm(
         field,
         path,
@@ -266,6 +292,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         minibatch_ot=args.minibatch_ot,
         t_max=args.t_max,
+        extras=extras,
         progress=bool(args.progress if args.progress is not None else sys.stderr.isatty()),
     )
     extra = {
@@ -275,6 +302,7 @@ def _train(args: argparse.Namespace) -> int:
         "data": str(args.data) if args.data is not None else f"{args.dataset}:{args.split}",
         "steps": args.steps,
         "final_loss": float(result.history["loss"].tail(50).mean()),
+        "conditional": "digit labels" if labels is not None else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(args.out, field, path=path, extra=extra)
@@ -497,9 +525,18 @@ def _nll(args: argparse.Namespace, device: torch.device | None) -> int:
         args.centered if args.centered is not None else bool(stored and stored.get("centered"))
     )
     deq = None if levels is None else Dequantization(levels, args.dequantize_samples, centered)
+    extras = None
+    if (ckpt.extra or {}).get("conditional"):
+        if args.dataset != "digits":
+            raise UsageError(
+                "--model is class-conditional (trained with --conditional on digit labels): "
+                "score it on --dataset digits, whose labels it needs"
+            )
+        extras = {"y": digits_split_labels(args.split)}
     frame = dataset_nll(
         field,
         rows,
+        extras=extras,
         batch_size=args.batch_size,
         divergence=args.divergence,
         n_probes=args.probes,

@@ -57,6 +57,7 @@ __all__ = [
     "dequantized_nll",
     "eight_gaussians",
     "gaussian_mixture",
+    "load_digit_labels",
     "load_digits",
     "quantize",
     "spirals",
@@ -344,6 +345,22 @@ def load_digits(*, images: bool = False, device: torch.device | str | None = Non
     if images:
         data = data.reshape(-1, 1, 8, 8)
     return data.to(device) if device is not None else data
+
+
+def load_digit_labels(*, device: torch.device | str | None = None) -> Tensor:
+    """The class labels ``0..9`` of :func:`load_digits`' rows, in the same order: shape ``(1797,)``.
+
+    Raises:
+        ImportError: scikit-learn is not installed (``pip install scikit-learn``).
+    """
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "load_digit_labels needs the optional dependency scikit-learn: pip install scikit-learn"
+        ) from error
+    labels = torch.as_tensor(_sk_load_digits().target).to(torch.long)
+    return labels.to(device) if device is not None else labels
 
 
 @dataclass(frozen=True)

@@ -89,19 +89,20 @@ def test_nll_reports_nan_rows_without_crashing(trained, tmp_path, capsys):
     bad = tmp_path / "nan.npy"
     np.save(bad, rows)
     out = tmp_path / "nan.parquet"
-    code = main(
-        [
-            "nll",
-            "--model",
-            str(ckpt),
-            "--data",
-            str(bad),
-            "--out",
-            str(out),
-            *SOLVER,
-            "--no-progress",
-        ]
-    )
+    with pytest.warns(RuntimeWarning, match="1 of"):  # some rows failed: said, not hidden
+        code = main(
+            [
+                "nll",
+                "--model",
+                str(ckpt),
+                "--data",
+                str(bad),
+                "--out",
+                str(out),
+                *SOLVER,
+                "--no-progress",
+            ]
+        )
     assert code == 1  # finished, with failures
     frame = pd.read_parquet(out)
     assert frame.loc[3, "status"].startswith("error: non-finite input")
@@ -140,6 +141,38 @@ def test_digits_train_nll_with_baselines(tmp_path, capsys):
     # any fitted histogram beats the uniform model on digits (many pixels are always 0)
     assert base["histogram_bpd"] < base["uniform_bpd"]
     assert math.isfinite(summary["mean_bpd"])
+
+
+def test_digits_conditional_train_and_nll_use_each_rows_label(tmp_path, capsys):
+    """`train --conditional` makes a class-conditional field; `nll` feeds each test row its own
+    label: the CLI's mean NLL equals dataset_nll with the labels (same fixed grid, 1e-9 nats),
+    and differs from the one with shifted labels."""
+    pytest.importorskip("sklearn")
+    from cnftools.cli_nll import digits_split, digits_split_labels
+
+    ckpt = tmp_path / "cond.pt"
+    train = ["train", "--dataset", "digits", "--conditional", "--out", str(ckpt), "--hidden", "16",
+             "--steps", "20", "--no-progress"]  # fmt: skip
+    assert main(train) == 0
+    capsys.readouterr()
+    solver = ["--method", "rk4", "--solver-steps", "2"]
+    code = main(["nll", "--model", str(ckpt), "--dataset", "digits", "--split", "test", "--json",
+                 *solver, "--no-progress", "--threads", "1"])  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    field = cnftools.load_checkpoint(ckpt).field
+    assert field.config()["num_classes"] == 10
+    x, y = digits_split("test"), digits_split_labels("test")
+    assert y.shape == (359,) and set(y.tolist()) == set(range(10))
+    deq = cnftools.Dequantization(17)
+    kw = dict(dequantization=deq, method="rk4", steps=2, progress=False, num_threads=1)
+    own = cnftools.dataset_nll(field, x, extras={"y": y}, **kw)
+    other = cnftools.dataset_nll(field, x, extras={"y": (y + 1) % 10}, **kw)
+    assert summary["mean_nll"] == pytest.approx(float(own["nll"].mean()), abs=1e-9)
+    assert abs(float(other["nll"].mean()) - summary["mean_nll"]) > 1e-6
+    # a conditional model needs the labelled dataset
+    code = main(["nll", "--model", str(ckpt), "--dataset", "two_moons", *solver, "--no-progress"])
+    assert code == 2 and "conditional" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["train", "nll"])
