@@ -331,3 +331,19 @@ def test_tiny_class_conditional_unet_log_likelihood():
         )
         assert log_prob.shape == (2,) and bool(torch.isfinite(log_prob).all())
     assert not torch.equal(results[0], results[1])
+
+
+def test_tiny_unet_exact_divergence_falls_back_to_the_loop():
+    """Batched VJPs fail inside a diffusers UNet ("NYI: querying is_contiguous inside of vmap");
+    the exact divergence falls back to the loop of d backward passes, loudly, and gives the loop's
+    numbers exactly; the likelihood solve with the exact divergence then runs to a finite value."""
+    diffusers = pytest.importorskip("diffusers")
+    field, _ = from_diffusers(_tiny_unet(), diffusers.DDPMScheduler())
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="batched divergence failed"):
+        auto = cnftools.divergence(field, x, 0.5)
+    loop = cnftools.divergence(field, x, 0.5, strategy="loop")
+    torch.testing.assert_close(auto, loop, rtol=0, atol=0)
+    with pytest.warns(RuntimeWarning, match="batched divergence failed"), torch.no_grad():
+        log_p = cnftools.log_likelihood(field, x, method="rk4", steps=2)
+    assert log_p.shape == (2,) and bool(torch.isfinite(log_p).all())
