@@ -120,15 +120,16 @@ def _run_validate(args: argparse.Namespace) -> int:
     experiments = discover()
     if args.list:
         for e in experiments:
-            print(f"{e.name:<24} §{e.section:g}  {e.title}")
+            print(f"{e.name:<18} {e.heading}")
         return 0
     if args.only:
         known = {e.name for e in experiments}
-        unknown = sorted(set(args.only) - known)
+        wanted = {name.strip().lower() for name in args.only}
+        unknown = sorted(wanted - known)
         if unknown:
             print(f"unknown experiment(s) {unknown}; known: {sorted(known)}", file=sys.stderr)
             return 2
-        experiments = [e for e in experiments if e.name in args.only]
+        experiments = [e for e in experiments if e.name in wanted]
     dtype_choice = args.dtype or ("both" if args.full else "float64")
     dtypes = list(_DTYPES.values()) if dtype_choice == "both" else [_DTYPES[dtype_choice]]
     if args.out is not None:
@@ -148,11 +149,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         results, errors = run_experiments(ctx, experiments)
         run = Run(ctx, results, errors, time.perf_counter() - start)
         runs.append(run)
-        held = (
-            f", {sum(c.held for c in run.claims)}/{len(run.claims)} claims held"
-            if run.claims
-            else ""
-        )
+        held = f"; {run.claims_summary()}" if run.claims else ""
         print(
             f"{run.n_checks - run.n_failed}/{run.n_checks} checks passed{held}, "
             f"{len(errors)} experiment(s) crashed, {run.elapsed:.1f} s\n"

@@ -140,6 +140,11 @@ class Experiment:
     run: Callable[[Context], Iterable[Check]]
     sections: tuple[int, ...] = ()
 
+    @property
+    def heading(self) -> str:
+        """The sections and the title, e.g. ``"§5, §9, §10 Theorem 1: ..."``."""
+        return f"{', '.join(f'§{n}' for n in self.sections)} {self.title}"
+
 
 def discover() -> list[Experiment]:
     """Import every experiment module of this package, ordered by THEORY section."""
@@ -176,7 +181,7 @@ def run_experiments(
         elapsed = time.perf_counter() - start
         results.append((experiment, checks, elapsed))
         if echo:
-            echo(format_table(checks, title=f"{experiment.title} ({elapsed:.1f} s)"))
+            echo(format_table(checks, title=f"{experiment.heading} ({elapsed:.1f} s)"))
     return results, errors
 
 
@@ -291,7 +296,7 @@ def write_report(path: Path, runs: list[Run]) -> None:
         lines += [f"## {dtype} ({run.elapsed:.1f} s)", ""]
         for experiment, checks, seconds in run.results:
             lines += [
-                f"### {experiment.title} — {dtype}",
+                f"### {experiment.heading} — {dtype}",
                 "",
                 f"`{experiment.name}`, {seconds:.1f} s",
                 "",

@@ -22,7 +22,7 @@ from cnftools.validation._framework import Check, Context
 
 SECTION = 12
 SECTIONS = (12,)  # the theory sections its rows check
-TITLE = "§12 Bits per dimension and importance-weighted dequantization"
+TITLE = "Bits per dimension and importance-weighted dequantization"
 
 
 def run(ctx: Context) -> Iterator[Check]:

@@ -45,7 +45,7 @@ __all__ = ["exact_posterior_mean", "probability_flow_velocity", "run"]
 
 SECTION = 13
 SECTIONS = (12, 13)  # the theory sections its rows check
-TITLE = "§13 Diffusion is flow matching: probability-flow ODE, parametrizations, DDPM bits/dim"
+TITLE = "Diffusion is flow matching: probability-flow ODE, parametrizations, DDPM bits/dim"
 
 _PATHS = {
     "VP(0.1, 20)": lambda: VPPath(0.1, 20.0),

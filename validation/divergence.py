@@ -29,7 +29,7 @@ from cnftools.validation._framework import Check, Context
 
 SECTION = 11
 SECTIONS = (11,)  # the theory sections its rows check
-TITLE = "§11 Divergence: exact strategies and Hutchinson's estimator"
+TITLE = "Divergence: exact strategies and Hutchinson's estimator"
 
 _SIGMAS = 5.0
 

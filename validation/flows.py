@@ -43,7 +43,7 @@ from cnftools.validation._framework import Check, Context
 
 SECTION = 2
 SECTIONS = (1, 2, 3)  # the theory sections its rows check
-TITLE = "§1–3 Change of variables, discrete flows, Euler steps → CNF"
+TITLE = "Change of variables, discrete flows, Euler steps → CNF"
 
 LINEAR_FIELD = np.array([[-0.3, -1.0, 0.2], [0.8, 0.4, 0.0], [0.1, -0.2, -0.5]])
 """A fixed 3×3 matrix A (rotation plus contraction/expansion) for v(x, t) = A x."""

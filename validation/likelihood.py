@@ -34,7 +34,7 @@ from cnftools.validation._framework import Check, Context
 
 SECTION = 3.0
 SECTIONS = (3, 9)  # the theory sections its rows check
-TITLE = "§3 Likelihood by the augmented ODE"
+TITLE = "Likelihood by the augmented ODE"
 
 _PATHS = {
     "OT(0.1)": lambda: cnftools.OTPath(0.1),

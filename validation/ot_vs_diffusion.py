@@ -32,7 +32,7 @@ from cnftools.validation._framework import Check, Context
 
 SECTION = 8.5
 SECTIONS = (3, 8)  # the theory sections its rows check
-TITLE = "§8 claim: OT vs VP vs VE — NFE, straightness, Euler error, training"
+TITLE = "Claims: OT vs VP vs VE — NFE, straightness, Euler error, training"
 
 RADIUS, COMPONENT_STD = 2.0, 0.2
 VE_SIGMA_MAX = (

@@ -28,7 +28,7 @@ from cnftools.validation._framework import Check, Context
 
 SECTION = 5
 SECTIONS = (5, 9, 10)  # the theory sections its rows check
-TITLE = "§5, §9–10 Theorem 1: closed-form marginal paths and fields"
+TITLE = "Theorem 1: closed-form marginal paths and fields"
 
 _QUICK_PATHS = ("OT(sigma_min=0)", "VE(0.1, 5)", "VP(0.1, 20)")
 _QUICK_DATA = ("gaussian d=3", "mixture K=4 d=2", "empirical N=40 d=3 (weighted)")

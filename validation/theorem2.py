@@ -28,7 +28,7 @@ from cnftools.validation._framework import Check, Context
 
 SECTION = 6
 SECTIONS = (6,)  # the theory sections its rows check
-TITLE = "§6 Theorem 2: flow matching and conditional flow matching have equal gradients"
+TITLE = "Theorem 2: flow matching and conditional flow matching have equal gradients"
 
 FALSE_ALARM = 1e-3
 """Family-wise false-alarm rate of the statistical gradient check (b)."""

@@ -21,7 +21,7 @@ from cnftools.validation._framework import Check, Context
 
 SECTION = 7
 SECTIONS = (7, 8)  # the theory sections its rows check
-TITLE = "§7–8 Gaussian paths: flow map, Theorem 3, boundary conditions"
+TITLE = "Gaussian paths: flow map, Theorem 3, boundary conditions"
 
 
 def _time_grid(ctx: Context, singular_at_one: bool, n: int) -> torch.Tensor:
