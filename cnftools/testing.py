@@ -39,8 +39,14 @@ from typing import NamedTuple
 import torch
 from hypothesis import strategies as st
 from torch import Tensor
-from torch.func import jvp
 
+from cnftools._checks import (
+    as_time,
+    check_batched,
+    check_event_shape,
+    check_tolerance,
+    quiet_jvp,
+)
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 
 __all__ = [
@@ -167,7 +173,7 @@ def assert_theorem3(
     if rtol is None:
         rtol = 1e-10 if x1.dtype == torch.float64 else 1e-4
     t = torch.as_tensor(t, dtype=x1.dtype, device=x1.device).expand(x1.shape[0]).clone()
-    psi, dpsi = jvp(lambda s: path.flow_map(x0, s, x1), (t,), (torch.ones_like(t),))
+    psi, dpsi = quiet_jvp(lambda s: path.flow_map(x0, s, x1), (t,), (torch.ones_like(t),))
     u = path.conditional_velocity(psi, t, x1)
     scale = float(u.abs().max().clamp_min(torch.finfo(u.dtype).tiny))
     per_row = (dpsi - u).reshape(x1.shape[0], -1).abs().max(dim=1).values
@@ -340,9 +346,7 @@ def points(
         >>> x.shape, x.dtype
         (torch.Size([4, 2, 3]), torch.float32)
     """
-    shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
-    if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
-        raise ValueError(f"event_shape must be an int or a tuple of ints >= 1, got {event_shape!r}")
+    shape = check_event_shape("event_shape", event_shape)
     if not 1 <= min_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= max_batch, got {min_batch}, {max_batch}")
     if not (math.isfinite(scale) and scale > 0):
@@ -447,8 +451,6 @@ def mlp_fields(
 
 
 def _time_batch(t: float | Tensor, x: Tensor) -> Tensor:
-    from cnftools._checks import as_time
-
     return as_time(t, x).clone()
 
 
@@ -549,8 +551,6 @@ def assert_divergence_matches_jacobian(
         ...
         AssertionError: divergence does not match the trace of the autograd Jacobian ...
     """
-    from cnftools._checks import check_batched
-
     x = check_batched("x", x)
     tt = _time_batch(t, x)
     if rtol is None:
@@ -654,7 +654,6 @@ def assert_generates(
         ...
         AssertionError: the field does not generate the path (continuity equation fails) ...
     """
-    from cnftools._checks import check_batched
     from cnftools.continuity import continuity_terms
 
     x = check_batched("x", x)
@@ -724,7 +723,6 @@ def assert_log_likelihood_close(
         >>> x = torch.tensor([[0.5, -1.0], [2.0, 0.3], [0.0, 0.0]], dtype=torch.float64)
         >>> assert_log_likelihood_close(marginal, x, lambda x: marginal.log_prob(x, 1.0))
     """
-    from cnftools._checks import check_batched
     from cnftools.likelihood import log_likelihood
 
     x = check_batched("x", x)
