@@ -78,8 +78,10 @@ def check_floating(name: str, x: object) -> Tensor:
 def check_event_shape(name: str, shape: object) -> tuple[int, ...]:
     """Require an event shape: an int ``d >= 1`` or a non-empty sequence of ints ``>= 1``."""
     items = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else shape
-    if not isinstance(items, Sequence) or isinstance(items, str) or len(items) == 0:
+    if not isinstance(items, Sequence) or isinstance(items, str):
         raise TypeError(f"{name} must be an int or a non-empty tuple of ints, got {shape!r}")
+    if len(items) == 0:
+        raise ValueError(f"{name} must be an int or a non-empty tuple of ints, got {shape!r}")
     for size in items:
         if isinstance(size, bool) or not isinstance(size, int):
             raise TypeError(f"{name} must hold ints, got {shape!r}")

@@ -147,7 +147,9 @@ class GaussianPath:
             ok = shape == target
             expected = f"exactly x1's shape {target}"
         else:
-            ok = len(shape) == len(target) and all(a in (1, b) for a, b in zip(shape, target))
+            ok = len(shape) == len(target) and all(
+                a in (1, b) for a, b in zip(shape, target, strict=True)
+            )
             expected = (
                 f"{len(target)} dimensions, each of size 1 or x1's {target} "
                 f"(e.g. {(target[0], *([1] * (len(target) - 1)))} for an isotropic path)"

@@ -54,7 +54,7 @@ def test_meta_device_is_refused_by_name(entry):
         ((0,), ValueError),
         ((-1,), ValueError),
         ((2, 0), ValueError),
-        ((), TypeError),
+        ((), ValueError),
         ((2.5,), TypeError),
     ],
     ids=str,
