@@ -615,7 +615,10 @@ class MixtureMarginal(_Marginal):
                 pts = p["means"][lo : lo + step]
                 sq = ((x.unsqueeze(1) - a[:, None, None] * pts) ** 2).sum(-1)
                 logits = p["log_weights"][lo : lo + step] - 0.5 * sq / s2[:, None]
-                stats.add(logits, [] if need == "log_prob" else [pts])
+                # (B, k, d), not (k, d): a (k, d) tensor with k = B and d = k is read as a (B, k)
+                # per-row value by _weighted_mean's shape dispatch (a wrong velocity, issue 11.1).
+                shared = pts.expand(x.shape[0], -1, -1)
+                stats.add(logits, [] if need == "log_prob" else [shared])
             return stats
         times.require_nondegenerate(need)
         pair = (0, 1) if need == "divergence" else None
