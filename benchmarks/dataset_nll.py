@@ -9,6 +9,9 @@ and ends when rank 0 has the merged frame (gathering included); process start-up
 
 Run:  python benchmarks/dataset_nll.py            (about 1 minute on 2 idle cores)
       python benchmarks/dataset_nll.py --quick    (a smoke run)
+      python benchmarks/dataset_nll.py --threads  (one process: 1 vs 2 torch threads vs the
+                                                   automatic choice, small tensors; the load
+                                                   average is printed with it)
 """
 
 from __future__ import annotations
@@ -107,10 +110,40 @@ def _worker(rank: int, world: int, init: str, quick: bool, results: dict) -> Non
         dist.destroy_process_group()
 
 
+def _threads_table(quick: bool) -> None:
+    """rows/s of one process with 1 and 2 torch threads and with dataset_nll's own choice."""
+    import cnftools
+    from cnftools.nll.distributed import choose_threads
+
+    n = 1024 if quick else 4096
+    field, x = _case(2)
+    auto = choose_threads(torch.device("cpu"))
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.2f}, "
+          f"MLPField(2, (64, 64)) float32, rk4 x 8 steps, batch 64, {n} rows; automatic: {auto}")  # fmt: skip
+    print()
+    print("| torch threads | rows/s | vs 1 thread |")
+    print("|---|---|---|")
+    rates = {}
+    for label, count in (("1", 1), ("2", 2), (f"automatic ({auto})", None)):
+        cnftools.dataset_nll(field, x[:64], batch_size=64, method="rk4", steps=2,
+                             num_threads=count or auto, progress=False)  # fmt: skip
+        start = time.perf_counter()
+        cnftools.dataset_nll(field, x[:n], batch_size=64, method="rk4", steps=8,
+                             num_threads=count, progress=False)  # fmt: skip
+        rates[label] = n / (time.perf_counter() - start)
+        print(f"| {label} | {rates[label]:,.0f} | {rates[label] / rates['1']:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1/8 of the rows (a smoke run)")
+    parser.add_argument("--threads", action="store_true", help="the thread-count table only")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(max(2, torch.get_num_threads()))
+        _threads_table(args.quick)
+        return
     torch.set_num_threads(1)
     _warm_up()
     one = {case: _measure(*case, args.quick) for case in CASES}

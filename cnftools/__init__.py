@@ -5,11 +5,12 @@ Conventions (fixed for the whole package): time runs from ``t = 0`` (noise, ``N(
 ``(B, *event)`` and ``t`` of shape ``(B,)`` on ``x``'s device and dtype (see :mod:`cnftools.fields`).
 """
 
-from cnftools import flows
+from cnftools import flows, interop
 from cnftools._ode import SolverConfig, SolverError
-from cnftools.analysis import Dequantization, dataset_nll, summarize
 from cnftools.continuity import continuity_relative_residual, continuity_residual
+from cnftools.data import Dequantization
 from cnftools.divergence import divergence, velocity_and_divergence
+from cnftools.interop import as_velocity
 from cnftools.likelihood import (
     LikelihoodResult,
     SampleResult,
@@ -18,7 +19,8 @@ from cnftools.likelihood import (
     sample_with_log_prob,
 )
 from cnftools.marginals import GaussianMarginal, MixtureMarginal
-from cnftools.models import MLPField
+from cnftools.models import ConvField, MLPField
+from cnftools.nll import dataset_nll, summarize
 from cnftools.objectives import cfm_loss, fm_loss
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 from cnftools.training import load_checkpoint, minibatch_ot_pairing, save_checkpoint, train_cfm
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AffineGaussianPath",
+    "ConvField",
     "Dequantization",
     "GaussianMarginal",
     "GaussianPath",
@@ -40,6 +43,7 @@ __all__ = [
     "VEPath",
     "VPPath",
     "__version__",
+    "as_velocity",
     "cfm_loss",
     "continuity_relative_residual",
     "continuity_residual",
@@ -47,6 +51,7 @@ __all__ = [
     "divergence",
     "flows",
     "fm_loss",
+    "interop",
     "load_checkpoint",
     "log_likelihood",
     "minibatch_ot_pairing",

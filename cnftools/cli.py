@@ -13,7 +13,52 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["main"]
+__all__ = ["UsageError", "check_device", "check_writable", "main"]
+
+
+class UsageError(Exception):
+    """A user error on the command line: :func:`main` prints its message on one line, exit 2."""
+
+
+def check_device(text: str, flag: str = "--device") -> torch.device:
+    """``torch.device(text)``, or :class:`UsageError` naming ``flag`` when it is not usable here."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise UsageError(f"{flag} {text!r}: not a device ({error}); use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"{flag} {text}: CUDA is not available on this machine (torch {torch.__version__})"
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise UsageError(
+            f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"{flag} {text}: use cpu or cuda[:N]")
+    return device
+
+
+def check_writable(path: Path, flag: str = "--out") -> None:
+    """Check, before any work, that ``path`` can be written (its folder is created if needed)."""
+    import os
+    import tempfile
+
+    if path.is_dir():
+        raise UsageError(f"{flag} {os.fspath(path)!r} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"{flag} {os.fspath(path)!r} is not writable ({error.strerror or error})"
+        ) from None
+
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -35,12 +80,10 @@ def register_command(
 
 
 def _device(text: str) -> torch.device:
-    device = torch.device(text)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(
-            f"--device {text}: CUDA is not available on this machine (torch {torch.__version__})"
-        )
-    return device
+    try:
+        return check_device(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_validate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +132,11 @@ def _run_validate(args: argparse.Namespace) -> int:
     dtype_choice = args.dtype or ("both" if args.full else "float64")
     dtypes = list(_DTYPES.values()) if dtype_choice == "both" else [_DTYPES[dtype_choice]]
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--out {str(args.out)!r}: {error.strerror or error}") from None
+        check_writable(args.out / "report.md")
     runs = []
     for index, dtype in enumerate(dtypes):
         # Figures come from the first dtype's run only (the second would overwrite them).
@@ -156,7 +203,11 @@ def _load_extra_commands() -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cnftools`` console script."""
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except UsageError as error:  # the one place a user error becomes a message and exit 2
+        print(f"cnftools {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 ``cnftools train`` fits an :class:`~cnftools.MLPField` by conditional flow matching to a data file
 (``.npy``, ``.csv``, ``.parquet``) or a built-in dataset and saves a checkpoint that
 ``torch.load(weights_only=True)`` reads (no pickled code). ``cnftools nll`` loads such a checkpoint
-and writes one row per data point to a Parquet file with :func:`cnftools.analysis.dataset_nll`
+and writes one row per data point to a Parquet file with :func:`cnftools.dataset_nll`
 (resumable; works under ``torchrun``). Registered with :func:`cnftools.cli.register_command`.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cnftools.cli import register_command
+from cnftools.cli import UsageError, check_device, check_writable, register_command
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _DATASETS = ("digits", "eight_gaussians", "checkerboard", "two_moons", "spirals")
@@ -65,11 +65,11 @@ def _load_rows(args: argparse.Namespace) -> tuple[torch.Tensor, int | None]:
     """The ``--data`` file or ``--dataset`` as a tensor, and the dataset's levels (if known)."""
     if args.dataset is not None:
         return _builtin(args.dataset, args.split, args.n, args.seed)
-    from cnftools.analysis import _rows
+    from cnftools.nll import read_rows
 
     columns = args.columns.split(",") if args.columns else None
-    rows = _rows(args.data, columns)
-    return rows.get(0, rows.n), None
+    rows = read_rows(args.data, columns)
+    return rows.read_all(), None
 
 
 def _add_data_arguments(p: argparse.ArgumentParser, default_split: str) -> None:
@@ -116,6 +116,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="float64 or float32 (train default: float32; nll default: the model's own dtype)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads on the CPU (default: the idle cores of this process's share of the "
+        "machine, from the load average; 1 on a busy machine)",
+    )
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -177,12 +185,24 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p)
 
 
+def _threads(args: argparse.Namespace, device: torch.device) -> int:
+    from cnftools.nll.distributed import choose_threads
+
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    return args.threads if args.threads is not None else choose_threads(device)
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    from cnftools.nll.distributed import threads
+
+    device = check_device(args.device or "cpu")
+    check_writable(args.out)  # before any training: a run must not end in an unwritable path
     try:
-        return _train(args)
+        with threads(_threads(args, device)):
+            return _train(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"cnftools train: error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(str(error)) from None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -385,17 +405,32 @@ def _add_nll_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="training rows for --baselines",
     )
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (NaN written as null)"
+    )
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="identity of the model for --resume instead of its content fingerprint (rarely "
+        "needed: a checkpoint's weights are fingerprinted)",
+    )
     _add_common(p)
 
 
 def _run_nll(args: argparse.Namespace) -> int:
+    from cnftools.nll import RowsFailedError
+
+    device = check_device(args.device) if args.device else None
+    if args.out is not None:
+        check_writable(args.out)
     started = _init_distributed()
     try:
-        return _nll(args)
+        return _nll(args, device)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        raise UsageError(str(error)) from None
+    except RowsFailedError as error:  # every row failed: a result, not a usage error
         print(f"cnftools nll: error: {error}", file=sys.stderr)
-        return 2
+        return 1
     finally:
         if started:
             torch.distributed.destroy_process_group()
@@ -417,12 +452,36 @@ def _init_distributed() -> bool:
     return True
 
 
-def _nll(args: argparse.Namespace) -> int:
-    from cnftools.analysis import Dequantization, dataset_nll
+def _load_model(path: Path, device: torch.device | None):
     from cnftools.training import load_checkpoint
 
-    device = torch.device(args.device) if args.device else None
-    ckpt = load_checkpoint(args.model, map_location=device or "cpu")
+    if not path.is_file():
+        raise UsageError(f"--model {str(path)!r}: no such file")
+    try:
+        return load_checkpoint(path, map_location=device or "cpu")
+    except Exception as error:
+        text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        raise UsageError(
+            f"--model {str(path)!r} is not a readable cnftools checkpoint ({text}); make one with "
+            "`cnftools train`"
+        ) from None
+
+
+def _json_safe(value: object) -> object:
+    """NaN and inf become ``None`` (JSON has no NaN); containers recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _nll(args: argparse.Namespace, device: torch.device | None) -> int:
+    from cnftools import Dequantization, dataset_nll
+
+    ckpt = _load_model(args.model, device)
     field = ckpt.field
     if args.dtype:
         field = field.to(_DTYPES[args.dtype])
@@ -460,6 +519,8 @@ def _nll(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         keep_chunks=args.keep_chunks,
         progress=args.progress,
+        run_id=args.run_id,
+        num_threads=_threads(args, device or torch.device("cpu")),
     )
     if frame is None:  # a rank other than 0 under torchrun
         return 0
@@ -467,26 +528,26 @@ def _nll(args: argparse.Namespace) -> int:
     if args.baselines:
         summary["baselines"] = _baselines(args, rows, deq)
     if args.json:
-        print(json.dumps(summary, indent=1, default=str))
+        print(json.dumps(_json_safe(summary), indent=1, default=str, allow_nan=False))
     else:
         _print_summary(summary, deq, args.out)
     return 0 if summary["failures"] == 0 else 1
 
 
 def _baselines(args: argparse.Namespace, test: torch.Tensor, deq: object) -> dict[str, float]:
-    from cnftools.analysis import Dequantization, gaussian_baseline_nll, histogram_baseline_nll
+    from cnftools.nll import Dequantization, gaussian_baseline_nll, histogram_baseline_nll
 
     if not isinstance(deq, Dequantization):
-        raise SystemExit("--baselines needs integer data with a dequantization (--dequantize L)")
+        raise UsageError("--baselines needs integer data with a dequantization (--dequantize L)")
     if args.baseline_data is not None:
-        from cnftools.analysis import _rows
+        from cnftools.nll import read_rows
 
-        rows = _rows(args.baseline_data, args.columns.split(",") if args.columns else None)
-        train = rows.get(0, rows.n)
+        rows = read_rows(args.baseline_data, args.columns.split(",") if args.columns else None)
+        train = rows.read_all()
     elif args.dataset is not None:
         train, _ = _builtin(args.dataset, "train", args.n, args.seed)
     else:
-        raise SystemExit("--baselines with --data needs --baseline-data TRAIN_FILE")
+        raise UsageError("--baselines with --data needs --baseline-data TRAIN_FILE")
     dim = math.prod(test.shape[1:])
     scale = dim * math.log(2.0)
     gauss = gaussian_baseline_nll(train, test, deq, seed=args.seed) / scale

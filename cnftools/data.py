@@ -49,6 +49,7 @@ from cnftools._checks import check_batched, check_finite, check_floating
 __all__ = [
     "DIGITS_LEVELS",
     "Checkerboard",
+    "Dequantization",
     "GaussianMixture",
     "bits_per_dim",
     "dequantization_log_det",
@@ -345,25 +346,70 @@ def load_digits(*, images: bool = False, device: torch.device | str | None = Non
     return data.to(device) if device is not None else data
 
 
+@dataclass(frozen=True)
+class Dequantization:
+    r"""Uniform dequantization of integer data and its bits-per-dimension bound.
+
+    Rows are integers :math:`x \in \{0, \dots, L-1\}^D`; the field models
+    :math:`y = (x + u)/L \in [0, 1)^D` (or :math:`y = 2(x+u)/L - 1 \in [-1, 1)^D` with
+    ``centered``), :math:`u \sim \mathcal U[0,1)^D`, and the reported value is the
+    importance-weighted bound (:func:`dequantized_nll`)
+
+    .. math::
+
+        \log P(x) \ge \log \frac1K \sum_{k=1}^K p_Y\big(y(x + u_k)\big)
+        \Big|\frac{\partial y}{\partial x'}\Big|,\qquad
+        \mathrm{bpd} = \frac{-\log P(x)}{D \ln 2}.
+
+    A reported bpd always states ``K``. Used by :func:`cnftools.dataset_nll`.
+
+    Attributes:
+        levels: :math:`L`, the number of integer values (17 for scikit-learn's digits, 256 for
+            8-bit images).
+        samples: :math:`K \ge 1` dequantization samples per row.
+        centered: scale to :math:`[-1, 1)` instead of :math:`[0, 1)`.
+
+    References:
+        Theis et al. (2016), arXiv:1511.01844; Ho et al., Flow++ (2019), arXiv:1902.00275.
+
+    Example:
+        >>> Dequantization(levels=17, samples=4)
+        Dequantization(levels=17, samples=4, centered=False)
+    """
+
+    levels: int
+    samples: int = 1
+    centered: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 2:
+            raise ValueError(f"Dequantization.levels must be an int >= 2, got {self.levels!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"Dequantization.samples must be an int >= 1, got {self.samples!r}")
+        if not isinstance(self.centered, bool):
+            raise TypeError(f"Dequantization.centered must be a bool, got {self.centered!r}")
+
+
 def _check_levels(levels: object) -> int:
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"levels must be an int >= 2, got {levels!r}")
     return levels
 
 
-def _check_integer_data(x: object, levels: int) -> Tensor:
+def check_integer_data(name: str, x: object, levels: int) -> Tensor:
+    """Check that ``x`` (the caller's argument ``name``) holds integers in ``0..levels-1``."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor of integers in 0..{levels - 1}")
+        raise TypeError(f"{name} must be a torch.Tensor of integers in 0..{levels - 1}")
     if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must have shape (B, *event), got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape (B, *event), got {tuple(x.shape)}")
     if x.is_floating_point():
         if not bool((x == torch.round(x)).all()):
-            raise ValueError("x must hold integer values (it is already dequantized?)")
+            raise ValueError(f"{name} must hold integer values (it is already dequantized?)")
     elif x.dtype == torch.bool or x.is_complex():
-        raise TypeError(f"x must be an integer or floating tensor, got {x.dtype}")
+        raise TypeError(f"{name} must be an integer or floating tensor, got {x.dtype}")
     if bool((x < 0).any()) or bool((x > levels - 1).any()):
         raise ValueError(
-            f"x must lie in 0..{levels - 1} (levels = {levels}), "
+            f"{name} must lie in 0..{levels - 1} (levels = {levels}), "
             f"got values in [{float(x.min())}, {float(x.max())}]"
         )
     return x
@@ -398,7 +444,7 @@ def dequantize(
         True
     """
     levels = _check_levels(levels)
-    x = _check_integer_data(x, levels)
+    x = check_integer_data("x", x, levels)
     if dtype is None:
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     u = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)

@@ -33,7 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "TIME_EMBEDDINGS", "MLPField", "TimeEmbedding"]
+__all__ = [
+    "ACTIVATIONS",
+    "TIME_EMBEDDINGS",
+    "Conditioning",
+    "ConvField",
+    "MLPField",
+    "TimeEmbedding",
+]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
@@ -124,6 +131,97 @@ class TimeEmbedding(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+class Conditioning(nn.Module):
+    r"""The optional conditioning input of a field: class labels or a feature vector.
+
+    * ``num_classes=K``: ``y`` is an integer tensor ``(B,)`` of labels in ``[0, K)``, embedded by an
+      ``nn.Embedding(K, class_features)``;
+    * ``cond_dim=C``: ``y`` is a ``(B, C)`` tensor of ``x``'s dtype, used as is;
+    * neither: the field is unconditional and ``y`` must be ``None``.
+
+    ``forward(y, x)`` returns the list of feature tensors to concatenate (empty when
+    unconditional), each ``(B, features)``.
+
+    Args:
+        num_classes: number of classes, or ``None``.
+        cond_dim: width of the conditioning vector, or ``None``.
+        class_features: width of the class embedding.
+    """
+
+    def __init__(
+        self, num_classes: int | None = None, cond_dim: int | None = None, class_features: int = 16
+    ) -> None:
+        super().__init__()
+        if num_classes is not None and cond_dim is not None:
+            raise ValueError("give at most one of num_classes and cond_dim")
+        if num_classes is not None:
+            _check_int("num_classes", num_classes, 1)
+        if cond_dim is not None:
+            _check_int("cond_dim", cond_dim, 1)
+        _check_int("class_features", class_features, 1)
+        self.num_classes = num_classes
+        self.cond_dim = cond_dim
+        self.class_features = class_features
+        self.embedding = (
+            nn.Embedding(num_classes, class_features) if num_classes is not None else None
+        )
+        self.features = (
+            class_features if num_classes is not None else (cond_dim if cond_dim is not None else 0)
+        )
+
+    def config(self) -> dict[str, Any]:
+        """The arguments as plain values (for a field's ``config()``)."""
+        return {
+            "num_classes": self.num_classes,
+            "cond_dim": self.cond_dim,
+            "class_features": self.class_features,
+        }
+
+    def describe(self) -> str:
+        if self.num_classes is not None:
+            return f", num_classes={self.num_classes}"
+        return f", cond_dim={self.cond_dim}" if self.cond_dim is not None else ""
+
+    def forward(self, y: Tensor | None, x: Tensor) -> list[Tensor]:
+        batch = x.shape[0]
+        if self.num_classes is None and self.cond_dim is None:
+            if y is not None:
+                raise ValueError(
+                    "this field is unconditional but got y; build it with num_classes= or cond_dim="
+                )
+            return []
+        if y is None:
+            what = (
+                f"num_classes={self.num_classes}"
+                if self.num_classes
+                else f"cond_dim={self.cond_dim}"
+            )
+            raise ValueError(f"this field is conditional ({what}): pass y=, e.g. v(x, t, y=labels)")
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if y.device != x.device:
+            raise ValueError(f"y is on {y.device} but x is on {x.device}")
+        if self.embedding is not None:
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+            if y.shape != (batch,):
+                raise ValueError(f"y must have shape (B,) = ({batch},), got {tuple(y.shape)}")
+            low, high = (int(v) for v in torch.stack(torch.aminmax(y)).tolist())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(
+                    f"class labels y must lie in [0, {self.num_classes}), got values in "
+                    f"[{low}, {high}]"
+                )
+            return [self.embedding(y).to(x.dtype)]
+        if y.shape != (batch, self.cond_dim):
+            raise ValueError(
+                f"y must have shape (B, cond_dim) = ({batch}, {self.cond_dim}), got {tuple(y.shape)}"
+            )
+        if y.dtype != x.dtype:
+            raise TypeError(f"y must have x's dtype {x.dtype}, got {y.dtype}")
+        return [y]
+
+
 class MLPField(nn.Module):
     r"""A multilayer-perceptron velocity field :math:`v_\theta(x, t)` with a time embedding.
 
@@ -148,12 +246,20 @@ class MLPField(nn.Module):
         time_scale: frequency scale of the random Fourier embedding.
         time_seed: seed of the random Fourier frequencies.
         zero_init_output: start from :math:`v_\theta \equiv 0` (last layer zeroed).
+        num_classes: make the field class-conditional, :math:`v_\theta(x, t, y)` with integer
+            labels :math:`y \in \{0, \dots, \text{num\_classes} - 1\}`, embedded in
+            ``class_features`` dimensions (an ``nn.Embedding``) and concatenated to the input.
+        cond_dim: make the field conditional on a vector :math:`y` of ``cond_dim`` features,
+            concatenated to the input. At most one of ``num_classes`` and ``cond_dim``.
+        class_features: width of the class embedding.
         device: where to create the parameters.
         dtype: parameter dtype (default: torch's default dtype).
 
     Shapes:
-        ``forward(x, t)``: ``x`` is ``(B, *event)``; ``t`` is a float, a 0-dim tensor or ``(B,)``
-        (expanded to ``(B,)``, cast to ``x``'s dtype). Returns ``(B, *event)``.
+        ``forward(x, t, y=None)``: ``x`` is ``(B, *event)``; ``t`` is a float, a 0-dim tensor or
+        ``(B,)`` (expanded to ``(B,)``, cast to ``x``'s dtype); ``y`` (conditional fields only)
+        is an integer ``(B,)`` tensor of labels or a ``(B, cond_dim)`` tensor of ``x``'s dtype.
+        Returns ``(B, *event)``.
 
     Example:
         >>> import torch, cnftools
@@ -166,9 +272,13 @@ class MLPField(nn.Module):
         >>> x = torch.randn(3, 2)
         >>> bool(torch.equal(v(x, 0.5), v2(x, 0.5)))
         True
+        >>> labelled = cnftools.MLPField(2, hidden=(16,), num_classes=10)
+        >>> labelled(x, 0.5, y=torch.tensor([0, 3, 9])).shape
+        torch.Size([3, 2])
 
     References:
-        Lipman et al. (2022), arXiv:2210.02747, App. E (MLP fields for 2-D data).
+        Lipman et al. (2022), arXiv:2210.02747, App. E (MLP fields for 2-D data);
+        Dhariwal and Nichol (2021), arXiv:2105.05233 (class-conditional models).
     """
 
     def __init__(
@@ -183,10 +293,14 @@ class MLPField(nn.Module):
         time_scale: float = 1.0,
         time_seed: int = 0,
         zero_init_output: bool = False,
+        num_classes: int | None = None,
+        cond_dim: int | None = None,
+        class_features: int = 16,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.conditioning = Conditioning(num_classes, cond_dim, class_features)
         if isinstance(dim, bool):
             raise TypeError("dim must be an int or a tuple of ints (the event shape), got bool")
         if isinstance(dim, int):
@@ -224,6 +338,7 @@ class MLPField(nn.Module):
             "time_scale": float(time_scale),
             "time_seed": int(time_seed),
             "zero_init_output": bool(zero_init_output),
+            **self.conditioning.config(),
         }
         self.time_embedding = TimeEmbedding(
             time_embedding,
@@ -232,7 +347,11 @@ class MLPField(nn.Module):
             scale=time_scale,
             seed=time_seed,
         )
-        widths = [self.dim + time_features, *[int(h) for h in hidden], self.dim]
+        widths = [
+            self.dim + time_features + self.conditioning.features,
+            *[int(h) for h in hidden],
+            self.dim,
+        ]
         layers: list[nn.Module] = []
         for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(n_in, n_out))
@@ -247,10 +366,11 @@ class MLPField(nn.Module):
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, t: float | Tensor) -> Tensor:
-        """Evaluate :math:`v_\\theta(x, t)`; ``x`` is ``(B, *event)``, the result has its shape.
+    def forward(self, x: Tensor, t: float | Tensor, y: Tensor | None = None) -> Tensor:
+        """Evaluate :math:`v_\\theta(x, t[, y])`; ``x`` is ``(B, *event)``, the result has its shape.
 
-        Shapes are checked (cheaply, without a device synchronisation); values are not.
+        Shapes are checked (cheaply, without a device synchronisation); values are not, except
+        class labels (one synchronisation: an out-of-range label raises ``ValueError``).
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__}")
@@ -276,8 +396,8 @@ class MLPField(nn.Module):
                 f"x has dtype {x.dtype} but the field's parameters are {weight.dtype}; "
                 f"convert one of them, e.g. field.to({x.dtype})"
             )
-        inputs = torch.cat([flat, self.time_embedding(tt)], dim=1)
-        return self.net(inputs).reshape(x.shape)
+        parts = [flat, self.time_embedding(tt), *self.conditioning(y, x)]
+        return self.net(torch.cat(parts, dim=1)).reshape(x.shape)
 
     @staticmethod
     def _time(t: float | Tensor, x: Tensor) -> Tensor:
@@ -326,7 +446,174 @@ class MLPField(nn.Module):
         c = self._config
         return (
             f"dim={c['dim']}, hidden={tuple(c['hidden'])}, time_embedding={c['time_embedding']!r}, "
-            f"activation={c['activation']!r}"
+            f"activation={c['activation']!r}{self.conditioning.describe()}"
+        )
+
+
+class ConvField(nn.Module):
+    r"""A small convolutional velocity field for images ``(B, C, H, W)``.
+
+    The time features :math:`e(t)` (and, for a conditional field, the class embedding or the
+    conditioning vector) are broadcast over the image as extra channels, then ``len(hidden)``
+    3×3 convolutions (padding 1) with a smooth activation and a final 3×3 convolution back to
+    ``C`` channels:
+
+    .. math::
+
+        v_\theta(x, t) = K_L * \phi\big(\cdots \phi(K_1 * [x, e(t) \mathbf 1_{H\times W}]
+        + b_1) \cdots\big) + b_L .
+
+    No normalisation layers (they couple the samples of a batch or the pixels, which makes the
+    divergence of one sample depend on the others) and only smooth activations, as for
+    :class:`MLPField`.
+
+    Args:
+        channels: the image channels :math:`C`.
+        hidden: channel widths of the hidden convolutions.
+        time_embedding: ``"sinusoidal"`` (default), ``"fourier"`` or ``"linear"``.
+        activation: ``"silu"`` (default), ``"softplus"``, ``"tanh"`` or ``"gelu"``.
+        time_features: width of the time embedding.
+        time_max_frequency: largest sinusoidal frequency factor (see :class:`TimeEmbedding`).
+        time_scale: frequency scale of the random Fourier embedding.
+        time_seed: seed of the random Fourier frequencies.
+        zero_init_output: start from :math:`v_\theta \equiv 0` (last convolution zeroed).
+        num_classes: class-conditional with integer labels ``y`` (see :class:`Conditioning`).
+        cond_dim: conditional on a ``(B, cond_dim)`` vector ``y``.
+        class_features: width of the class embedding.
+        device: where to create the parameters.
+        dtype: parameter dtype (default: torch's default dtype).
+
+    Shapes:
+        ``forward(x, t, y=None)``: ``x`` is ``(B, C, H, W)`` (any ``H, W``); ``t`` a float, a 0-dim
+        tensor or ``(B,)``. Returns ``(B, C, H, W)``.
+
+    Example:
+        >>> import torch, cnftools
+        >>> _ = torch.manual_seed(0)
+        >>> v = cnftools.models.ConvField(1, hidden=(8, 8), num_classes=10)
+        >>> x = torch.randn(2, 1, 8, 8)
+        >>> v(x, 0.5, y=torch.tensor([3, 7])).shape
+        torch.Size([2, 1, 8, 8])
+        >>> v2 = cnftools.models.ConvField.from_config(v.config())
+        >>> _ = v2.load_state_dict(v.state_dict())
+        >>> bool(torch.equal(v(x, 0.5, y=torch.tensor([3, 7])), v2(x, 0.5, y=torch.tensor([3, 7]))))
+        True
+
+    References:
+        Ho et al., Denoising Diffusion Probabilistic Models (2020), arXiv:2006.11239 (convolutional
+        noise predictors); Lipman et al. (2022), arXiv:2210.02747, App. E.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden: Sequence[int] = (32, 32),
+        *,
+        time_embedding: str = "sinusoidal",
+        activation: str = "silu",
+        time_features: int = 13,
+        time_max_frequency: float = 8.0,
+        time_scale: float = 1.0,
+        time_seed: int = 0,
+        zero_init_output: bool = False,
+        num_classes: int | None = None,
+        cond_dim: int | None = None,
+        class_features: int = 16,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("channels", channels, 1)
+        if isinstance(hidden, int) or not isinstance(hidden, Sequence):
+            raise TypeError(
+                f"hidden must be a sequence of channel widths, e.g. (32, 32), got {hidden!r}"
+            )
+        for width in hidden:
+            _check_int("hidden (channel width)", width, 1)
+        key = str(activation).lower()
+        if key in _NON_SMOOTH or key not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(ACTIVATIONS)} (smooth), got {activation!r}"
+            )
+        self.conditioning = Conditioning(num_classes, cond_dim, class_features)
+        self.channels = channels
+        self._config: dict[str, Any] = {
+            "channels": int(channels),
+            "hidden": [int(h) for h in hidden],
+            "time_embedding": time_embedding,
+            "activation": key,
+            "time_features": int(time_features),
+            "time_max_frequency": float(time_max_frequency),
+            "time_scale": float(time_scale),
+            "time_seed": int(time_seed),
+            "zero_init_output": bool(zero_init_output),
+            **self.conditioning.config(),
+        }
+        self.time_embedding = TimeEmbedding(
+            time_embedding,
+            time_features,
+            max_frequency=time_max_frequency,
+            scale=time_scale,
+            seed=time_seed,
+        )
+        widths = [
+            channels + time_features + self.conditioning.features,
+            *[int(h) for h in hidden],
+            channels,
+        ]
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+            layers.append(nn.Conv2d(n_in, n_out, kernel_size=3, padding=1))
+            if i < len(widths) - 2:
+                layers.append(ACTIVATIONS[key]())
+        self.net = nn.Sequential(*layers)
+        if zero_init_output:
+            last = self.net[-1]
+            assert isinstance(last, nn.Conv2d)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, t: float | Tensor, y: Tensor | None = None) -> Tensor:
+        """Evaluate :math:`v_\\theta(x, t[, y])` on images ``x`` of shape ``(B, C, H, W)``."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"x must have shape (B, C, H, W) with C = {self.channels}, got {tuple(x.shape)}"
+            )
+        weight = self.net[0].weight
+        if weight.dtype != x.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the field's parameters are {weight.dtype}; "
+                f"convert one of them, e.g. field.to({x.dtype})"
+            )
+        height, width = x.shape[2:]
+        features = [self.time_embedding(MLPField._time(t, x)), *self.conditioning(y, x)]
+        planes = torch.cat(features, dim=1)[:, :, None, None].expand(-1, -1, height, width)
+        return self.net(torch.cat([x, planes], dim=1))
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments as a plain dict (see :meth:`MLPField.config`)."""
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._config.items()}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> ConvField:
+        """Build an untrained field from :meth:`config`'s dict; ``overrides`` (e.g. dtype) win."""
+        if not isinstance(cfg, dict) or "channels" not in cfg:
+            raise ValueError("cfg must be the dict returned by ConvField.config()")
+        args = dict(cfg)
+        args.update(overrides)
+        channels = args.pop("channels")
+        hidden = tuple(args.pop("hidden", (32, 32)))
+        return cls(channels, hidden, **args)
+
+    def extra_repr(self) -> str:
+        c = self._config
+        return (
+            f"channels={c['channels']}, hidden={tuple(c['hidden'])}, "
+            f"activation={c['activation']!r}{self.conditioning.describe()}"
         )
 
 

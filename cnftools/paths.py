@@ -34,7 +34,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from cnftools._checks import as_time, check_batched, check_same_shape, expand_like, time_derivative
+from cnftools._checks import (
+    as_time,
+    check_batched,
+    check_finite,
+    check_floating,
+    check_same_shape,
+    expand_like,
+    time_derivative,
+)
 
 __all__ = ["AffineGaussianPath", "GaussianPath", "OTPath", "VEPath", "VPPath"]
 
@@ -382,6 +390,309 @@ class AffineGaussianPath(GaussianPath):
 
     def __repr__(self) -> str:
         return f"AffineGaussianPath(signal_scale={self._signal!r}, noise_scale={self._noise!r})"
+
+    # ------------------------------------------------------------------------------------------
+    # Parametrization conversions (docs/guide/diffusion.md): a model
+    # that predicts the noise, the clean data or the score on this path is a velocity field.
+    def _conversion_schedules(
+        self, method: str, name: str, value: object, x: object, t: object
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Validate ``(value, x, t)``; return them with the schedules shaped ``(B, 1, ..., 1)``."""
+        x = check_batched("x", x)
+        value = check_floating(name, value)
+        check_same_shape(name, value, "x", x)
+        t = as_time(t, x)
+        s2 = self.noise_variance(t)
+        schedules = {
+            "t": t,
+            "a": self.signal_scale(t),
+            "da": self.signal_scale_derivative(t),
+            "s2": s2,
+            "rate": self.noise_variance_rate(t),
+        }
+        # D = a' s^2 - a s s' = s (a' s - a s'): zero where the velocity forgets the noise/data split.
+        schedules["det"] = schedules["da"] * s2 - schedules["a"] * schedules["rate"]
+        if method in ("velocity_from_epsilon", "epsilon_from_velocity"):
+            schedules["s"] = self.noise_scale(t)
+        shaped = {k: expand_like(v, x) for k, v in schedules.items()}
+        shaped["t"] = t
+        return value, x, shaped
+
+    def _conversion_result(
+        self,
+        method: str,
+        out: Tensor,
+        singular: Tensor,
+        why: str,
+        names: tuple[str, str],
+        inputs: tuple[Tensor, Tensor],
+        t: Tensor,
+    ) -> Tensor:
+        """Raise a ``ValueError`` naming ``t`` and the path where the conversion is singular or
+        non-finite; otherwise return ``out``. One host synchronisation."""
+        rows_singular = singular.reshape(singular.shape[0], -1).any(dim=1)
+        rows_bad = ~torch.isfinite(out.detach()).reshape(out.shape[0], -1).all(dim=1)
+        n_singular, n_bad = (int(v) for v in torch.stack([rows_singular.sum(), rows_bad.sum()]))
+        if n_singular == 0 and n_bad == 0:
+            return out
+        if n_singular:
+            times = t.detach()[rows_singular][:5].tolist()
+            raise ValueError(
+                f"{self!r}.{method} is singular at t = {times} ({why}); evaluate it on times "
+                "where it is defined (e.g. clip t away from the end point)"
+            )
+        for name, tensor in zip(names, inputs, strict=True):
+            check_finite(name, tensor)
+        times = t.detach()[rows_bad][:5].tolist()
+        raise ValueError(
+            f"{self!r}.{method} overflowed to a non-finite value at t = {times}; the conversion "
+            "divides by a schedule that is nearly zero there (use float64 or stay further from it)"
+        )
+
+    def velocity_from_epsilon(self, eps: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
+        r"""The velocity of a noise prediction :math:`\hat\varepsilon` at :math:`x = a_t \hat x_1 + s_t \hat\varepsilon`.
+
+        .. math::
+
+            u = a_t' \hat x_1 + s_t' \hat\varepsilon
+              = \frac{a_t'}{a_t}\, x - \frac{a_t' s_t^2 - a_t s_t s_t'}{a_t s_t}\, \hat\varepsilon .
+
+        With the exact :math:`\hat\varepsilon = E[\varepsilon \mid x_t = x]` this is the marginal
+        field :math:`u_t(x)`.
+
+        Args:
+            eps: the predicted noise :math:`\hat\varepsilon`, shape ``(B, *event)``.
+            x: the points, shape ``(B, *event)``.
+            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
+
+        Returns:
+            The velocity, shape ``(B, *event)``.
+
+        Raises:
+            ValueError: at times where :math:`a_t = 0` or :math:`s_t = 0` (e.g. OT at
+                :math:`t = 0`, VP at :math:`t = 1`), naming those times, or on bad input.
+
+        Example:
+            >>> import torch, cnftools
+            >>> path = cnftools.OTPath(0.0)
+            >>> x1, eps = torch.ones(1, 2), torch.zeros(1, 2)
+            >>> x = path.flow_map(eps, 0.5, x1)  # a_t x1 + s_t eps
+            >>> path.velocity_from_epsilon(eps, x, 0.5)  # = x1 - eps on OT
+            tensor([[1., 1.]])
+
+        References:
+            Song et al. (2021), arXiv:2011.13456; Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
+        """
+        eps, x, k = self._conversion_schedules("velocity_from_epsilon", "eps", eps, x, t)
+        singular = (k["a"] == 0) | (k["s2"] == 0)
+        a = torch.where(singular, torch.ones_like(k["a"]), k["a"])
+        s = torch.where(singular, torch.ones_like(k["s"]), k["s"])
+        out = (k["da"] / a) * x - (k["det"] / (a * s)) * eps
+        return self._conversion_result(
+            "velocity_from_epsilon",
+            out,
+            singular,
+            "a_t = 0 or s_t = 0",
+            ("eps", "x"),
+            (eps, x),
+            k["t"],
+        )
+
+    def velocity_from_data(self, x1_hat: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
+        r"""The velocity of a clean-data prediction :math:`\hat x_1 = E[x_1 \mid x_t = x]`.
+
+        .. math::
+
+            u = a_t' \hat x_1 + \frac{s_t s_t'}{s_t^2}\,(x - a_t \hat x_1) .
+
+        Args:
+            x1_hat: the predicted data :math:`\hat x_1`, shape ``(B, *event)``.
+            x: the points, shape ``(B, *event)``.
+            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
+
+        Returns:
+            The velocity, shape ``(B, *event)``.
+
+        Raises:
+            ValueError: at times where :math:`s_t = 0` (OT with ``sigma_min = 0`` and VP at
+                :math:`t = 1`), naming those times, or on bad input.
+
+        Example:
+            >>> import torch, cnftools
+            >>> path = cnftools.OTPath(0.0)
+            >>> path.velocity_from_data(
+            ...     torch.ones(1, 2), torch.zeros(1, 2), 0.5
+            ... )  # (x1 - x)/(1 - t)
+            tensor([[2., 2.]])
+
+        References:
+            Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
+        """
+        x1_hat, x, k = self._conversion_schedules("velocity_from_data", "x1_hat", x1_hat, x, t)
+        singular = k["s2"] == 0
+        s2 = torch.where(singular, torch.ones_like(k["s2"]), k["s2"])
+        out = k["da"] * x1_hat + (k["rate"] / s2) * (x - k["a"] * x1_hat)
+        return self._conversion_result(
+            "velocity_from_data", out, singular, "s_t = 0", ("x1_hat", "x"), (x1_hat, x), k["t"]
+        )
+
+    def velocity_from_score(self, score: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
+        r"""The velocity of a score :math:`\nabla \log p_t(x) = -\hat\varepsilon / s_t`.
+
+        .. math::
+
+            u = \frac{a_t'}{a_t}\, x + \frac{a_t' s_t^2 - a_t s_t s_t'}{a_t}\, \nabla \log p_t(x),
+
+        the probability-flow ODE of Song et al. (2021) in cnftools time: on VP
+        :math:`u = \tfrac12 \beta(1-t)\,(x + \nabla\log p_t)`, on VE
+        :math:`u = -s_t s_t' \nabla\log p_t`.
+
+        Args:
+            score: the predicted score, shape ``(B, *event)``.
+            x: the points, shape ``(B, *event)``.
+            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
+
+        Returns:
+            The velocity, shape ``(B, *event)``.
+
+        Raises:
+            ValueError: at times where :math:`a_t = 0` (OT at :math:`t = 0`), naming them, or on
+                bad input.
+
+        Example:
+            >>> import torch, cnftools
+            >>> path = cnftools.VEPath(0.1, 5.0)
+            >>> x = torch.ones(1, 2)
+            >>> path.velocity_from_score(-x, x, 1.0)  # -s s' score with s s' = -ln(50) * 0.1**2
+            tensor([[-0.0391, -0.0391]])
+
+        References:
+            Song et al. (2021), arXiv:2011.13456, eq. (13).
+        """
+        score, x, k = self._conversion_schedules("velocity_from_score", "score", score, x, t)
+        singular = k["a"] == 0
+        a = torch.where(singular, torch.ones_like(k["a"]), k["a"])
+        out = (k["da"] / a) * x + (k["det"] / a) * score
+        return self._conversion_result(
+            "velocity_from_score", out, singular, "a_t = 0", ("score", "x"), (score, x), k["t"]
+        )
+
+    def data_from_velocity(self, v: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
+        r"""The clean-data prediction of a velocity, inverse of :meth:`velocity_from_data`.
+
+        .. math::
+
+            \hat x_1 = \frac{s_t^2\, u - s_t s_t'\, x}{a_t' s_t^2 - a_t s_t s_t'} .
+
+        Args:
+            v: the velocity, shape ``(B, *event)``.
+            x: the points, shape ``(B, *event)``.
+            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
+
+        Returns:
+            :math:`\hat x_1`, shape ``(B, *event)``.
+
+        Raises:
+            ValueError: at times where :math:`a_t' s_t^2 = a_t s_t s_t'` (the velocity does not
+                determine :math:`\hat x_1`; e.g. OT with ``sigma_min = 0`` at :math:`t = 1`),
+                naming them, or on bad input.
+
+        Example:
+            >>> import torch, cnftools
+            >>> path = cnftools.OTPath(0.0)
+            >>> path.data_from_velocity(torch.full((1, 2), 2.0), torch.zeros(1, 2), 0.5)
+            tensor([[1., 1.]])
+
+        References:
+            Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
+        """
+        v, x, k = self._conversion_schedules("data_from_velocity", "v", v, x, t)
+        singular = k["det"] == 0
+        det = torch.where(singular, torch.ones_like(k["det"]), k["det"])
+        out = (k["s2"] * v - k["rate"] * x) / det
+        return self._conversion_result(
+            "data_from_velocity", out, singular, "a_t' s_t = a_t s_t'", ("v", "x"), (v, x), k["t"]
+        )
+
+    def epsilon_from_velocity(self, v: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
+        r"""The noise prediction of a velocity, inverse of :meth:`velocity_from_epsilon`.
+
+        .. math::
+
+            \hat\varepsilon = \frac{x - a_t \hat x_1}{s_t}
+            = s_t\, \frac{a_t' x - a_t u}{a_t' s_t^2 - a_t s_t s_t'} .
+
+        Args:
+            v: the velocity, shape ``(B, *event)``.
+            x: the points, shape ``(B, *event)``.
+            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
+
+        Returns:
+            :math:`\hat\varepsilon`, shape ``(B, *event)``.
+
+        Raises:
+            ValueError: at times where :math:`s_t = 0` or :math:`a_t' s_t = a_t s_t'`, naming them,
+                or on bad input.
+
+        Example:
+            >>> import torch, cnftools
+            >>> path = cnftools.OTPath(0.0)
+            >>> path.epsilon_from_velocity(torch.full((1, 2), 2.0), torch.zeros(1, 2), 0.5)
+            tensor([[-1., -1.]])
+
+        References:
+            Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
+        """
+        v, x, k = self._conversion_schedules("epsilon_from_velocity", "v", v, x, t)
+        singular = (k["det"] == 0) | (k["s2"] == 0)
+        det = torch.where(singular, torch.ones_like(k["det"]), k["det"])
+        out = k["s"] * (k["da"] * x - k["a"] * v) / det
+        return self._conversion_result(
+            "epsilon_from_velocity",
+            out,
+            singular,
+            "s_t = 0 or a_t' s_t = a_t s_t'",
+            ("v", "x"),
+            (v, x),
+            k["t"],
+        )
+
+    def score_from_velocity(self, v: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
+        r"""The score of a velocity, inverse of :meth:`velocity_from_score`.
+
+        .. math::
+
+            \nabla \log p_t(x) = -\frac{\hat\varepsilon}{s_t}
+            = \frac{a_t u - a_t' x}{a_t' s_t^2 - a_t s_t s_t'} .
+
+        Args:
+            v: the velocity, shape ``(B, *event)``.
+            x: the points, shape ``(B, *event)``.
+            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
+
+        Returns:
+            The score, shape ``(B, *event)``.
+
+        Raises:
+            ValueError: at times where :math:`a_t' s_t^2 = a_t s_t s_t'`, naming them, or on bad
+                input.
+
+        Example:
+            >>> import torch, cnftools
+            >>> path = cnftools.OTPath(0.0)
+            >>> path.score_from_velocity(torch.full((1, 2), 2.0), torch.zeros(1, 2), 0.5)
+            tensor([[2., 2.]])
+
+        References:
+            Song et al. (2021), arXiv:2011.13456, eq. (13).
+        """
+        v, x, k = self._conversion_schedules("score_from_velocity", "v", v, x, t)
+        singular = k["det"] == 0
+        det = torch.where(singular, torch.ones_like(k["det"]), k["det"])
+        out = (k["a"] * v - k["da"] * x) / det
+        return self._conversion_result(
+            "score_from_velocity", out, singular, "a_t' s_t = a_t s_t'", ("v", "x"), (v, x), k["t"]
+        )
 
 
 def _check_parameter(name: str, value: object, condition: bool, expected: str) -> float:

@@ -1,6 +1,6 @@
 r"""Hypothesis strategies and explaining assertions for users' own test suites.
 
-Requires ``hypothesis`` (installed with ``pip install cnftools[test]``). The project's own tests use
+Requires ``hypothesis`` (installed with ``pip install -e ".[test]"``). The project's own tests use
 this module, so everything here is exercised by cnftools' CI.
 
 Strategies (each returns a hypothesis ``SearchStrategy``):

@@ -4,7 +4,8 @@ As a script (under ``python -m torch.distributed.run --nproc-per-node N``)::
 
     python -m torch.distributed.run --nproc-per-node 2 tests/_dist_worker.py OUT_DIR
 
-initialises a gloo process group, runs :func:`cnftools.dataset_nll` on :func:`make_case`'s data
+(optionally followed by ``stream``: the rows as an IterableDataset) initialises a gloo process
+group, runs :func:`cnftools.dataset_nll` on :func:`make_case`'s data
 with :data:`SETTINGS` and ``out=OUT_DIR/nll.parquet`` (chunks written by both ranks), and rank 0
 also saves the returned frame to ``OUT_DIR/frame.parquet`` (other ranks check that they got
 ``None``).
@@ -69,7 +70,17 @@ def make_mixture(n: int = 30, dtype: torch.dtype = torch.float64) -> tuple[Any, 
     return marginal, x
 
 
-def main(out_dir: str) -> None:
+class Stream(torch.utils.data.IterableDataset):
+    """The rows of a tensor as an IterableDataset (read lazily, same order on every pass)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __iter__(self):
+        yield from self.x
+
+
+def main(out_dir: str, source: str = "tensor") -> None:
     import torch.distributed as dist
 
     import cnftools
@@ -78,7 +89,8 @@ def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     try:
         field, x = make_case()
-        frame = cnftools.dataset_nll(field, x, out=Path(out_dir) / "nll.parquet", **SETTINGS)
+        data = Stream(x) if source == "stream" else x
+        frame = cnftools.dataset_nll(field, data, out=Path(out_dir) / "nll.parquet", **SETTINGS)
         rank = dist.get_rank()
         if rank == 0:
             assert frame is not None
@@ -91,4 +103,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

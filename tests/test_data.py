@@ -219,3 +219,34 @@ def test_mixture_parameters_are_validated(build, error, message):
 def test_quantize_refuses_non_finite_values():
     with pytest.raises(ValueError, match="y has non-finite values"):
         quantize(torch.tensor([[float("nan"), 0.5]]), 17)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"levels": 1}, ValueError, "levels must be an int >= 2"),
+        ({"levels": True}, ValueError, "levels must be an int >= 2"),
+        ({"levels": 4, "samples": 0}, ValueError, "samples must be an int >= 1"),
+        ({"levels": 4, "centered": 1}, TypeError, "centered must be a bool"),
+    ],
+)
+def test_dequantization_settings_are_validated(kwargs, error, message):
+    from cnftools.data import Dequantization
+
+    with pytest.raises(error, match=f"Dequantization.{message}"):
+        Dequantization(**kwargs)
+
+
+def test_dequantization_is_the_top_level_one():
+    from cnftools.data import Dequantization
+
+    assert cnftools.Dequantization is Dequantization
+    assert cnftools.nll.Dequantization is Dequantization
+
+
+@pytest.mark.parametrize("name", ["x", "images"])
+def test_integer_data_errors_name_the_callers_argument(name):
+    from cnftools.data import check_integer_data
+
+    with pytest.raises(ValueError, match=f"^{name} must lie in 0..3"):
+        check_integer_data(name, torch.tensor([[5]]), 4)

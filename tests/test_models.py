@@ -126,3 +126,129 @@ def test_gradients_flow_to_all_parameters():
     v = cnftools.MLPField(2, hidden=(8, 8), activation="tanh")
     v(torch.randn(4, 2), torch.rand(4)).pow(2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in v.parameters())
+
+
+# --- conditioning and ConvField ------------------------------------------------------------------
+
+
+def test_class_conditional_mlp_depends_on_the_label_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    v = cnftools.MLPField(3, hidden=(16,), num_classes=4, class_features=5).double()
+    x = torch.randn(4, 3, dtype=F64)
+    y = torch.tensor([0, 1, 2, 3])
+    out = v(x, 0.3, y=y)
+    assert out.shape == (4, 3)
+    # the same point with another label gives another velocity
+    assert not torch.equal(out, v(x, 0.3, y=torch.tensor([1, 1, 2, 3])))
+    assert torch.equal(out[1:], v(x, 0.3, y=torch.tensor([1, 1, 2, 3]))[1:])
+    cnftools.save_checkpoint(tmp_path / "c.pt", v)
+    loaded = cnftools.load_checkpoint(tmp_path / "c.pt").field
+    assert loaded.config() == v.config()
+    assert torch.equal(loaded(x, 0.3, y=y), out)  # bitwise: same weights, same ops
+
+
+def test_vector_conditional_mlp():
+    torch.manual_seed(0)
+    v = cnftools.MLPField(2, hidden=(8,), cond_dim=3).double()
+    x, y = torch.randn(5, 2, dtype=F64), torch.randn(5, 3, dtype=F64)
+    assert v(x, 0.5, y=y).shape == (5, 2)
+    assert not torch.equal(v(x, 0.5, y=y), v(x, 0.5, y=2 * y))
+
+
+def test_unconditional_config_and_state_dict_are_unchanged():
+    """Old checkpoints still load: an unconditional field has no new parameters."""
+    v = cnftools.MLPField(2, hidden=(8,))
+    assert set(v.state_dict()) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    old_config = {k: w for k, w in v.config().items() if k not in ("num_classes", "cond_dim")}
+    old_config.pop("class_features")
+    assert cnftools.MLPField.from_config(old_config).config() == v.config()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "y", "error", "match"),
+    [
+        ({}, torch.tensor([0, 1]), ValueError, "unconditional but got y"),
+        ({"num_classes": 3}, None, ValueError, "pass y="),
+        ({"num_classes": 3}, torch.tensor([0, 3]), ValueError, r"lie in \[0, 3\)"),
+        ({"num_classes": 3}, torch.tensor([-1, 0]), ValueError, r"lie in \[0, 3\)"),
+        ({"num_classes": 3}, torch.tensor([0.0, 1.0]), TypeError, "integer class labels"),
+        ({"num_classes": 3}, torch.tensor([0, 1, 2]), ValueError, r"shape \(B,\)"),
+        ({"cond_dim": 2}, torch.zeros(2, 3), ValueError, r"\(B, cond_dim\)"),
+        ({"cond_dim": 2}, torch.zeros(2, 2, dtype=F64), TypeError, "x's dtype"),
+    ],
+)
+def test_bad_conditioning_is_named(kwargs, y, error, match):
+    v = cnftools.MLPField(2, hidden=(4,), **kwargs)
+    with pytest.raises(error, match=match):
+        v(torch.zeros(2, 2), 0.5, y=y)
+
+
+def test_conditioning_arguments_are_checked():
+    with pytest.raises(ValueError, match="at most one of num_classes and cond_dim"):
+        cnftools.MLPField(2, num_classes=3, cond_dim=2)
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        cnftools.MLPField(2, num_classes=0)
+
+
+def test_conv_field_shapes_and_translation_equivariance_in_the_interior():
+    """3×3 convolutions with padding: shifting an image shifts the velocity away from the border."""
+    from cnftools.models import ConvField
+
+    torch.manual_seed(0)
+    v = ConvField(2, hidden=(8, 8)).double()
+    x = torch.randn(3, 2, 12, 12, dtype=F64)
+    out = v(x, torch.rand(3, dtype=F64))
+    assert out.shape == x.shape and out.dtype == F64
+    t = 0.4
+    shifted = v(torch.roll(x, 1, dims=3), t)
+    # 3 layers of 3×3: output column j sees input columns j−3..j+3; for j in 4..7 neither the
+    # wrapped column 0 nor the zero padding beyond either border is in view
+    expected = torch.roll(v(x, t), 1, dims=3)
+    assert torch.allclose(shifted[..., 4:8], expected[..., 4:8], rtol=0, atol=1e-12)
+    assert not torch.allclose(shifted[..., :1], expected[..., :1], rtol=0, atol=1e-12)
+
+
+def test_conv_field_exact_divergence_matches_the_jacobian_trace():
+    """cnftools.divergence of a conditional ConvField = trace of its full Jacobian, 1e-10 (float64
+    autograd on both sides); labels reach it through a closure."""
+    from cnftools.models import ConvField
+
+    torch.manual_seed(0)
+    v = ConvField(1, hidden=(4,), num_classes=3).double()
+    x = torch.randn(2, 1, 4, 4, dtype=F64)
+    y = torch.tensor([0, 2])
+    field = lambda z, t: v(z, t, y=y)  # noqa: E731
+    div = cnftools.divergence(field, x, 0.5)
+    traces = []
+    for i in range(2):
+        jac = torch.autograd.functional.jacobian(
+            lambda z, i=i: v(z[None], 0.5, y=y[i : i + 1])[0], x[i]
+        )
+        traces.append(jac.reshape(16, 16).diagonal().sum())
+    assert torch.allclose(div, torch.stack(traces), rtol=1e-10, atol=1e-10)
+
+
+def test_conv_field_checkpoint_round_trip(tmp_path):
+    """A ConvField checkpoint loads into a field built from its stored config (field=)."""
+    from cnftools.models import ConvField
+
+    torch.manual_seed(0)
+    v = ConvField(1, hidden=(4, 4), num_classes=10).double()
+    cnftools.save_checkpoint(tmp_path / "conv.pt", v)
+    stored = torch.load(tmp_path / "conv.pt", weights_only=True)
+    rebuilt = ConvField.from_config(stored["model"]["config"], dtype=F64)
+    loaded = cnftools.load_checkpoint(tmp_path / "conv.pt", field=rebuilt).field
+    x, y = torch.randn(2, 1, 8, 8, dtype=F64), torch.tensor([1, 9])
+    assert torch.equal(loaded(x, 0.2, y=y), v(x, 0.2, y=y))
+
+
+def test_conv_field_refuses_bad_input():
+    from cnftools.models import ConvField
+
+    v = ConvField(1, hidden=(4,))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\) with C = 1"):
+        v(torch.zeros(2, 3, 4, 4), 0.5)
+    with pytest.raises(TypeError, match=r"parameters are torch\.float32"):
+        v(torch.zeros(2, 1, 4, 4, dtype=F64), 0.5)
+    with pytest.raises(ValueError, match="smooth"):
+        ConvField(1, activation="relu")

@@ -13,9 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+import numpy
+import scipy
 import torch
+import torchdiffeq
 
-__all__ = ["Check", "Context", "Experiment", "Run", "discover", "run_experiments", "write_report"]
+import cnftools
+
+__all__ = [
+    "Check",
+    "Context",
+    "Experiment",
+    "Run",
+    "discover",
+    "run_experiments",
+    "section_numbers",
+    "write_report",
+]
 
 
 @dataclass(frozen=True)
@@ -32,8 +46,11 @@ class Check:
         expect_fail: a negative control: the row passes when ``error > tolerance`` (the verifier
             detects a deliberately wrong input).
         claim: an empirical claim (e.g. "OT needs fewer steps than VP"), not a correctness check:
-            shown as HELD / NOT HELD and never failing the run, since a claim about one target
-            and one setting may honestly not hold.
+            shown as HELD / NOT HELD / TIE and never failing the run, since a claim about one
+            target and one setting may honestly not hold.
+        tie_within: for a claim row, the relative band around the tolerance inside which the two
+            sides cannot be told apart (``|error - tolerance| <= tie_within * tolerance``): the
+            row then reads TIE rather than HELD or NOT HELD.
     """
 
     section: str
@@ -44,16 +61,26 @@ class Check:
     why: str = ""
     expect_fail: bool = False
     claim: bool = False
+    tie_within: float = 0.0
+
+    @property
+    def tie(self) -> bool:
+        """For a claim row: the measurement cannot tell the two sides apart."""
+        return (
+            self.claim
+            and math.isfinite(self.error)
+            and abs(self.error - self.tolerance) <= self.tie_within * abs(self.tolerance)
+        )
 
     @property
     def held(self) -> bool:
-        """For a claim row: whether the claim held (error ≤ tolerance)."""
-        return math.isfinite(self.error) and self.error <= self.tolerance
+        """For a claim row: whether the claim held (error ≤ tolerance, and not a tie)."""
+        return math.isfinite(self.error) and self.error <= self.tolerance and not self.tie
 
     @property
     def verdict(self) -> str:
         if self.claim:
-            return "HELD" if self.held else "NOT HELD"
+            return "TIE" if self.tie else ("HELD" if self.held else "NOT HELD")
         return "PASS" if self.passed else "FAIL"
 
     @property
@@ -94,12 +121,24 @@ class Context:
         return path
 
 
+def section_numbers(section: str) -> set[int]:
+    """The theory sections a row's ``section`` names: ``"§9–10"`` → ``{9, 10}``, ``"§3"`` → ``{3}``."""
+    text = section.strip().lstrip("§")
+    if "–" in text:
+        low, high = (int(part.strip().lstrip("§").split(".")[0]) for part in text.split("–", 1))
+        return set(range(low, high + 1))
+    return {int(text.split(".")[0])}
+
+
 @dataclass(frozen=True)
 class Experiment:
+    """One experiment module: its ordering key, title, the sections its rows check, and ``run``."""
+
     name: str
     section: float
     title: str
     run: Callable[[Context], Iterable[Check]]
+    sections: tuple[int, ...] = ()
 
 
 def discover() -> list[Experiment]:
@@ -110,8 +149,9 @@ def discover() -> list[Experiment]:
         if info.name.startswith("_"):
             continue
         module: ModuleType = importlib.import_module(f"cnftools.validation.{info.name}")
+        sections = tuple(getattr(module, "SECTIONS", (int(module.SECTION),)))
         experiments.append(
-            Experiment(info.name, float(module.SECTION), str(module.TITLE), module.run)
+            Experiment(info.name, float(module.SECTION), str(module.TITLE), module.run, sections)
         )
     return sorted(experiments, key=lambda e: (e.section, e.name))
 
@@ -166,12 +206,6 @@ def format_table(checks: list[Check], title: str = "") -> str:
 
 def environment(ctx: Context) -> dict[str, str]:
     """Device, dtype and versions, recorded at the top of the report."""
-    import numpy
-    import scipy
-    import torchdiffeq
-
-    import cnftools
-
     device = str(ctx.device)
     if ctx.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(ctx.device)})"
@@ -211,6 +245,19 @@ class Run:
     def claims(self) -> list[Check]:
         return [c for _, cs, _ in self.results for c in cs if c.claim]
 
+    def claims_summary(self) -> str:
+        """One phrase on the claim rows, worded so that a claim that did not hold reads as a
+        finding, not a failure (empty when the run has no claims)."""
+        claims = self.claims
+        if not claims:
+            return ""
+        held = sum(c.held for c in claims)
+        ties = sum(c.tie for c in claims)
+        parts = [f"{held} held", f"{len(claims) - held - ties} did not"]
+        if ties:
+            parts.append(f"{ties} tied")
+        return f"empirical claims (findings, never failures): {', '.join(parts)}"
+
 
 def write_report(path: Path, runs: list[Run]) -> None:
     """Write one Markdown report: environment, then per dtype one table per experiment; figures."""
@@ -226,7 +273,7 @@ def write_report(path: Path, runs: list[Run]) -> None:
     summary = "; ".join(
         f"{str(r.ctx.dtype).replace('torch.', '')}: {r.n_checks - r.n_failed} of {r.n_checks} "
         f"checks passed, {len(r.errors)} experiment(s) crashed"
-        + (f", {sum(c.held for c in r.claims)} of {len(r.claims)} claims held" if r.claims else "")
+        + (f"; {r.claims_summary()}" if r.claims else "")
         for r in runs
     )
     lines += [
@@ -234,8 +281,9 @@ def write_report(path: Path, runs: list[Run]) -> None:
         "",
         "A row passes when error ≤ tolerance; rows marked `> tol` are negative controls that pass",
         "when the verifier *detects* a deliberately wrong input (error > tolerance). Rows marked",
-        "HELD / NOT HELD are empirical claims (a ratio that is < 1 when the claim holds): findings",
-        "about one target and one setting, reported as measured and never failing the run.",
+        "HELD / NOT HELD / TIE are empirical claims (a ratio that is < 1 when the claim holds, TIE",
+        "when the two sides agree within the row's stated resolution): findings about one target",
+        "and one setting, reported as measured and never failing the run.",
         "",
     ]
     for run in runs:

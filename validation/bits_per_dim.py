@@ -21,6 +21,7 @@ from cnftools.data import bits_per_dim, dequantization_log_det, dequantized_nll
 from cnftools.validation._framework import Check, Context
 
 SECTION = 12
+SECTIONS = (12,)  # the theory sections its rows check
 TITLE = "§12 Bits per dimension and importance-weighted dequantization"
 
 

@@ -23,6 +23,7 @@ from cnftools.cases import PATH_CASES
 from cnftools.validation._framework import Check, Context
 
 SECTION = 4
+SECTIONS = (4,)  # the theory sections its rows check
 TITLE = "§4 Continuity equation: conditional paths and their fields"
 
 _WRONG = 1e-3

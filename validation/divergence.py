@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 
 import torch
@@ -23,9 +24,11 @@ from torch import Tensor, nn
 
 import cnftools
 from cnftools.cases import PATH_CASES
+from cnftools.validation._figures import pyplot
 from cnftools.validation._framework import Check, Context
 
 SECTION = 11
+SECTIONS = (11,)  # the theory sections its rows check
 TITLE = "§11 Divergence: exact strategies and Hutchinson's estimator"
 
 _SIGMAS = 5.0
@@ -179,12 +182,7 @@ def _figure_cost(ctx: Context) -> None:
     path = ctx.figure_path("divergence_cost_vs_d.png")
     if path is None:
         return
-    import time
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     dims, batch = [2, 8, 32, 128], 64
     methods = {"exact (auto)": "exact", "plain loop": "loop", "Hutchinson K=1": "hutchinson"}

@@ -29,9 +29,11 @@ import torch
 import cnftools
 from cnftools.cases import DATA_CASES
 from cnftools.models import MLPField
+from cnftools.validation._figures import pyplot
 from cnftools.validation._framework import Check, Context
 
 SECTION = 3.0
+SECTIONS = (3, 9)  # the theory sections its rows check
 TITLE = "§3 Likelihood by the augmented ODE"
 
 _PATHS = {
@@ -214,10 +216,7 @@ def _figure(ctx: Context) -> None:
     path = ctx.figure_path("nll_error_vs_tolerance.png")
     if path is None:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     marginal = DATA_CASES["gaussian d=3"].marginal(
         cnftools.OTPath(0.1), dtype=torch.float64, device=ctx.device
@@ -257,10 +256,7 @@ def _figure_density_evolution(ctx: Context) -> None:
     path = ctx.figure_path("density_evolution.png")
     if path is None:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), sharey=False)
     times = [0.0, 0.25, 0.5, 0.75, 1.0]

@@ -27,6 +27,7 @@ from cnftools.cases import AFFINE_PATH_CASES, DATA_CASES
 from cnftools.validation._framework import Check, Context
 
 SECTION = 5
+SECTIONS = (5, 9, 10)  # the theory sections its rows check
 TITLE = "§5, §9–10 Theorem 1: closed-form marginal paths and fields"
 
 _QUICK_PATHS = ("OT(sigma_min=0)", "VE(0.1, 5)", "VP(0.1, 20)")

@@ -27,6 +27,7 @@ from cnftools.objectives import empirical_posterior, theorem2_terms
 from cnftools.validation._framework import Check, Context
 
 SECTION = 6
+SECTIONS = (6,)  # the theory sections its rows check
 TITLE = "§6 Theorem 2: flow matching and conditional flow matching have equal gradients"
 
 FALSE_ALARM = 1e-3

@@ -20,6 +20,7 @@ from cnftools.cases import PATH_CASES
 from cnftools.validation._framework import Check, Context
 
 SECTION = 7
+SECTIONS = (7, 8)  # the theory sections its rows check
 TITLE = "§7–8 Gaussian paths: flow map, Theorem 3, boundary conditions"
 
 
