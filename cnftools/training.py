@@ -575,41 +575,30 @@ def _read_payload(file: str | os.PathLike[str], map_location: object) -> dict[st
     return payload
 
 
-def _mlp_shapes(name: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The parameter shapes an :class:`~cnftools.MLPField` config implies, computed without
-    building anything (so an absurd config cannot allocate)."""
-
-    def positive_int(key: str, value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"checkpoint {name!r}: config {key} must be an int >= 1, got {value!r}"
-            )
-        return value
-
-    dim = config.get("dim")
-    if isinstance(dim, list | tuple):
-        if not dim:
-            raise ValueError(f"checkpoint {name!r}: config dim is an empty event shape")
-        size = math.prod(positive_int("dim entry", d) for d in dim)
-    else:
-        size = positive_int("dim", dim)
-    hidden = config.get("hidden")
-    if not isinstance(hidden, list | tuple):
-        raise ValueError(f"checkpoint {name!r}: config hidden must be a list, got {hidden!r}")
-    widths = [size + positive_int("time_features", config.get("time_features"))]
-    widths += [positive_int("hidden entry", h) for h in hidden] + [size]
-    shapes: dict[str, tuple[int, ...]] = {}
-    for i in range(len(widths) - 1):
-        shapes[f"net.{2 * i}.weight"] = (widths[i + 1], widths[i])
-        shapes[f"net.{2 * i}.bias"] = (widths[i + 1],)
-    return shapes
-
-
 def _check_config_against_state(
     name: str, config: dict[str, Any], state: Mapping[str, Tensor]
 ) -> None:
-    """Refuse a config whose implied parameters differ from the stored ones, before building."""
-    shapes = _mlp_shapes(name, config)
+    """Refuse an MLPField config whose parameters differ from the stored ones, before building.
+
+    The model is first built on the ``meta`` device (shapes only, no memory), from the same
+    constructor that builds it for real, and its ``state_dict`` shapes are compared with the
+    stored tensors'. A corrupt config (``hidden=[10**6, 10**6]``, 4 TB) is refused here.
+    """
+    stored_elements = sum(value.numel() for value in state.values())
+    features = config.get("time_features")
+    if isinstance(features, int) and not isinstance(features, bool) and features > stored_elements:
+        raise ValueError(
+            f"checkpoint {name!r}: config time_features={features} exceeds every stored weight "
+            f"({stored_elements} numbers); the file is corrupt or was edited"
+        )
+    try:
+        with torch.device("meta"):
+            skeleton = MLPField.from_config(config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"checkpoint {name!r}: the stored MLPField config is invalid: {error}"
+        ) from error
+    shapes = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
     stored = {key: tuple(value.shape) for key, value in state.items()}
     if shapes != stored:
         missing = sorted(set(shapes) - set(stored))
