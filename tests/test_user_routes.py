@@ -35,6 +35,7 @@ The default run draws few examples (the ODE checks one per combination, the fiel
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -173,7 +174,7 @@ def test_marginal_fields_on_every_path_and_form_of_t(
 # --- ODE entry points ---------------------------------------------------------------------------
 
 
-def _check_ode_entry(entry, path, marginal, generator) -> None:
+def _check_ode_entry(entry, path, marginal, generator, near_point_masses=False) -> None:
     prior = marginal.prior()
     closed_form = lambda x: marginal.log_prob(x, 1.0)  # noqa: E731
     if entry == "log_likelihood":
@@ -195,12 +196,18 @@ def _check_ode_entry(entry, path, marginal, generator) -> None:
         )
     else:
         x = marginal.sample(BATCH, 1.0, generator)
-        frame = cnftools.dataset_nll(
-            marginal, x, batch_size=2, prior=prior, progress=False, **SOLVER
-        )
-        assert list(frame["status"]) == ["ok"] * BATCH, list(frame["status"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rows failing loudly are warned about; checked below
+            frame = cnftools.dataset_nll(
+                marginal, x, batch_size=2, prior=prior, progress=False, **SOLVER
+            )
+        ok = torch.tensor((frame["status"] == "ok").to_numpy())
+        failed = [status for status in frame["status"] if status != "ok"]
+        # Every row is exact; only nearly point-mass data may fail a row, loudly (underflow).
+        assert near_point_masses or not failed, failed
+        assert all("underflow" in status for status in failed), failed
         nll = torch.tensor(frame["nll"].to_numpy(), dtype=F64)
-        torch.testing.assert_close(nll, -closed_form(x), rtol=0, atol=ODE_ATOL)
+        torch.testing.assert_close(nll[ok], -closed_form(x)[ok], rtol=0, atol=ODE_ATOL)
 
 
 def _check_ode_refused(entry, marginal, generator) -> None:
@@ -232,8 +239,16 @@ ODE_ENTRIES = ["log_likelihood", "sample -> log_likelihood", "dataset_nll"]
 
 def _ode_route(data, path_kind, marginal_kind, entry):
     path, mixture, marginal, generator = _route(data, path_kind, marginal_kind)
-    if mixture.empirical and _singular_at_one(path):
+    s_1 = float(path.noise_scale(torch.ones(1, dtype=F64)))
+    if mixture.empirical and s_1 == 0:
         _check_ode_refused(entry, marginal, generator)
+    elif mixture.empirical and s_1 < 1e-2:
+        # Nearly point masses (OT with sigma_min = 1e-300, say): exact, or a loud step-size
+        # underflow (SolverError, or dataset_nll's RowsFailedError chaining it); never a number.
+        try:
+            _check_ode_entry(entry, path, marginal, generator, near_point_masses=True)
+        except RuntimeError as error:
+            assert "underflow" in f"{error} {error.__cause__}", error
     else:
         _check_ode_entry(entry, path, marginal, generator)
 
