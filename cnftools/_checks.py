@@ -8,28 +8,157 @@ reference tensor's device and dtype, and that is the only conversion made.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable, Sequence
 from numbers import Real
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "SUPPORTED_DTYPES",
     "as_time",
     "check_batched",
+    "check_depends_on_input",
+    "check_device",
+    "check_dtype",
+    "check_event_shape",
     "check_finite",
     "check_floating",
     "check_same_shape",
+    "check_tolerance",
     "expand_like",
+    "quiet_jvp",
+    "time_derivative",
 ]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+"""The floating dtypes cnftools computes in. Half precision (float16, bfloat16) is refused: the
+log-densities, divergence integrals and solver tolerances overflow or lose every digit there."""
+
+
+def check_dtype(name: str, dtype: object) -> torch.dtype:
+    """Require ``float32`` or ``float64`` (a ``torch.dtype``); name the dtype otherwise."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, got {type(dtype).__name__}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} is {dtype}; cnftools computes in float32 or float64 only (half precision "
+            "overflows the log-densities and the solver's tolerances): convert with .float() "
+            "or .double()"
+        )
+    return dtype
+
+
+def check_device(name: str, device: object) -> torch.device:
+    """Require a device that holds values: refuse ``meta`` (shapes only) with a clear message."""
+    try:
+        device = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{name} is not a valid torch device: {device!r} ({error})") from None
+    if device.type == "meta":
+        raise ValueError(
+            f"{name} is on the 'meta' device, which holds shapes but no values; cnftools needs "
+            "real numbers: move it to 'cpu' or 'cuda'"
+        )
+    return device
 
 
 def check_floating(name: str, x: object) -> Tensor:
-    """Require a floating-point tensor; return it unchanged."""
+    """Require a float32 or float64 tensor on a device with values; return it unchanged."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype (float32 or float64), got {x.dtype}")
+    check_dtype(f"{name}'s dtype", x.dtype)
+    check_device(f"{name}", x.device)
     return x
+
+
+def check_event_shape(name: str, shape: object) -> tuple[int, ...]:
+    """Require an event shape: an int ``d >= 1`` or a non-empty sequence of ints ``>= 1``."""
+    items = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else shape
+    if not isinstance(items, Sequence) or isinstance(items, str):
+        raise TypeError(f"{name} must be an int or a non-empty tuple of ints, got {shape!r}")
+    if len(items) == 0:
+        raise ValueError(f"{name} must be an int or a non-empty tuple of ints, got {shape!r}")
+    for size in items:
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"{name} must hold ints, got {shape!r}")
+        if size < 1:
+            raise ValueError(f"{name} must hold sizes >= 1, got {shape!r}")
+    return tuple(int(size) for size in items)
+
+
+def check_tolerance(name: str, value: object, *, allow_none: bool = True) -> float | None:
+    """Require a finite real ``>= 0`` (or ``None`` where allowed); refuse NaN, inf, bools."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number >= 0, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {number}")
+    return number
+
+
+def check_depends_on_input(label: str, output: Tensor, x: Tensor) -> None:
+    """Require ``output`` to depend on ``x`` through autograd (call under ``enable_grad``).
+
+    A field that returns a constant, a detached tensor or something computed outside torch has no
+    autograd path from ``x``; its Jacobian and divergence cannot be taken, and reporting them as
+    zero would be a wrong number. ``x`` must require grad.
+    """
+    message = (
+        f"{label} returned a tensor that does not depend on x through autograd; it is constant in "
+        "x or was computed outside torch (numpy, .detach(), .item()), so its Jacobian cannot be "
+        "taken by autograd"
+    )
+    if not output.requires_grad:
+        raise ValueError(message)
+    (grad,) = torch.autograd.grad(
+        output, x, torch.ones_like(output), retain_graph=True, allow_unused=True
+    )
+    if grad is None:
+        raise ValueError(message)
+
+
+_JVP_READY = False
+
+
+def quiet_jvp(
+    func: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor]:
+    """:func:`torch.func.jvp` without torch's one-time ``torch.jit.script`` DeprecationWarnings.
+
+    On the first forward-mode call, torch imports ``torch._decomp.decompositions_for_jvp``, which
+    jit-scripts a few decompositions and so warns ``torch.jit.script is deprecated`` (an internal
+    detail of torch 2.x, not something the caller did). That import is done here once, with that
+    one warning silenced, so users' ``-W error`` runs are unaffected.
+    """
+    global _JVP_READY
+    if not _JVP_READY:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning
+            )
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+        _JVP_READY = True
+    from torch.func import jvp
+
+    return jvp(func, primals, tangents)
+
+
+def time_derivative(func: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
+    r"""The elementwise time derivative :math:`\partial_t f(t)` by forward-mode autograd.
+
+    ``t`` may be any view (a scalar expanded to ``(B,)`` or ``(B, 1, ..., 1)``): it is
+    materialised first, since forward-mode autograd writes tangents into its input and an
+    expanded tensor has many elements at one memory location. ``f`` must act on each entry of
+    ``t`` separately (a schedule, or a mean whose row ``b`` depends on ``t[b]`` only).
+    """
+    t = t.contiguous() if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+    return quiet_jvp(func, (t,), (torch.ones_like(t),))[1]
 
 
 def check_finite(name: str, x: Tensor) -> Tensor:

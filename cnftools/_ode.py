@@ -156,7 +156,8 @@ class SolverConfig:
         adjoint_atol: backward-solve absolute tolerance; default ``atol``.
         norm: ``"rms"`` or ``"max_sample"`` (see above; adaptive methods).
         max_steps: most steps an adaptive solve may take between two output times before a
-            :class:`SolverError`.
+            :class:`SolverError`; for a fixed-grid method, the most steps its grid may have on
+            :math:`[0, 1]` (checked here, before any grid is built).
         first_step: initial step of an adaptive method (default: chosen automatically).
         accuracy: the target absolute error (nats) of each row's log-density. When set, the
             likelihood engine chooses method and tolerances itself (:meth:`accuracy_plan`) and
@@ -249,6 +250,14 @@ class SolverConfig:
             raise ValueError("first_step must be > 0")
         if self.accuracy is not None and not _check_tolerance("accuracy", self.accuracy) > 0:
             raise ValueError("accuracy must be > 0 (nats)")
+        n_grid = self.n_steps
+        if n_grid is not None and n_grid > self.max_steps:
+            given = f"step_size={self.step_size}" if self.steps is None else f"steps={self.steps}"
+            raise ValueError(
+                f"{given} makes a fixed grid of {n_grid} steps on [0, 1], more than "
+                f"max_steps={self.max_steps}; use a larger step_size (fewer steps) or raise "
+                "max_steps if you mean it"
+            )
 
     @property
     def is_adaptive(self) -> bool:
@@ -285,7 +294,7 @@ class SolverConfig:
             return self.replace(rtol=max(self.rtol / 100, 1e-14), atol=max(self.atol / 100, 1e-14))
         n = self.n_steps
         assert n is not None
-        return self.replace(step_size=None, steps=2 * n)
+        return self.replace(step_size=None, steps=2 * n, max_steps=max(self.max_steps, 2 * n))
 
     def accuracy_plan(self) -> SolverConfig:
         """The first solve of ``accuracy=``: method and tolerance from :data:`ACCURACY_PLAN`,

@@ -52,7 +52,8 @@ from torch.distributions import (
     constraints,
 )
 
-from cnftools._checks import check_finite, check_floating
+from cnftools._checks import check_depends_on_input, check_finite, check_floating
+from cnftools.fields import field_name
 
 __all__ = [
     "AffineCoupling",
@@ -465,7 +466,10 @@ class EulerStep(ModuleTransform):
     default, or a plain loop with ``jacobian="loop"`` for fields whose operations have no batching
     rule). The per-sample Jacobian assumes row ``b`` of ``v(x, t)`` depends only on ``x[b]`` (no
     batch normalisation). The field is called as ``v(x, t)`` with ``x`` ``(B, d)`` and ``t`` a
-    ``(B,)`` tensor, cnftools' convention.
+    ``(B,)`` tensor, cnftools' convention. A field whose output has no autograd path from ``x``
+    (a constant, a detached tensor, numpy) is refused with a ``ValueError``, as
+    :func:`cnftools.divergence.divergence` refuses it: its Jacobian is not known, and reporting
+    :math:`\log|\det| = 0` would be a wrong number.
 
     Invertibility: the step is a bijection when :math:`|\Delta t|\,\mathrm{Lip}(v(\cdot, t)) < 1`
     (then :math:`z \mapsto y - \Delta t\,v(z, t)` is a contraction). This is not checked globally;
@@ -564,8 +568,9 @@ class EulerStep(ModuleTransform):
         with torch.enable_grad():
             zz = z if z.requires_grad else z.detach().requires_grad_(True)
             out = self._field(zz)
-            if not out.requires_grad:  # the field ignores its input
-                return torch.zeros(z.shape[0], d, d, dtype=z.dtype, device=z.device)
+            # A field with no autograd path from z (constant, detached, numpy) would report
+            # J = 0 and log|det| = 0: a wrong number. Refuse it, as cnftools.divergence does.
+            check_depends_on_input(f"EulerStep's velocity field {field_name(self.v)}", out, zz)
             if self.jacobian == "batched":
                 basis = torch.eye(d, dtype=z.dtype, device=z.device)[:, None, :].expand(d, *z.shape)
                 try:

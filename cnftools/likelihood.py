@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from cnftools._checks import check_batched
+from cnftools._checks import check_batched, check_event_shape
 from cnftools._ode import (
     ACCURACY_STEP,
     NFE,
@@ -930,7 +930,7 @@ def sample_with_log_prob(
         if prior is None:
             if event_shape is None:
                 raise ValueError("the standard-normal prior needs event_shape=(d,) (or give z0)")
-            event = tuple(int(s) for s in event_shape)
+            event = check_event_shape("event_shape", event_shape)
         else:
             if not isinstance(prior, Distribution):
                 raise TypeError("prior must be None or a torch.distributions.Distribution")

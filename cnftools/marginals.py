@@ -221,9 +221,7 @@ def _describe(score: bool, posterior_mean: bool, velocity: bool, divergence: boo
 # ----------------------------------------------------------------------------------------------
 # Streaming softmax statistics
 def _weighted_mean(w: Tensor, v: Tensor) -> Tensor:
-    """Σ_k w_bk v_k: ``w`` (B, k); ``v`` (k, d), (B, k, d) or (B, k)."""
-    if v.dim() == 2 and v.shape != w.shape:
-        return w @ v
+    """Σ_k w_bk v_bk for per-row values: ``w`` (B, k); ``v`` (B, k) or (B, k, d)."""
     if v.dim() == 2:
         return (w * v).sum(dim=1)
     return (w.unsqueeze(-1) * v).sum(dim=1)
@@ -246,12 +244,19 @@ class _OnlineSoftmax:
         self.means: dict[str, Tensor] = {}
         self.cross: Tensor | None = None
 
-    def add(self, logits: Tensor, values: dict[str, Tensor]) -> None:
+    def add(
+        self, logits: Tensor, values: dict[str, Tensor], shared: dict[str, Tensor] | None = None
+    ) -> None:
+        """Merge one chunk of components: ``logits`` (B, k); ``values`` per row and component,
+        (B, k) or (B, k, d); ``shared`` the same for every row, (k, d) (e.g. data points). The
+        two are passed apart so that no shape can be read as the other (B = k = d included)."""
         top = logits.max(dim=1).values
         e = torch.exp(logits - top.unsqueeze(1))
         mass = e.sum(dim=1)
         w = e / mass.unsqueeze(1)
         means = {name: _weighted_mean(w, v) for name, v in values.items()}
+        means.update({name: w @ v for name, v in (shared or {}).items()})
+        values = {**values, **(shared or {})}
         cross = None
         if self.pair is not None:
             p, q = self.pair
@@ -431,7 +436,7 @@ def _empirical_posterior(
         pts = points[lo : lo + step]
         sq = ((x.unsqueeze(1) - a[:, None, None] * pts) ** 2).sum(-1)
         logits = log_weights[lo : lo + step] - 0.5 * sq / s2[:, None]
-        stats.add(logits, {"data": pts} if keep_points else {})
+        stats.add(logits, {}, {"data": pts} if keep_points else None)
     return _EmpiricalPosterior(stats.log_normalizer(), stats.means.get("data"), stats.cross)
 
 

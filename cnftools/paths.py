@@ -33,7 +33,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import jvp
 
 from cnftools._checks import (
     as_time,
@@ -42,6 +41,7 @@ from cnftools._checks import (
     check_floating,
     check_same_shape,
     expand_like,
+    time_derivative,
 )
 
 __all__ = ["AffineGaussianPath", "GaussianPath", "OTPath", "VEPath", "VPPath"]
@@ -54,7 +54,10 @@ class GaussianPath:
     r"""A Gaussian conditional path :math:`p_t(x|x_1) = \mathcal N(\mu_t(x_1), \sigma_t(x_1)^2 I)`.
 
     Define a path of your own from two differentiable callables; their time derivatives come from
-    forward-mode autograd (:func:`torch.func.jvp`), so Theorem 3 holds for any such path.
+    forward-mode autograd (:func:`cnftools._checks.time_derivative`), so Theorem 3 holds for any
+    such path. Every method checks what the callables return the same way: a floating tensor of
+    ``x1``'s dtype and device, the mean of exactly ``x1``'s shape, the std of ``x1``'s number of
+    dimensions broadcasting to ``x1`` (each size 1 or ``x1``'s), finite and ``>= 0``.
 
     Args:
         mean: ``mean(t, x1) -> (B, *event)``, the mean :math:`\mu_t(x_1)`. It receives ``t`` of
@@ -88,7 +91,10 @@ class GaussianPath:
 
     # ------------------------------------------------------------------------------------------
     # Hooks: subclasses override these. ``tb`` is the time reshaped to (B, 1, ..., 1); inputs are
-    # already validated.
+    # already validated. Outputs are validated by the ``_checked`` methods below, not here.
+    _MEAN_NAME = "mean(t, x1)"
+    _STD_NAME = "std(t, x1)"
+
     def _mean(self, tb: Tensor, x1: Tensor) -> Tensor:
         return self._user_mean(tb, x1)
 
@@ -99,10 +105,10 @@ class GaussianPath:
         return self._std(tb, x1) ** 2
 
     def _mean_derivative(self, tb: Tensor, x1: Tensor) -> Tensor:
-        return jvp(lambda s: self._mean(s, x1), (tb,), (torch.ones_like(tb),))[1]
+        return time_derivative(lambda s: self._mean(s, x1), tb)
 
     def _variance_rate(self, tb: Tensor, x1: Tensor) -> Tensor:
-        return jvp(lambda s: 0.5 * self._variance(s, x1), (tb,), (torch.ones_like(tb),))[1]
+        return time_derivative(lambda s: 0.5 * self._variance(s, x1), tb)
 
     # ------------------------------------------------------------------------------------------
     def _prepare(self, t: object, x1: object) -> tuple[Tensor, Tensor]:
@@ -115,14 +121,8 @@ class GaussianPath:
         check_same_shape(name, x, "x1", x1)
         return tb, x1
 
-    def _std_checked(self, tb: Tensor, x1: Tensor) -> Tensor:
-        std = self._std(tb, x1)
-        if not bool(torch.isfinite(std).all()) or bool((std < 0).any()):
-            raise ValueError(f"{type(self).__name__}: std(t, x1) must be finite and >= 0")
-        return std
-
     def _nonzero_variance(self, tb: Tensor, x1: Tensor, what: str) -> Tensor:
-        variance = self._variance(tb, x1)
+        variance = self._variance_checked(tb, x1)
         degenerate = torch.broadcast_to(variance <= 0, x1.shape)
         if bool(degenerate.any()):
             rows = degenerate.reshape(x1.shape[0], -1).any(dim=1)
@@ -134,6 +134,65 @@ class GaussianPath:
         return variance
 
     # ------------------------------------------------------------------------------------------
+    # The one validation routine every public method goes through.
+    def _check_output(self, name: str, value: object, x1: Tensor, *, full: bool) -> Tensor:
+        """Require a tensor like ``x1`` (dtype, device) of ``x1``'s shape (``full``) or of
+        ``x1``'s number of dimensions with every size 1 or ``x1``'s (broadcastable, no silent
+        reinterpretation of a ``(B,)`` or ``(B, 1)`` result against ``(B, d)``)."""
+        path = type(self).__name__
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"{path}: {name} must return a torch.Tensor computed from t (e.g. "
+                f"1 - 0.9 * t), got {type(value).__name__}"
+            )
+        if value.dtype != x1.dtype or value.device != x1.device:
+            raise TypeError(
+                f"{path}: {name} returned dtype {value.dtype} on {value.device}; it must follow "
+                f"x1 ({x1.dtype} on {x1.device}): build it from t and x1"
+            )
+        shape, target = tuple(value.shape), tuple(x1.shape)
+        if full:
+            ok = shape == target
+            expected = f"exactly x1's shape {target}"
+        else:
+            ok = len(shape) == len(target) and all(
+                a in (1, b) for a, b in zip(shape, target, strict=True)
+            )
+            expected = (
+                f"{len(target)} dimensions, each of size 1 or x1's {target} "
+                f"(e.g. {(target[0], *([1] * (len(target) - 1)))} for an isotropic path)"
+            )
+        if not ok:
+            raise ValueError(f"{path}: {name} returned shape {shape}; expected {expected}")
+        return value
+
+    def _mean_checked(self, tb: Tensor, x1: Tensor) -> Tensor:
+        return self._check_output(self._MEAN_NAME, self._mean(tb, x1), x1, full=True)
+
+    def _std_checked(self, tb: Tensor, x1: Tensor) -> Tensor:
+        std = self._check_output(self._STD_NAME, self._std(tb, x1), x1, full=False)
+        if not bool(torch.isfinite(std).all()) or bool((std < 0).any()):
+            raise ValueError(f"{type(self).__name__}: {self._STD_NAME} must be finite and >= 0")
+        return std
+
+    def _variance_checked(self, tb: Tensor, x1: Tensor) -> Tensor:
+        """The variance, after the std itself has been checked (finite, >= 0, right shape)."""
+        self._std_checked(tb, x1)
+        return self._check_output(
+            f"the variance of {self._STD_NAME}", self._variance(tb, x1), x1, full=False
+        )
+
+    def _mean_derivative_checked(self, tb: Tensor, x1: Tensor) -> Tensor:
+        self._mean_checked(tb, x1)  # a broken mean is named as such, not as a jvp failure
+        name = f"the time derivative of {self._MEAN_NAME}"
+        return self._check_output(name, self._mean_derivative(tb, x1), x1, full=True)
+
+    def _variance_rate_checked(self, tb: Tensor, x1: Tensor) -> Tensor:
+        self._std_checked(tb, x1)
+        name = f"the variance rate of {self._STD_NAME}"
+        return self._check_output(name, self._variance_rate(tb, x1), x1, full=False)
+
+    # ------------------------------------------------------------------------------------------
     def mean(self, t: float | Tensor, x1: Tensor) -> Tensor:
         r"""The mean :math:`\mu_t(x_1)`, shape ``(B, *event)``.
 
@@ -142,7 +201,7 @@ class GaussianPath:
             x1: data points, shape ``(B, *event)``.
         """
         tb, x1 = self._prepare(t, x1)
-        return self._mean(tb, x1).expand_as(x1)
+        return self._mean_checked(tb, x1)
 
     def std(self, t: float | Tensor, x1: Tensor) -> Tensor:
         r"""The standard deviation :math:`\sigma_t(x_1)`, broadcastable to ``x1``.
@@ -157,7 +216,7 @@ class GaussianPath:
     def mean_derivative(self, t: float | Tensor, x1: Tensor) -> Tensor:
         r"""The time derivative :math:`\mu_t'(x_1)`, shape ``(B, *event)``."""
         tb, x1 = self._prepare(t, x1)
-        return self._mean_derivative(tb, x1).expand_as(x1)
+        return self._mean_derivative_checked(tb, x1)
 
     def variance_rate(self, t: float | Tensor, x1: Tensor) -> Tensor:
         r"""Half the time derivative of the variance, :math:`\tfrac12 (\sigma_t^2)' = \sigma_t\sigma_t'`.
@@ -166,7 +225,7 @@ class GaussianPath:
         where :math:`\sigma' = \infty` and :math:`\sigma = 0`. Broadcastable to ``x1``.
         """
         tb, x1 = self._prepare(t, x1)
-        return self._variance_rate(tb, x1)
+        return self._variance_rate_checked(tb, x1)
 
     def flow_map(self, x0: Tensor, t: float | Tensor, x1: Tensor) -> Tensor:
         r"""The conditional flow map :math:`\psi_t(x_0) = \sigma_t(x_1) x_0 + \mu_t(x_1)`.
@@ -180,7 +239,7 @@ class GaussianPath:
             :math:`\psi_t(x_0)`, shape ``(B, *event)``.
         """
         tb, x1 = self._prepare_with("x0", x0, t, x1)
-        return self._std_checked(tb, x1) * x0 + self._mean(tb, x1)
+        return self._std_checked(tb, x1) * x0 + self._mean_checked(tb, x1)
 
     def inverse_flow_map(self, x: Tensor, t: float | Tensor, x1: Tensor) -> Tensor:
         r"""The inverse flow map :math:`\psi_t^{-1}(x) = (x - \mu_t(x_1)) / \sigma_t(x_1)`.
@@ -190,7 +249,7 @@ class GaussianPath:
         """
         tb, x1 = self._prepare_with("x", x, t, x1)
         self._nonzero_variance(tb, x1, "inverse_flow_map")
-        return (x - self._mean(tb, x1)) / self._std(tb, x1)
+        return (x - self._mean_checked(tb, x1)) / self._std_checked(tb, x1)
 
     def conditional_velocity(self, x: Tensor, t: float | Tensor, x1: Tensor) -> Tensor:
         r"""The conditional vector field of Theorem 3,
@@ -213,8 +272,8 @@ class GaussianPath:
         """
         tb, x1 = self._prepare_with("x", x, t, x1)
         variance = self._nonzero_variance(tb, x1, "conditional_velocity")
-        rate = self._variance_rate(tb, x1) / variance
-        return rate * (x - self._mean(tb, x1)) + self._mean_derivative(tb, x1)
+        rate = self._variance_rate_checked(tb, x1) / variance
+        return rate * (x - self._mean_checked(tb, x1)) + self._mean_derivative_checked(tb, x1)
 
     def log_prob(self, x: Tensor, t: float | Tensor, x1: Tensor) -> Tensor:
         r"""The log-density :math:`\log p_t(x|x_1)`, summed over the event dimensions.
@@ -229,7 +288,7 @@ class GaussianPath:
         """
         tb, x1 = self._prepare_with("x", x, t, x1)
         variance = self._nonzero_variance(tb, x1, "log_prob").expand_as(x1)
-        residual = x - self._mean(tb, x1)
+        residual = x - self._mean_checked(tb, x1)
         per_element = residual**2 / variance + torch.log(variance) + math.log(2 * math.pi)
         return -0.5 * per_element.reshape(x.shape[0], -1).sum(dim=1)
 
@@ -248,7 +307,7 @@ class GaussianPath:
         """
         tb, x1 = self._prepare(t, x1)
         x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
-        return self._std_checked(tb, x1) * x0 + self._mean(tb, x1)
+        return self._std_checked(tb, x1) * x0 + self._mean_checked(tb, x1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mean={self._user_mean!r}, std={self._user_std!r})"
@@ -288,6 +347,9 @@ class AffineGaussianPath(GaussianPath):
         self._signal = signal_scale
         self._noise = noise_scale
 
+    _MEAN_NAME = "signal_scale(t) * x1"
+    _STD_NAME = "noise_scale(t)"
+
     # Schedules on a (B,) time tensor; subclasses override with closed forms.
     def signal_scale(self, t: Tensor) -> Tensor:
         r""":math:`a_t`, shape ``(B,)`` for ``t`` of shape ``(B,)``."""
@@ -304,12 +366,12 @@ class AffineGaussianPath(GaussianPath):
         return self.noise_scale(t) ** 2
 
     def signal_scale_derivative(self, t: Tensor) -> Tensor:
-        r""":math:`a_t'`, shape ``(B,)``."""
-        return jvp(self.signal_scale, (t,), (torch.ones_like(t),))[1]
+        r""":math:`a_t'`, shape ``(B,)`` (forward-mode autograd; any ``t``, expanded or not)."""
+        return time_derivative(self.signal_scale, t)
 
     def noise_variance_rate(self, t: Tensor) -> Tensor:
         r""":math:`s_t s_t' = \tfrac12 (s_t^2)'`, shape ``(B,)``."""
-        return jvp(lambda s: 0.5 * self.noise_variance(s), (t,), (torch.ones_like(t),))[1]
+        return time_derivative(lambda s: 0.5 * self.noise_variance(s), t)
 
     def _mean(self, tb: Tensor, x1: Tensor) -> Tensor:
         return self.signal_scale(tb) * x1

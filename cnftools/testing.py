@@ -13,6 +13,9 @@ Strategies (each returns a hypothesis ``SearchStrategy``):
 - fields: :func:`mlp_fields`, small random MLP fields with smooth activations (also
   :func:`random_mlp_field` for a single seeded one, without hypothesis).
 
+Settings: :func:`quick_settings`, for properties whose examples run an ODE solve (no shrinking, so
+a failure is reported in seconds rather than minutes).
+
 Assertions (each raises ``AssertionError`` with a message that explains the failure: the worst
 batch row, the numbers on both sides and the tolerance):
 
@@ -37,10 +40,17 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from torch import Tensor
-from torch.func import jvp
 
+from cnftools._checks import (
+    as_time,
+    check_batched,
+    check_event_shape,
+    check_tolerance,
+    quiet_jvp,
+)
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 
 __all__ = [
@@ -57,6 +67,7 @@ __all__ = [
     "mlp_fields",
     "ot_paths",
     "points",
+    "quick_settings",
     "random_mlp_field",
     "spd_matrices",
     "times",
@@ -65,6 +76,37 @@ __all__ = [
     "ve_paths",
     "vp_paths",
 ]
+
+
+def quick_settings(max_examples: int = 10, **overrides: object) -> settings:
+    """Hypothesis settings for properties whose examples are slow (ODE solves): fail fast.
+
+    Hypothesis normally *shrinks* a failing example, re-running the property hundreds of times to
+    find the simplest input that still fails, and then keeps looking for other distinct bugs.
+    With an ODE log-likelihood per example (about 0.1–1 s each) that turned a one-second failure
+    into minutes. These settings drop the shrink phase (``phases`` = explicit, reuse, generate),
+    stop at the first bug (``report_multiple_bugs=False``) and disable the per-example deadline;
+    the failing example is reported as drawn. Use it as a decorator, above ``@given``; keyword
+    ``overrides`` are passed to :class:`hypothesis.settings` (e.g. ``derandomize=True``).
+
+    Example:
+        >>> from hypothesis import given
+        >>> from cnftools.testing import quick_settings, times
+        >>> @quick_settings(max_examples=3)
+        ... @given(t=times())
+        ... def test_time_in_range(t):
+        ...     assert 0.0 <= t < 1.0
+        >>> test_time_in_range()
+    """
+    options: dict[str, object] = {
+        "max_examples": max_examples,
+        "phases": (Phase.explicit, Phase.reuse, Phase.generate),
+        "report_multiple_bugs": False,
+        "deadline": None,
+        "suppress_health_check": [HealthCheck.too_slow],
+    }
+    options.update(overrides)
+    return settings(**options)  # type: ignore[arg-type]
 
 
 def ot_paths() -> st.SearchStrategy[OTPath]:
@@ -146,6 +188,7 @@ def assert_theorem3(
     x0: Tensor | None = None,
     *,
     rtol: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> None:
     r"""Assert Theorem 3 for ``path``: :math:`\tfrac{d}{dt}\psi_t(x_0) = u_t(\psi_t(x_0)|x_1)`.
 
@@ -156,18 +199,23 @@ def assert_theorem3(
         path: the path under test.
         x1: data points, shape ``(B, *event)``.
         t: time(s), float, 0-dim or ``(B,)``.
-        x0: noise points (default: standard normal draws like ``x1``).
-        rtol: relative tolerance on max|Δ| / max|u| (default 1e-10 in float64, 1e-4 in float32).
+        x0: noise points (default: standard normal draws like ``x1``, from ``generator``).
+        rtol: relative tolerance on max|Δ| / max|u| (default 1e-10 in float64, 1e-4 in float32);
+            a finite number ``>= 0``.
+        generator: random generator (on ``x1``'s device) for the default ``x0``, so that a
+            failure message can be reproduced exactly.
 
     Raises:
         AssertionError: with the error, the tolerance and the worst batch row.
     """
+    rtol = check_tolerance("rtol", rtol)
+    x1 = check_batched("x1", x1)
     if x0 is None:
-        x0 = torch.randn_like(x1)
+        x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
     if rtol is None:
-        rtol = 1e-10 if x1.dtype == torch.float64 else 1e-4
+        rtol = _default_tolerance(x1.dtype, 1e-10, 1e-4)
     t = torch.as_tensor(t, dtype=x1.dtype, device=x1.device).expand(x1.shape[0]).clone()
-    psi, dpsi = jvp(lambda s: path.flow_map(x0, s, x1), (t,), (torch.ones_like(t),))
+    psi, dpsi = quiet_jvp(lambda s: path.flow_map(x0, s, x1), (t,), (torch.ones_like(t),))
     u = path.conditional_velocity(psi, t, x1)
     scale = float(u.abs().max().clamp_min(torch.finfo(u.dtype).tiny))
     per_row = (dpsi - u).reshape(x1.shape[0], -1).abs().max(dim=1).values
@@ -340,9 +388,7 @@ def points(
         >>> x.shape, x.dtype
         (torch.Size([4, 2, 3]), torch.float32)
     """
-    shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
-    if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
-        raise ValueError(f"event_shape must be an int or a tuple of ints >= 1, got {event_shape!r}")
+    shape = check_event_shape("event_shape", event_shape)
     if not 1 <= min_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= max_batch, got {min_batch}, {max_batch}")
     if not (math.isfinite(scale) and scale > 0):
@@ -447,8 +493,6 @@ def mlp_fields(
 
 
 def _time_batch(t: float | Tensor, x: Tensor) -> Tensor:
-    from cnftools._checks import as_time
-
     return as_time(t, x).clone()
 
 
@@ -529,7 +573,8 @@ def assert_divergence_matches_jacobian(
         divergence: what to check (see above).
         rtol: relative tolerance (default 1e-10 in float64, 1e-4 in float32: roundoff of a sum
             of ``d`` products, amplified by the conditioning of the field).
-        atol: absolute tolerance (default 0).
+        atol: absolute tolerance (default 0). Tolerances must be finite numbers ``>= 0``
+            (a NaN would make every comparison pass).
 
     Raises:
         AssertionError: naming the worst row, its time, both divergences, their difference, the
@@ -549,8 +594,7 @@ def assert_divergence_matches_jacobian(
         ...
         AssertionError: divergence does not match the trace of the autograd Jacobian ...
     """
-    from cnftools._checks import check_batched
-
+    rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
     x = check_batched("x", x)
     tt = _time_batch(t, x)
     if rtol is None:
@@ -632,7 +676,7 @@ def assert_generates(
         t: time(s) in [0, 1]: float, 0-dim or ``(B,)``; avoid the singular ends of your path.
         rtol: tolerance on the relative residual (default 1e-9 in float64, 1e-3 in float32: the
             closed-form cases reach about 1e-14 and 1e-6, and a wrong field gives order one; the
-            margin covers fields whose terms nearly cancel).
+            margin covers fields whose terms nearly cancel). A finite number ``>= 0``.
         divergence: how :math:`\nabla\cdot v` is computed: ``"exact"`` (autograd, default; an
             independent check of the field), ``"closed_form"`` (the field's own ``divergence``) or
             a callable ``(x, t) -> (B,)``; see :func:`cnftools.continuity.continuity_terms`.
@@ -654,9 +698,9 @@ def assert_generates(
         ...
         AssertionError: the field does not generate the path (continuity equation fails) ...
     """
-    from cnftools._checks import check_batched
     from cnftools.continuity import continuity_terms
 
+    rtol = check_tolerance("rtol", rtol)
     x = check_batched("x", x)
     tt = _time_batch(t, x)
     if rtol is None:
@@ -688,6 +732,7 @@ def assert_log_likelihood_close(
     atol: float | None = None,
     rtol: float = 0.0,
     solver: dict[str, object] | None = None,
+    generator: torch.Generator | None = None,
 ) -> None:
     r"""Assert that the ODE log-likelihood of ``v`` matches a closed form.
 
@@ -710,6 +755,9 @@ def assert_log_likelihood_close(
         solver: keyword arguments for ``log_likelihood`` (``method``, ``rtol``, ``atol``,
             ``steps``, ``divergence``, ...). Default ``{"rtol": 1e-9, "atol": 1e-9}`` in float64 and
             ``{"rtol": 1e-6, "atol": 1e-6}`` in float32 (dopri5).
+        generator: random generator for the Hutchinson probes of a stochastic ``divergence``
+            in ``solver`` (the default, exact divergence draws nothing), so that a failure
+            message can be reproduced exactly.
 
     Raises:
         AssertionError: naming the worst row, both log-likelihoods and their difference, the
@@ -724,9 +772,10 @@ def assert_log_likelihood_close(
         >>> x = torch.tensor([[0.5, -1.0], [2.0, 0.3], [0.0, 0.0]], dtype=torch.float64)
         >>> assert_log_likelihood_close(marginal, x, lambda x: marginal.log_prob(x, 1.0))
     """
-    from cnftools._checks import check_batched
     from cnftools.likelihood import log_likelihood
 
+    atol = check_tolerance("atol", atol)
+    rtol = check_tolerance("rtol", rtol, allow_none=False)
     x = check_batched("x", x)
     if atol is None:
         atol = _default_tolerance(x.dtype, 1e-6, 1e-3)
@@ -742,7 +791,8 @@ def assert_log_likelihood_close(
             f"shape (B,) = ({x.shape[0]},)"
         )
     with torch.no_grad():
-        result = log_likelihood(v, x, prior, return_result=True, **solver)
+        extra = {} if generator is None else {"generator": generator}
+        result = log_likelihood(v, x, prior, return_result=True, **solver, **extra)
     got = result.log_prob.detach()
     expected = expected.to(device=got.device, dtype=got.dtype)
     difference = got - expected

@@ -557,3 +557,35 @@ def test_euler_step_log_det_raises_when_step_folds_space():
     step = EulerStep(lambda x, t: -2 * x, t=0.0, dt=1.0)
     with pytest.raises(ValueError, match="not invertible"):
         step.log_abs_det_jacobian(torch.randn(2, 3, dtype=F64), None)
+
+
+class _IgnoresInput(nn.Module):
+    """A module field with parameters but no autograd path from x: v = b (broadcast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Parameter(torch.ones(3, dtype=F64))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.b.expand_as(x)
+
+
+@pytest.mark.parametrize("jacobian", ["batched", "loop"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        pytest.param(lambda x, t: torch.ones_like(x), id="constant"),
+        pytest.param(lambda x, t: (-x).detach(), id="detached"),
+        pytest.param(lambda x, t: torch.from_numpy(-x.detach().numpy()), id="numpy"),
+        pytest.param(_IgnoresInput(), id="module ignoring x"),
+    ],
+)
+def test_euler_step_refuses_a_field_without_autograd_path_from_x(field, jacobian):
+    """Regression (issue 11.6): such a field reported log|det J| = 0 (a wrong number for the
+    detached -x, whose true value is 3 log(1 - 0.1)); now refused as cnftools.divergence does."""
+    step = EulerStep(field, t=0.0, dt=0.1, jacobian=jacobian)
+    x = torch.randn(4, 3, dtype=F64)
+    with pytest.raises(ValueError, match="does not depend on x through autograd"):
+        step.log_abs_det_jacobian(x, step(x))
+    with pytest.raises(ValueError, match="does not depend on x"):
+        cnftools.divergence(field, x, 0.0)

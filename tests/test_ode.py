@@ -222,6 +222,27 @@ def test_too_many_steps_is_an_error() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("grid", "named"),
+    [
+        ({"step_size": 1e-12}, "step_size=1e-12"),
+        ({"steps": 10**12}, "steps=1000000000000"),
+        ({"steps": 101, "max_steps": 100}, "steps=101"),
+    ],
+)
+def test_max_steps_bounds_a_fixed_grid_before_it_is_built(grid: dict, named: str) -> None:
+    """Regression (issue 11.8): step_size=1e-12 tried to allocate a grid of 1e12 points (8 TB).
+    The grid length is computed from the settings and refused on construction."""
+    with pytest.raises(ValueError, match=f"{named} makes a fixed grid of .* more than max_steps"):
+        SolverConfig("euler", **grid)
+
+
+def test_max_steps_admits_a_grid_of_exactly_max_steps_and_refined_keeps_it_valid() -> None:
+    config = SolverConfig("rk4", steps=100, max_steps=100)
+    assert config.n_steps == 100
+    assert config.refined().n_steps == 200  # an explicit refinement raises the cap with it
+
+
 @pytest.mark.parametrize("config", [SolverConfig(), SolverConfig("rk4", steps=10)], ids=str)
 def test_nan_from_the_field_names_the_rows(config: SolverConfig) -> None:
     def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -323,3 +323,111 @@ def test_user_path_returning_negative_std_is_rejected():
     path = cnftools.GaussianPath(lambda t, x1: t * x1, lambda t, x1: t - 0.5)
     with pytest.raises(ValueError, match="std\\(t, x1\\) must be finite and >= 0"):
         path.std(0.1, X1)
+
+
+# --- users' own paths: every form of t, one validation routine (issue 11.1, 11.8) ---------------
+
+T_FORMS = {
+    "float": lambda b: 0.3,
+    "0-d": lambda b: torch.tensor(0.3, dtype=F64),
+    "(B,)": lambda b: torch.full((b,), 0.3, dtype=F64),
+    "expanded (B,)": lambda b: torch.tensor(0.3, dtype=F64).expand(b),
+    "expanded 0-d view": lambda b: torch.tensor([0.3], dtype=F64).expand(b),
+}
+USER_PATHS = {
+    "user affine": lambda: AffineGaussianPath(lambda t: t, lambda t: 1 - 0.9 * t),
+    "user general": lambda: cnftools.GaussianPath(lambda t, x1: t * x1, lambda t, x1: 1 - 0.9 * t),
+}
+
+
+@pytest.mark.parametrize("form", sorted(T_FORMS))
+@pytest.mark.parametrize("kind", sorted(USER_PATHS))
+@pytest.mark.parametrize(
+    "method", ["conditional_velocity", "mean_derivative", "variance_rate", "log_prob"]
+)
+def test_user_path_accepts_every_form_of_t(kind, form, method):
+    """Regression (issue 11.1): an expanded t crashed forward-mode autograd ("more than one
+    element of the written-to tensor refers to a single memory location"). Both paths are the OT
+    path with sigma_min = 0.1, so every form of t must give OT's closed form to 1e-12 (float64
+    roundoff of a few operations)."""
+    path, reference = USER_PATHS[kind](), cnftools.OTPath(0.1)
+    x1, x = _draw((4, 3), 1), _draw((4, 3), 2)
+    t = T_FORMS[form](4)
+    args = (t, x1) if method in ("mean_derivative", "variance_rate") else (x, t, x1)
+    got = getattr(path, method)(*args)
+    want = getattr(reference, method)(*(a if a is not t else 0.3 for a in args))
+    torch.testing.assert_close(got, want.expand_as(got), rtol=1e-12, atol=1e-12)
+
+
+def test_schedule_derivatives_accept_an_expanded_t():
+    """Regression (issue 11.1): AffineGaussianPath.signal_scale_derivative on t.expand(B)."""
+    path = AffineGaussianPath(lambda t: t**2, lambda t: 1 - 0.9 * t)
+    t = torch.tensor(0.5, dtype=F64).expand(3)
+    torch.testing.assert_close(path.signal_scale_derivative(t), torch.ones(3, dtype=F64))
+    torch.testing.assert_close(
+        path.noise_variance_rate(t), torch.full((3,), -0.9 * 0.55, dtype=F64)
+    )
+
+
+BAD_USER_PATHS = {
+    "negative std": (
+        cnftools.GaussianPath(lambda t, x1: t * x1, lambda t, x1: t - 0.5),
+        ValueError,
+        "std\\(t, x1\\) must be finite and >= 0",
+    ),
+    "(B, 1) mean": (
+        cnftools.GaussianPath(lambda t, x1: t * x1.sum(1, keepdim=True), lambda t, x1: 1 - t),
+        ValueError,
+        "mean\\(t, x1\\) returned shape \\(4, 1\\); expected exactly x1's shape \\(4, 3\\)",
+    ),
+    "float std": (
+        cnftools.GaussianPath(lambda t, x1: t * x1, lambda t, x1: 0.5),
+        TypeError,
+        "std\\(t, x1\\) must return a torch.Tensor .* got float",
+    ),
+    "(B,) std": (
+        cnftools.GaussianPath(lambda t, x1: t * x1, lambda t, x1: 1 - t.reshape(-1)),
+        ValueError,
+        "std\\(t, x1\\) returned shape \\(4,\\); expected 2 dimensions",
+    ),
+    "float32 std": (
+        cnftools.GaussianPath(lambda t, x1: t * x1, lambda t, x1: (1 - t).float()),
+        TypeError,
+        "std\\(t, x1\\) returned dtype torch.float32",
+    ),
+    "negative noise_scale": (
+        AffineGaussianPath(lambda t: t, lambda t: t - 0.5),
+        ValueError,
+        "noise_scale\\(t\\) must be finite and >= 0",
+    ),
+}
+PATH_METHODS = {
+    "mean": lambda p: p.mean(0.25, X1),
+    "std": lambda p: p.std(0.25, X1),
+    "mean_derivative": lambda p: p.mean_derivative(0.25, X1),
+    "variance_rate": lambda p: p.variance_rate(0.25, X1),
+    "flow_map": lambda p: p.flow_map(X1, 0.25, X1),
+    "inverse_flow_map": lambda p: p.inverse_flow_map(X1, 0.25, X1),
+    "conditional_velocity": lambda p: p.conditional_velocity(X1, 0.25, X1),
+    "log_prob": lambda p: p.log_prob(X1, 0.25, X1),
+    "sample": lambda p: p.sample(0.25, X1),
+}
+# A broken mean is not read by std / variance_rate; a broken std not by mean / mean_derivative.
+USES = {
+    broken: set(PATH_METHODS)
+    - ({"std", "variance_rate"} if "mean" in broken else {"mean", "mean_derivative"})
+    for broken in BAD_USER_PATHS
+}
+
+
+@pytest.mark.parametrize(
+    ("broken", "method"),
+    [(b, m) for b in sorted(BAD_USER_PATHS) for m in sorted(PATH_METHODS) if m in USES[b]],
+)
+def test_user_path_checks_are_identical_in_every_method(broken, method):
+    """Regression (issue 11.8): log_prob accepted a negative std that std refused; a (B, 1) mean
+    was broadcast silently; a float std failed obscurely. Every method that reads the broken piece
+    now raises the same error."""
+    path, error, message = BAD_USER_PATHS[broken]
+    with pytest.raises(error, match=message):
+        PATH_METHODS[method](path)

@@ -1,0 +1,89 @@
+"""Tests of cnftools._checks through the public entry points that use it (issue 11.8).
+
+Half precision, the ``meta`` device and empty or negative event shapes used to fail with
+misleading messages ("x has non-finite values" for finite float16 x, a NaN solve, "Tensor.item()
+cannot be called on meta tensors", "negative dimension -1"); each now gets an error naming the
+argument and what was expected, before any work.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cnftools
+from cnftools._checks import check_event_shape, check_tolerance
+from cnftools.flows import EulerStep
+from cnftools.testing import points
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+def _field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return -x
+
+
+ENTRY_POINTS = {
+    "log_likelihood": lambda x: cnftools.log_likelihood(_field, x),
+    "path.log_prob": lambda x: cnftools.OTPath(0.1).log_prob(x, 0.5, x),
+    "path.conditional_velocity": lambda x: cnftools.OTPath(0.1).conditional_velocity(x, 0.5, x),
+    "divergence": lambda x: cnftools.divergence(_field, x, 0.5),
+    "EulerStep": lambda x: EulerStep(_field, 0.0, 0.1)(x),
+    "sample_with_log_prob(z0=)": lambda x: cnftools.sample_with_log_prob(_field, z0=x),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_half_precision_is_refused_by_name(entry, dtype):
+    x = torch.randn(4, 2).to(dtype)  # finite values
+    with pytest.raises(TypeError, match=f"{dtype}; cnftools computes in float32 or float64 only"):
+        ENTRY_POINTS[entry](x)
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_meta_device_is_refused_by_name(entry):
+    x = torch.randn(4, 2, device="meta")
+    with pytest.raises(ValueError, match="on the 'meta' device, which holds shapes but no values"):
+        ENTRY_POINTS[entry](x)
+
+
+@pytest.mark.parametrize(
+    ("shape", "error"),
+    [
+        ((0,), ValueError),
+        ((-1,), ValueError),
+        ((2, 0), ValueError),
+        ((), ValueError),
+        ((2.5,), TypeError),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize(
+    "entry",
+    [
+        lambda shape: cnftools.sample_with_log_prob(_field, 3, event_shape=shape),
+        lambda shape: points(shape),
+        lambda shape: check_event_shape("event_shape", shape),
+    ],
+    ids=["sample_with_log_prob", "testing.points", "check_event_shape"],
+)
+def test_bad_event_shape_is_refused(entry, shape, error):
+    with pytest.raises(error, match="event_shape must"):
+        entry(shape)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (-1e-3, ValueError),
+        ("1e-3", TypeError),
+        (True, TypeError),
+    ],
+    ids=str,
+)
+def test_check_tolerance_refuses_nan_negative_and_non_numbers(value, error):
+    with pytest.raises(error, match="rtol must be"):
+        check_tolerance("rtol", value)
