@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 import cnftools
-from cnftools.divergence import choose_strategy
+from cnftools.divergences import choose_strategy
 
 try:
     from flow_matching.utils import gradient as fm_gradient

@@ -10,7 +10,7 @@ agree to rounding (the ``max|dNLL|`` column). flow_matching passes the solver's 
 the model; the benchmark's adapter expands it to shape (B,), as cnftools does itself.
 
 - exact divergence: flow_matching loops over the d outputs with ``create_graph=True``;
-  cnftools uses one forward pass and :mod:`cnftools.divergence`'s size-chosen strategy.
+  cnftools uses one forward pass and :mod:`cnftools.divergences`'s size-chosen strategy.
 - Hutchinson: one Rademacher probe, held fixed for the solve by both; flow_matching draws it from
   the global RNG, so the benchmark re-draws the same probe from the same seed and hands it to
   cnftools (``probes=``): the results must then agree to rounding. (flow_matching 1.0.10 builds

@@ -9,7 +9,7 @@ from cnftools import flows, interop
 from cnftools._ode import SolverConfig, SolverError
 from cnftools.continuity import continuity_relative_residual, continuity_residual
 from cnftools.data import Dequantization
-from cnftools.divergence import divergence, velocity_and_divergence
+from cnftools.divergences import divergence, velocity_and_divergence
 from cnftools.interop import as_velocity
 from cnftools.likelihood import (
     LikelihoodResult,
@@ -19,11 +19,11 @@ from cnftools.likelihood import (
     sample_with_log_prob,
 )
 from cnftools.marginals import GaussianMarginal, MixtureMarginal
-from cnftools.models import ConvField, MLPField
 from cnftools.nll import dataset_nll, summarize
-from cnftools.objectives import cfm_loss, fm_loss
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 from cnftools.training import load_checkpoint, minibatch_ot_pairing, save_checkpoint, train_cfm
+from cnftools.training.models import ConvField, MLPField
+from cnftools.training.objectives import cfm_loss, fm_loss
 
 __version__ = "0.1.0"
 

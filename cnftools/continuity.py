@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from cnftools._checks import as_time, check_batched, check_finite
-from cnftools.divergence import divergence as _autograd_divergence
+from cnftools.divergences import divergence as _autograd_divergence
 from cnftools.fields import call_checked, closed_form_divergence, field_name
 
 __all__ = [

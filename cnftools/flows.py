@@ -468,7 +468,7 @@ class EulerStep(ModuleTransform):
     batch normalisation). The field is called as ``v(x, t)`` with ``x`` ``(B, d)`` and ``t`` a
     ``(B,)`` tensor, cnftools' convention. A field whose output has no autograd path from ``x``
     (a constant, a detached tensor, numpy) is refused with a ``ValueError``, as
-    :func:`cnftools.divergence.divergence` refuses it: its Jacobian is not known, and reporting
+    :func:`cnftools.divergences.divergence` refuses it: its Jacobian is not known, and reporting
     :math:`\log|\det| = 0` would be a wrong number.
 
     Invertibility: the step is a bijection when :math:`|\Delta t|\,\mathrm{Lip}(v(\cdot, t)) < 1`

@@ -19,7 +19,7 @@ way :math:`\log p_t(z_t) = \log p_0(z_0) - \int_0^t \operatorname{div} v` at any
 The divergence is exact by default: the field's closed form when it offers one
 (:func:`cnftools.fields.closed_form_divergence`, e.g. the marginal fields of
 :mod:`cnftools.marginals`), otherwise the trace of the Jacobian from one forward pass of the field
-and :math:`d` vector-Jacobian products (:mod:`cnftools.divergence`). ``divergence="hutchinson"``
+and :math:`d` vector-Jacobian products (:mod:`cnftools.divergences`). ``divergence="hutchinson"``
 uses :math:`K` probe vectors :math:`\varepsilon_k` drawn once and held fixed for the whole solve,
 integrates each probe's estimate separately, and reports the per-sample standard error of their mean.
 
@@ -61,7 +61,7 @@ from cnftools._ode import (
     integrate,
     resolve_config,
 )
-from cnftools.divergence import DivergenceStrategy
+from cnftools.divergences import DivergenceStrategy
 from cnftools.fields import call_checked, check_extras, closed_form_divergence, select_extras
 
 __all__ = [
@@ -348,7 +348,7 @@ def _augmented(
     the exact divergence, one per Hutchinson probe, none for plain sampling, ``strategy=None``).
 
     The velocity and the columns come from one forward pass of the field through the
-    :class:`~cnftools.divergence.DivergenceStrategy`. The graph is kept (``create_graph``) exactly
+    :class:`~cnftools.divergences.DivergenceStrategy`. The graph is kept (``create_graph``) exactly
     when the solve runs with gradients enabled: direct backpropagation, or the adjoint's backward
     solve.
     """

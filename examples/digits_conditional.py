@@ -34,7 +34,7 @@ from cnftools.data import DIGITS_LEVELS, bits_per_dim, dequantization_log_det, d
 from cnftools.nll import gaussian_baseline_nll, histogram_baseline_nll
 
 NUM_CLASSES = 10
-SPLIT_SEED = 0  # the permutation of cnftools.cli_nll.digits_split
+SPLIT_SEED = 0  # the permutation of cnftools.cli.common.digits_split
 TEST_FRACTION = 0.2
 
 

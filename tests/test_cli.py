@@ -42,7 +42,7 @@ def _fake(rows):
 )
 def test_exit_status_follows_checks(monkeypatch, capsys, rows, expected):
     monkeypatch.setattr(framework, "discover", lambda: [_fake(rows)])
-    monkeypatch.setattr("cnftools.validation.discover", lambda: [_fake(rows)])
+    monkeypatch.setattr("cnftools.cli.validate.discover", lambda: [_fake(rows)])
     assert cli.main(["validate"]) == expected
 
 
@@ -51,7 +51,7 @@ def test_crashing_experiment_fails_the_run(monkeypatch, capsys):
         raise RuntimeError("boom")
 
     crash = framework.Experiment("crash", 0.0, "crash", boom)
-    monkeypatch.setattr("cnftools.validation.discover", lambda: [crash])
+    monkeypatch.setattr("cnftools.cli.validate.discover", lambda: [crash])
     assert cli.main(["validate"]) == 1
     assert "boom" in capsys.readouterr().out
 
@@ -70,3 +70,19 @@ def test_console_script_help():
         check=True,
     )
     assert "--device" in result.stdout and "--full" in result.stdout
+
+
+def test_every_subpackage_is_installed():
+    """pyproject's explicit package list names every subpackage of cnftools (a missing one would
+    be absent from a non-editable install)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(root).parts) for p in (root / "cnftools").rglob("__init__.py")
+    }
+    assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"

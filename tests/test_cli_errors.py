@@ -85,7 +85,7 @@ def test_train_checks_out_before_training(trained, tmp_path, capsys, monkeypatch
     def never(*args, **kwargs):
         raise AssertionError("training started before --out was checked")
 
-    monkeypatch.setattr(cnftools.training, "train_cfm", never)
+    monkeypatch.setattr(cnftools.cli.train, "train_cfm", never)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     code = main(["train", "--data", str(data), "--out", str(blocker / "m.pt"), "--steps", "1"])

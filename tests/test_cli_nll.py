@@ -1,4 +1,4 @@
-"""Tests of ``cnftools train`` and ``cnftools nll`` (cnftools/cli_nll.py), run in-process."""
+"""Tests of ``cnftools train`` and ``cnftools nll`` (cnftools/cli/train.py, cnftools/cli/nll.py), run in-process."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def test_digits_conditional_train_and_nll_use_each_rows_label(tmp_path, capsys):
     label: the CLI's mean NLL equals dataset_nll with the labels (same fixed grid, 1e-9 nats),
     and differs from the one with shifted labels."""
     pytest.importorskip("sklearn")
-    from cnftools.cli_nll import digits_split, digits_split_labels
+    from cnftools.cli.common import digits_split, digits_split_labels
 
     ckpt = tmp_path / "cond.pt"
     train = ["train", "--dataset", "digits", "--conditional", "--out", str(ckpt), "--hidden", "16",

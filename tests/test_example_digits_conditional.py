@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from cnftools.cli_nll import digits_split
+from cnftools.cli.common import digits_split
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits_conditional.py"
 

@@ -28,7 +28,7 @@ from torch.distributions import (
 import cnftools
 from cnftools import LikelihoodResult, SolverConfig, SolverError
 from cnftools.cases import DATA_CASES, DataCase
-from cnftools.models import MLPField
+from cnftools.training.models import MLPField
 
 F64 = torch.float64
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}

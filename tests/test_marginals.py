@@ -289,9 +289,9 @@ def test_divergence_matches_jacobian_trace(path_name, data_name):
 
 
 def test_divergence_matches_cnftools_divergence():
-    """Against cnftools.divergence.divergence(..., method="exact"), independent autograd code:
+    """Against cnftools.divergences.divergence(..., method="exact"), independent autograd code:
     1e-10 relative (float64 roundoff)."""
-    exact_divergence = pytest.importorskip("cnftools.divergence").divergence
+    exact_divergence = pytest.importorskip("cnftools.divergences").divergence
     for name in ("gaussian d=8", "mixture K=4 d=2", "empirical N=40 d=3 (weighted)"):
         case = DATA_CASES[name]
         marginal = case.marginal(cnftools.OTPath(0.1))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cnftools
-from cnftools.models import ACTIVATIONS, TIME_EMBEDDINGS, TimeEmbedding
+from cnftools.training.models import ACTIVATIONS, TIME_EMBEDDINGS, TimeEmbedding
 
 F64 = torch.float64
 
@@ -192,7 +192,7 @@ def test_conditioning_arguments_are_checked():
 
 def test_conv_field_shapes_and_translation_equivariance_in_the_interior():
     """3×3 convolutions with padding: shifting an image shifts the velocity away from the border."""
-    from cnftools.models import ConvField
+    from cnftools.training.models import ConvField
 
     torch.manual_seed(0)
     v = ConvField(2, hidden=(8, 8)).double()
@@ -211,7 +211,7 @@ def test_conv_field_shapes_and_translation_equivariance_in_the_interior():
 def test_conv_field_exact_divergence_matches_the_jacobian_trace():
     """cnftools.divergence of a conditional ConvField = trace of its full Jacobian, 1e-10 (float64
     autograd on both sides); labels reach it through a closure."""
-    from cnftools.models import ConvField
+    from cnftools.training.models import ConvField
 
     torch.manual_seed(0)
     v = ConvField(1, hidden=(4,), num_classes=3).double()
@@ -230,7 +230,7 @@ def test_conv_field_exact_divergence_matches_the_jacobian_trace():
 
 def test_conv_field_checkpoint_round_trip(tmp_path):
     """A ConvField checkpoint loads into a field built from its stored config (field=)."""
-    from cnftools.models import ConvField
+    from cnftools.training.models import ConvField
 
     torch.manual_seed(0)
     v = ConvField(1, hidden=(4, 4), num_classes=10).double()
@@ -243,7 +243,7 @@ def test_conv_field_checkpoint_round_trip(tmp_path):
 
 
 def test_conv_field_refuses_bad_input():
-    from cnftools.models import ConvField
+    from cnftools.training.models import ConvField
 
     v = ConvField(1, hidden=(4,))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\) with C = 1"):

@@ -9,7 +9,7 @@ import torch
 
 import cnftools
 from cnftools.cases import PATH_CASES
-from cnftools.objectives import empirical_posterior, sample_time, theorem2_terms
+from cnftools.training.objectives import empirical_posterior, sample_time, theorem2_terms
 from cnftools.validation.theorem2 import (
     empirical_problem,
     gradient_z_scores,
@@ -288,7 +288,7 @@ def test_theorem2_statistical():
 def test_sample_time_never_returns_t_max_even_after_rounding(monkeypatch):
     """In float32, t_min + (t_max - t_min)·u with u = 1 - 2^-24 rounds to t_max exactly; the draw
     must stay in the half-open interval so a singular end (VP, OT with sigma_min = 0) is never hit."""
-    from cnftools.objectives import sample_time
+    from cnftools.training.objectives import sample_time
 
     monkeypatch.setattr(
         torch, "rand", lambda n, **kw: torch.full((n,), 1 - 2**-24, dtype=kw["dtype"])
@@ -299,7 +299,7 @@ def test_sample_time_never_returns_t_max_even_after_rounding(monkeypatch):
 
 @pytest.mark.parametrize("batch", [0, -1, 2.5, True])
 def test_sample_time_rejects_a_bad_batch(batch):
-    from cnftools.objectives import sample_time
+    from cnftools.training.objectives import sample_time
 
     with pytest.raises(ValueError, match="batch must be an int >= 1"):
         sample_time(batch, torch.zeros(1))

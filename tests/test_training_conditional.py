@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cnftools
-import cnftools.training as training
+import cnftools.training.loop as training
 
 F64 = torch.float64
 

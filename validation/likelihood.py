@@ -28,7 +28,7 @@ import torch
 
 import cnftools
 from cnftools.cases import DATA_CASES
-from cnftools.models import MLPField
+from cnftools.training.models import MLPField
 from cnftools.validation._figures import pyplot
 from cnftools.validation._framework import Check, Context
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 import cnftools
 from cnftools.cases import PATH_CASES
-from cnftools.objectives import empirical_posterior, theorem2_terms
+from cnftools.training.objectives import empirical_posterior, theorem2_terms
 from cnftools.validation._framework import Check, Context
 
 SECTION = 6

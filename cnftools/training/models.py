@@ -490,11 +490,11 @@ class ConvField(nn.Module):
     Example:
         >>> import torch, cnftools
         >>> _ = torch.manual_seed(0)
-        >>> v = cnftools.models.ConvField(1, hidden=(8, 8), num_classes=10)
+        >>> v = cnftools.training.models.ConvField(1, hidden=(8, 8), num_classes=10)
         >>> x = torch.randn(2, 1, 8, 8)
         >>> v(x, 0.5, y=torch.tensor([3, 7])).shape
         torch.Size([2, 1, 8, 8])
-        >>> v2 = cnftools.models.ConvField.from_config(v.config())
+        >>> v2 = cnftools.training.models.ConvField.from_config(v.config())
         >>> _ = v2.load_state_dict(v.state_dict())
         >>> bool(torch.equal(v(x, 0.5, y=torch.tensor([3, 7])), v2(x, 0.5, y=torch.tensor([3, 7]))))
         True

@@ -1,4 +1,4 @@
-"""Tests for cnftools.divergence: exact strategies against the full autograd Jacobian, Hutchinson.
+"""Tests for cnftools.divergences: exact strategies against the full autograd Jacobian, Hutchinson.
 
 References are independent of the code under test: the divergence is compared with the trace of the
 per-sample Jacobian built by ``torch.autograd.functional.jacobian`` (non-vectorized: B * d separate
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import cnftools
-from cnftools.divergence import EXACT_STRATEGIES, DivergenceStrategy, choose_strategy
+from cnftools.divergences import EXACT_STRATEGIES, DivergenceStrategy, choose_strategy
 
 ALL_EXACT = [("exact", s) for s in (*EXACT_STRATEGIES, None)] + [("loop", None)]
 DTYPES = [torch.float64, torch.float32]

@@ -1,0 +1,351 @@
+"""``cnftools nll``: every row's log-likelihood under a trained checkpoint, as a Parquet file.
+
+It loads a checkpoint written by ``cnftools train`` and writes one row per data point with
+:func:`cnftools.dataset_nll` (resumable; works under ``torchrun``), with optional baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from cnftools.cli.common import (
+    DTYPES,
+    UsageError,
+    add_common_arguments,
+    add_data_arguments,
+    builtin_dataset,
+    check_device,
+    check_writable,
+    digits_split_labels,
+    load_rows,
+    thread_count,
+)
+from cnftools.data import Dequantization
+from cnftools.nll import (
+    RowsFailedError,
+    dataset_nll,
+    gaussian_baseline_nll,
+    histogram_baseline_nll,
+    read_rows,
+)
+from cnftools.training import load_checkpoint
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = (
+    "compute every row's log-likelihood (nats; bits/dim for integer data) under a trained "
+    "checkpoint; writes a resumable Parquet file; runs under torchrun"
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Example: cnftools nll --model digits.pt --dataset digits --split test --out test.parquet "
+        "--baselines. Under torchrun: torchrun --nproc-per-node 4 -m cnftools.cli nll ... "
+        "(rank 0 writes --out)."
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        metavar="CKPT",
+        help="checkpoint from `cnftools train` (loaded with weights_only=True)",
+    )
+    add_data_arguments(p, "test")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="FILE.parquet",
+        help="write one row per data point here (chunks go to FILE.parquet.chunks/ while running)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run writing the same --out"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="discard an existing --out and its chunks"
+    )
+    p.add_argument(
+        "--keep-chunks", action="store_true", help="keep FILE.parquet.chunks/ after finishing"
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="rows per ODE solve (default 256)")
+    p.add_argument(
+        "--divergence",
+        choices=("exact", "hutchinson"),
+        default="exact",
+        help="divergence (default exact)",
+    )
+    p.add_argument(
+        "--probes",
+        type=int,
+        default=1,
+        help="Hutchinson probes per solve (default 1; >= 2 gives a per-row stderr)",
+    )
+    p.add_argument(
+        "--target-stderr",
+        type=float,
+        default=None,
+        help="Hutchinson: add probes until the probe part of the mean NLL's stderr is at most this (nats)",
+    )
+    p.add_argument(
+        "--max-probes",
+        type=int,
+        default=1024,
+        help="cap on probes per row for --target-stderr (default 1024)",
+    )
+    p.add_argument(
+        "--method",
+        default="dopri5",
+        help="ODE solver: dopri5 (default), dopri8, bosh3, rk4, euler, ...",
+    )
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-5,
+        help="relative tolerance, adaptive solvers (default 1e-5)",
+    )
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=1e-5,
+        help="absolute tolerance, adaptive solvers (default 1e-5)",
+    )
+    p.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="step of a fixed-grid solver (e.g. 0.02 with rk4)",
+    )
+    p.add_argument(
+        "--solver-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of steps of a fixed-grid solver (instead of --step-size)",
+    )
+    p.add_argument(
+        "--dequantize",
+        type=int,
+        default=None,
+        metavar="L",
+        help="integer data in 0..L-1 (adds bits/dim); default: the checkpoint's setting; 0 turns it off",
+    )
+    p.add_argument(
+        "--dequantize-samples",
+        type=int,
+        default=1,
+        metavar="K",
+        help="importance samples K of the dequantized bound (default 1)",
+    )
+    p.add_argument(
+        "--centered",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="y = 2(x+u)/L - 1 scaling (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also report a full-covariance Gaussian and an independent per-dimension histogram, "
+        "fitted on --baseline-data (default for a built-in dataset: its train split), on the same "
+        "dequantized scale",
+    )
+    p.add_argument(
+        "--baseline-data",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="training rows for --baselines",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (NaN written as null)"
+    )
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="identity of the model for --resume instead of its content fingerprint (rarely "
+        "needed: a checkpoint's weights are fingerprinted)",
+    )
+    add_common_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+
+    device = check_device(args.device) if args.device else None
+    if args.out is not None:
+        check_writable(args.out)
+    started = _init_distributed()
+    try:
+        return _nll(args, device)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        raise UsageError(str(error)) from None
+    except RowsFailedError as error:  # every row failed: a result, not a usage error
+        print(f"cnftools nll: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _init_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) start the process group: nccl on CUDA,
+    gloo on CPU. Returns whether this call started it."""
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+        return False
+    if torch.distributed.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend)
+    return True
+
+
+def _load_model(path: Path, device: torch.device | None):
+
+    if not path.is_file():
+        raise UsageError(f"--model {str(path)!r}: no such file")
+    try:
+        return load_checkpoint(path, map_location=device or "cpu")
+    except Exception as error:
+        text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        raise UsageError(
+            f"--model {str(path)!r} is not a readable cnftools checkpoint ({text}); make one with "
+            "`cnftools train`"
+        ) from None
+
+
+def _json_safe(value: object) -> object:
+    """NaN and inf become ``None`` (JSON has no NaN); containers recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _nll(args: argparse.Namespace, device: torch.device | None) -> int:
+
+    ckpt = _load_model(args.model, device)
+    field = ckpt.field
+    if args.dtype:
+        field = field.to(DTYPES[args.dtype])
+    rows, levels = load_rows(args)
+    stored = (ckpt.extra or {}).get("dequantization")
+    if args.dequantize is not None:
+        levels = args.dequantize or None
+    elif stored:
+        levels = int(stored["levels"])
+    elif rows.is_floating_point():
+        levels = None
+    centered = (
+        args.centered if args.centered is not None else bool(stored and stored.get("centered"))
+    )
+    deq = None if levels is None else Dequantization(levels, args.dequantize_samples, centered)
+    extras = None
+    if (ckpt.extra or {}).get("conditional"):
+        if args.dataset != "digits":
+            raise UsageError(
+                "--model is class-conditional (trained with --conditional on digit labels): "
+                "score it on --dataset digits, whose labels it needs"
+            )
+        extras = {"y": digits_split_labels(args.split)}
+    frame = dataset_nll(
+        field,
+        rows,
+        extras=extras,
+        batch_size=args.batch_size,
+        divergence=args.divergence,
+        n_probes=args.probes,
+        seed=args.seed,
+        target_stderr=args.target_stderr,
+        max_probes=args.max_probes,
+        method=args.method,
+        rtol=args.rtol,
+        atol=args.atol,
+        step_size=args.step_size,
+        steps=args.solver_steps,
+        dequantization=deq,
+        device=device,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        out=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        keep_chunks=args.keep_chunks,
+        progress=args.progress,
+        run_id=args.run_id,
+        num_threads=thread_count(args, device or torch.device("cpu")),
+    )
+    if frame is None:  # a rank other than 0 under torchrun
+        return 0
+    summary = dict(frame.attrs["summary"])
+    if args.baselines:
+        summary["baselines"] = _baselines(args, rows, deq)
+    if args.json:
+        print(json.dumps(_json_safe(summary), indent=1, default=str, allow_nan=False))
+    else:
+        _print_summary(summary, deq, args.out)
+    return 0 if summary["failures"] == 0 else 1
+
+
+def _baselines(args: argparse.Namespace, test: torch.Tensor, deq: object) -> dict[str, float]:
+
+    if not isinstance(deq, Dequantization):
+        raise UsageError("--baselines needs integer data with a dequantization (--dequantize L)")
+    if args.baseline_data is not None:
+        rows = read_rows(args.baseline_data, args.columns.split(",") if args.columns else None)
+        train = rows.read_all()
+    elif args.dataset is not None:
+        train, _ = builtin_dataset(args.dataset, "train", args.n, args.seed)
+    else:
+        raise UsageError("--baselines with --data needs --baseline-data TRAIN_FILE")
+    dim = math.prod(test.shape[1:])
+    scale = dim * math.log(2.0)
+    gauss = gaussian_baseline_nll(train, test, deq, seed=args.seed) / scale
+    hist = histogram_baseline_nll(train, test, deq.levels) / scale
+    return {
+        "gaussian_bpd": float(gauss.mean()),
+        "gaussian_bpd_stderr": float(gauss.std() / math.sqrt(len(gauss))),
+        "histogram_bpd": float(hist.mean()),
+        "histogram_bpd_stderr": float(hist.std() / math.sqrt(len(hist))),
+        "uniform_bpd": math.log2(deq.levels),
+    }
+
+
+def _print_summary(summary: dict, deq: object, out: Path | None) -> None:
+    print(f"rows {summary['rows']}, ok {summary['ok']}, failures {summary['failures']}")
+    print(
+        f"mean NLL {summary['mean_nll']:.5f} ± {summary['nll_stderr']:.5f} nats (± = sampling stderr)"
+    )
+    if "probe_stderr" in summary:
+        print(
+            f"probe part of the stderr {summary['probe_stderr']:.5f} nats ({summary.get('probes_per_row', '?')} probes/row)"
+        )
+    if "mean_bpd" in summary:
+        k = getattr(deq, "samples", 1)
+        print(f"mean bits/dim {summary['mean_bpd']:.4f} ± {summary['bpd_stderr']:.4f} (K = {k})")
+    print(
+        f"total NFE {summary.get('total_nfe')}, {summary.get('rows_per_s', float('nan')):.1f} rows/s, "
+        f"{summary.get('seconds', float('nan')):.1f} s"
+    )
+    if "baselines" in summary:
+        b = summary["baselines"]
+        print(
+            f"baseline full-covariance Gaussian: {b['gaussian_bpd']:.4f} ± {b['gaussian_bpd_stderr']:.4f} bits/dim"
+        )
+        print(
+            f"baseline per-dimension histogram:  {b['histogram_bpd']:.4f} ± {b['histogram_bpd_stderr']:.4f} bits/dim"
+        )
+        print(f"uniform on the cube:               {b['uniform_bpd']:.4f} bits/dim")
+    if out is not None:
+        print(f"rows written to {out}")
