@@ -8,6 +8,12 @@ Example:
     >>> from cnftools.cases import PATH_CASES
     >>> sorted(PATH_CASES)[:2]
     ['OT(sigma_min=0)', 'OT(sigma_min=0.1)']
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §8: ``docs/theory/paths.md#three-paths``
+- §9: ``docs/theory/marginals.md#gaussian-data``
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ class PathCase:
         affine: the path has the form ``mu_t = a_t x1``, ``sigma_t = s_t`` (closed-form marginals).
         p0_is_standard: ``p_0(x|x1) = N(0, I)`` exactly.
         boundary: ``boundary(x1) -> (mean_0, std_0, mean_1, std_1)``, the end points of the path
-            as THEORY §8 states them, computed independently of the path's code (plain ``math``).
+            as theory §8 states them, computed independently of the path's code (plain ``math``).
     """
 
     build: Callable[[], GaussianPath]
@@ -133,7 +139,7 @@ PATH_CASES: dict[str, PathCase] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Data distributions with closed-form marginal paths (THEORY §9, §10): Gaussian, mixture, empirical.
+# Data distributions with closed-form marginal paths (theory §9, §10): Gaussian, mixture, empirical.
 # The parameters are drawn once, in float64 on the CPU, from a seeded generator, then cast, so every
 # dtype and device sees the same numbers.
 
@@ -239,7 +245,7 @@ def random_spd(
 
 @dataclass(frozen=True)
 class DataCase:
-    """A data distribution ``q`` whose marginal path has a closed form (THEORY §9–§10).
+    """A data distribution ``q`` whose marginal path has a closed form (theory §9–§10).
 
     Attributes:
         kind: ``"gaussian"`` (``N(m, S)``), ``"mixture"`` (Gaussian mixture) or ``"empirical"``

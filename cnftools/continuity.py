@@ -1,7 +1,7 @@
 r"""Continuity-equation residuals: does a field generate a density path?
 
 A field :math:`v` generates the path :math:`p_t` iff :math:`\partial_t p_t + \nabla\cdot(p_t v_t) = 0`
-(THEORY §4). Dividing by :math:`p_t` gives the **log form**, which does not underflow where
+(theory §4). Dividing by :math:`p_t` gives the **log form**, which does not underflow where
 :math:`p_t` is tiny:
 
 .. math::
@@ -17,6 +17,10 @@ field offers, so the check verifies the field rather than trusting it.
 References:
     Lipman et al. (2022), arXiv:2210.02747, eq. (3)–(4) and Theorem 1; Villani, Optimal Transport,
     Old and New (2009), ch. 1 (the continuity equation).
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §4: ``docs/theory/divergence-and-continuity.md#continuity-equation``
 """
 
 from __future__ import annotations
@@ -171,7 +175,7 @@ def continuity_residual(
 
         r(x, t) = \partial_t \log p_t(x) + \nabla\cdot v_t(x) + v_t(x)\cdot\nabla_x \log p_t(x),
 
-    zero everywhere iff ``v`` generates ``p`` (THEORY §4). Arguments as in
+    zero everywhere iff ``v`` generates ``p`` (theory §4). Arguments as in
     :func:`continuity_terms`.
 
     Returns:
@@ -212,7 +216,7 @@ def continuity_relative_residual(
         \frac{|r|}{|\partial_t \log p| + |\nabla\cdot v| + |v\cdot\nabla_x \log p|}.
 
     This is in :math:`[0, 1]`: 0 for a field that generates the path, about machine epsilon times
-    a small factor in closed-form cases (THEORY §4 quotes :math:`\lesssim 10^{-14}` in float64),
+    a small factor in closed-form cases (theory §4 quotes :math:`\lesssim 10^{-14}` in float64),
     and of order one for a wrong field. Where all three terms are exactly zero the residual is
     exactly zero too (it is their sum), and the ratio is defined as 0 there (nothing to violate)
     instead of ``0/0 = NaN``.

@@ -1,4 +1,4 @@
-r"""Built-in datasets, dequantization and bits per dimension (THEORY §10, §12).
+r"""Built-in datasets, dequantization and bits per dimension (theory §10, §12).
 
 Datasets with an exact density (usable as ground truth for likelihood checks):
 
@@ -14,7 +14,7 @@ Real data shipped inside a package (nothing is downloaded): :func:`load_digits`,
 8×8 handwritten digits, 1797 × 64 integers in ``0..16`` (:data:`DIGITS_LEVELS` = 17 levels). It needs
 the optional dependency ``scikit-learn``.
 
-Dequantization and bits/dim (THEORY §12): integer data :math:`x \in \{0, \dots, L-1\}^D`,
+Dequantization and bits/dim (theory §12): integer data :math:`x \in \{0, \dots, L-1\}^D`,
 :math:`x' = x + u`, :math:`u \sim \mathcal U[0,1)^D`, and the model sees :math:`y = x'/L \in [0,1)^D`
 (or :math:`y = 2x'/L - 1 \in [-1, 1)^D` with ``centered=True``). Then
 
@@ -32,6 +32,11 @@ References:
     Grathwohl et al., FFJORD (2019), arXiv:1810.01367 (the 2-D toy sets);
     Theis, van den Oord, Bethge, A note on the evaluation of generative models (2016),
     arXiv:1511.01844 (dequantization); Ho et al., Flow++ (2019), arXiv:1902.00275 (bits/dim, K).
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
+- §12: ``docs/theory/bits-per-dim.md#bits-per-dimension``
 """
 
 from __future__ import annotations
@@ -181,7 +186,7 @@ class GaussianMixture:
         return {"means": self.means, "covs": self.covs, "weights": self.weights}
 
     def marginal(self, path: object) -> object:
-        """The closed-form marginal path of this mixture under an affine ``path`` (THEORY §10)."""
+        """The closed-form marginal path of this mixture under an affine ``path`` (theory §10)."""
         from cnftools.marginals import MixtureMarginal
 
         return MixtureMarginal(path, self.means, self.covs, self.weights)  # type: ignore[arg-type]
@@ -496,7 +501,7 @@ def bits_per_dim(
     *,
     centered: bool = False,
 ) -> float | Tensor:
-    r"""Bits per dimension from a negative log-likelihood in nats (THEORY §12).
+    r"""Bits per dimension from a negative log-likelihood in nats (theory §12).
 
     .. math::
 

@@ -1,6 +1,6 @@
 r"""Divergence of a velocity field: exact (strategy chosen by problem size) and Hutchinson.
 
-The divergence (THEORY §11) is the trace of the Jacobian,
+The divergence (theory §11) is the trace of the Jacobian,
 
 .. math::
 
@@ -37,6 +37,11 @@ per probe, :math:`A = \partial v/\partial x`. It costs :math:`K` VJPs instead of
 References:
     Grathwohl et al., FFJORD (2019), arXiv:1810.01367, §3; Hutchinson, A stochastic estimator of
     the trace of the influence matrix (1989); Chen et al. (2018), arXiv:1806.07366.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §3: ``docs/theory/change-of-variables.md#continuous-normalizing-flows``
+- §11: ``docs/theory/divergence-and-continuity.md#divergence``
 """
 
 from __future__ import annotations
@@ -508,7 +513,7 @@ def velocity_and_divergence(
     r"""The field and its divergence from one forward pass: ``(v(x, t), div)`` (``+ (stderr,)``).
 
     Same arguments as :func:`divergence`; this is what an ODE solve of the augmented state
-    :math:`[z, \int \nabla\cdot v]` needs (THEORY §3), without evaluating the field twice. The
+    :math:`[z, \int \nabla\cdot v]` needs (theory §3), without evaluating the field twice. The
     velocity is detached unless ``create_graph=True``.
 
     Example:

@@ -1,6 +1,6 @@
 r"""Discrete normalizing flows on :mod:`torch.distributions`, and the Euler-step link to CNFs.
 
-Change of variables (THEORY §1): for an invertible :math:`x = f(z)` with :math:`z \sim \pi`,
+Change of variables (theory §1): for an invertible :math:`x = f(z)` with :math:`z \sim \pi`,
 
 .. math::
 
@@ -32,6 +32,12 @@ References:
     Kingma, Dhariwal: Glow (2018), arXiv:1807.03039 (LU-parametrised linear maps);
     Papamakarios et al.: Normalizing Flows for Probabilistic Modeling and Inference (2021),
     arXiv:1912.02762; Chen et al.: Neural ODEs (2018), arXiv:1806.07366.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §1: ``docs/theory/change-of-variables.md#change-of-variables``
+- §2: ``docs/theory/change-of-variables.md#normalizing-flows``
+- §3: ``docs/theory/change-of-variables.md#continuous-normalizing-flows``
 """
 
 from __future__ import annotations
@@ -175,7 +181,7 @@ class Linear(ModuleTransform):
         torch.Size([1])
 
     References:
-        THEORY §1; Papamakarios et al. (2021), arXiv:1912.02762, §3.1.
+        theory §1; Papamakarios et al. (2021), arXiv:1912.02762, §3.1.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
@@ -306,7 +312,7 @@ class ElementwiseAffine(ModuleTransform):
 
     A learnable version of ``torch.distributions.AffineTransform(loc, scale, event_dim=1)`` with a
     log-parametrised (always positive) scale. For :math:`z \sim \mathcal N(m, \sigma^2)` this is
-    THEORY §1's special case :math:`x \sim \mathcal N(e^{s} m + \mu, (e^{s}\sigma)^2)`.
+    theory §1's special case :math:`x \sim \mathcal N(e^{s} m + \mu, (e^{s}\sigma)^2)`.
 
     Args:
         loc: ``(d,)`` shift :math:`\mu`.
@@ -320,7 +326,7 @@ class ElementwiseAffine(ModuleTransform):
         tensor([[3., 6.]], grad_fn=<ViewBackward0>)
 
     References:
-        THEORY §1; Dinh et al. (2017), arXiv:1605.08803.
+        theory §1; Dinh et al. (2017), arXiv:1605.08803.
     """
 
     def __init__(self, loc: Tensor, log_scale: Tensor) -> None:
@@ -501,7 +507,7 @@ class EulerStep(ModuleTransform):
         True
 
     References:
-        THEORY §3; Chen et al. (2018), arXiv:1806.07366; Behrmann et al., Invertible Residual
+        theory §3; Chen et al. (2018), arXiv:1806.07366; Behrmann et al., Invertible Residual
         Networks (2019), arXiv:1811.00995 (fixed-point inverse of a residual map).
     """
 
@@ -668,7 +674,7 @@ def euler_chain(
 ) -> list[EulerStep]:
     r"""``N`` Euler steps of :math:`dz/dt = v(z, t)` over :math:`[0, 1]`: :math:`t_i = i/N`, :math:`\Delta t = 1/N`.
 
-    Composed, they map :math:`z_0 \sim p_0` to :math:`x = z_N`, and (THEORY §2–3)
+    Composed, they map :math:`z_0 \sim p_0` to :math:`x = z_N`, and (theory §2–3)
 
     .. math::
 
@@ -687,7 +693,7 @@ def euler_chain(
         tensor([-0.7696], dtype=torch.float64)
 
     References:
-        THEORY §3; Chen et al. (2018), arXiv:1806.07366.
+        theory §3; Chen et al. (2018), arXiv:1806.07366.
     """
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
@@ -707,7 +713,7 @@ class Flow(nn.Module):
 
     A thin :class:`~torch.nn.Module` over :class:`~torch.distributions.TransformedDistribution`:
     it holds the learnable transforms (so ``parameters()``, ``.to()`` and ``state_dict()`` see
-    them) and builds the distribution on demand. THEORY §2:
+    them) and builds the distribution on demand. theory §2:
 
     .. math::
 
@@ -728,7 +734,7 @@ class Flow(nn.Module):
         (torch.Size([5]), torch.Size([]))
 
     References:
-        THEORY §2; Papamakarios et al. (2021), arXiv:1912.02762.
+        theory §2; Papamakarios et al. (2021), arXiv:1912.02762.
     """
 
     def __init__(self, base: Distribution | int, transforms: Sequence[Transform]) -> None:

@@ -1,4 +1,4 @@
-r"""Exact log-likelihoods of continuous normalizing flows, sampling, and density evolution (THEORY §3).
+r"""Exact log-likelihoods of continuous normalizing flows, sampling, and density evolution (theory §3).
 
 A velocity field :math:`v(x, t)` transports :math:`p_0` (noise, :math:`t = 0`) to :math:`p_1` (data,
 :math:`t = 1`) along :math:`dz_t/dt = v(z_t, t)`. The instantaneous change of variables
@@ -36,7 +36,14 @@ Shapes: data ``x`` and noise ``z0`` are ``(B, *event)``; log-densities are ``(B,
 
 References:
     Chen et al., Neural Ordinary Differential Equations (2018), arXiv:1806.07366;
-    Grathwohl et al., FFJORD (2019), arXiv:1810.01367; THEORY.md §3, §9–§11.
+    Grathwohl et al., FFJORD (2019), arXiv:1810.01367; theory §3, §9–§11.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §3: ``docs/theory/change-of-variables.md#continuous-normalizing-flows``
+- §9: ``docs/theory/marginals.md#gaussian-data``
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
+- §11: ``docs/theory/divergence-and-continuity.md#divergence``
 """
 
 from __future__ import annotations
@@ -744,7 +751,7 @@ def log_likelihood(
     extras: Mapping[str, object] | None = None,
     return_result: bool = False,
 ) -> Tensor | LikelihoodResult:
-    r"""The exact log-likelihood :math:`\log p_1(x)` of a continuous normalizing flow (THEORY §3).
+    r"""The exact log-likelihood :math:`\log p_1(x)` of a continuous normalizing flow (theory §3).
 
     Integrates :math:`dz/dt = v(z, t)`, :math:`dA/dt = \operatorname{div} v(z, t)` from
     :math:`z_1 = x`, :math:`t = 1` down to :math:`t = 0` in one solve and returns

@@ -1,4 +1,4 @@
-r"""Marginal probability paths and their generating fields in closed form (THEORY §5, §9, §10).
+r"""Marginal probability paths and their generating fields in closed form (theory §5, §9, §10).
 
 For data :math:`x_1 \sim q` and an affine Gaussian conditional path
 :math:`p_t(x|x_1) = \mathcal N(x \mid a_t x_1, s_t^2 I)` (OT, VE, VP or your own
@@ -33,6 +33,12 @@ References:
     Lipman et al., Flow Matching for Generative Modeling (2022), arXiv:2210.02747, Theorem 1.
     Chan, Golub, LeVeque, Updating formulae and a pairwise algorithm for computing sample
     variances (1979).
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §5: ``docs/theory/marginals.md#theorem-1``
+- §9: ``docs/theory/marginals.md#gaussian-data``
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
 """
 
 from __future__ import annotations
@@ -573,7 +579,7 @@ class _Marginal:
 
 
 class GaussianMarginal(_Marginal):
-    r"""The marginal path of Gaussian data :math:`q = \mathcal N(m, S)` (THEORY §9).
+    r"""The marginal path of Gaussian data :math:`q = \mathcal N(m, S)` (theory §9).
 
     .. math::
 
@@ -605,7 +611,7 @@ class GaussianMarginal(_Marginal):
         -3.26...
 
     References:
-        Lipman et al. (2022), arXiv:2210.02747, Theorem 1; THEORY.md §9.
+        Lipman et al. (2022), arXiv:2210.02747, Theorem 1; theory §9.
     """
 
     def __init__(self, path: AffineGaussianPath, mean: Tensor, cov: Tensor) -> None:
@@ -702,7 +708,7 @@ class GaussianMarginal(_Marginal):
         return super().divergence(x, t)
 
     def flow(self, z: Tensor, t: float | Tensor, t0: float | Tensor = 0.0) -> Tensor:
-        r"""The flow of the marginal field from time ``t0`` to ``t`` (THEORY §9):
+        r"""The flow of the marginal field from time ``t0`` to ``t`` (theory §9):
 
         .. math::
 
@@ -777,7 +783,7 @@ class GaussianMarginal(_Marginal):
 
 
 class MixtureMarginal(_Marginal):
-    r"""The marginal path of a Gaussian mixture or of empirical data (THEORY §10).
+    r"""The marginal path of a Gaussian mixture or of empirical data (theory §10).
 
     For :math:`q = \sum_k \pi_k \mathcal N(m_k, S_k)`, with :math:`\Sigma_k = a_t^2 S_k + s_t^2 I`,
     :math:`\ell_k = \log\pi_k + \log\mathcal N(x; a_t m_k, \Sigma_k)` and
@@ -830,7 +836,7 @@ class MixtureMarginal(_Marginal):
         (torch.Size([5]), torch.Size([5, 2]))
 
     References:
-        Lipman et al. (2022), arXiv:2210.02747, Theorem 1; THEORY.md §10.
+        Lipman et al. (2022), arXiv:2210.02747, Theorem 1; theory §10.
     """
 
     def __init__(

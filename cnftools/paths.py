@@ -1,6 +1,6 @@
 r"""Gaussian conditional probability paths, their flow map and conditional vector field.
 
-A Gaussian conditional path (THEORY §7) is
+A Gaussian conditional path (theory §7) is
 
 .. math::
 
@@ -24,6 +24,11 @@ tensor. Every result follows the dtype and device of ``x1``.
 
 References:
     Lipman et al., Flow Matching for Generative Modeling (2022), §4 and Theorem 3.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §7: ``docs/theory/paths.md#gaussian-conditional-paths``
+- §8: ``docs/theory/paths.md#three-paths``
 """
 
 from __future__ import annotations
@@ -316,7 +321,7 @@ class GaussianPath:
 class AffineGaussianPath(GaussianPath):
     r"""A path with :math:`\mu_t(x_1) = a_t x_1` and :math:`\sigma_t = s_t` independent of :math:`x_1`.
 
-    OT, VE and VP are of this form (THEORY §8), and the closed-form marginals of
+    OT, VE and VP are of this form (theory §8), and the closed-form marginals of
     :mod:`cnftools.marginals` need exactly this structure. Give the two schedules as callables of a
     ``(B,)`` time tensor; their derivatives come from autograd unless a subclass supplies them.
 

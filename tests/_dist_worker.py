@@ -9,6 +9,11 @@ group, runs :func:`cnftools.dataset_nll` on :func:`make_case`'s data
 with :data:`SETTINGS` and ``out=OUT_DIR/nll.parquet`` (chunks written by both ranks), and rank 0
 also saves the returned frame to ``OUT_DIR/frame.parquet`` (other ranks check that they got
 ``None``).
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §9: ``docs/theory/marginals.md#gaussian-data``
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class SlowField:
 
 
 def make_case(n: int = 40, dtype: torch.dtype = torch.float64) -> tuple[Any, torch.Tensor]:
-    """A cheap closed-form field (a Gaussian's marginal under OT, THEORY §9) and ``n`` rows of it."""
+    """A cheap closed-form field (a Gaussian's marginal under OT, theory §9) and ``n`` rows of it."""
     import cnftools
 
     mean = torch.tensor([0.5, -0.3], dtype=torch.float64)
@@ -57,7 +62,7 @@ def make_case(n: int = 40, dtype: torch.dtype = torch.float64) -> tuple[Any, tor
 
 
 def make_mixture(n: int = 30, dtype: torch.dtype = torch.float64) -> tuple[Any, torch.Tensor]:
-    """A 3-component mixture's marginal under OT (THEORY §10) and ``n`` rows of its data."""
+    """A 3-component mixture's marginal under OT (theory §10) and ``n`` rows of its data."""
     import cnftools
 
     means = torch.tensor([[-2.0, 0.0], [2.0, 0.5], [0.0, 2.0]], dtype=torch.float64)

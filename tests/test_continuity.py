@@ -1,7 +1,11 @@
-"""Tests for cnftools.continuity: the log-form continuity residual (THEORY §4).
+"""Tests for cnftools.continuity: the log-form continuity residual (theory §4).
 
 Every conditional path of cnftools.cases.PATH_CASES must satisfy the continuity equation with its
 Theorem-3 field (relative residual at rounding level), and wrong fields must be detected.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §4: ``docs/theory/divergence-and-continuity.md#continuity-equation``
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from cnftools.continuity import continuity_terms
 TIMES = [0.1, 0.5, 0.9]  # inside (0, 1), away from the singular end t = 1 of OT(0) and VP
 EVENTS = [(3,), (2, 3)]
 # Relative residual |r| / (|dt log p| + |div v| + |v . grad log p|): the three terms are computed
-# by autograd from closed-form log-densities, so the sum cancels to rounding. float64: THEORY §4
+# by autograd from closed-form log-densities, so the sum cancels to rounding. float64: theory §4
 # quotes <~1e-14, we allow 1e-10 for the autograd-derived schedules (cosine, x1-dependent path).
 # float32: eps ~ 1.2e-7; most cases measure ~1e-7, but VP(0.1, 20) at t <= 0.1 measures up to
 # 4e-5 (~300 eps: dt log p and v . grad log p are O(1) and cancel down to a divergence of ~1e-3,

@@ -1,4 +1,11 @@
-"""Datasets with known densities, the digits, dequantization and bits/dim (THEORY §10, §12)."""
+"""Datasets with known densities, the digits, dequantization and bits/dim (theory §10, §12).
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §9: ``docs/theory/marginals.md#gaussian-data``
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
+- §12: ``docs/theory/bits-per-dim.md#bits-per-dimension``
+"""
 
 from __future__ import annotations
 
@@ -66,7 +73,7 @@ def test_mixture_sampler_moments():
 
 
 def test_mixture_marginal_at_t1_is_the_data_density():
-    # OT(sigma_min): p_1 = q * N(0, σ² I) — covariances grow by σ² (THEORY §9–10)
+    # OT(sigma_min): p_1 = q * N(0, σ² I) — covariances grow by σ² (theory §9–10)
     q = eight_gaussians(dtype=F64)
     sigma = 0.05
     p1 = q.marginal(cnftools.OTPath(sigma))
@@ -149,7 +156,7 @@ def test_uniform_model_gives_log2_levels(centered, scale):
 
 
 def test_bits_per_dim_theory_values():
-    # THEORY §12: y = x'/256 -> + 8; y = 2x'/256 - 1 -> + 7 (nll 0)
+    # theory §12: y = x'/256 -> + 8; y = 2x'/256 - 1 -> + 7 (nll 0)
     assert math.isclose(bits_per_dim(0.0, 3072, 256), 8.0, rel_tol=1e-15)
     assert math.isclose(bits_per_dim(0.0, 3072, 256, centered=True), 7.0, rel_tol=1e-15)
     t = bits_per_dim(torch.tensor([0.0, 10 * math.log(2)], dtype=F64), 10)

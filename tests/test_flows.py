@@ -1,8 +1,13 @@
-"""Tests of cnftools.flows: exact log-dets, inverses, THEORY §1 closed forms, Flow training, §3 link.
+"""Tests of cnftools.flows: exact log-dets, inverses, theory §1 closed forms, Flow training, §3 link.
 
 References are independent of the code under test: log-dets against ``slogdet`` of the autograd
 Jacobian of one sample, densities against :mod:`scipy.stats`, the continuous flow of v = A x against
 ``scipy.linalg.expm`` (helpers in :mod:`cnftools.validation.flows`).
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §1: ``docs/theory/change-of-variables.md#change-of-variables``
+- §3: ``docs/theory/change-of-variables.md#continuous-normalizing-flows``
 """
 
 from __future__ import annotations
@@ -234,7 +239,7 @@ def test_euler_step_sees_time_as_batch_tensor():
     assert seen == [((6, 2), (6,), F64)]
 
 
-# --- THEORY §1 closed forms ---------------------------------------------------------------------
+# --- theory §1 closed forms ---------------------------------------------------------------------
 
 
 @DTYPES
@@ -399,7 +404,7 @@ def test_flow_trains_on_a_tiny_problem(dtype):
     assert initial - final > 0.9 * (initial - optimum), (initial, final, optimum)
 
 
-# --- THEORY §3: Euler chains converge to the CNF ----------------------------------------------------
+# --- theory §3: Euler chains converge to the CNF ----------------------------------------------------
 
 
 def test_euler_chain_log_prob_equals_discrete_formula():

@@ -1,9 +1,17 @@
-"""Tests of cnftools.likelihood against closed forms (THEORY §3, §9, §10, §11).
+"""Tests of cnftools.likelihood against closed forms (theory §3, §9, §10, §11).
 
 Every expected value is computed here, independently of the code under test: the schedules a_t, s_t
-from the formulas of THEORY §8, Gaussian and mixture densities with scipy.stats, matrix square
+from the formulas of theory §8, Gaussian and mixture densities with scipy.stats, matrix square
 roots with numpy's eigh, matrix exponentials with scipy.linalg.expm. The data cases (Gaussian with
 random SPD covariance, mixtures, empirical data) come from cnftools.cases, shared with validation.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §3: ``docs/theory/change-of-variables.md#continuous-normalizing-flows``
+- §8: ``docs/theory/paths.md#three-paths``
+- §9: ``docs/theory/marginals.md#gaussian-data``
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
+- §11: ``docs/theory/divergence-and-continuity.md#divergence``
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ def _one_thread() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Independent references (THEORY §8 schedules, §9 and §10 densities)
+# Independent references (theory §8 schedules, §9 and §10 densities)
 
 PATHS = {
     "OT(0.1)": ("ot", (0.1,)),
@@ -61,7 +69,7 @@ def _build_path(name: str) -> cnftools.AffineGaussianPath:
 
 
 def _schedule(name: str, t: float) -> tuple[float, float]:
-    """(a_t, s_t^2) from THEORY §8."""
+    """(a_t, s_t^2) from theory §8."""
     kind, args = PATHS[name]
     if kind == "ot":
         return t, (1 - (1 - args[0]) * t) ** 2
@@ -113,7 +121,7 @@ def _sym_power(matrix: np.ndarray, power: float) -> np.ndarray:
 
 
 def _mismatch_reference(case: DataCase, path: str, x: torch.Tensor) -> np.ndarray:
-    """THEORY §9: log N(z0; 0, I) + ½ log det(Σ0 Σ1⁻¹), z0 = a0 m + Σ0^½ Σ1^-½ (x − a1 m)."""
+    """theory §9: log N(z0; 0, I) + ½ log det(Σ0 Σ1⁻¹), z0 = a0 m + Σ0^½ Σ1^-½ (x − a1 m)."""
     _, means, covs = _components(case)
     m, cov = means[0], covs[0]
     (a0, s20), (a1, s21) = _schedule(path, 0.0), _schedule(path, 1.0)
@@ -135,7 +143,7 @@ def _small_mlp(d: int = 3, seed: int = 0) -> MLPField:
 
 
 # ----------------------------------------------------------------------------------------------
-# Closed forms (THEORY §9, §10)
+# Closed forms (theory §9, §10)
 
 GAUSSIANS = ["gaussian d=3", "gaussian d=8"]
 
@@ -157,7 +165,7 @@ def test_gaussian_with_standard_prior_equals_mismatch_formula(path: str, data: s
     case = DATA_CASES[data]
     x = _data(case, path)
     got = cnftools.log_likelihood(case.marginal(_build_path(path)), x, **TIGHT)
-    # Same solve as above, scored under N(0, I): THEORY §9's prior-mismatch formula, to 1e-7.
+    # Same solve as above, scored under N(0, I): theory §9's prior-mismatch formula, to 1e-7.
     np.testing.assert_allclose(got.numpy(), _mismatch_reference(case, path, x), rtol=0, atol=1e-7)
 
 

@@ -1,8 +1,16 @@
-"""Tests of cnftools.marginals: closed-form marginal paths and fields (THEORY §5, §9, §10).
+"""Tests of cnftools.marginals: closed-form marginal paths and fields (theory §5, §9, §10).
 
 References are computed independently of the code under test: scipy.stats densities, explicit
 posterior averages over the conditional path (cnftools.paths), 1-D quadrature (scipy.integrate.quad),
-autograd Jacobians, and the continuity residual of THEORY §4.
+autograd Jacobians, and the continuity residual of theory §4.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §4: ``docs/theory/divergence-and-continuity.md#continuity-equation``
+- §5: ``docs/theory/marginals.md#theorem-1``
+- §7: ``docs/theory/paths.md#gaussian-conditional-paths``
+- §9: ``docs/theory/marginals.md#gaussian-data``
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
 """
 
 from __future__ import annotations
@@ -72,7 +80,7 @@ def _scipy_log_prob(case: DataCase, path, x: np.ndarray, t: float) -> np.ndarray
 
 
 def _relative_residual(log_prob, v, x: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
-    r"""THEORY §4 relative residual |r| / (|∂_t log p| + |div v| + |v·∇ log p|), per sample, by
+    r"""theory §4 relative residual |r| / (|∂_t log p| + |div v| + |v·∇ log p|), per sample, by
     cnftools.continuity_relative_residual (autograd divergence unless ``divergence=`` says)."""
     return cnftools.continuity_relative_residual(log_prob, v, x, t, **kw)
 
@@ -88,7 +96,7 @@ def _jacobian_trace(v, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(("path_name", "data_name"), CASE_GRID)
 def test_log_prob_matches_scipy(path_name, data_name, dtype):
-    """log p_t = log N(a_t m, a_t² S + s_t² I) (mixtures: logsumexp), per THEORY §9–§10.
+    """log p_t = log N(a_t m, a_t² S + s_t² I) (mixtures: logsumexp), per theory §9–§10.
 
     float64: 1e-10 relative + 1e-10 absolute (two exact formulas, roundoff only; scipy's own
     Cholesky route included). float32: 1e-4 relative + 1e-4 absolute (eps32 ≈ 1.2e-7 times
@@ -168,7 +176,7 @@ def test_empirical_velocity_is_posterior_average(path_name, data_name):
 def test_velocity_matches_quadrature_1d(path_name, data_name):
     r"""d = 1: u_t(x) = ∫ u_t(x|x1) p_t(x|x1) q(x1) dx1 / ∫ p_t(x|x1) q(x1) dx1 by scipy.quad.
 
-    The integrand uses u_t(x|x1) = (ss'/s²)(x − a x1) + a' x1 (THEORY §7) with scipy densities.
+    The integrand uses u_t(x|x1) = (ss'/s²)(x − a x1) + a' x1 (theory §7) with scipy densities.
     Tolerance 1e-8 relative: quad's epsrel is 1e-11, so the ratio of two integrals is good to
     ~1e-10; the rest is margin. Times stay in [0.05, 0.9] so the posterior is never a spike quad
     could step over.
@@ -277,7 +285,7 @@ def test_theorem1_property(case, path, t, seed):
 
 @pytest.mark.parametrize(("path_name", "data_name"), CASE_GRID)
 def test_divergence_matches_jacobian_trace(path_name, data_name):
-    """Closed-form div u (THEORY §9–§10) = tr ∂u/∂x by torch.autograd.functional.jacobian: 1e-10
+    """Closed-form div u (theory §9–§10) = tr ∂u/∂x by torch.autograd.functional.jacobian: 1e-10
     relative to max(1, max|div|) in float64 (observed ~1e-15)."""
     case, path_case = DATA_CASES[data_name], AFFINE_PATH_CASES[path_name]
     marginal = case.marginal(path_case.build(), chunk_size=7)
@@ -318,7 +326,7 @@ def test_closed_form_divergence_is_discoverable():
 
 @pytest.mark.parametrize("path_name", sorted(AFFINE_PATH_CASES))
 def test_gaussian_flow_map(path_name):
-    """φ_t (THEORY §9): dφ/dt = u_t(φ) by autograd (1e-10 relative), φ pushes p_0 to p_t by change of
+    """φ_t (theory §9): dφ/dt = u_t(φ) by autograd (1e-10 relative), φ pushes p_0 to p_t by change of
     variables, log p_t(φ(z)) + log det ∂φ/∂z = log p_0(z) (1e-10 absolute, nats), the log-det matches
     slogdet of the autograd Jacobian (1e-10), and φ_{t0→t} composes (1e-10)."""
     path = AFFINE_PATH_CASES[path_name].build()
@@ -364,7 +372,7 @@ def _sample_moments_ok(sample: torch.Tensor, mean: torch.Tensor, cov: torch.Tens
 @pytest.mark.parametrize("data_name", ["gaussian d=3", "mixture K=4 d=2", "empirical N=6 d=1"])
 @pytest.mark.parametrize("path_name", ["OT(sigma_min=0)", "VP(0.1, 20)", "VE(0.1, 5)"])
 def test_sample_moments(data_name, path_name):
-    """Mean a_t Σπ_k m_k and covariance Σπ_k(a²S_k + s²I + a² m_k m_kᵀ) − μμᵀ of p_t (THEORY §10),
+    """Mean a_t Σπ_k m_k and covariance Σπ_k(a²S_k + s²I + a² m_k m_kᵀ) − μμᵀ of p_t (theory §10),
     within 5 sample standard errors (n = 20000)."""
     case, path_case = DATA_CASES[data_name], PATH_CASES[path_name]
     path = path_case.build()
@@ -434,7 +442,7 @@ def test_large_empirical_dataset_is_chunked():
     a, _, s2, _ = _schedule(path, t)
     log_w = -((x[:, None] - a * data[None]) ** 2).sum(-1) / (2 * s2)  # reference, unchunked
     x1_hat = torch.softmax(log_w, dim=1) @ data
-    expected = path.conditional_velocity(x, t, x1_hat)  # u is affine in x1 (THEORY §10)
+    expected = path.conditional_velocity(x, t, x1_hat)  # u is affine in x1 (theory §10)
     torch.testing.assert_close(marginal.velocity(x, t), expected, rtol=1e-10, atol=1e-10)
 
 

@@ -1,4 +1,10 @@
-"""Tests of cnftools.analysis: dataset_nll frames, closed forms, resume, failures, distributed."""
+"""Tests of cnftools.analysis: dataset_nll frames, closed forms, resume, failures, distributed.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §9: ``docs/theory/marginals.md#gaussian-data``
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
+"""
 
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ FAST = {"method": "rk4", "steps": 10, "progress": False}
 
 
 def _reference(field: object, x: torch.Tensor) -> np.ndarray:
-    """The closed-form log p_1(x) (THEORY §9, §10) of the marginal used as the field."""
+    """The closed-form log p_1(x) (theory §9, §10) of the marginal used as the field."""
     return field.log_prob(x.to(torch.float64), 1.0).numpy()
 
 

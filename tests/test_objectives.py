@@ -1,4 +1,11 @@
-"""The CFM and FM losses (THEORY §6) and Theorem 2, exactly and statistically."""
+"""The CFM and FM losses (theory §6) and Theorem 2, exactly and statistically.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §6: ``docs/theory/flow-matching.md#flow-matching-objectives``
+- §8: ``docs/theory/paths.md#three-paths``
+- §9: ``docs/theory/marginals.md#gaussian-data``
+"""
 
 from __future__ import annotations
 
@@ -73,7 +80,7 @@ def test_cfm_loss_ve_by_hand():
 
 def test_cfm_loss_vp_by_hand():
     # VP with beta constant (beta_min = beta_max = 2): T(s) = 2 s, alpha = e^{-(1-t)}.
-    # u = ½ β α (x1 - α x)/(1 - α²) with x = α x1 + sqrt(1 - α²) x0 (THEORY §8), v = 0.
+    # u = ½ β α (x1 - α x)/(1 - α²) with x = α x1 + sqrt(1 - α²) x0 (theory §8), v = 0.
     t, x0v, x1v = 0.25, [0.5, -1.0], [2.0, 1.0]
     alpha = math.exp(-(1 - t))
     s = math.sqrt(1 - alpha**2)
@@ -101,7 +108,7 @@ def test_cfm_loss_sums_over_event_dims():
 
 def test_fm_loss_by_hand_gaussian_marginal():
     # OT(sigma), q = N(m, S), t = 0: a = 0, a' = 1, s = 1, s s' = -(1 - sigma), Σ_0 = I
-    # -> u_0(x) = m - (1 - sigma) x (THEORY §9). v = 0: loss = mean ‖m - 0.9 x‖².
+    # -> u_0(x) = m - (1 - sigma) x (theory §9). v = 0: loss = mean ‖m - 0.9 x‖².
     m = torch.tensor([1.0, -2.0], dtype=F64)
     cov = torch.tensor([[2.0, 0.3], [0.3, 1.0]], dtype=F64)
     marginal = cnftools.GaussianMarginal(cnftools.OTPath(0.1), m, cov)

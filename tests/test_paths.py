@@ -1,4 +1,9 @@
-"""Tests of cnftools.paths: Theorem 3, closed forms of THEORY §8, boundaries, densities, errors."""
+"""Tests of cnftools.paths: Theorem 3, closed forms of theory §8, boundaries, densities, errors.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §8: ``docs/theory/paths.md#three-paths``
+"""
 
 from __future__ import annotations
 
@@ -63,12 +68,12 @@ def test_assert_theorem3_detects_a_wrong_field():
         assert_theorem3(WrongOT(0.1), _draw((4, 3), 0), 0.4)
 
 
-# --- closed forms of THEORY §8 --------------------------------------------------------------------
+# --- closed forms of theory §8 --------------------------------------------------------------------
 
 
 @given(sigma_min=st.floats(0.0, 0.5), t=st.floats(0.0, 0.999), seed=st.integers(0, 1000))
 def test_ot_velocity_closed_form(sigma_min, t, seed):
-    """OT: u = (x1 − (1 − σ_min) x) / (1 − (1 − σ_min) t) (THEORY §8 table), 1e-12 relative."""
+    """OT: u = (x1 − (1 − σ_min) x) / (1 − (1 − σ_min) t) (theory §8 table), 1e-12 relative."""
     x, x1 = _draw((4, 3), seed), _draw((4, 3), seed + 1)
     expected = (x1 - (1 - sigma_min) * x) / (1 - (1 - sigma_min) * t)
     got = cnftools.OTPath(sigma_min).conditional_velocity(x, t, x1)
@@ -82,7 +87,7 @@ def test_ot_velocity_closed_form(sigma_min, t, seed):
     seed=st.integers(0, 1000),
 )
 def test_ve_velocity_closed_form(sigma_min, ratio, t, seed):
-    """VE: u = −c (x − x1), c = ln(σ_max/σ_min) (THEORY §8 table), 1e-12 relative."""
+    """VE: u = −c (x − x1), c = ln(σ_max/σ_min) (theory §8 table), 1e-12 relative."""
     x, x1 = _draw((4, 3), seed), _draw((4, 3), seed + 1)
     path = cnftools.VEPath(sigma_min, sigma_min * ratio)
     expected = -math.log(ratio) * (x - x1)
@@ -96,7 +101,7 @@ def test_ve_velocity_closed_form(sigma_min, ratio, t, seed):
     seed=st.integers(0, 1000),
 )
 def test_vp_velocity_closed_form(beta_min, spread, t, seed):
-    """VP: u = ½ β(1−t) α (x1 − α x)/(1 − α²), α = α_{1−t} (THEORY §8), 1e-10 relative.
+    """VP: u = ½ β(1−t) α (x1 − α x)/(1 − α²), α = α_{1−t} (theory §8), 1e-10 relative.
 
     Computed here in plain Python math with the 1 − α² form (no expm1): cancellation costs up to
     eps/(1 − α²) ≲ 1e-12 on this range of t.
@@ -149,7 +154,7 @@ def test_vp_is_finite_and_accurate_next_to_t_equal_one():
 
 @pytest.mark.parametrize("name", sorted(PATH_CASES))
 def test_boundary_conditions(name):
-    """μ and σ at t = 0 and t = 1 equal THEORY §8's values (computed in cases.py with math), 1e-12."""
+    """μ and σ at t = 0 and t = 1 equal theory §8's values (computed in cases.py with math), 1e-12."""
     case = PATH_CASES[name]
     path, x1 = case.build(), 2 * _draw((6, 3), 1)
     mean0, std0, mean1, std1 = case.boundary(x1)

@@ -1,5 +1,11 @@
 """Tests of cnftools.testing: every strategy draws what it promises, every assertion passes on a
-correct case and fails, with a message that explains the failure, on a wrong one."""
+correct case and fails, with a message that explains the failure, on a wrong one.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §4: ``docs/theory/divergence-and-continuity.md#continuity-equation``
+- §9: ``docs/theory/marginals.md#gaussian-data``
+"""
 
 from __future__ import annotations
 
@@ -267,7 +273,7 @@ def _conditional(path, x1):
 def test_assert_generates_passes_on_every_conditional_path(path, t, seed):
     """Theorem 3's field generates its own Gaussian path: default rtol 1e-9 in float64.
 
-    The closed-form cases reach ~1e-14 relative (THEORY §4; measured ≤ 6e-15 over PATH_CASES).
+    The closed-form cases reach ~1e-14 relative (theory §4; measured ≤ 6e-15 over PATH_CASES).
     """
     x1 = 2 * _draw((6, 3), seed)
     x = path.sample(t, x1, torch.Generator().manual_seed(seed + 1))
@@ -335,7 +341,7 @@ PATHS = {
 
 @pytest.mark.parametrize("name", sorted(PATHS))
 def test_assert_log_likelihood_close_passes_with_the_true_prior(name, dtype):
-    """ODE log p_1 of the Gaussian marginal field = log N(x; m, a_1² S + s_1² I) (THEORY §9).
+    """ODE log p_1 of the Gaussian marginal field = log N(x; m, a_1² S + s_1² I) (theory §9).
 
     Default tolerances: 1e-6 nats in float64 with solver tolerance 1e-9 (measured ≤ 3e-9), 1e-3
     in float32 with solver tolerance 1e-6 (measured ≤ 1e-5).

@@ -54,3 +54,16 @@ def test_claim_rows_read_tie_held_and_not_held():
     not_held = Check("§8", "claim", "s", 2.0, 1.0, claim=True, tie_within=1e-3)
     assert [tie.verdict, held.verdict, not_held.verdict] == ["TIE", "HELD", "NOT HELD"]
     assert tie.passed and held.passed and not_held.passed  # claims never fail a run
+
+
+def test_every_theory_page_in_the_legend_exists():
+    """The report's legend points at pages and anchors that ship with the repository."""
+    from pathlib import Path
+
+    from cnftools.validation._framework import THEORY_PAGES
+
+    root = Path(__file__).resolve().parents[1]
+    assert set(THEORY_PAGES) == set(range(1, 14))
+    for page in THEORY_PAGES.values():
+        file, anchor = page.split("#")
+        assert "{#" + anchor + "}" in (root / file).read_text(encoding="utf-8"), page

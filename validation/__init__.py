@@ -2,7 +2,7 @@
 
 Installed as :mod:`cnftools.validation` (the folder ``validation/`` at the repository root is mapped
 onto that package name). Every module whose name does not start with ``_`` is an experiment: it
-defines ``SECTION`` (the THEORY.md section number it checks, used for ordering), ``TITLE`` and
+defines ``SECTION`` (the the theory pages (docs/theory/) section number it checks, used for ordering), ``TITLE`` and
 ``run(ctx: Context) -> Iterable[Check]``. The CLI discovers them; adding a file adds rows.
 """
 

@@ -21,6 +21,7 @@ import torchdiffeq
 import cnftools
 
 __all__ = [
+    "THEORY_PAGES",
     "Check",
     "Context",
     "Experiment",
@@ -32,12 +33,30 @@ __all__ = [
 ]
 
 
+THEORY_PAGES: dict[int, str] = {
+    1: "docs/theory/change-of-variables.md#change-of-variables",
+    2: "docs/theory/change-of-variables.md#normalizing-flows",
+    3: "docs/theory/change-of-variables.md#continuous-normalizing-flows",
+    4: "docs/theory/divergence-and-continuity.md#continuity-equation",
+    5: "docs/theory/marginals.md#theorem-1",
+    6: "docs/theory/flow-matching.md#flow-matching-objectives",
+    7: "docs/theory/paths.md#gaussian-conditional-paths",
+    8: "docs/theory/paths.md#three-paths",
+    9: "docs/theory/marginals.md#gaussian-data",
+    10: "docs/theory/marginals.md#mixtures-and-empirical-data",
+    11: "docs/theory/divergence-and-continuity.md#divergence",
+    12: "docs/theory/bits-per-dim.md#bits-per-dimension",
+    13: "docs/theory/diffusion.md#diffusion-as-flow-matching",
+}
+"""Where each theory section's formulas live in the repository (the report's legend)."""
+
+
 @dataclass(frozen=True)
 class Check:
     """One row of the report: a measured error against a stated tolerance.
 
     Attributes:
-        section: the THEORY.md section, e.g. ``"§7"``.
+        section: the the theory pages (docs/theory/) section, e.g. ``"§7"``.
         check: what is compared, e.g. ``"Theorem 3: dψ/dt = u_t(ψ_t)"``.
         subject: the case: path, data, parameters.
         error: the measured error (max over the grid unless the check says otherwise).
@@ -147,7 +166,7 @@ class Experiment:
 
 
 def discover() -> list[Experiment]:
-    """Import every experiment module of this package, ordered by THEORY section."""
+    """Import every experiment module of this package, ordered by theory section."""
     package = importlib.import_module("cnftools.validation")
     experiments = []
     for info in pkgutil.iter_modules(package.__path__):
@@ -322,6 +341,14 @@ def write_report(path: Path, runs: list[Run]) -> None:
                 "```",
                 "",
             ]
+    cited = sorted(
+        set().union(
+            *(section_numbers(c.section) for r in runs for _, cs, _ in r.results for c in cs)
+        )
+    )
+    lines += ["## Theory sections", "", "| section | formulas in the repository |", "|---|---|"]
+    lines += [f"| §{n} | `{THEORY_PAGES[n]}` |" for n in cited if n in THEORY_PAGES]
+    lines.append("")
     figures = [p for r in runs for p in r.ctx.figures if p.exists()]
     if figures:
         lines += ["## Figures", ""]

@@ -1,12 +1,16 @@
-"""THEORY §12: bits per dimension of dequantized integer data.
+"""theory §12: bits per dimension of dequantized integer data.
 
 - A model uniform on the cube gives exactly log₂ L bpd, with either scaling (y = x'/L or
   y = 2x'/L − 1).
-- The offsets of THEORY §12: + 8 for y = x'/256 and + 7 for y = 2x'/256 − 1.
+- The offsets of theory §12: + 8 for y = x'/256 and + 7 for y = 2x'/256 − 1.
 - Importance-weighted dequantization is a bound that tightens with K towards the exact discrete
   NLL. For a model with independent Gaussian coordinates the discrete probability of each cell is
   known in closed form, −log P(x) = −Σ log[Φ((x+1)/L; μ, σ) − Φ(x/L; μ, σ)], so both the bound's
   direction and its convergence are checked against an exact number.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §12: ``docs/theory/bits-per-dim.md#bits-per-dimension``
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""THEORY §4: every conditional path's Theorem-3 field satisfies the continuity equation.
+"""theory §4: every conditional path's Theorem-3 field satisfies the continuity equation.
 
 For each path of :data:`cnftools.cases.PATH_CASES` the log-form residual
 r = ∂_t log p_t(x|x1) + div u_t(x|x1) + u_t(x|x1)·∇_x log p_t(x|x1) is computed by autograd
@@ -9,6 +9,10 @@ largest relative residual |r| / (|∂_t log p| + |div u| + |u·∇ log p|).
 Negative controls (must be caught, relative residual > 1e-3): the field scaled by 1.05, and the
 conditional field of another data point x1' evaluated against p_t(·|x1). A control's error is the
 smallest, over the times, of the batch's largest relative residual: it must be caught at every time.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §4: ``docs/theory/divergence-and-continuity.md#continuity-equation``
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def run(ctx: Context) -> Iterator[Check]:
     else:
         times, events, batch = [0.1, 0.5, 0.9], [(3,)], 32
     where = f"t in {times[0]}..{times[-1]}, B={batch}, events {events}"
-    # float64: THEORY §4 quotes <~1e-14 for closed forms; 1e-10 leaves room for autograd-derived
+    # float64: theory §4 quotes <~1e-14 for closed forms; 1e-10 leaves room for autograd-derived
     # schedules. float32: ~300 eps measured for VP(0.1, 20) at small t (O(1) terms cancelling).
     tolerance = ctx.tolerance(1e-10, 5e-4)
     for i, name in enumerate(sorted(PATH_CASES)):

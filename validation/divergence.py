@@ -1,16 +1,21 @@
-"""THEORY §11: exact divergence against the Jacobian trace, and Hutchinson's estimator.
+"""theory §11: exact divergence against the Jacobian trace, and Hutchinson's estimator.
 
 - Every exact strategy (``auto``, ``batched``, ``loop``, ``forward`` and ``method="loop"``) against
   the trace of the per-sample Jacobian from ``torch.autograd.functional.jacobian`` (B * d separate
   backward passes), for smooth random MLP fields on several event shapes. Error: the largest
   |div - tr J| / (Σ|J_ii| + 1).
 - The exact divergence of the Theorem-3 conditional field of each affine path against its closed
-  form d s_t s_t' / s_t² (THEORY §10 with one data point).
+  form d s_t s_t' / s_t² (theory §10 with one data point).
 - Hutchinson (Rademacher and Gaussian probes): the mean of K probes minus the exact trace, in units
   of the true standard error sqrt(Var / K), Var computed from the Jacobian
   (Rademacher: Σ_{i≠j} A_ij (A_ij + A_ji); Gaussian: ‖A‖_F² + tr A²); the reported standard error
   against the true one; fixed probes reproduce bit for bit. Negative control: probes uniform on
   [-1, 1] (E[εεᵀ] = I/3, so the estimate is biased by a factor 1/3) must fail the 5-sigma test.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
+- §11: ``docs/theory/divergence-and-continuity.md#divergence``
 """
 
 from __future__ import annotations

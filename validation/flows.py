@@ -1,4 +1,4 @@
-"""THEORY §1–3: change of variables, discrete flows, and the Euler-step link to CNFs.
+"""theory §1–3: change of variables, discrete flows, and the Euler-step link to CNFs.
 
 Rows:
 
@@ -14,6 +14,12 @@ Rows:
 - A negative control: dropping the log-det term is detected.
 
 The reference helpers here are also used by ``tests/test_flows.py``.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §1: ``docs/theory/change-of-variables.md#change-of-variables``
+- §2: ``docs/theory/change-of-variables.md#normalizing-flows``
+- §3: ``docs/theory/change-of-variables.md#continuous-normalizing-flows``
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-r"""THEORY §3: the augmented-ODE log-likelihood against closed forms (§9–§10), density evolution,
+r"""theory §3: the augmented-ODE log-likelihood against closed forms (§9–§10), density evolution,
 adjoint versus direct gradients.
 
 Rows:
@@ -17,6 +17,10 @@ Rows:
 
 With an output folder, writes ``nll_error_vs_tolerance.png``: the NLL error against ``rtol`` for
 dopri5 and against the number of steps for rk4.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §3: ``docs/theory/change-of-variables.md#continuous-normalizing-flows``
 """
 
 from __future__ import annotations

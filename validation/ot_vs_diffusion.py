@@ -1,8 +1,8 @@
-"""THEORY §8, last paragraph: OT paths are straight, diffusion (VE/VP) paths curve, so OT needs fewer
+"""theory §8, last paragraph: OT paths are straight, diffusion (VE/VP) paths curve, so OT needs fewer
 function evaluations to sample and trains faster. Measured, not assumed.
 
 (a) With the *exact* marginal fields of a Gaussian-mixture target (eight Gaussians on a circle,
-    closed forms of THEORY §10), for OT, VP and VE: dopri5 NFE to sample at rtol = atol = 1e-5 from
+    closed forms of theory §10), for OT, VP and VE: dopri5 NFE to sample at rtol = atol = 1e-5 from
     each path's exact p_0, trajectory straightness (endpoint distance / path length, 1 = straight),
     and Euler endpoint error against a tight dopri5 reference as the number of steps grows.
 (b) (``--full`` only) MLP fields trained by CFM on each path with the same budget (steps, batch,
@@ -13,6 +13,11 @@ function evaluations to sample and trains faster. Measured, not assumed.
 The rows compare OT with the other two paths; a ratio row passes when OT wins (ratio < 1). They are
 claims about this target and these settings, so each row states its numbers; the report says plainly
 which claims held. Reproduce with ``cnftools validate --full --only ot_vs_diffusion --out DIR``.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §8: ``docs/theory/paths.md#three-paths``
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ TITLE = "Claims: OT vs VP vs VE — NFE, straightness, Euler error, training"
 
 RADIUS, COMPONENT_STD = 2.0, 0.2
 VE_SIGMA_MAX = (
-    5.0  # about the largest pairwise distance of the target (THEORY §8: σ_max per dataset)
+    5.0  # about the largest pairwise distance of the target (theory §8: σ_max per dataset)
 )
 
 

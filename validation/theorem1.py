@@ -1,18 +1,25 @@
-"""THEORY §5, §9–§10: Theorem 1 on closed-form marginal paths (Gaussian, mixture, empirical data).
+"""theory §5, §9–§10: Theorem 1 on closed-form marginal paths (Gaussian, mixture, empirical data).
 
 For data cases of :data:`cnftools.cases.DATA_CASES` and the affine paths (quick: a Gaussian, a
 mixture and an empirical case on OT, VE, VP; full: every data case on every affine path, cosine
 included, plus the residual with the closed-form divergence):
 
 - Theorem 1: the closed-form marginal field ``u_t`` generates the closed-form ``p_t``: the relative
-  continuity residual |r| / (|∂_t log p| + |div u| + |u·∇log p|) (THEORY §4) is at roundoff.
+  continuity residual |r| / (|∂_t log p| + |div u| + |u·∇log p|) (theory §4) is at roundoff.
   Negative control: ``1.05 u`` must be caught.
 - the closed-form ``u_t`` equals its definition, the posterior average
   Σ_i w_i u_t(x|x1ⁱ), w_i ∝ q_i p_t(x|x1ⁱ), built from the conditional path alone. Negative
-  control: the average without the factor p_t(x|x1ⁱ) (THEORY §5's warning) must be caught.
+  control: the average without the factor p_t(x|x1ⁱ) (theory §5's warning) must be caught.
 - the closed-form divergence equals the trace of the autograd Jacobian. Negative control: the
   mixture divergence without its covariance term Σ w (g − ḡ)·u must be caught.
 - the Gaussian flow map φ_t pushes p_0 to p_t: log p_t(φ_t(z)) + log det ∂φ_t/∂z = log p_0(z).
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §4: ``docs/theory/divergence-and-continuity.md#continuity-equation``
+- §5: ``docs/theory/marginals.md#theorem-1``
+- §9: ``docs/theory/marginals.md#gaussian-data``
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ def run(ctx: Context) -> Iterator[Check]:
                 subject,
                 float(rel.max()),
                 continuity_tol,
-                "roundoff; relative residual, THEORY §4",
+                "roundoff; relative residual, theory §4",
             )
             wrong = cnftools.continuity_relative_residual(
                 marginal.log_prob, _scaled(marginal, 1.05), x, t
@@ -96,7 +103,7 @@ def run(ctx: Context) -> Iterator[Check]:
                     subject,
                     float(closed.max()),
                     continuity_tol,
-                    "roundoff; relative residual, THEORY §4",
+                    "roundoff; relative residual, theory §4",
                 )
             yield Check(
                 "§5",
@@ -170,13 +177,13 @@ def _posterior_average_rows(ctx, case, path, marginal, x, t, subject) -> Iterato
         subject,
         float((naive - expected).abs().max()) / scale,
         1e-3,
-        "THEORY §5: the factor p_t(x|x1) q(x1) matters",
+        "theory §5: the factor p_t(x|x1) q(x1) matters",
         expect_fail=True,
     )
 
 
 def _flow_map_row(ctx, marginal, x, subject) -> Check:
-    """Change of variables through φ_t (THEORY §9): log p_t(φ_t(z)) + log det = log p_0(z)."""
+    """Change of variables through φ_t (theory §9): log p_t(φ_t(z)) + log det = log p_0(z)."""
     errors = []
     for s in (0.25, 0.5, 1.0):
         phi = marginal.flow(x, s)

@@ -1,4 +1,4 @@
-"""THEORY §6: Theorem 2, ∇θ L_FM = ∇θ L_CFM, checked two ways.
+"""theory §6: Theorem 2, ∇θ L_FM = ∇θ L_CFM, checked two ways.
 
 (a) Pointwise and exact, for empirical data q = Σ_i q_i δ(x_1 − x_1ⁱ) and fixed (t, x):
     Σ_i w_i ‖v − u_i‖² = ‖v − u‖² + Σ_i w_i ‖u_i − u‖²  and  Σ_i w_i ∇θ‖vθ − u_i‖² = ∇θ‖vθ − u‖²,
@@ -11,6 +11,10 @@
     row's error is max_j |z_j|. Its tolerance is the two-sided normal quantile for a family-wise
     false-alarm rate α = 1e-3 with a Bonferroni correction over the P components. Negative
     control: FM against the marginal of shifted data must exceed that threshold.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §6: ``docs/theory/flow-matching.md#flow-matching-objectives``
 """
 
 from __future__ import annotations

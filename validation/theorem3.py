@@ -1,4 +1,4 @@
-"""THEORY §7–8: the flow map, Theorem 3, and the boundary facts of every path.
+"""theory §7–8: the flow map, Theorem 3, and the boundary facts of every path.
 
 For each path of :data:`cnftools.cases.PATH_CASES`, on a grid of times and random points:
 
@@ -6,7 +6,12 @@ For each path of :data:`cnftools.cases.PATH_CASES`, on a grid of times and rando
   ``conditional_velocity(psi_t(x0), t, x1)``; relative error max|Δ| / max|u|.
 - ``inverse_flow_map(flow_map(x0))`` returns ``x0``.
 - ``log_prob`` equals :class:`torch.distributions.Normal` summed over the event.
-- the end points (mean and std at t = 0 and t = 1) equal THEORY §8's values, computed independently.
+- the end points (mean and std at t = 0 and t = 1) equal theory §8's values, computed independently.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §7: ``docs/theory/paths.md#gaussian-conditional-paths``
+- §8: ``docs/theory/paths.md#three-paths``
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def run(ctx: Context) -> Iterator[Check]:
         error = float(max(float(e) for e in errors) / max(1.0, float(x1.abs().max())))
         yield Check(
             "§8",
-            "μ_0, σ_0, μ_1, σ_1 as THEORY §8 states",
+            "μ_0, σ_0, μ_1, σ_1 as theory §8 states",
             name,
             error,
             exact_tol,

@@ -9,6 +9,11 @@ numbers on both sides and the tolerance.
 - :func:`assert_divergence_matches_jacobian`: a divergence against the trace of the full autograd
   Jacobian (:func:`jacobian_trace`, the reference trace used across cnftools' own checks);
 - :func:`assert_log_likelihood_close`: the ODE log-likelihood against a closed form.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §4: ``docs/theory/divergence-and-continuity.md#continuity-equation``
+- §9: ``docs/theory/marginals.md#gaussian-data``
 """
 
 from __future__ import annotations
@@ -249,7 +254,7 @@ def assert_generates(
 ) -> None:
     r"""Assert that ``v`` generates the density path ``log_prob``: the continuity equation holds.
 
-    Uses the log form of THEORY §4 (:mod:`cnftools.continuity`),
+    Uses the log form of theory §4 (:mod:`cnftools.continuity`),
 
     .. math::
 
@@ -339,7 +344,7 @@ def assert_log_likelihood_close(
             (e.g. ``lambda x: marginal.log_prob(x, 1.0)`` or a distribution's ``log_prob``).
         prior: :math:`\pi`, the density at :math:`t = 0` (``None``: :math:`\mathcal N(0, I)`). For a
             closed-form marginal pass its exact ``prior()``: :math:`p_0` is not
-            :math:`\mathcal N(0, I)` for VE and VP (THEORY §9).
+            :math:`\mathcal N(0, I)` for VE and VP (theory §9).
         atol: absolute tolerance in nats (default 1e-6 in float64, 1e-3 in float32: a few times
             the default solver tolerance, plus float32 roundoff on :math:`|\log p| \sim 10`).
         rtol: relative tolerance (default 0).

@@ -1,6 +1,6 @@
 r"""The conditional flow-matching training loop and minibatch-OT pairing.
 
-:func:`train_cfm` minimises :func:`~cnftools.training.objectives.cfm_loss` (THEORY §6) for any
+:func:`train_cfm` minimises :func:`~cnftools.training.objectives.cfm_loss` (theory §6) for any
 Gaussian path and any ``nn.Module`` field ``v(x, t)`` with Adam (or an optimizer you pass). All
 randomness (data minibatches, :math:`t`, :math:`x_0`) comes from one generator seeded with
 ``seed``, so two runs from the same initial weights give identical loss histories and weights on
@@ -13,6 +13,10 @@ With ``minibatch_ot=True`` each batch of noise :math:`x_0` is re-paired with the
 References:
     Lipman et al. (2022), arXiv:2210.02747; Tong et al., Improving and generalizing flow-based
     generative models with minibatch optimal transport (2023), arXiv:2302.00482.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §6: ``docs/theory/flow-matching.md#flow-matching-objectives``
 """
 
 from __future__ import annotations
@@ -194,7 +198,7 @@ def train_cfm(
     callback_every: int = 100,
     extras: Extras | None = None,
 ) -> TrainResult:
-    r"""Train a velocity field with conditional flow matching (THEORY §6).
+    r"""Train a velocity field with conditional flow matching (theory §6).
 
     Each step draws a data batch :math:`x_1`, noise :math:`x_0 \sim \mathcal N(0, I)` (re-paired
     by minibatch OT when ``minibatch_ot``), times :math:`t \sim \mathcal U[t_{\min}, t_{\max})`,

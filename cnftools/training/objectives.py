@@ -1,6 +1,6 @@
 r"""Flow-matching objectives: the FM and CFM losses and the pieces of Theorem 2.
 
-THEORY §6, with time running from noise (:math:`t = 0`) to data (:math:`t = 1`):
+theory §6, with time running from noise (:math:`t = 0`) to data (:math:`t = 1`):
 
 .. math::
 
@@ -26,6 +26,12 @@ user paths with data-dependent :math:`\sigma_t(x_1)`), and :func:`theorem2_terms
 
 References:
     Lipman et al., Flow Matching for Generative Modeling (2022), arXiv:2210.02747, §3.2, Thm. 2.
+
+Theory sections cited here (pages under ``docs/theory/``):
+
+- §5: ``docs/theory/marginals.md#theorem-1``
+- §6: ``docs/theory/flow-matching.md#flow-matching-objectives``
+- §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ def cfm_loss(
     reduction: str = "mean",
     extras: Extras | None = None,
 ) -> Tensor:
-    r"""The conditional flow-matching loss :math:`\mathcal L_{\mathrm{CFM}}` on a batch (THEORY §6).
+    r"""The conditional flow-matching loss :math:`\mathcal L_{\mathrm{CFM}}` on a batch (theory §6).
 
     .. math::
 
@@ -267,7 +273,7 @@ def empirical_posterior(
         u_{b,i} = u_{t_b}(x_b | x_1^i),
 
     computed with ``path.log_prob`` and ``path.conditional_velocity``, so it holds for any Gaussian
-    path. The marginal field (THEORY §5) is :math:`u_t(x_b) = \sum_i w_{b,i} u_{b,i}`.
+    path. The marginal field (theory §5) is :math:`u_t(x_b) = \sum_i w_{b,i} u_{b,i}`.
     Memory is :math:`O(B N d)`: meant for small empirical sets (checks, tests).
 
     Args:
@@ -288,7 +294,7 @@ def empirical_posterior(
         tensor([1.], dtype=torch.float64)
 
     References:
-        Lipman et al. (2022), arXiv:2210.02747, eq. (8); THEORY §6, §10.
+        Lipman et al. (2022), arXiv:2210.02747, eq. (8); theory §6, §10.
     """
     x = check_batched("x", x)
     data = check_batched("data", data)
@@ -320,7 +326,7 @@ def theorem2_terms(
     weights: Tensor | None = None,
     marginal_velocity: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    r"""The three per-point terms of the pointwise Theorem 2 identity (THEORY §6), each ``(B,)``.
+    r"""The three per-point terms of the pointwise Theorem 2 identity (theory §6), each ``(B,)``.
 
     .. math::
 
