@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ __all__ = [
     "check_event_shape",
     "check_finite",
     "check_floating",
+    "check_int",
     "check_same_shape",
     "check_tolerance",
     "expand_like",
@@ -88,6 +89,20 @@ def check_event_shape(name: str, shape: object) -> tuple[int, ...]:
         if size < 1:
             raise ValueError(f"{name} must hold sizes >= 1, got {shape!r}")
     return tuple(int(size) for size in items)
+
+
+def check_int(name: str, value: object, *, low: int = 1) -> int:
+    """``value`` (any integral number, ``bool`` refused) as an ``int`` of at least ``low``, or a
+    ``ValueError`` naming
+    ``name``: the one integer-argument check of cnftools.
+
+    Example:
+        >>> check_int("steps", 20)
+        20
+    """
+    if isinstance(value, bool) or not isinstance(value, Integral) or int(value) < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 def check_tolerance(name: str, value: object, *, allow_none: bool = True) -> float | None:

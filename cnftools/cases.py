@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cnftools._checks import check_int
 from cnftools.marginals import GaussianMarginal, MixtureMarginal
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 
@@ -151,8 +152,7 @@ def _check_generator(generator: object) -> torch.Generator:
 
 
 def _check_dimension(d: object) -> int:
-    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-        raise ValueError(f"d must be an int >= 1, got {d!r}")
+    d = check_int("d", d, low=1)
     return d
 
 

@@ -49,7 +49,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from cnftools._checks import check_batched, check_finite, check_floating
+from cnftools._checks import check_batched, check_finite, check_floating, check_int
 
 __all__ = [
     "DIGITS_LEVELS",
@@ -85,8 +85,7 @@ def _target(
 
 
 def _check_n(n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    n = check_int("n", n, low=1)
     return n
 
 
@@ -413,8 +412,7 @@ class Dequantization:
 
 
 def _check_levels(levels: object) -> int:
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+    levels = check_int("levels", levels, low=2)
     return levels
 
 
@@ -489,8 +487,7 @@ def quantize(y: Tensor, levels: int, *, centered: bool = False) -> Tensor:
 def dequantization_log_det(dim: int, levels: int, *, centered: bool = False) -> float:
     r""":math:`\sum \log|\partial y / \partial x'| = D \log(1/L)` (centered: :math:`D\log(2/L)`)."""
     levels = _check_levels(levels)
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    dim = check_int("dim", dim, low=1)
     return dim * math.log((2.0 if centered else 1.0) / levels)
 
 
@@ -525,8 +522,8 @@ def bits_per_dim(
     offset = 0.0
     if levels is not None:
         offset = -dequantization_log_det(dim, levels, centered=centered)
-    elif isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    else:
+        check_int("dim", dim, low=1)
     return (nll_nats + offset) / (dim * math.log(2.0))
 
 
@@ -563,8 +560,7 @@ def dequantized_nll(
     Returns:
         Shape ``(B,)``.
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+    samples = check_int("samples", samples, low=1)
     dim = math.prod(x.shape[1:])
     log_det = dequantization_log_det(dim, levels, centered=centered)
     terms = []

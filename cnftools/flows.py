@@ -58,7 +58,7 @@ from torch.distributions import (
     constraints,
 )
 
-from cnftools._checks import check_depends_on_input, check_finite, check_floating
+from cnftools._checks import check_depends_on_input, check_finite, check_floating, check_int
 from cnftools.fields import field_name
 
 __all__ = [
@@ -259,8 +259,7 @@ class LULinear(ModuleTransform):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        dim = check_int("dim", dim, low=1)
         dtype = dtype or torch.get_default_dtype()
         # Draw where the generator lives, then place the parameters where they were asked for.
         draw_device = generator.device if generator is not None else device
@@ -531,8 +530,7 @@ class EulerStep(ModuleTransform):
             raise ValueError(f'jacobian must be "batched" or "loop", got {jacobian!r}')
         if inverse_tol is not None and not (_real("inverse_tol", inverse_tol) > 0):
             raise ValueError(f"inverse_tol must be > 0, got {inverse_tol}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        max_iter = check_int("max_iter", max_iter, low=1)
         super().__init__(dim=-1)  # any d: the field decides
         self.v = v
         self.t = t
@@ -695,8 +693,7 @@ def euler_chain(
     References:
         theory §3; Chen et al. (2018), arXiv:1806.07366.
     """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    n_steps = check_int("n_steps", n_steps, low=1)
     return [EulerStep(v, i / n_steps, 1.0 / n_steps, **kwargs) for i in range(n_steps)]  # type: ignore[arg-type]
 
 

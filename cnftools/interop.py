@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnftools._checks import as_time, check_batched
+from cnftools._checks import as_time, check_batched, check_int
 from cnftools.fields import field_name
 from cnftools.paths import AffineGaussianPath, VPPath
 
@@ -328,8 +328,7 @@ def from_diffusers(
     if _config_value(config, "rescale_betas_zero_snr", False):
         raise ValueError("from_diffusers does not support rescale_betas_zero_snr=True")
     steps = _config_value(config, "num_train_timesteps")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"scheduler num_train_timesteps must be an integer >= 2, got {steps!r}")
+    steps = check_int("scheduler num_train_timesteps", steps, low=2)
     start, end = _config_value(config, "beta_start"), _config_value(config, "beta_end")
     for name, value in (("beta_start", start), ("beta_end", end)):
         if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):

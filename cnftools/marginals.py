@@ -59,7 +59,7 @@ from torch.distributions import (
     Normal,
 )
 
-from cnftools._checks import as_time, check_batched, check_finite, check_floating
+from cnftools._checks import as_time, check_batched, check_finite, check_floating, check_int
 from cnftools.paths import AffineGaussianPath
 
 __all__ = ["GaussianMarginal", "MarginalStatistics", "MixtureMarginal"]
@@ -110,12 +110,6 @@ def _check_chunk_size(chunk_size: object) -> int | None:
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return int(chunk_size)
-
-
-def _check_n(n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, Integral) or int(n) < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    return int(n)
 
 
 def _normalised_log_weights(weights: object, k: int, device: torch.device) -> Tensor:
@@ -476,7 +470,7 @@ class _Marginal:
         return x, _Times(self.path, as_time(t, x))
 
     def _sample_times(self, n: object, t: object) -> tuple[int, _Times, Tensor]:
-        n = _check_n(n)
+        n = check_int("n", n)
         like = torch.empty(n, self.d, dtype=self.dtype, device=self.device)
         return n, _Times(self.path, as_time(t, like)), like
 

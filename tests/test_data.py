@@ -118,7 +118,7 @@ def test_picture_samplers(sampler, dtype):
     assert a.shape == (100, 2) and a.dtype == dtype
     assert torch.equal(a, b)  # same generator seed, same draws
     assert bool(torch.isfinite(a).all())
-    with pytest.raises(ValueError, match="n must be a positive int"):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
         sampler(0)
 
 
@@ -186,7 +186,7 @@ def test_dequantize_errors():
         dequantize(torch.tensor([[0.5]]), 17)
     with pytest.raises(ValueError, match="levels must be an int >= 2"):
         dequantize(torch.tensor([[0]]), 1)
-    with pytest.raises(ValueError, match="dim must be a positive int"):
+    with pytest.raises(ValueError, match="dim must be an int >= 1"):
         bits_per_dim(1.0, 0)
 
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from cnftools._checks import check_event_shape
+from cnftools._checks import check_event_shape, check_int
 from cnftools.cases import random_spd
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 from cnftools.training.models import MLPField
@@ -150,8 +150,7 @@ def times(*, margin: float = 1e-3, singular_ends: bool = True) -> st.SearchStrat
 
 
 def _check_dim(dim: object) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+    dim = check_int("dim", dim, low=1)
     return dim
 
 

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from cnftools._checks import check_batched, check_same_shape
+from cnftools._checks import check_batched, check_int, check_same_shape
 from cnftools.fields import Extras, check_extras, select_extras
 from cnftools.paths import GaussianPath
 from cnftools.training.objectives import cfm_loss
@@ -286,8 +286,7 @@ def train_cfm(
         ("batch_size", batch_size, 1),
         ("callback_every", callback_every, 1),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(name, value, low=low)
     extras = check_extras(extras)
     if isinstance(data, Tensor):
         check_batched("data", data)

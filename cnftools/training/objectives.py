@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cnftools._checks import as_time, check_batched, check_floating, check_same_shape
+from cnftools._checks import as_time, check_batched, check_floating, check_int, check_same_shape
 from cnftools.fields import Extras, call_checked, check_extras
 from cnftools.paths import GaussianPath, OTPath
 
@@ -73,8 +73,7 @@ def sample_time(
         >>> t.shape, bool((t < 0.5).all())
         (torch.Size([4]), True)
     """
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    batch = check_int("batch", batch, low=1)
     _check_time_range(t_min, t_max)
     u = torch.rand(batch, generator=generator, dtype=like.dtype, device=like.device)
     t = t_min + (t_max - t_min) * u
