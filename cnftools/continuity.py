@@ -33,7 +33,7 @@ from torch import Tensor
 
 from cnftools._checks import as_time, check_batched, check_finite
 from cnftools.divergences import divergence as _autograd_divergence
-from cnftools.fields import call_checked, closed_form_divergence, field_name
+from cnftools.fields import VelocityField, call_checked, closed_form_divergence, field_name
 
 __all__ = [
     "ContinuityTerms",
@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 LogProb = Callable[[Tensor, Tensor], Tensor]
-Field = Callable[[Tensor, Tensor], Tensor]
 DivergenceChoice = str | Callable[[Tensor, Tensor], Tensor]
 
 
@@ -71,7 +70,7 @@ class ContinuityTerms(NamedTuple):
         return self.time_derivative.abs() + self.divergence.abs() + self.transport.abs()
 
 
-def _divergence_of(choice: DivergenceChoice, v: Field, x: Tensor, t: Tensor) -> Tensor:
+def _divergence_of(choice: DivergenceChoice, v: VelocityField, x: Tensor, t: Tensor) -> Tensor:
     if callable(choice):
         div = choice(x, t)
         name = "divergence callable"
@@ -100,7 +99,7 @@ def _divergence_of(choice: DivergenceChoice, v: Field, x: Tensor, t: Tensor) -> 
 
 def continuity_terms(
     log_prob: LogProb,
-    v: Field,
+    v: VelocityField,
     x: Tensor,
     t: float | Tensor,
     *,
@@ -163,7 +162,7 @@ def continuity_terms(
 
 def continuity_residual(
     log_prob: LogProb,
-    v: Field,
+    v: VelocityField,
     x: Tensor,
     t: float | Tensor,
     *,
@@ -203,7 +202,7 @@ def continuity_residual(
 
 def continuity_relative_residual(
     log_prob: LogProb,
-    v: Field,
+    v: VelocityField,
     x: Tensor,
     t: float | Tensor,
     *,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -53,9 +53,11 @@ Divergence = Callable[[Tensor, Tensor], Tensor]
 
 @runtime_checkable
 class VelocityField(Protocol):
-    """The protocol every velocity field satisfies: ``v(x, t) -> (B, *event)``."""
+    """The protocol every velocity field satisfies: ``v(x, t, **extras) -> (B, *event)``, with
+    ``x`` of shape ``(B, *event)``, ``t`` of shape ``(B,)`` and optional conditioning keywords.
+    The type every cnftools function uses for a field argument."""
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:  # pragma: no cover - protocol
+    def __call__(self, x: Tensor, t: Tensor, **extras: Any) -> Tensor:  # pragma: no cover
         ...
 
 

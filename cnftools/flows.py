@@ -59,7 +59,7 @@ from torch.distributions import (
 )
 
 from cnftools._checks import check_depends_on_input, check_finite, check_floating, check_int
-from cnftools.fields import field_name
+from cnftools.fields import call_checked, field_name
 
 __all__ = [
     "AffineCoupling",
@@ -556,11 +556,7 @@ class EulerStep(ModuleTransform):
 
     def _field(self, z: Tensor) -> Tensor:
         t = torch.full((z.shape[0],), self.t, dtype=z.dtype, device=z.device)
-        out = self.v(z, t)
-        if not isinstance(out, Tensor) or out.shape != z.shape:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"v(x, t) must return shape {tuple(z.shape)} like x, got {got}")
-        return out
+        return call_checked(self.v, z, t)
 
     def _call(self, x: Tensor) -> Tensor:
         flat, _ = self._events("x", x)

@@ -539,7 +539,7 @@ def test_coupling_net_output_shape_checked():
 
 
 def test_euler_step_field_output_shape_checked():
-    with pytest.raises(ValueError, match="must return shape"):
+    with pytest.raises(ValueError, match="returned shape"):
         EulerStep(lambda x, t: x[:, :1], 0.0, 0.1)(torch.randn(2, 3, dtype=F64))
 
 

@@ -37,19 +37,16 @@ Theory sections cited here (pages under ``docs/theory/``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from cnftools._checks import as_time, check_batched, check_floating, check_int, check_same_shape
-from cnftools.fields import Extras, call_checked, check_extras
+from cnftools.fields import Extras, VelocityField, call_checked, check_extras
 from cnftools.paths import GaussianPath, OTPath
 
 __all__ = ["cfm_loss", "empirical_posterior", "fm_loss", "sample_time", "theorem2_terms"]
-
-Field = Callable[..., Tensor]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -87,7 +84,7 @@ def sample_time(
 
 
 def cfm_loss(
-    v: Field,
+    v: VelocityField,
     path: GaussianPath,
     x1: Tensor,
     t: float | Tensor | None = None,
@@ -187,7 +184,7 @@ def cfm_loss(
 
 
 def fm_loss(
-    v: Field,
+    v: VelocityField,
     marginal: Any,
     x: Tensor,
     t: float | Tensor,
@@ -317,7 +314,7 @@ def empirical_posterior(
 
 
 def theorem2_terms(
-    v: Field,
+    v: VelocityField,
     path: GaussianPath,
     x: Tensor,
     t: float | Tensor,
