@@ -31,6 +31,7 @@ from torch import Tensor
 
 import cnftools
 from cnftools.cases import AFFINE_PATH_CASES, DATA_CASES
+from cnftools.testing import jacobian_trace
 from cnftools.validation._framework import Check, Context
 
 SECTION = 5
@@ -44,15 +45,6 @@ _QUICK_DATA = ("gaussian d=3", "mixture K=4 d=2", "empirical N=40 d=3 (weighted)
 def _scaled(field: Callable, factor: float) -> Callable[[Tensor, Tensor], Tensor]:
     """A deliberately wrong field: ``factor`` times ``field``."""
     return lambda x, t: factor * field(x, t)
-
-
-def _jacobian_trace(v: Callable, x: Tensor, t: Tensor) -> Tensor:
-    x = x.detach().clone().requires_grad_(True)
-    vel = v(x, t)
-    return sum(
-        torch.autograd.grad(vel[:, i].sum(), x, retain_graph=True)[0][:, i]
-        for i in range(x.shape[1])
-    )
 
 
 def _grid(ctx: Context, t_max: float, n_times: int, batch: int) -> Tensor:
@@ -115,7 +107,7 @@ def run(ctx: Context) -> Iterator[Check]:
                 expect_fail=True,
             )
             div = marginal.divergence(x, t)
-            ref = _jacobian_trace(marginal.velocity, x, t)
+            ref = jacobian_trace(marginal.velocity, x, t)
             scale = max(1.0, float(ref.abs().max()))
             yield Check(
                 "§9–10",
