@@ -62,6 +62,7 @@ __all__ = [
     "dequantized_nll",
     "eight_gaussians",
     "gaussian_mixture",
+    "importance_weighted_log_mean",
     "load_digit_labels",
     "load_digits",
     "quantize",
@@ -567,5 +568,18 @@ def dequantized_nll(
     for _ in range(samples):
         y = dequantize(x, levels, generator, centered=centered, dtype=dtype)
         terms.append(log_prob_y(y) + log_det)
-    stacked = torch.stack(terms, dim=0)
-    return -(torch.logsumexp(stacked, dim=0) - math.log(samples))
+    return -importance_weighted_log_mean(torch.stack(terms, dim=0))
+
+
+def importance_weighted_log_mean(terms: Tensor) -> Tensor:
+    r""":math:`\log rac1K \sum_{k=1}^K e^{\ell_k}` over the first dimension of ``terms``
+    (``(K, B)`` -> ``(B,)``): the importance-weighted dequantization bound from the ``K``
+    per-sample log-likelihoods :math:`\ell_k`, computed stably (log-sum-exp). The one
+    implementation used by :func:`dequantized_nll`, the dataset NLL and the baselines.
+
+    Example:
+        >>> import torch
+        >>> importance_weighted_log_mean(torch.log(torch.tensor([[1.0], [3.0]])))
+        tensor([0.6931])
+    """
+    return torch.logsumexp(terms, dim=0) - math.log(terms.shape[0])

@@ -15,7 +15,12 @@ import math
 import torch
 from torch import Tensor
 
-from cnftools.data import Dequantization, check_integer_data, dequantization_log_det, dequantize
+from cnftools.data import (
+    Dequantization,
+    check_integer_data,
+    dequantize,
+    dequantized_nll,
+)
 
 __all__ = ["gaussian_baseline_nll", "histogram_baseline_nll"]
 
@@ -65,15 +70,15 @@ def gaussian_baseline_nll(
     cov = torch.cov(y.T, correction=0)
     cov = cov + shrinkage * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
     normal = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
-    log_det = dequantization_log_det(test.shape[1], deq.levels, centered=deq.centered)
-    terms = [
-        normal.log_prob(
-            dequantize(test, deq.levels, gen, centered=deq.centered, dtype=torch.float64)
-        )
-        + log_det
-        for _ in range(deq.samples)
-    ]
-    return -(torch.logsumexp(torch.stack(terms), dim=0) - math.log(deq.samples))
+    return dequantized_nll(
+        normal.log_prob,
+        test,
+        deq.levels,
+        samples=deq.samples,
+        centered=deq.centered,
+        generator=gen,
+        dtype=torch.float64,
+    )
 
 
 def histogram_baseline_nll(

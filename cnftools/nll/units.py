@@ -28,7 +28,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from cnftools.data import Dequantization, dequantization_log_det, dequantize
+from cnftools.data import (
+    Dequantization,
+    dequantization_log_det,
+    dequantize,
+    importance_weighted_log_mean,
+)
 
 __all__ = ["MAX_ERROR_TEXT", "Settings", "compute_unit", "unit_seed"]
 
@@ -101,7 +106,7 @@ def _value(
     if len(ys) == 1:
         return terms[0], total, variances[0]
     stacked = torch.stack(terms)
-    value = torch.logsumexp(stacked, dim=0) - math.log(len(ys))
+    value = importance_weighted_log_mean(stacked)
     var = None
     if all(w is not None for w in variances):
         # delta method: d logmeanexp / d term_k = softmax weight w_k
