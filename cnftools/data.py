@@ -42,7 +42,7 @@ Theory sections cited here (pages under ``docs/theory/``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -143,6 +143,10 @@ class GaussianMixture:
     def dim(self) -> int:
         """The data dimension :math:`d`."""
         return int(self.means.shape[1])
+
+    def __iter__(self) -> Iterator[Tensor]:
+        """``means, covs, weights``: unpacks into ``MixtureMarginal(path, *mixture)``."""
+        return iter((self.means, self.covs, self.weights))
 
     def _mvn(self) -> torch.distributions.MultivariateNormal:
         return torch.distributions.MultivariateNormal(

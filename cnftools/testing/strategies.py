@@ -14,7 +14,6 @@ r"""Hypothesis strategies for property tests of paths, data and fields (needs ``
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from hypothesis import HealthCheck, Phase, settings
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from cnftools._checks import check_event_shape, check_int
 from cnftools.cases import random_spd
+from cnftools.data import GaussianMixture
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 from cnftools.training.models import MLPField
 
@@ -196,21 +196,10 @@ def spd_matrices(
     return st.tuples(eigenvalues, st.integers(0, 2**31 - 1)).map(build)
 
 
-class MixtureParameters(NamedTuple):
-    """Parameters of a Gaussian mixture :math:`\\sum_k w_k \\mathcal N(m_k, S_k)`.
-
-    Unpacks straight into :class:`~cnftools.marginals.MixtureMarginal`:
-    ``MixtureMarginal(path, *params)``.
-
-    Attributes:
-        means: ``(K, d)``.
-        covs: ``(K, d, d)``, symmetric positive definite.
-        weights: ``(K,)``, positive, summing to one.
-    """
-
-    means: Tensor
-    covs: Tensor
-    weights: Tensor
+MixtureParameters = GaussianMixture
+"""The mixture parameters :func:`gaussian_mixtures` draws: a validated
+:class:`cnftools.data.GaussianMixture` (``means`` ``(K, d)``, ``covs`` ``(K, d, d)``, ``weights``
+``(K,)``), which unpacks straight into ``MixtureMarginal(path, *params)``."""
 
 
 def gaussian_mixtures(
@@ -263,7 +252,7 @@ def gaussian_mixtures(
             dtype=torch.float64,
         )
         out = (means, covs, w / w.sum())
-        return MixtureParameters(*(a.to(dtype=dtype, device=device) for a in out))
+        return GaussianMixture(*(a.to(dtype=dtype, device=device) for a in out))
 
     return build()
 
