@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from cnftools._checks import check_batched, check_finite, check_floating, check_int
+from cnftools.marginals import MixtureMarginal
 
 __all__ = [
     "DIGITS_LEVELS",
@@ -191,8 +192,6 @@ class GaussianMixture:
 
     def marginal(self, path: object) -> object:
         """The closed-form marginal path of this mixture under an affine ``path`` (theory §10)."""
-        from cnftools.marginals import MixtureMarginal
-
         return MixtureMarginal(path, self.means, self.covs, self.weights)  # type: ignore[arg-type]
 
     def to(

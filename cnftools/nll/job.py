@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from cnftools.nll import distributed as dist
 from cnftools.nll.frames import combine, plan_rounds, summarize
@@ -169,8 +170,6 @@ class Job:
     def _bar(self, round_: int, needed):
         if not self.show:
             return None
-        from tqdm.auto import tqdm
-
         total = self.rows.n if needed is None else int(sum(len(p) for p in needed.values()))
         desc = "dataset_nll" + (f" round {round_}" if round_ else "")
         return tqdm(

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 __all__ = ["FORMAT", "ChunkStore", "ResumeError", "RunLock", "unit_name", "write_atomic"]
 
@@ -48,9 +50,6 @@ def unit_name(batch: int, round_: int) -> str:
 
 def write_atomic(frame: pd.DataFrame, meta: Mapping[str, Any], path: Path) -> None:
     """Write ``frame`` with ``meta`` in its schema to ``path``: temp file, fsync, rename."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.Table.from_pandas(frame, preserve_index=False)
     old = table.schema.metadata or {}
     table = table.replace_schema_metadata({**old, META_KEY: json.dumps(meta).encode()})
@@ -64,8 +63,6 @@ def write_atomic(frame: pd.DataFrame, meta: Mapping[str, Any], path: Path) -> No
 
 def read_meta(path: Path) -> dict[str, Any]:
     """The cnftools metadata of a Parquet file; :class:`ResumeError` when unreadable or foreign."""
-    import pyarrow.parquet as pq
-
     try:
         metadata = pq.read_schema(path).metadata or {}
     except Exception as error:

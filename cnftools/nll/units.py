@@ -34,6 +34,7 @@ from cnftools.data import (
     dequantize,
     importance_weighted_log_mean,
 )
+from cnftools.likelihood import log_likelihood
 
 __all__ = ["MAX_ERROR_TEXT", "Settings", "compute_unit", "unit_seed"]
 
@@ -71,8 +72,6 @@ def _solve(
     extras: Mapping[str, Any],
 ):
     """One solve through :func:`cnftools.likelihood.log_likelihood`: ``(log_prob, nfe, stderr)``."""
-    from cnftools.likelihood import log_likelihood
-
     kwargs: dict[str, Any] = dict(s.solver_kwargs)
     if s.divergence == "hutchinson":
         kwargs.update(divergence="hutchinson", n_probes=s.n_probes, generator=generator)

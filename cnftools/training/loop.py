@@ -28,7 +28,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from cnftools._checks import check_batched, check_int, check_same_shape
 from cnftools.fields import Extras, check_extras, select_extras
@@ -82,8 +84,6 @@ def minibatch_ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
     References:
         Tong et al. (2023), arXiv:2302.00482, §3.2 (OT-CFM).
     """
-    from scipy.optimize import linear_sum_assignment
-
     x0 = check_batched("x0", x0)
     x1 = check_batched("x1", x1)
     check_same_shape("x0", x0, "x1", x1)
@@ -336,8 +336,6 @@ def train_cfm(
     batches = _batches(data, extras, batch_size, generator, device, dtype)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=steps, desc="train_cfm")
     losses: list[Tensor] = []
     lrs: list[float] = []
