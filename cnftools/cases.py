@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PathCase:
     """A path with the facts a check needs about it.
 
@@ -113,28 +113,60 @@ def x1_dependent_path() -> GaussianPath:
 
 PATH_CASES: dict[str, PathCase] = {
     "OT(sigma_min=0)": PathCase(
-        lambda: OTPath(0.0), True, True, True, lambda x1: _ends(0 * x1, 1.0, x1, 0.0)
+        build=lambda: OTPath(0.0),
+        singular_at_one=True,
+        affine=True,
+        p0_is_standard=True,
+        boundary=lambda x1: _ends(0 * x1, 1.0, x1, 0.0),
     ),
     "OT(sigma_min=0.1)": PathCase(
-        lambda: OTPath(0.1), False, True, True, lambda x1: _ends(0 * x1, 1.0, x1, 0.1)
+        build=lambda: OTPath(0.1),
+        singular_at_one=False,
+        affine=True,
+        p0_is_standard=True,
+        boundary=lambda x1: _ends(0 * x1, 1.0, x1, 0.1),
     ),
     "VE(0.01, 50)": PathCase(
-        lambda: VEPath(0.01, 50.0), False, True, False, lambda x1: _ends(x1, 50.0, x1, 0.01)
+        build=lambda: VEPath(0.01, 50.0),
+        singular_at_one=False,
+        affine=True,
+        p0_is_standard=False,
+        boundary=lambda x1: _ends(x1, 50.0, x1, 0.01),
     ),
     "VE(0.1, 5)": PathCase(
-        lambda: VEPath(0.1, 5.0), False, True, False, lambda x1: _ends(x1, 5.0, x1, 0.1)
+        build=lambda: VEPath(0.1, 5.0),
+        singular_at_one=False,
+        affine=True,
+        p0_is_standard=False,
+        boundary=lambda x1: _ends(x1, 5.0, x1, 0.1),
     ),
-    "VP(0.1, 20)": PathCase(lambda: VPPath(0.1, 20.0), True, True, False, _vp_boundary(0.1, 20.0)),
-    "VP(1, 5)": PathCase(lambda: VPPath(1.0, 5.0), True, True, False, _vp_boundary(1.0, 5.0)),
+    "VP(0.1, 20)": PathCase(
+        build=lambda: VPPath(0.1, 20.0),
+        singular_at_one=True,
+        affine=True,
+        p0_is_standard=False,
+        boundary=_vp_boundary(0.1, 20.0),
+    ),
+    "VP(1, 5)": PathCase(
+        build=lambda: VPPath(1.0, 5.0),
+        singular_at_one=True,
+        affine=True,
+        p0_is_standard=False,
+        boundary=_vp_boundary(1.0, 5.0),
+    ),
     "cosine (user, affine)": PathCase(
-        cosine_path, False, True, True, lambda x1: _ends(0 * x1, 1.0, x1, 0.05)
+        build=cosine_path,
+        singular_at_one=False,
+        affine=True,
+        p0_is_standard=True,
+        boundary=lambda x1: _ends(0 * x1, 1.0, x1, 0.05),
     ),
     "x1-dependent std (user)": PathCase(
-        x1_dependent_path,
-        False,
-        False,
-        True,
-        lambda x1: _ends(0 * x1, 1.0, x1, _x1_dependent_std1(x1)),
+        build=x1_dependent_path,
+        singular_at_one=False,
+        affine=False,
+        p0_is_standard=True,
+        boundary=lambda x1: _ends(0 * x1, 1.0, x1, _x1_dependent_std1(x1)),
     ),
 }
 

@@ -179,13 +179,6 @@ class GaussianMixture:
         chol = torch.linalg.cholesky(self.covs)[k]
         return self.means[k] + (chol @ z.unsqueeze(-1)).squeeze(-1)
 
-    def entropy_estimate(
-        self, n: int, generator: torch.Generator | None = None
-    ) -> tuple[float, float]:
-        r"""Monte Carlo entropy :math:`H = -\mathbb E_q \log q` and its standard error (nats)."""
-        log_q = self.log_prob(self.sample(n, generator))
-        return float(-log_q.mean()), float(log_q.std() / math.sqrt(n))
-
     def as_dict(self) -> dict[str, Tensor]:
         """``{"means", "covs", "weights"}``: the keyword arguments of ``MixtureMarginal``."""
         return {"means": self.means, "covs": self.covs, "weights": self.weights}
