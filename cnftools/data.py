@@ -328,6 +328,17 @@ def spirals(
 
 
 # ----------------------------------------------------------------------------------------------
+def _sklearn_digits(caller: str) -> object:
+    """scikit-learn's digits bunch (read from the file inside scikit-learn; no download)."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_load_digits
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"{caller} needs the optional dependency scikit-learn: pip install scikit-learn"
+        ) from error
+    return sklearn_load_digits()
+
+
 def load_digits(*, images: bool = False, device: torch.device | str | None = None) -> Tensor:
     """scikit-learn's 8×8 digits as integers ``0..16``: shape ``(1797, 64)`` (or ``(1797, 1, 8, 8)``).
 
@@ -336,13 +347,7 @@ def load_digits(*, images: bool = False, device: torch.device | str | None = Non
     Raises:
         ImportError: scikit-learn is not installed (``pip install scikit-learn``).
     """
-    try:
-        from sklearn.datasets import load_digits as _sk_load_digits
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "load_digits needs the optional dependency scikit-learn: pip install scikit-learn"
-        ) from error
-    data = torch.as_tensor(_sk_load_digits().data).round().to(torch.long)
+    data = torch.as_tensor(_sklearn_digits("load_digits").data).round().to(torch.long)
     if images:
         data = data.reshape(-1, 1, 8, 8)
     return data.to(device) if device is not None else data
@@ -354,13 +359,7 @@ def load_digit_labels(*, device: torch.device | str | None = None) -> Tensor:
     Raises:
         ImportError: scikit-learn is not installed (``pip install scikit-learn``).
     """
-    try:
-        from sklearn.datasets import load_digits as _sk_load_digits
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "load_digit_labels needs the optional dependency scikit-learn: pip install scikit-learn"
-        ) from error
-    labels = torch.as_tensor(_sk_load_digits().target).to(torch.long)
+    labels = torch.as_tensor(_sklearn_digits("load_digit_labels").target).to(torch.long)
     return labels.to(device) if device is not None else labels
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "call_field",
     "call_with_closed_form_divergence",
     "check_extras",
+    "check_output_like",
     "closed_form_divergence",
     "field_name",
     "select_extras",
@@ -217,6 +218,27 @@ def call_checked(
 
 
 def _checked_output(v: object, x: Tensor, out: object) -> Tensor:
+    return check_output_like(
+        out,
+        x,
+        f"velocity field {field_name(v)}",
+        "a field must return one velocity per point, shape (B, *event)",
+    )
+
+
+def check_output_like(
+    out: object, x: Tensor, who: str, shape_rule: str, type_hint: str = ""
+) -> Tensor:
+    """``out`` if it is a tensor of ``x``'s shape, dtype and device, else an error that names
+    ``who`` returned what (``shape_rule`` says what the shape must be; ``type_hint`` is added when
+    ``out`` is not a tensor). The one output check of field and model calls.
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(2, 3)
+        >>> check_output_like(2 * x, x, "field f", "shape (B, d)").shape
+        torch.Size([2, 3])
+    """
     if (
         isinstance(out, Tensor)
         and out.shape == x.shape
@@ -224,22 +246,18 @@ def _checked_output(v: object, x: Tensor, out: object) -> Tensor:
         and out.device == x.device
     ):
         return out
-    name = field_name(v)
     if not isinstance(out, Tensor):
-        raise TypeError(
-            f"velocity field {name} must return a torch.Tensor, got {type(out).__name__}"
-        )
+        raise TypeError(f"{who} must return a torch.Tensor, got {type(out).__name__}{type_hint}")
     if out.shape != x.shape:
         raise ValueError(
-            f"velocity field {name} returned shape {tuple(out.shape)} for x of shape "
-            f"{tuple(x.shape)}; a field must return one velocity per point, shape (B, *event)"
+            f"{who} returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; {shape_rule}"
         )
     if out.dtype != x.dtype:
         raise TypeError(
-            f"velocity field {name} returned dtype {out.dtype} for x of dtype {x.dtype}; "
-            "cast the field (e.g. module.to(x.dtype)) so no precision is lost silently"
+            f"{who} returned dtype {out.dtype} for x of dtype {x.dtype}; cast it "
+            "(e.g. module.to(x.dtype)) so no precision is lost silently"
         )
-    raise ValueError(f"velocity field {name} returned a tensor on {out.device}, x is on {x.device}")
+    raise ValueError(f"{who} returned a tensor on {out.device}, x is on {x.device}")
 
 
 def closed_form_divergence(v: object) -> Divergence | None:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from cnftools._checks import as_time, check_batched, check_int
-from cnftools.fields import field_name
+from cnftools.fields import check_output_like, field_name
 from cnftools.paths import AffineGaussianPath, VPPath
 
 __all__ = ["PREDICTIONS", "PredictionField", "as_velocity", "from_diffusers"]
@@ -99,30 +99,13 @@ class PredictionField(nn.Module):
 
 
 def _check_prediction(model: object, prediction: str, out: object, x: Tensor) -> Tensor:
-    if (
-        isinstance(out, Tensor)
-        and out.shape == x.shape
-        and out.dtype == x.dtype
-        and out.device == x.device
-    ):
-        return out
-    name = field_name(model)
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            f"model {name} must return a tensor (its {prediction} prediction), got "
-            f"{type(out).__name__}; for outputs with a .sample attribute use from_diffusers"
-        )
-    if out.shape != x.shape:
-        raise ValueError(
-            f"model {name} returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; "
-            f"its {prediction} prediction must have x's shape"
-        )
-    if out.dtype != x.dtype:
-        raise TypeError(
-            f"model {name} returned dtype {out.dtype} for x of dtype {x.dtype}; cast the model "
-            "(e.g. model.to(x.dtype)) so no precision is lost silently"
-        )
-    raise ValueError(f"model {name} returned a tensor on {out.device}, x is on {x.device}")
+    return check_output_like(
+        out,
+        x,
+        f"model {field_name(model)}",
+        f"its {prediction} prediction must have x's shape",
+        f" (its {prediction} prediction); for outputs with a .sample attribute use from_diffusers",
+    )
 
 
 def as_velocity(

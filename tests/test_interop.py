@@ -141,7 +141,7 @@ def test_as_velocity_validates_its_arguments(kwargs, error, match):
 @pytest.mark.parametrize(
     ("output", "error", "match"),
     [
-        (lambda x: (x,), TypeError, "must return a tensor"),
+        (lambda x: (x,), TypeError, "must return a torch.Tensor"),
         (lambda x: x[:, :1], ValueError, r"returned shape \(2, 1\)"),
         (lambda x: x.double(), TypeError, "returned dtype torch.float64"),
     ],

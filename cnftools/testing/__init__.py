@@ -48,7 +48,7 @@ from cnftools.testing.assertions import (
     jacobian_trace,
 )
 
-_STRATEGIES = (
+STRATEGIES = (
     "SMOOTH_ACTIVATIONS",
     "MixtureParameters",
     "builtin_paths",
@@ -68,18 +68,19 @@ _STRATEGIES = (
 )
 
 __all__ = [
+    "STRATEGIES",
     "assert_divergence_matches_jacobian",
     "assert_generates",
     "assert_log_likelihood_close",
     "assert_theorem3",
     "jacobian_trace",
-    *_STRATEGIES,
+    *STRATEGIES,
 ]
 
 
 def __getattr__(name: str) -> Any:
     """The strategies, imported on first use (they need ``hypothesis``)."""
-    if name not in _STRATEGIES:
+    if name not in STRATEGIES:
         raise AttributeError(f"module 'cnftools.testing' has no attribute {name!r}")
     try:
         strategies = importlib.import_module("cnftools.testing.strategies")

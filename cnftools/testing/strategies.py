@@ -24,26 +24,10 @@ from cnftools._checks import check_event_shape, check_int
 from cnftools.cases import random_spd
 from cnftools.data import GaussianMixture
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
+from cnftools.testing import STRATEGIES
 from cnftools.training.models import MLPField
 
-__all__ = [
-    "SMOOTH_ACTIVATIONS",
-    "MixtureParameters",
-    "builtin_paths",
-    "gaussian_mixtures",
-    "gaussian_paths",
-    "mlp_fields",
-    "ot_paths",
-    "points",
-    "quick_settings",
-    "random_mlp_field",
-    "spd_matrices",
-    "times",
-    "user_affine_paths",
-    "user_paths",
-    "ve_paths",
-    "vp_paths",
-]
+__all__ = list(STRATEGIES)  # the names cnftools.testing serves lazily from this module
 
 
 def quick_settings(max_examples: int = 10, **overrides: object) -> settings:
