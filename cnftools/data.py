@@ -1,14 +1,15 @@
 r"""Built-in datasets, dequantization and bits per dimension (theory §10, §12).
 
-Datasets with an exact density (usable as ground truth for likelihood checks):
+Every toy dataset has one shape of API: a function that returns a distribution object with
+``sample(n, generator=None, *, device, dtype)``, and ``log_prob(x)`` where the density is exact.
 
-* :class:`GaussianMixture` (and :func:`eight_gaussians`): exact ``log_prob``, exact sampler, and a
-  :meth:`GaussianMixture.marginal` giving the closed-form marginal path of §10
-  (:class:`~cnftools.marginals.MixtureMarginal`).
-* :class:`Checkerboard`: uniform on 8 unit squares of :math:`[-2, 2]^2`, density :math:`1/8`
-  there; entropy :math:`\log 8` exactly.
-
-Samplers only (no density, for pictures): :func:`two_moons`, :func:`spirals`.
+* :func:`eight_gaussians` (and :func:`gaussian_mixture`) return a :class:`GaussianMixture`: exact
+  ``log_prob``, exact sampler, and :meth:`GaussianMixture.marginal` giving the closed-form marginal
+  path of §10 (:class:`~cnftools.marginals.MixtureMarginal`).
+* :func:`checkerboard` returns a :class:`Checkerboard`: uniform on 8 unit squares of
+  :math:`[-2, 2]^2`, density :math:`1/8` there; entropy :math:`\log 8` exactly.
+* :func:`two_moons` and :func:`spirals` return samplers only (:class:`TwoMoons`,
+  :class:`Spirals`; no density, for pictures).
 
 Real data shipped inside a package (nothing is downloaded): :func:`load_digits`, scikit-learn's
 8×8 handwritten digits, 1797 × 64 integers in ``0..16`` (:data:`DIGITS_LEVELS` = 17 levels). It needs
@@ -25,7 +26,7 @@ Dequantization and bits/dim (theory §12): integer data :math:`x \in \{0, \dots,
 
 so a model uniform on the cube gives exactly :math:`\log_2 L`.
 
-Every sampler takes ``n`` and an optional ``generator``; results are on the generator's device
+Every ``sample`` takes ``n`` and an optional ``generator``; results are on the generator's device
 (or ``device``) in ``dtype`` (default: torch's default dtype).
 
 References:
@@ -57,7 +58,10 @@ __all__ = [
     "Checkerboard",
     "Dequantization",
     "GaussianMixture",
+    "Spirals",
+    "TwoMoons",
     "bits_per_dim",
+    "checkerboard",
     "dequantization_log_det",
     "dequantize",
     "dequantized_nll",
@@ -84,11 +88,6 @@ def _target(
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     return torch.device(device), dtype
-
-
-def _check_n(n: object) -> int:
-    n = check_int("n", n, low=1)
-    return n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,15 +168,26 @@ class GaussianMixture:
         comp = self._mvn().log_prob(x.unsqueeze(1))  # (B, K)
         return torch.logsumexp(comp + torch.log(self.weights), dim=1)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Exact draws: a component by its weight, then ``m_k + L_k z`` with ``S_k = L_k L_kᵀ``."""
-        n = _check_n(n)
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Exact draws: a component by its weight, then ``m_k + L_k z`` with ``S_k = L_k L_kᵀ``.
+
+        Drawn in the mixture's own dtype on its device, then moved to ``device``/``dtype`` if given.
+        """
+        n = check_int("n", n, low=1)
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(
             n, self.dim, generator=generator, dtype=self.means.dtype, device=self.means.device
         )
         chol = torch.linalg.cholesky(self.covs)[k]
-        return self.means[k] + (chol @ z.unsqueeze(-1)).squeeze(-1)
+        draws = self.means[k] + (chol @ z.unsqueeze(-1)).squeeze(-1)
+        return draws.to(device=device or draws.device, dtype=dtype or draws.dtype)
 
     def as_dict(self) -> dict[str, Tensor]:
         """``{"means", "covs", "weights"}``: the keyword arguments of ``MixtureMarginal``."""
@@ -259,7 +269,7 @@ class Checkerboard:
         dtype: torch.dtype | None = None,
     ) -> Tensor:
         """Exact draws: a column uniformly, then a uniform point in one of its two occupied cells."""
-        n = _check_n(n)
+        n = check_int("n", n, low=1)
         device, dtype = _target(generator, device, dtype)
         u = torch.rand(n, 2, generator=generator, dtype=dtype, device=device)
         pick = torch.randint(0, 2, (n,), generator=generator, device=device).to(dtype)
@@ -281,50 +291,92 @@ class Checkerboard:
 
 
 # ----------------------------------------------------------------------------------------------
-def two_moons(
-    n: int,
-    generator: torch.Generator | None = None,
-    *,
-    noise: float = 0.05,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    r"""Two interleaved half circles plus Gaussian noise (sampler only: no density). ``(n, 2)``.
+@dataclass(frozen=True)
+class TwoMoons:
+    r"""Two interleaved half circles plus Gaussian noise (a sampler only: no density).
 
     Upper moon :math:`(\cos\theta, \sin\theta)`, lower :math:`(1 - \cos\theta, 0.5 - \sin\theta)`,
     :math:`\theta \sim \mathcal U[0, \pi]`, then centred by :math:`(-0.5, -0.25)`.
+
+    Attributes:
+        noise: standard deviation of the added Gaussian noise.
     """
-    n = _check_n(n)
-    device, dtype = _target(generator, device, dtype)
-    theta = math.pi * torch.rand(n, generator=generator, dtype=dtype, device=device)
-    lower = torch.randint(0, 2, (n,), generator=generator, device=device).to(dtype)
-    x = torch.cos(theta) * (1 - 2 * lower) + lower
-    y = torch.sin(theta) * (1 - 2 * lower) + 0.5 * lower
-    points = torch.stack([x - 0.5, y - 0.25], dim=1)
-    return points + noise * torch.randn(n, 2, generator=generator, dtype=dtype, device=device)
+
+    noise: float = 0.05
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """``n`` draws, shape ``(n, 2)``."""
+        n = check_int("n", n, low=1)
+        device, dtype = _target(generator, device, dtype)
+        theta = math.pi * torch.rand(n, generator=generator, dtype=dtype, device=device)
+        lower = torch.randint(0, 2, (n,), generator=generator, device=device).to(dtype)
+        x = torch.cos(theta) * (1 - 2 * lower) + lower
+        y = torch.sin(theta) * (1 - 2 * lower) + 0.5 * lower
+        points = torch.stack([x - 0.5, y - 0.25], dim=1)
+        noise = torch.randn(n, 2, generator=generator, dtype=dtype, device=device)
+        return points + self.noise * noise
 
 
-def spirals(
-    n: int,
-    generator: torch.Generator | None = None,
-    *,
-    turns: float = 1.5,
-    noise: float = 0.05,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    r"""Two interleaved Archimedean spirals plus noise (sampler only: no density). ``(n, 2)``.
+@dataclass(frozen=True)
+class Spirals:
+    r"""Two interleaved Archimedean spirals plus noise (a sampler only: no density).
 
     Radius :math:`r = 2\tau`, angle :math:`2\pi\,\text{turns}\,\tau + \pi b` for
-    :math:`\tau \sim \mathcal U[0, 1]` (area-uniform via :math:`\sqrt{\cdot}`), arm :math:`b \in \{0, 1\}`.
+    :math:`\tau \sim \mathcal U[0, 1]` (area-uniform via :math:`\sqrt{\cdot}`), arm
+    :math:`b \in \{0, 1\}`.
+
+    Attributes:
+        turns: turns of each arm.
+        noise: standard deviation of the added Gaussian noise.
     """
-    n = _check_n(n)
-    device, dtype = _target(generator, device, dtype)
-    tau = torch.sqrt(torch.rand(n, generator=generator, dtype=dtype, device=device))
-    arm = torch.randint(0, 2, (n,), generator=generator, device=device).to(dtype)
-    angle = 2 * math.pi * turns * tau + math.pi * arm
-    points = 2 * tau.unsqueeze(1) * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-    return points + noise * torch.randn(n, 2, generator=generator, dtype=dtype, device=device)
+
+    turns: float = 1.5
+    noise: float = 0.05
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """``n`` draws, shape ``(n, 2)``."""
+        n = check_int("n", n, low=1)
+        device, dtype = _target(generator, device, dtype)
+        tau = torch.sqrt(torch.rand(n, generator=generator, dtype=dtype, device=device))
+        arm = torch.randint(0, 2, (n,), generator=generator, device=device).to(dtype)
+        angle = 2 * math.pi * self.turns * tau + math.pi * arm
+        points = 2 * tau.unsqueeze(1) * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+        noise = torch.randn(n, 2, generator=generator, dtype=dtype, device=device)
+        return points + self.noise * noise
+
+
+def checkerboard() -> Checkerboard:
+    """The checkerboard target (exact density, see :class:`Checkerboard`).
+
+    Example:
+        >>> checkerboard().sample(3, torch.Generator().manual_seed(0)).shape
+        torch.Size([3, 2])
+    """
+    return Checkerboard()
+
+
+def two_moons(*, noise: float = 0.05) -> TwoMoons:
+    """The two-moons sampler (see :class:`TwoMoons`): ``two_moons().sample(n, generator)``."""
+    return TwoMoons(noise)
+
+
+def spirals(*, turns: float = 1.5, noise: float = 0.05) -> Spirals:
+    """The two-spirals sampler (see :class:`Spirals`): ``spirals().sample(n, generator)``."""
+    return Spirals(turns, noise)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from cnftools.data import (
     Checkerboard,
     GaussianMixture,
     bits_per_dim,
+    checkerboard,
     dequantization_log_det,
     dequantize,
     dequantized_nll,
@@ -111,15 +112,17 @@ def test_checkerboard_density_and_sampler():
     assert board.log_prob(outside).tolist() == [-math.inf, -math.inf, -math.log(8)]
 
 
-@pytest.mark.parametrize("sampler", [two_moons, spirals])
-def test_picture_samplers(sampler, dtype):
-    a = sampler(100, gen(4), dtype=dtype)
-    b = sampler(100, gen(4), dtype=dtype)
+@pytest.mark.parametrize("dataset", [two_moons, spirals, checkerboard, eight_gaussians])
+def test_every_toy_dataset_has_one_shape_of_api(dataset, dtype):
+    """A function returning an object whose sample(n, generator, dtype=) draws (n, 2) points."""
+    sampler = dataset()
+    a = sampler.sample(100, gen(4), dtype=dtype)
+    b = sampler.sample(100, gen(4), dtype=dtype)
     assert a.shape == (100, 2) and a.dtype == dtype
     assert torch.equal(a, b)  # same generator seed, same draws
     assert bool(torch.isfinite(a).all())
     with pytest.raises(ValueError, match="n must be an int >= 1"):
-        sampler(0)
+        sampler.sample(0)
 
 
 def test_digits():

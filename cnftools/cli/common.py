@@ -12,7 +12,7 @@ import torch
 
 from cnftools.data import (
     DIGITS_LEVELS,
-    Checkerboard,
+    checkerboard,
     eight_gaussians,
     load_digit_labels,
     load_digits,
@@ -122,10 +122,10 @@ def builtin_dataset(name: str, split: str, n: int, seed: int) -> tuple[torch.Ten
     if name == "eight_gaussians":
         return eight_gaussians(dtype=torch.float64).sample(n, gen), None
     if name == "checkerboard":
-        return Checkerboard().sample(n, gen, dtype=torch.float64), None
+        return checkerboard().sample(n, gen, dtype=torch.float64), None
     if name == "two_moons":
-        return two_moons(n, gen, dtype=torch.float64), None
-    return spirals(n, gen, dtype=torch.float64), None
+        return two_moons().sample(n, gen, dtype=torch.float64), None
+    return spirals().sample(n, gen, dtype=torch.float64), None
 
 
 def load_rows(args: argparse.Namespace) -> tuple[torch.Tensor, int | None]:
