@@ -31,8 +31,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from cnftools import divergences
 from cnftools._checks import as_time, check_batched, check_finite
-from cnftools.divergences import divergence as _autograd_divergence
 from cnftools.fields import VelocityField, call_checked, closed_form_divergence, field_name
 
 __all__ = [
@@ -75,7 +75,7 @@ def _divergence_of(choice: DivergenceChoice, v: VelocityField, x: Tensor, t: Ten
         div = choice(x, t)
         name = "divergence callable"
     elif choice in ("exact", "loop"):
-        return _autograd_divergence(v, x, t, choice)
+        return divergences.divergence(v, x, t, choice)
     elif choice == "closed_form":
         closed = closed_form_divergence(v)
         if closed is None:
