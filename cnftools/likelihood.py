@@ -274,7 +274,9 @@ def _needs_graph(
     return isinstance(out, Tensor) and out.requires_grad
 
 
-def _time_grid(times: list[float] | None, reverse: bool, like: Tensor) -> tuple[Tensor, list[int]]:
+def _time_grid(
+    times: list[float] | None, like: Tensor, *, reverse: bool
+) -> tuple[Tensor, list[int]]:
     """Output times for the solver (strictly monotone, 1 -> 0 if ``reverse``) and the index of
     each requested time in it."""
     points = {0.0, 1.0} | set(times or [])
@@ -537,7 +539,7 @@ def _likelihood(
             context=context,
             extras=extras,
         )
-    grid, index = _time_grid(times, reverse, start)
+    grid, index = _time_grid(times, start, reverse=reverse)
     solve, log_prior, per_probe, log_prob = _one_solve(
         v,
         start,
@@ -634,7 +636,7 @@ def _to_accuracy(
     """
     assert config.accuracy is not None
     target = config.accuracy
-    grid, _ = _time_grid(None, reverse, start)
+    grid, _ = _time_grid(None, start, reverse=reverse)
     i0, i1 = (len(grid) - 1, 0) if reverse else (0, len(grid) - 1)
     coarse = config.accuracy_plan()
     *_, previous = _one_solve(
@@ -1077,7 +1079,7 @@ def sample(
     )
     if graph and config_.adjoint and not known:
         raise ValueError("adjoint=True needs params= for a field that is not an nn.Module")
-    grid, index = _time_grid(times_, False, x0)
+    grid, index = _time_grid(times_, x0, reverse=False)
     solve = _augmented_solve(
         v,
         x0,
