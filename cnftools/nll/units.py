@@ -28,7 +28,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from cnftools._ode import SolverConfig
 from cnftools.data import Dequantization, dequantization_log_det, dequantize
 
 __all__ = ["MAX_ERROR_TEXT", "Settings", "compute_unit", "unit_seed"]
@@ -44,7 +43,7 @@ class Settings:
     divergence: str
     n_probes: int
     seed: int
-    config: SolverConfig
+    config: Any  # a cnftools.SolverConfig
     dequantization: Dequantization | None
     solver_kwargs: dict[str, Any]
     prior: object
