@@ -9,7 +9,7 @@ from cnftools import flows, interop
 from cnftools._ode import SolverConfig, SolverError
 from cnftools.continuity import continuity_relative_residual, continuity_residual
 from cnftools.data import Dequantization
-from cnftools.divergences import divergence, velocity_and_divergence
+from cnftools.divergences import DivergenceResult, divergence, velocity_and_divergence
 from cnftools.interop import as_velocity
 from cnftools.likelihood import (
     LikelihoodResult,
@@ -31,6 +31,7 @@ __all__ = [
     "AffineGaussianPath",
     "ConvField",
     "Dequantization",
+    "DivergenceResult",
     "GaussianMarginal",
     "GaussianPath",
     "LikelihoodResult",

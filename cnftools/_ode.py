@@ -42,6 +42,7 @@ __all__ = [
     "SolverConfig",
     "SolverError",
     "integrate",
+    "resolve_config",
 ]
 
 FIXED_GRID_METHODS: dict[str, int] = {
@@ -162,6 +163,16 @@ class SolverConfig:
         accuracy: the target absolute error (nats) of each row's log-density. When set, the
             likelihood engine chooses method and tolerances itself (:meth:`accuracy_plan`) and
             ignores ``method``, ``rtol``, ``atol``, ``steps``, ``step_size`` and ``norm``.
+
+    **Keywords as sugar.** :func:`cnftools.log_likelihood`, :func:`cnftools.sample_with_log_prob`,
+    :func:`cnftools.sample` and :func:`cnftools.dataset_nll` take ``config=`` and also the flat
+    keywords ``method``, ``rtol``, ``atol``, ``step_size``, ``steps``, ``adjoint``, ``norm`` (and
+    ``accuracy``), merged over ``config`` by one rule: a keyword given (not ``None``) overrides
+    the config's field; ``steps``/``step_size`` replace the config's grid (the other is cleared);
+    an adaptive ``method`` keyword drops the config's grid, and an ``adjoint_method`` of the other
+    kind; ``accuracy`` cannot come with ``method``, ``rtol``, ``atol``, ``step_size`` or
+    ``steps``. The merged configuration is validated as usual, so a grid with an adaptive method,
+    or a fixed-grid method without a grid, is an error.
 
     Raises:
         ValueError: for an unknown method or norm, a fixed-grid method without a grid, a grid for
@@ -330,32 +341,83 @@ class SolverConfig:
         )
 
 
-def resolve_config(config: SolverConfig | None, **keywords: object) -> SolverConfig:
-    """Merge solver keywords given directly (not ``None``) into ``config`` (or the defaults).
+def resolve_config(
+    config: SolverConfig | None = None,
+    *,
+    method: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    step_size: float | None = None,
+    steps: int | None = None,
+    adjoint: bool | None = None,
+    norm: str | None = None,
+    accuracy: float | None = None,
+) -> SolverConfig:
+    """The one merge rule of the solver keywords (thin sugar) over a :class:`SolverConfig`.
 
-    Switching to a fixed-grid method without a grid raises the usual :class:`SolverConfig` error;
-    switching from a fixed-grid config to an adaptive method drops the grid.
+    Every public entry point that takes solver keywords (:func:`cnftools.log_likelihood`,
+    :func:`cnftools.sample_with_log_prob`, :func:`cnftools.sample`, :func:`cnftools.dataset_nll`)
+    merges them here, and nowhere else:
+
+    1. Start from ``config`` (the defaults of :class:`SolverConfig` when ``None``).
+    2. A keyword given (not ``None``) replaces the config's field of the same name; a keyword
+       left at ``None`` keeps the config's value.
+    3. The grid is one setting: giving ``steps`` or ``step_size`` replaces the config's grid (the
+       other of the two is cleared).
+    4. An adaptive ``method`` keyword drops the config's grid (an adaptive method has none), and
+       an ``adjoint_method`` of the other kind than the new method is dropped.
+    5. ``accuracy`` chooses method and tolerances itself: it cannot be given together with the
+       ``method``, ``rtol``, ``atol``, ``step_size`` or ``steps`` keywords.
+
+    The result is validated like any :class:`SolverConfig`: a grid with an adaptive method (e.g.
+    ``steps=`` on the default ``dopri5``), or a fixed-grid method without a grid, is an error.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`SolverConfig`.
+        ValueError: the clash of rule 5, or a merged configuration that is not valid.
+
+    Example:
+        >>> base = SolverConfig("rk4", steps=8)
+        >>> resolve_config(base, steps=16).steps
+        16
+        >>> resolve_config(base, method="dopri5", rtol=1e-8).steps is None
+        True
     """
     if config is not None and not isinstance(config, SolverConfig):
         raise TypeError(f"config must be a SolverConfig, got {type(config).__name__}")
     base = config if config is not None else SolverConfig()
-    changes = {k: v for k, v in keywords.items() if v is not None}
+    if accuracy is not None:
+        given = {"method": method, "rtol": rtol, "atol": atol, "step_size": step_size}
+        given["steps"] = steps
+        clash = [name for name, value in given.items() if value is not None]
+        if clash:
+            raise ValueError(
+                f"accuracy= chooses the method and tolerances itself; do not also give {clash}"
+            )
+    keywords = {
+        "method": method,
+        "rtol": rtol,
+        "atol": atol,
+        "step_size": step_size,
+        "steps": steps,
+        "adjoint": adjoint,
+        "norm": norm,
+        "accuracy": accuracy,
+    }
+    changes: dict[str, object] = {k: v for k, v in keywords.items() if v is not None}
     if not changes:
         return base
-    method = changes.get("method", base.method)
-    if method in ADAPTIVE_METHODS and "step_size" not in changes and "steps" not in changes:
-        changes.setdefault("step_size", None)
-        changes.setdefault("steps", None)
-    elif "step_size" in changes:
-        changes.setdefault("steps", None)
-    elif "steps" in changes:
-        changes.setdefault("step_size", None)
-    if isinstance(method, str) and method in _ALL_METHODS and "adjoint_method" not in changes:
-        adjoint_method = base.adjoint_method
-        if adjoint_method is not None and (adjoint_method in ADAPTIVE_METHODS) != (
-            method in ADAPTIVE_METHODS
-        ):
-            changes["adjoint_method"] = None
+    if step_size is not None or steps is not None:  # rule 3: the grid is one setting
+        changes["step_size"], changes["steps"] = step_size, steps
+    elif method is not None and method in ADAPTIVE_METHODS:  # rule 4
+        changes["step_size"] = changes["steps"] = None
+    other_kind = (
+        method in _ALL_METHODS
+        and base.adjoint_method is not None
+        and (base.adjoint_method in ADAPTIVE_METHODS) != (method in ADAPTIVE_METHODS)
+    )
+    if other_kind:
+        changes["adjoint_method"] = None  # rule 4
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -413,7 +475,6 @@ class _Dynamics(nn.Module):
         self,
         f: Callable[[Tensor, Tensor], Tensor],
         nfe: NFE,
-        batch: int,
         interval: tuple[float, float] = (-math.inf, math.inf),
     ) -> None:
         super().__init__()
@@ -535,7 +596,7 @@ def integrate(
         raise ValueError(f"the ODE state must have shape (B, n), got {tuple(y0.shape)}")
     nfe = nfe if nfe is not None else NFE()
     interval = (float(times.min()), float(times.max()))
-    dynamics = _Dynamics(f, nfe, y0.shape[0], interval)
+    dynamics = _Dynamics(f, nfe, interval)
     dynamics.phase = phase
     options: dict[str, object] = {}
     if config.is_adaptive:

@@ -50,6 +50,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -68,6 +69,7 @@ __all__ = [
     "BATCHED_ROWS",
     "EXACT_STRATEGIES",
     "MIN_CHUNK",
+    "DivergenceResult",
     "DivergenceStrategy",
     "choose_strategy",
     "divergence",
@@ -495,6 +497,66 @@ class DivergenceStrategy:
         return total.unsqueeze(1)
 
 
+@dataclass(frozen=True)
+class DivergenceResult:
+    r"""The divergence of a field at a batch of points, with its Monte Carlo error.
+
+    Attributes:
+        value: :math:`\nabla\cdot v(x, t)` per sample, ``(B,)``: exact, or for Hutchinson the mean
+            :math:`\frac1K\sum_k \varepsilon_k^\top (\partial v/\partial x)\,\varepsilon_k`.
+        stderr: Hutchinson with :math:`K \ge 2` probes: the sample standard error
+            :math:`s_K/\sqrt K` per sample, ``(B,)``; ``None`` for exact methods and for one probe.
+        n_probes: :math:`K` for Hutchinson, ``None`` for exact methods.
+    """
+
+    value: Tensor
+    stderr: Tensor | None = None
+    n_probes: int | None = None
+
+
+def _velocity_and_columns(
+    v: Field,
+    x: Tensor,
+    t: float | Tensor,
+    method: str,
+    *,
+    create_graph: bool,
+    probes: Tensor | None,
+    n_probes: int,
+    noise: str,
+    generator: torch.Generator | None,
+    return_stderr: bool,
+    strategy: str | None,
+    extras: Extras | None,
+) -> tuple[Tensor, Tensor]:
+    """Check the arguments, then ``(v(x, t), columns)``: one divergence column per Hutchinson
+    probe ``(B, K)``, or the exact divergence ``(B, 1)``."""
+    if not callable(v):
+        raise TypeError(f"the velocity field must be callable v(x, t), got {type(v).__name__}")
+    _check_method(method, strategy)
+    x = check_batched("x", x)
+    tb = as_time(t, x)
+    extras_ = check_extras(extras)
+    if method == "hutchinson":
+        eps = DivergenceStrategy.draw_probes(x, n_probes, noise, generator, probes)
+        if return_stderr and eps.shape[0] < 2:
+            raise ValueError("return_stderr needs at least 2 probes (n_probes >= 2 or K >= 2)")
+        chosen = DivergenceStrategy("hutchinson", probes=eps)
+    elif return_stderr:
+        raise ValueError("return_stderr applies to method='hutchinson' only")
+    elif probes is not None:
+        raise ValueError("probes applies to method='hutchinson' only")
+    else:
+        exact = "loop" if method == "loop" else (strategy or "auto")
+        chosen = DivergenceStrategy("exact", strategy=exact)
+    return chosen(v, x, tb, create_graph=create_graph, extras=extras_)
+
+
+def _stderr(columns: Tensor) -> Tensor:
+    """The sample standard error of the mean over the probe columns, ``(B,)``."""
+    return columns.std(dim=1, correction=1) / math.sqrt(columns.shape[1])
+
+
 def velocity_and_divergence(
     v: Field,
     x: Tensor,
@@ -522,29 +584,23 @@ def velocity_and_divergence(
         >>> div
         tensor([-3., -3.])
     """
-    if not callable(v):
-        raise TypeError(f"the velocity field must be callable v(x, t), got {type(v).__name__}")
-    _check_method(method, strategy)
-    x = check_batched("x", x)
-    tb = as_time(t, x)
-    extras_ = check_extras(extras)
-    if method == "hutchinson":
-        eps = DivergenceStrategy.draw_probes(x, n_probes, noise, generator, probes)
-        if return_stderr and eps.shape[0] < 2:
-            raise ValueError("return_stderr needs at least 2 probes (n_probes >= 2 or K >= 2)")
-        chosen = DivergenceStrategy("hutchinson", probes=eps)
-    elif return_stderr:
-        raise ValueError("return_stderr applies to method='hutchinson' only")
-    elif probes is not None:
-        raise ValueError("probes applies to method='hutchinson' only")
-    else:
-        exact = "loop" if method == "loop" else (strategy or "auto")
-        chosen = DivergenceStrategy("exact", strategy=exact)
-    out, columns = chosen(v, x, tb, create_graph=create_graph, extras=extras_)
+    out, columns = _velocity_and_columns(
+        v,
+        x,
+        t,
+        method,
+        create_graph=create_graph,
+        probes=probes,
+        n_probes=n_probes,
+        noise=noise,
+        generator=generator,
+        return_stderr=return_stderr,
+        strategy=strategy,
+        extras=extras,
+    )
     div = columns.mean(dim=1)
     if return_stderr:
-        stderr = columns.std(dim=1, correction=1) / math.sqrt(columns.shape[1])
-        return out, div, stderr
+        return out, div, _stderr(columns)
     return out, div
 
 
@@ -562,7 +618,8 @@ def divergence(
     return_stderr: bool = False,
     strategy: str | None = None,
     extras: Extras | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_result: bool = False,
+) -> Tensor | DivergenceResult | tuple[Tensor, Tensor]:
     r"""The divergence :math:`\nabla\cdot v(x, t) = \operatorname{tr} \partial v / \partial x`, per sample.
 
     Args:
@@ -579,15 +636,19 @@ def divergence(
         n_probes: ``K``, the number of probes to draw.
         noise: ``"rademacher"`` (entries :math:`\pm 1`, lower variance) or ``"gaussian"``.
         generator: random generator on ``x``'s device, for reproducible probes.
-        return_stderr: also return the sample standard error over the ``K >= 2`` probes,
-            :math:`s_K / \sqrt K` (Hutchinson only).
+        return_stderr: deprecated (returns the tuple ``(estimate, stderr)`` with a
+            ``DeprecationWarning``; goes in the next release): pass ``return_result=True`` and
+            read ``result.value`` and ``result.stderr`` instead.
         strategy: force an exact strategy: ``"batched"``, ``"loop"``, ``"forward"``, or
             ``"auto"``/``None`` (by size, :func:`choose_strategy`).
         extras: keyword arguments for a conditional field, ``v(x, t, **extras)``, passed as
             they are.
+        return_result: return a :class:`DivergenceResult`: the divergence and, for Hutchinson
+            with :math:`K \ge 2` probes, the sample standard error :math:`s_K / \sqrt K`.
 
     Returns:
-        The divergence, shape ``(B,)``; with ``return_stderr``, ``(estimate, stderr)``. Exact
+        The plain form: the divergence, always a tensor of shape ``(B,)``. With
+        ``return_result=True``: a :class:`DivergenceResult`. Exact
         methods agree with the Jacobian trace to rounding. Works under ``torch.no_grad()`` (the
         gradients needed are enabled internally); the result is detached unless ``create_graph``.
 
@@ -603,17 +664,29 @@ def divergence(
         >>> torch.allclose(divergence(field, x, 0.5), (1.5 * torch.cos(x)).sum(1))
         True
         >>> g = torch.Generator().manual_seed(0)
-        >>> est, se = divergence(
-        ...     field, x, 0.5, "hutchinson", n_probes=64, generator=g, return_stderr=True
+        >>> result = divergence(
+        ...     field, x, 0.5, "hutchinson", n_probes=64, generator=g, return_result=True
         ... )
-        >>> est.shape, se.shape
+        >>> result.value.shape, result.stderr.shape
         (torch.Size([4]), torch.Size([4]))
 
     References:
         Chen et al. (2018), arXiv:1806.07366, Theorem 1; Grathwohl et al. (2019),
         arXiv:1810.01367, §3 (Hutchinson's estimator).
     """
-    result = velocity_and_divergence(
+    if not isinstance(return_result, bool) or not isinstance(return_stderr, bool):
+        raise TypeError("return_result and return_stderr must be bools")
+    if return_stderr:
+        if return_result:
+            raise ValueError("give return_result=True alone: the result carries the stderr")
+        warnings.warn(
+            "divergence(..., return_stderr=True) returning a tuple is deprecated and will be "
+            "removed in the next release: pass return_result=True and read result.value and "
+            "result.stderr",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    _, columns = _velocity_and_columns(
         v,
         x,
         t,
@@ -627,4 +700,11 @@ def divergence(
         strategy=strategy,
         extras=extras,
     )
-    return result[1] if len(result) == 2 else (result[1], result[2])
+    value = columns.mean(dim=1)
+    if return_stderr:
+        return value, _stderr(columns)
+    if not return_result:
+        return value
+    hutchinson = method == "hutchinson"
+    stderr = _stderr(columns) if hutchinson and columns.shape[1] >= 2 else None
+    return DivergenceResult(value, stderr, columns.shape[1] if hutchinson else None)

@@ -211,40 +211,6 @@ def _check_grad(grad: object) -> bool | None:
     return grad
 
 
-def _resolve(
-    config: SolverConfig | None,
-    method: str | None,
-    rtol: float | None,
-    atol: float | None,
-    step_size: float | None,
-    steps: int | None,
-    adjoint: bool | None,
-    norm: str | None,
-    accuracy: float | None,
-) -> SolverConfig:
-    """The keywords as sugar over :class:`SolverConfig`; ``accuracy`` excludes the grid and
-    tolerance keywords (the engine chooses them)."""
-    if accuracy is not None:
-        given = {"method": method, "rtol": rtol, "atol": atol, "step_size": step_size}
-        given["steps"] = steps
-        clash = [name for name, value in given.items() if value is not None]
-        if clash:
-            raise ValueError(
-                f"accuracy= chooses the method and tolerances itself; do not also give {clash}"
-            )
-    return resolve_config(
-        config,
-        method=method,
-        rtol=rtol,
-        atol=atol,
-        step_size=step_size,
-        steps=steps,
-        adjoint=adjoint,
-        norm=norm,
-        accuracy=accuracy,
-    )
-
-
 def _check_times(times: object, like: Tensor) -> list[float] | None:
     if times is None:
         return None
@@ -285,6 +251,7 @@ def _needs_graph(
     v: Field,
     start: Tensor,
     params: tuple[Tensor, ...],
+    *,
     known: bool,
     t_start: float,
     extras: dict,
@@ -307,7 +274,9 @@ def _needs_graph(
     return isinstance(out, Tensor) and out.requires_grad
 
 
-def _time_grid(times: list[float] | None, reverse: bool, like: Tensor) -> tuple[Tensor, list[int]]:
+def _time_grid(
+    times: list[float] | None, like: Tensor, *, reverse: bool
+) -> tuple[Tensor, list[int]]:
     """Output times for the solver (strictly monotone, 1 -> 0 if ``reverse``) and the index of
     each requested time in it."""
     points = {0.0, 1.0} | set(times or [])
@@ -393,6 +362,7 @@ def _augmented_solve(
     strategy: DivergenceStrategy | None,
     config: SolverConfig,
     params: tuple[Tensor, ...],
+    *,
     graph: bool,
     nfe: NFE,
     phase: str,
@@ -417,11 +387,11 @@ def _augmented_solve(
                 strategy,
                 config,
                 params,
-                False,
-                nfe,
-                phase,
-                context,
-                extras,
+                graph=False,
+                nfe=nfe,
+                phase=phase,
+                context=context,
+                extras=extras,
             )
     batch, event = start.shape[0], tuple(start.shape[1:])
     d = math.prod(event)
@@ -463,11 +433,12 @@ def _check_result(name: str, value: Tensor, context: str) -> None:
 
 
 def _wants_graph(
-    grad: bool | None,
     v: Field,
     start: Tensor,
     config: SolverConfig,
     params: tuple[Tensor, ...],
+    *,
+    grad: bool | None,
     known: bool,
     t_start: float,
     extras: dict,
@@ -481,18 +452,19 @@ def _wants_graph(
         return False
     if grad is None and not (config.adjoint or start.requires_grad):
         return False
-    return _needs_graph(v, start, params, known, t_start, extras)
+    return _needs_graph(v, start, params, known=known, t_start=t_start, extras=extras)
 
 
 def _one_solve(
     v: Field,
     start: Tensor,
-    reverse: bool,
     prior: Distribution | None,
     grid: Tensor,
     strategy: DivergenceStrategy,
     config: SolverConfig,
     params: tuple[Tensor, ...],
+    *,
+    reverse: bool,
     graph: bool,
     nfe: NFE,
     phase: str,
@@ -502,7 +474,17 @@ def _one_solve(
     """One augmented solve: ``(solve, log_prior, per_probe ∫div (B, K), log_prob)``."""
     i0, i1 = (len(grid) - 1, 0) if reverse else (0, len(grid) - 1)
     solve = _augmented_solve(
-        v, start, grid, strategy, config, params, graph, nfe, phase, context, extras
+        v,
+        start,
+        grid,
+        strategy,
+        config,
+        params,
+        graph=graph,
+        nfe=nfe,
+        phase=phase,
+        context=context,
+        extras=extras,
     )
     with torch.enable_grad() if graph else torch.no_grad():
         log_prior = _prior_log_prob(prior, solve.z[i0])
@@ -514,9 +496,9 @@ def _one_solve(
 def _likelihood(
     v: Field,
     start: Tensor,
-    reverse: bool,
     prior: Distribution | None,
     *,
+    reverse: bool,
     config: SolverConfig,
     strategy: DivergenceStrategy,
     params: tuple[Tensor, ...],
@@ -528,7 +510,16 @@ def _likelihood(
     extras: dict,
 ) -> LikelihoodResult:
     nfe = NFE()
-    graph = _wants_graph(grad, v, start, config, params, known, 1.0 if reverse else 0.0, extras)
+    graph = _wants_graph(
+        v,
+        start,
+        config,
+        params,
+        grad=grad,
+        known=known,
+        t_start=1.0 if reverse else 0.0,
+        extras=extras,
+    )
     if graph and config.adjoint and not known:
         raise ValueError(
             "adjoint=True needs the field's parameters: v is not an nn.Module, so pass "
@@ -536,23 +527,33 @@ def _likelihood(
         )
     if config.accuracy is not None:
         return _to_accuracy(
-            v, start, reverse, prior, config, strategy, params, graph, nfe, context, extras
+            v,
+            start,
+            prior,
+            config,
+            strategy,
+            params,
+            reverse=reverse,
+            graph=graph,
+            nfe=nfe,
+            context=context,
+            extras=extras,
         )
-    grid, index = _time_grid(times, reverse, start)
+    grid, index = _time_grid(times, start, reverse=reverse)
     solve, log_prior, per_probe, log_prob = _one_solve(
         v,
         start,
-        reverse,
         prior,
         grid,
         strategy,
         config,
         params,
-        graph,
-        nfe,
-        "forward",
-        context,
-        extras,
+        reverse=reverse,
+        graph=graph,
+        nfe=nfe,
+        phase="forward",
+        context=context,
+        extras=extras,
     )
     i0, i1 = (len(grid) - 1, 0) if reverse else (0, len(grid) - 1)
     z0, x = solve.z[i0], solve.z[i1]
@@ -573,17 +574,17 @@ def _likelihood(
             *_, fine_log_prob = _one_solve(
                 v,
                 start.detach(),
-                reverse,
                 prior,
                 grid,
                 strategy,
                 refined,
                 (),
-                False,
-                nfe,
-                "estimate",
-                context,
-                extras,
+                reverse=reverse,
+                graph=False,
+                nfe=nfe,
+                phase="estimate",
+                context=context,
+                extras=extras,
             )
         estimate = (log_prob.detach() - fine_log_prob).abs()
         if not config.is_adaptive:  # Richardson: error(N) ≈ |l_N - l_2N| 2^p / (2^p - 1)
@@ -614,11 +615,12 @@ def _certificate(tight: Tensor, loose: Tensor, config: SolverConfig) -> Tensor:
 def _to_accuracy(
     v: Field,
     start: Tensor,
-    reverse: bool,
     prior: Distribution | None,
     config: SolverConfig,
     strategy: DivergenceStrategy,
     params: tuple[Tensor, ...],
+    *,
+    reverse: bool,
     graph: bool,
     nfe: NFE,
     context: str,
@@ -634,39 +636,39 @@ def _to_accuracy(
     """
     assert config.accuracy is not None
     target = config.accuracy
-    grid, _ = _time_grid(None, reverse, start)
+    grid, _ = _time_grid(None, start, reverse=reverse)
     i0, i1 = (len(grid) - 1, 0) if reverse else (0, len(grid) - 1)
     coarse = config.accuracy_plan()
     *_, previous = _one_solve(
         v,
         start,
-        reverse,
         prior,
         grid,
         strategy,
         coarse,
         params,
-        False,
-        nfe,
-        "estimate",
-        context,
-        extras,
+        reverse=reverse,
+        graph=False,
+        nfe=nfe,
+        phase="estimate",
+        context=context,
+        extras=extras,
     )
     fine = coarse.tightened(ACCURACY_STEP)
     solve, log_prior, per_probe, log_prob = _one_solve(
         v,
         start,
-        reverse,
         prior,
         grid,
         strategy,
         fine,
         params,
-        graph,
-        nfe,
-        "forward",
-        context,
-        extras,
+        reverse=reverse,
+        graph=graph,
+        nfe=nfe,
+        phase="forward",
+        context=context,
+        extras=extras,
     )
     z0, x = solve.z[i0], solve.z[i1]
     certified = _certificate(log_prob.detach(), previous, fine)
@@ -679,17 +681,17 @@ def _to_accuracy(
         sub = _one_solve(
             v,
             start[todo],
-            reverse,
             prior,
             grid,
             strategy.subset(todo),
             fine,
             params,
-            graph,
-            nfe,
-            "forward",
-            context,
-            select_extras(extras, batch, todo),
+            reverse=reverse,
+            graph=graph,
+            nfe=nfe,
+            phase="forward",
+            context=context,
+            extras=select_extras(extras, batch, todo),
         )
         sub_solve, sub_prior, sub_probe, sub_log_prob = sub
         sub_certified = _certificate(sub_log_prob.detach(), log_prob[todo].detach(), fine)
@@ -775,8 +777,12 @@ def log_likelihood(
         steps: number of fixed-grid steps (alternative to ``step_size``).
         adjoint: gradients by the adjoint method.
         norm: adaptive error norm, ``"rms"`` (batch) or ``"max_sample"`` (per sample).
-        config: a :class:`~cnftools.SolverConfig`, the carrier of all solver settings; the
-            keywords above (and ``accuracy``) are sugar that override its fields.
+        config: a :class:`~cnftools.SolverConfig`, the one carrier of all solver settings. The
+            keywords ``method`` ... ``norm`` above and ``accuracy`` are thin sugar over it, merged
+            by one rule (see :class:`~cnftools.SolverConfig`): a keyword given (not ``None``)
+            overrides the config's field; ``steps``/``step_size`` replace the config's grid; an
+            adaptive ``method`` drops the config's grid; a grid with an adaptive method, or a
+            fixed-grid method without one, is an error.
         accuracy: ask for nats, get nats: the target absolute error of each row's
             :math:`\log p_1(x)` (e.g. ``1e-6``). The engine then chooses method and tolerance
             (:meth:`SolverConfig.accuracy_plan`), checks itself with a second, tighter solve,
@@ -832,7 +838,17 @@ def log_likelihood(
     _probe_prior(prior_, x)
     extras_ = check_extras(extras)
     strategy = _divergence_strategy(v, x, divergence, n_probes, noise, probes, generator)
-    config_ = _resolve(config, method, rtol, atol, step_size, steps, adjoint, norm, accuracy)
+    config_ = resolve_config(
+        config,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        step_size=step_size,
+        steps=steps,
+        adjoint=adjoint,
+        norm=norm,
+        accuracy=accuracy,
+    )
     times_ = _check_times(times, x)
     if config_.accuracy is not None and (times_ is not None or error_estimate):
         raise ValueError(
@@ -842,8 +858,8 @@ def log_likelihood(
     result = _likelihood(
         v,
         x,
-        True,
         prior_,
+        reverse=True,
         config=config_,
         strategy=strategy,
         params=params_,
@@ -956,7 +972,16 @@ def sample_with_log_prob(
     _probe_prior(prior_, z0)
     extras_ = check_extras(extras)
     strategy = _divergence_strategy(v, z0, divergence, n_probes, noise, None, generator)
-    config_ = _resolve(config, method, rtol, atol, step_size, steps, adjoint, norm, None)
+    config_ = resolve_config(
+        config,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        step_size=step_size,
+        steps=steps,
+        adjoint=adjoint,
+        norm=norm,
+    )
     if config_.accuracy is not None:
         raise ValueError("accuracy applies to log_likelihood only")
     times_ = _check_times(times, z0)
@@ -964,8 +989,8 @@ def sample_with_log_prob(
     result = _likelihood(
         v,
         z0,
-        False,
         prior_,
+        reverse=False,
         config=config_,
         strategy=strategy,
         params=params_,
@@ -1004,14 +1029,18 @@ def sample(
         x0: starting points (noise), shape ``(B, *event)``.
         method, rtol, atol, step_size, steps, adjoint, norm, config: as in :func:`log_likelihood`.
         params: the field's tensors, for adjoint gradients of a non-``nn.Module`` callable.
-        times: if given, return the trajectory :math:`z_t` at these times in :math:`[0, 1]`,
-            shape ``(T, B, *event)``, in the order given.
+        times: times in :math:`[0, 1]` at which to record the trajectory :math:`z_t`; read it as
+            ``result.trajectory``, shape ``(T, B, *event)`` in the order given, with
+            ``return_result=True``. (Without ``return_result``, ``times=`` still returns the
+            trajectory instead of :math:`z_1`, with a ``DeprecationWarning``: that form goes in
+            the next release.)
         grad: as in :func:`log_likelihood` (asked for when ``x0.requires_grad``).
         extras: as in :func:`log_likelihood`.
-        return_result: return a :class:`SampleResult` (with the NFE).
+        return_result: return a :class:`SampleResult` (samples, NFE, trajectory, config).
 
     Returns:
-        :math:`z_1`, shape ``(B, *event)`` (or the trajectory, or a :class:`SampleResult`).
+        The plain form: :math:`z_1`, shape ``(B, *event)``, always a tensor. With
+        ``return_result=True``: a :class:`SampleResult`.
 
     Example:
         >>> import torch, cnftools
@@ -1020,6 +1049,9 @@ def sample(
         >>> x1 = cnftools.sample(v, x0, rtol=1e-10, atol=1e-10)
         >>> float((x1 - x0 * math.exp(-1)).abs().max()) < 1e-9
         True
+        >>> result = cnftools.sample(v, x0, times=[0.0, 0.5, 1.0], return_result=True)
+        >>> result.trajectory.shape, result.x.shape
+        (torch.Size([3, 2, 3]), torch.Size([2, 3]))
 
     References:
         Lipman et al. (2022), arXiv:2210.02747, §2 (sampling by solving the flow ODE).
@@ -1027,22 +1059,52 @@ def sample(
     _check_field(v)
     x0 = check_batched("x0", x0)
     extras_ = check_extras(extras)
-    config_ = _resolve(config, method, rtol, atol, step_size, steps, adjoint, norm, None)
+    config_ = resolve_config(
+        config,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        step_size=step_size,
+        steps=steps,
+        adjoint=adjoint,
+        norm=norm,
+    )
     if config_.accuracy is not None:
         raise ValueError("accuracy applies to log_likelihood only")
     times_ = _check_times(times, x0)
     params_, known = _resolve_params(v, params)
     nfe = NFE()
-    graph = _wants_graph(_check_grad(grad), v, x0, config_, params_, known, 0.0, extras_)
+    graph = _wants_graph(
+        v, x0, config_, params_, grad=_check_grad(grad), known=known, t_start=0.0, extras=extras_
+    )
     if graph and config_.adjoint and not known:
         raise ValueError("adjoint=True needs params= for a field that is not an nn.Module")
-    grid, index = _time_grid(times_, False, x0)
+    grid, index = _time_grid(times_, x0, reverse=False)
     solve = _augmented_solve(
-        v, x0, grid, None, config_, params_, graph, nfe, "forward", "sample", extras_
+        v,
+        x0,
+        grid,
+        None,
+        config_,
+        params_,
+        graph=graph,
+        nfe=nfe,
+        phase="forward",
+        context="sample",
+        extras=extras_,
     )
     x1 = solve.z[-1]
     trajectory = solve.z[index] if times_ is not None else None
     if return_result:
         times_t = None if times_ is None else torch.tensor(times_, dtype=x0.dtype, device=x0.device)
         return SampleResult(x1, nfe, times_t, trajectory, config_)
-    return trajectory if trajectory is not None else x1
+    if trajectory is not None:
+        warnings.warn(
+            "sample(..., times=...) returning the trajectory instead of z_1 is deprecated and will "
+            "be removed in the next release: pass return_result=True and read result.trajectory "
+            "(z_t at the times, (T, B, *event)) and result.x (z_1)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return trajectory
+    return x1

@@ -171,10 +171,12 @@ def test_hutchinson_unbiased_with_exact_variance(noise: str) -> None:
     jac = per_sample_jacobian(field, x, t)
     exact = jac.diagonal(dim1=1, dim2=2).sum(-1)
     n_probes = 4000
-    estimate, stderr = cnftools.divergence(
+    result = cnftools.divergence(
         field, x, t, "hutchinson", n_probes=n_probes, noise=noise,
-        generator=torch.Generator().manual_seed(11), return_stderr=True,
+        generator=torch.Generator().manual_seed(11), return_result=True,
     )  # fmt: skip
+    estimate, stderr = result.value, result.stderr
+    assert result.n_probes == n_probes
     true_stderr = (hutchinson_variance(jac, noise) / n_probes).sqrt()
     # Unbiased: the mean of K iid probes is within 5 true standard errors (two-sided normal
     # probability of failure ~6e-7 per sample; the seed is fixed, so this is deterministic).
@@ -243,6 +245,8 @@ def identity(x: Tensor, t: Tensor) -> Tensor:
         ({"method": "hutchinson", "n_probes": 0}, ValueError, "n_probes"),
         ({"method": "hutchinson", "return_stderr": True}, ValueError, "at least 2 probes"),
         ({"return_stderr": True}, ValueError, "applies to method=.hutchinson. only"),
+        ({"return_stderr": True, "return_result": True}, ValueError, "return_result=True alone"),
+        ({"return_result": 1}, TypeError, "must be bools"),
         ({"probes": torch.ones(1, 2, 3)}, ValueError, "applies to method=.hutchinson. only"),
         (
             {"method": "hutchinson", "probes": torch.ones(2, 3)},
@@ -423,3 +427,50 @@ def test_extras_reach_the_field_in_divergence() -> None:
     v, div2 = cnftools.velocity_and_divergence(field, x, 0.5, extras={"scale": scale, "shift": 1.0})
     torch.testing.assert_close(v, scale[:, None] * x + 1.0)
     torch.testing.assert_close(div2, 3 * scale, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Result types: the plain form is always a (B,) tensor; the result form carries the stderr
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "n_probes", "has_stderr"),
+    [
+        ({}, None, False),
+        ({"method": "loop"}, None, False),
+        ({"method": "hutchinson", "n_probes": 1}, 1, False),
+        ({"method": "hutchinson", "n_probes": 8}, 8, True),
+    ],
+)
+def test_divergence_plain_form_is_a_tensor_and_result_form_agrees(
+    kwargs: dict, n_probes: int | None, has_stderr: bool
+) -> None:
+    field = SmoothMLP((3,), seed=1).to(torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    plain = cnftools.divergence(field, x, 0.3, generator=torch.Generator().manual_seed(0), **kwargs)
+    result = cnftools.divergence(
+        field, x, 0.3, generator=torch.Generator().manual_seed(0), return_result=True, **kwargs
+    )
+    assert isinstance(plain, torch.Tensor) and plain.shape == (5,)
+    assert isinstance(result, cnftools.DivergenceResult) and result.n_probes == n_probes
+    # Same probes (same seed), same computation: equal to rounding.
+    torch.testing.assert_close(result.value, plain, rtol=0, atol=1e-12)
+    assert (result.stderr is not None) == has_stderr
+    if has_stderr:
+        assert result.stderr.shape == (5,) and bool((result.stderr > 0).all())
+
+
+def test_return_stderr_still_works_with_a_deprecation_warning() -> None:
+    field = SmoothMLP((3,), seed=1).to(torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with pytest.warns(DeprecationWarning, match=r"return_result=True.*result\.stderr"):
+        estimate, stderr = cnftools.divergence(
+            field, x, 0.3, "hutchinson", n_probes=4,
+            generator=torch.Generator().manual_seed(0), return_stderr=True,
+        )  # fmt: skip
+    result = cnftools.divergence(
+        field, x, 0.3, "hutchinson", n_probes=4,
+        generator=torch.Generator().manual_seed(0), return_result=True,
+    )  # fmt: skip
+    torch.testing.assert_close(estimate, result.value, rtol=0, atol=0)
+    torch.testing.assert_close(stderr, result.stderr, rtol=0, atol=0)

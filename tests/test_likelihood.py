@@ -318,6 +318,31 @@ def test_config_object_and_keywords_agree() -> None:
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.parametrize(
+    ("keywords", "config"),
+    [
+        ({"method": "rk4", "steps": 8}, SolverConfig("rk4", steps=8)),
+        ({"rtol": 1e-8, "atol": 1e-9}, SolverConfig(rtol=1e-8, atol=1e-9)),
+        ({"norm": "max_sample"}, SolverConfig(norm="max_sample")),
+    ],
+)
+def test_keywords_are_sugar_over_the_config_in_every_entry_point(
+    keywords: dict, config: SolverConfig
+) -> None:
+    case = DATA_CASES["gaussian d=3"]
+    marginal = case.marginal(_build_path("OT(0.1)"))
+    x = _data(case, "OT(0.1)")
+    # The same configuration gives the same solve, bit for bit.
+    flat = cnftools.log_likelihood(marginal, x, return_result=True, **keywords)
+    carried = cnftools.log_likelihood(marginal, x, return_result=True, config=config)
+    assert flat.config == config and torch.equal(flat.log_prob, carried.log_prob)
+    sampled = cnftools.sample(marginal, x, return_result=True, **keywords)
+    assert sampled.config == config
+    assert torch.equal(sampled.x, cnftools.sample(marginal, x, config=config))
+    paired = cnftools.sample_with_log_prob(marginal, z0=x, return_result=True, **keywords)
+    assert paired.config == config
+
+
 # ----------------------------------------------------------------------------------------------
 # Neural fields: round trips, gradients, Hutchinson
 
@@ -329,13 +354,30 @@ def test_sample_log_likelihood_round_trip() -> None:
         x1 = cnftools.sample(v, z0, **TIGHT)
         back = cnftools.log_likelihood(v, x1, return_result=True, **TIGHT)
         x_s, lp_s = cnftools.sample_with_log_prob(v, z0=z0, **TIGHT)
-        path = cnftools.sample(v, z0, times=[1.0, 0.5], **TIGHT)
+        path = cnftools.sample(v, z0, times=[1.0, 0.5], return_result=True, **TIGHT).trajectory
     # Forward then backward through tolerance-1e-10 solves: ~1e-10 each way; 1e-8 leaves margin.
     torch.testing.assert_close(back.z0, z0, rtol=0, atol=1e-8)
     torch.testing.assert_close(x_s, x1, rtol=0, atol=1e-8)
     torch.testing.assert_close(lp_s, back.log_prob, rtol=0, atol=1e-8)
     torch.testing.assert_close(path[0], x1, rtol=0, atol=1e-8)
     assert path.shape == (2, 5, 3)
+
+
+def test_sample_plain_form_is_z1_and_times_form_is_deprecated() -> None:
+    v = _small_mlp()
+    z0 = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x1 = cnftools.sample(v, z0, **TIGHT)
+        result = cnftools.sample(v, z0, times=[0.25, 1.0], return_result=True, **TIGHT)
+        with pytest.warns(DeprecationWarning, match=r"return_result=True.*result\.trajectory"):
+            old = cnftools.sample(v, z0, times=[0.25, 1.0], **TIGHT)
+    assert isinstance(x1, torch.Tensor) and x1.shape == z0.shape
+    assert isinstance(result, cnftools.SampleResult)
+    # The two times= calls are the same solve: equal to rounding.
+    torch.testing.assert_close(old, result.trajectory, rtol=0, atol=1e-12)
+    torch.testing.assert_close(result.trajectory[1], result.x, rtol=0, atol=0)
+    # Without times= the solver steps differently (no stop at 0.25): tolerance 1e-10, 1e-8 margin.
+    torch.testing.assert_close(result.x, x1, rtol=0, atol=1e-8)
 
 
 def _gradients(

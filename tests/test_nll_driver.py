@@ -23,6 +23,7 @@ import pytest
 import torch
 from _dist_worker import SETTINGS, SlowField, make_case, make_mixture
 
+from cnftools import SolverConfig
 from cnftools.nll import Dequantization, dataset_nll, summarize
 
 TESTS = Path(__file__).resolve().parent
@@ -285,6 +286,20 @@ def test_every_row_failing_raises_with_the_first_error_chained():
         (torch.zeros(4, 2, dtype=torch.float64), {"batch_size": 0}, ValueError, "batch_size"),
         ("missing.npy", {}, FileNotFoundError, "missing.npy"),
         ([[1.0, 2.0]], {}, TypeError, "data must be"),
+        (torch.zeros(4, 2, dtype=torch.float64), {"noise": "uniform"}, ValueError, "noise must"),
+        (torch.zeros(4, 2, dtype=torch.float64), {"noise": "gaussian"}, ValueError, "hutchinson"),
+        (
+            torch.zeros(4, 2, dtype=torch.float64),
+            {"method": None, "steps": None, "config": SolverConfig(), "step_size": 0.1},
+            ValueError,
+            "is adaptive",
+        ),
+        (
+            torch.zeros(4, 2, dtype=torch.float64),
+            {"config": {"method": "rk4"}},
+            TypeError,
+            "config must be a SolverConfig",
+        ),
     ],
     ids=[
         "missing-column",
@@ -296,6 +311,10 @@ def test_every_row_failing_raises_with_the_first_error_chained():
         "batch",
         "file",
         "list",
+        "noise",
+        "noise-exact",
+        "grid-for-adaptive",
+        "config-dict",
     ],
 )
 def test_bad_inputs_raise_before_work(data, kwargs, error, match):
@@ -490,3 +509,42 @@ def test_extras_given_twice_are_refused():
     field, x, y = _conditional_case()
     with pytest.raises(ValueError, match="both"):
         dataset_nll(field, torch.utils.data.TensorDataset(x, y), extras={"y": y}, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# solver settings: SolverConfig carries them, the keywords are sugar, solver_options is deprecated
+@pytest.mark.parametrize(
+    ("keywords", "config"),
+    [
+        ({"method": "rk4", "steps": 10}, SolverConfig("rk4", steps=10)),
+        ({"steps": 10, "config": SolverConfig("rk4", steps=3)}, SolverConfig("rk4", steps=10)),
+        ({"rtol": 1e-7, "atol": 1e-8}, SolverConfig(rtol=1e-7, atol=1e-8)),
+    ],
+)
+def test_solver_keywords_are_sugar_over_the_config(keywords, config):
+    field, x = make_case(6)
+    flat = dataset_nll(field, x, batch_size=3, progress=False, **keywords)
+    carried = dataset_nll(field, x, batch_size=3, progress=False, config=config)
+    # The same configuration is the same computation: equal frames, bit for bit.
+    pd.testing.assert_frame_equal(flat, carried)
+    assert flat.attrs["run"]["solver"] == carried.attrs["run"]["solver"]
+
+
+def test_solver_options_is_deprecated_and_noise_replaces_it(tmp_path):
+    field, x = make_case(6)
+    hutchinson = {"divergence": "hutchinson", "n_probes": 2, "batch_size": 3, **FAST}
+    new = dataset_nll(field, x, noise="gaussian", **hutchinson)
+    with pytest.warns(DeprecationWarning, match=r"config=SolverConfig\(\.\.\.\).*noise="):
+        old = dataset_nll(field, x, solver_options={"noise": "gaussian"}, **hutchinson)
+    # The same probes (same seed, same distribution): equal frames, bit for bit.
+    pd.testing.assert_frame_equal(new, old)
+    rademacher = dataset_nll(field, x, **hutchinson)
+    assert not np.array_equal(rademacher["log_prob"], new["log_prob"])  # noise= reached the probes
+    # A run started with the deprecated form resumes with noise= (the same recorded identity).
+    out = tmp_path / "nll.parquet"
+    with pytest.warns(DeprecationWarning):
+        dataset_nll(field, x, solver_options={"noise": "gaussian"}, out=out, **hutchinson)
+    again = dataset_nll(field, x, noise="gaussian", out=out, resume=True, **hutchinson)
+    assert again.attrs["summary"]["rows_computed"] == 0
+    with pytest.raises(ValueError, match="noise= alone"), pytest.warns(DeprecationWarning):
+        dataset_nll(field, x, noise="gaussian", solver_options={"noise": "gaussian"}, **hutchinson)

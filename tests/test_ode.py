@@ -102,18 +102,63 @@ def test_replace_revalidates_and_refined_tightens() -> None:
     assert SolverConfig("midpoint", step_size=0.25).refined().n_steps == 8
 
 
-def test_resolve_config_keywords_override_config() -> None:
-    base = SolverConfig("dopri5", rtol=1e-7, atol=1e-7)
-    assert resolve_config(base, rtol=1e-9).rtol == 1e-9
-    assert resolve_config(base, rtol=None) is base
-    fixed = resolve_config(base, method="rk4", steps=8)
-    assert (fixed.method, fixed.n_steps, fixed.rtol) == ("rk4", 8, 1e-7)
-    back = resolve_config(fixed, method="dopri5")  # the grid is dropped for an adaptive method
-    assert back.is_adaptive and back.steps is None
-    with pytest.raises(ValueError, match="needs exactly one"):
-        resolve_config(base, method="euler")
-    with pytest.raises(TypeError, match="SolverConfig"):
-        resolve_config({"method": "rk4"})  # type: ignore[arg-type]
+_ADAPTIVE = SolverConfig("dopri5", rtol=1e-7, atol=1e-7)
+_GRID = SolverConfig("rk4", steps=8, adjoint_method="midpoint")
+
+# The merge rule of resolve_config, case by case: (config, keywords, expected fields of the result).
+_MERGE_CASES = [
+    # rule 1: no config means the defaults
+    (None, {}, {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5, "steps": None}),
+    # rule 2: a keyword given overrides its field, the others keep the config's value
+    (_ADAPTIVE, {"rtol": 1e-9}, {"rtol": 1e-9, "atol": 1e-7, "method": "dopri5"}),
+    (_ADAPTIVE, {"norm": "max_sample", "adjoint": True}, {"norm": "max_sample", "adjoint": True}),
+    (_ADAPTIVE, {"method": "rk4", "steps": 8}, {"method": "rk4", "steps": 8, "rtol": 1e-7}),
+    (_GRID, {"adjoint": True}, {"method": "rk4", "steps": 8, "adjoint": True}),
+    # rule 3: the grid is one setting
+    (_GRID, {"step_size": 0.25}, {"steps": None, "step_size": 0.25}),
+    (_GRID, {"steps": 16}, {"steps": 16, "step_size": None}),
+    (_GRID, {"method": "euler"}, {"method": "euler", "steps": 8}),
+    # rule 4: an adaptive method drops the grid, and an adjoint_method of the other kind
+    (_GRID, {"method": "dopri5"}, {"method": "dopri5", "steps": None, "adjoint_method": None}),
+    # accuracy alone is a keyword like the others
+    (_ADAPTIVE, {"accuracy": 1e-6}, {"accuracy": 1e-6, "rtol": 1e-7}),
+]
+
+
+@pytest.mark.parametrize(("config", "keywords", "expected"), _MERGE_CASES)
+def test_resolve_config_merge_rule(
+    config: SolverConfig | None, keywords: dict, expected: dict
+) -> None:
+    merged = resolve_config(config, **keywords)
+    assert {name: getattr(merged, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize("config", [None, _ADAPTIVE, _GRID])
+def test_resolve_config_without_keywords_returns_the_config(config: SolverConfig | None) -> None:
+    none_given = dict.fromkeys(("method", "rtol", "atol", "step_size", "steps", "adjoint", "norm"))
+    merged = resolve_config(config, **none_given)
+    assert merged == (config if config is not None else SolverConfig())
+
+
+# The errors of the rule: (config, keywords, error, message).
+_MERGE_ERRORS = [
+    (None, {"steps": 8}, ValueError, "is adaptive"),  # a grid for the default adaptive method
+    (_ADAPTIVE, {"step_size": 0.1}, ValueError, "is adaptive"),
+    (_GRID, {"method": "dopri5", "steps": 8}, ValueError, "is adaptive"),
+    (_ADAPTIVE, {"method": "euler"}, ValueError, "needs exactly one"),  # a grid method, no grid
+    (_GRID, {"steps": 8, "step_size": 0.1}, ValueError, "needs exactly one"),
+    (None, {"accuracy": 1e-6, "rtol": 1e-8}, ValueError, r"do not also give \['rtol'\]"),
+    (None, {"accuracy": 1e-6, "method": "rk4", "steps": 4}, ValueError, "do not also give"),
+    ({"method": "rk4"}, {}, TypeError, "config must be a SolverConfig"),
+]
+
+
+@pytest.mark.parametrize(("config", "keywords", "error", "message"), _MERGE_ERRORS)
+def test_resolve_config_merge_errors(
+    config: object, keywords: dict, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        resolve_config(config, **keywords)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------

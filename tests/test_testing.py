@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cnftools
+from cnftools import SolverConfig
 from cnftools.cases import DATA_CASES, PATH_CASES
 from cnftools.testing import (
     SMOOTH_ACTIVATIONS,
@@ -360,8 +361,55 @@ def test_assert_log_likelihood_close_explains_the_wrong_prior():
     message = str(info.value)
     assert re.search(r"at row \d: ODE log p_1\(x\) = .*, expected .*, \|difference\| = ", message)
     assert "log prior(z0) = " in message and "∫div v dt = " in message
-    assert "field evaluations (rtol=1e-09, atol=1e-09)" in message
+    assert "field evaluations (dopri5, rtol=1e-09, atol=1e-09)" in message
     assert "true p_0" in message
+
+
+@pytest.mark.parametrize(
+    ("config", "divergence", "n_probes", "described"),
+    [
+        (SolverConfig("rk4", steps=200), "exact", 1, "rk4, 200 steps"),
+        (SolverConfig(rtol=1e-8, atol=1e-8), "hutchinson", 2, "1e-08, hutchinson with 2 probes"),
+    ],
+)
+def test_assert_log_likelihood_close_takes_a_solver_config(
+    config: SolverConfig, divergence: str, n_probes: int, described: str
+):
+    """Solver settings come as a SolverConfig; the failure message names them.
+
+    VP's p_0 is not N(0, I) (~1e-2 nats here), so the comparison under N(0, I) fails whatever the
+    solver; with the true prior, rk4 with 200 steps is within 1e-6 (error ~ 200^-4 ~ 1e-9).
+    """
+    marginal = DATA_CASES["gaussian d=3"].marginal(cnftools.VPPath())
+    x = marginal.sample(4, 1.0, torch.Generator().manual_seed(8))
+    options = {"config": config, "divergence": divergence, "n_probes": n_probes}
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(AssertionError, match=f"field evaluations \\(.*{described}"):
+        assert_log_likelihood_close(
+            marginal, x, lambda x: marginal.log_prob(x, 1.0), generator=generator, **options
+        )
+    if divergence == "exact":
+        assert_log_likelihood_close(
+            marginal, x, lambda x: marginal.log_prob(x, 1.0), marginal.prior(), **options
+        )
+
+
+def test_assert_log_likelihood_close_solver_dict_is_deprecated():
+    marginal = DATA_CASES["gaussian d=3"].marginal(cnftools.OTPath(0.1))
+    x = marginal.sample(4, 1.0, torch.Generator().manual_seed(7))
+    with pytest.warns(DeprecationWarning, match=r"config=SolverConfig\(\.\.\.\)"):
+        assert_log_likelihood_close(
+            marginal, x, lambda x: marginal.log_prob(x, 1.0), solver={"rtol": 1e-9, "atol": 1e-9}
+        )
+    with pytest.raises(ValueError, match=r"config= .* alone"):
+        assert_log_likelihood_close(
+            marginal, x, lambda x: marginal.log_prob(x, 1.0), config=SolverConfig(),
+            solver={"rtol": 1e-9},
+        )  # fmt: skip
+    with pytest.raises(TypeError, match="config must be a SolverConfig"):
+        assert_log_likelihood_close(
+            marginal, x, lambda x: marginal.log_prob(x, 1.0), config={"rtol": 1e-9}
+        )
 
 
 def test_assert_log_likelihood_close_explains_a_wrong_target():

@@ -179,13 +179,17 @@ def _check_ode_entry(entry, path, marginal, generator, near_point_masses=False) 
     closed_form = lambda x: marginal.log_prob(x, 1.0)  # noqa: E731
     if entry == "log_likelihood":
         x = marginal.sample(BATCH, 1.0, generator)
-        assert_log_likelihood_close(marginal, x, closed_form, prior, atol=ODE_ATOL, solver=SOLVER)
+        assert_log_likelihood_close(
+            marginal, x, closed_form, prior, atol=ODE_ATOL, config=cnftools.SolverConfig(**SOLVER)
+        )
     elif entry == "sample -> log_likelihood":
         x, log_p = cnftools.sample_with_log_prob(
             marginal, BATCH, prior, generator=generator, **SOLVER
         )
         torch.testing.assert_close(log_p, closed_form(x), rtol=0, atol=ODE_ATOL)
-        assert_log_likelihood_close(marginal, x, log_p, prior, atol=ODE_ATOL, solver=SOLVER)
+        assert_log_likelihood_close(
+            marginal, x, log_p, prior, atol=ODE_ATOL, config=cnftools.SolverConfig(**SOLVER)
+        )
         # plain sampling from the same z0 lands where sample_with_log_prob does (solver tolerance)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(generator.initial_seed()))
@@ -361,13 +365,19 @@ def test_general_user_path_ode_routes(entry, path, x1, seed):
     if entry == "log_likelihood":
         x = path.sample(1.0, x1, generator)
         assert_log_likelihood_close(
-            velocity, x, lambda x: log_prob(x, 1.0), atol=ODE_ATOL, solver=SOLVER
+            velocity,
+            x,
+            lambda x: log_prob(x, 1.0),
+            atol=ODE_ATOL,
+            config=cnftools.SolverConfig(**SOLVER),
         )
     else:
         z0 = torch.randn(x1.shape, generator=generator, dtype=F64)
         x, log_p = cnftools.sample_with_log_prob(velocity, z0=z0, **SOLVER)
         torch.testing.assert_close(log_p, log_prob(x, 1.0), rtol=0, atol=ODE_ATOL)
-        assert_log_likelihood_close(velocity, x, log_p, atol=ODE_ATOL, solver=SOLVER)
+        assert_log_likelihood_close(
+            velocity, x, log_p, atol=ODE_ATOL, config=cnftools.SolverConfig(**SOLVER)
+        )
 
 
 @pytest.mark.parametrize(("batch", "atoms", "dim"), [(3, 3, 3), (2, 2, 2), (1, 1, 1), (4, 3, 3)])

@@ -18,6 +18,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -146,6 +147,29 @@ def _identity(v: object, prior: object, run_id: str | None, need: bool) -> dict[
         ) from error
 
 
+def _passed_options(solver_options: Mapping[str, Any] | None, noise: str) -> dict[str, Any]:
+    """The keywords passed on to ``log_likelihood`` besides the config: ``noise`` when not the
+    default, and the deprecated ``solver_options``. (They are recorded in the run's identity
+    under ``"solver_options"``, so a run started with ``solver_options={"noise": ...}`` resumes
+    with ``noise=``.)"""
+    passed: dict[str, Any] = {} if noise == "rademacher" else {"noise": noise}
+    if solver_options is None:
+        return passed
+    if not isinstance(solver_options, Mapping):
+        raise TypeError(f"solver_options must be a dict, got {type(solver_options).__name__}")
+    warnings.warn(
+        "dataset_nll(solver_options={...}) is deprecated and will be removed in the next "
+        "release: pass the solver settings as config=SolverConfig(...) (e.g. "
+        "config=SolverConfig(norm='max_sample')) and the probe distribution as noise=",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    given = dict(solver_options)
+    if "noise" in given and "noise" in passed:
+        raise ValueError("give noise= alone, not also in solver_options")
+    return {**given, **passed}
+
+
 def dataset_nll(
     v: Callable[..., Tensor],
     data: object,
@@ -155,6 +179,7 @@ def dataset_nll(
     prior: object = None,
     divergence: str = "exact",
     n_probes: int = 1,
+    noise: str = "rademacher",
     seed: int = 0,
     target_stderr: float | None = None,
     max_probes: int = 1024,
@@ -204,6 +229,7 @@ def dataset_nll(
             ``log_likelihood``.
         divergence: ``"exact"`` or ``"hutchinson"``.
         n_probes: Hutchinson probes per solve (:math:`K`); ``>= 2`` gives a per-row ``stderr``.
+        noise: Hutchinson probe distribution, ``"rademacher"`` or ``"gaussian"``.
         seed: seeds every random draw; unit ``(batch, round)`` uses a generator seeded from
             ``(seed, batch, round)``.
         target_stderr: Hutchinson only: add probe rounds (of ``n_probes`` each) until the probe
@@ -216,9 +242,13 @@ def dataset_nll(
         atol: absolute tolerance of an adaptive solver (default ``1e-5``).
         step_size: step of a fixed-grid solver.
         steps: number of steps of a fixed-grid solver (instead of ``step_size``).
-        config: a :class:`~cnftools.SolverConfig`; the keywords above, when given, override it.
-        solver_options: further keyword arguments of ``log_likelihood`` (e.g. ``noise=
-            "gaussian"`` probes); values must be plain (they are recorded for resume).
+        config: a :class:`~cnftools.SolverConfig`, the carrier of every solver setting (``norm``,
+            ``max_steps``, ...). The five keywords above are thin sugar over it, merged by the
+            rule of :class:`~cnftools.SolverConfig` (a keyword given overrides the config's field;
+            a grid with an adaptive method is an error).
+        solver_options: deprecated (works with a ``DeprecationWarning``; goes in the next
+            release): further keyword arguments of ``log_likelihood``. Pass the solver settings
+            in ``config=SolverConfig(...)`` and the probe distribution as ``noise=`` instead.
         dequantization: a :class:`~cnftools.Dequantization` for integer data; adds ``bpd``.
         device: where to compute (default: the data's device, else the field's, else CPU; under
             ``torch.distributed``, ``cuda:LOCAL_RANK`` when CUDA is available, else CPU).
@@ -290,6 +320,11 @@ def dataset_nll(
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
     hutchinson = divergence == "hutchinson"
+    if noise not in ("rademacher", "gaussian"):
+        raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
+    if noise != "rademacher" and not hutchinson:
+        raise ValueError("noise applies to divergence='hutchinson' only")
+    passed = _passed_options(solver_options, noise)
     if target_stderr is not None:
         if not hutchinson:
             raise ValueError(
@@ -334,7 +369,7 @@ def dataset_nll(
         field = _prepare_field(v, device, dtype)
         settings = Settings(
             batch_size, divergence, n_probes, seed, solver, dequantization,
-            dict(solver_options or {}), prior, device, dtype, constant_extras,
+            passed, prior, device, dtype, constant_extras,
         )  # fmt: skip
         _check_field(field, first, settings, rows.event, first_batch.extras)
         del first, first_batch
@@ -346,7 +381,7 @@ def dataset_nll(
             "solver": {k: val for k, val in asdict(solver).items() if k != "adjoint"},
             "dequantization": None if dequantization is None else asdict(dequantization),
             "dtype": str(dtype).replace("torch.", ""),
-            "solver_options": {str(k): repr(val) for k, val in sorted((solver_options or {}).items())},
+            "solver_options": {str(k): repr(val) for k, val in sorted(passed.items())},
         }  # fmt: skip
         job = Job(field, rows, settings, run, rank, world, progress)
         if out is None:

@@ -19,12 +19,14 @@ Theory sections cited here (pages under ``docs/theory/``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from cnftools._checks import as_time, check_batched, check_tolerance, quiet_jvp
+from cnftools._ode import SolverConfig
 from cnftools.continuity import continuity_terms
 from cnftools.divergences import divergence as exact_divergence
 from cnftools.fields import closed_form_divergence
@@ -319,6 +321,22 @@ def assert_generates(
         )
 
 
+def _describe(options: Mapping[str, object]) -> str:
+    """The solver settings of a failure message: ``dopri5, rtol=1e-09, atol=1e-09``."""
+    config = options.get("config")
+    if not isinstance(config, SolverConfig):  # the deprecated solver= dict
+        return ", ".join(f"{k}={val!r}" for k, val in options.items())
+    if config.accuracy is not None:
+        text = f"accuracy={config.accuracy:g}"
+    elif config.is_adaptive:
+        text = f"{config.method}, rtol={config.rtol:g}, atol={config.atol:g}"
+    else:
+        text = f"{config.method}, {config.n_steps} steps"
+    if options.get("divergence") == "hutchinson":
+        text += f", hutchinson with {options.get('n_probes')} probes"
+    return text
+
+
 def assert_log_likelihood_close(
     v: Callable[[Tensor, Tensor], Tensor],
     x: Tensor,
@@ -327,8 +345,11 @@ def assert_log_likelihood_close(
     *,
     atol: float | None = None,
     rtol: float = 0.0,
-    solver: dict[str, object] | None = None,
+    config: SolverConfig | None = None,
+    divergence: str = "exact",
+    n_probes: int = 1,
     generator: torch.Generator | None = None,
+    solver: Mapping[str, object] | None = None,
 ) -> None:
     r"""Assert that the ODE log-likelihood of ``v`` matches a closed form.
 
@@ -348,12 +369,16 @@ def assert_log_likelihood_close(
         atol: absolute tolerance in nats (default 1e-6 in float64, 1e-3 in float32: a few times
             the default solver tolerance, plus float32 roundoff on :math:`|\log p| \sim 10`).
         rtol: relative tolerance (default 0).
-        solver: keyword arguments for ``log_likelihood`` (``method``, ``rtol``, ``atol``,
-            ``steps``, ``divergence``, ...). Default ``{"rtol": 1e-9, "atol": 1e-9}`` in float64 and
-            ``{"rtol": 1e-6, "atol": 1e-6}`` in float32 (dopri5).
-        generator: random generator for the Hutchinson probes of a stochastic ``divergence``
-            in ``solver`` (the default, exact divergence draws nothing), so that a failure
-            message can be reproduced exactly.
+        config: the solver settings, a :class:`~cnftools.SolverConfig`. Default
+            ``SolverConfig(rtol=1e-9, atol=1e-9)`` in float64 and ``SolverConfig(rtol=1e-6,
+            atol=1e-6)`` in float32 (dopri5).
+        divergence: ``"exact"`` or ``"hutchinson"`` (as in ``log_likelihood``).
+        n_probes: Hutchinson probes (as in ``log_likelihood``).
+        generator: random generator for the Hutchinson probes (the default, exact divergence
+            draws nothing), so that a failure message can be reproduced exactly.
+        solver: deprecated (works with a ``DeprecationWarning``; goes in the next release): a dict
+            of ``log_likelihood`` keywords. Pass ``config=SolverConfig(...)`` for the solver
+            settings and ``divergence=``/``n_probes=`` for the divergence instead.
 
     Raises:
         AssertionError: naming the worst row, both log-likelihoods and their difference, the
@@ -374,9 +399,24 @@ def assert_log_likelihood_close(
     x = check_batched("x", x)
     if atol is None:
         atol = _default_tolerance(x.dtype, 1e-6, 1e-3)
-    if solver is None:
-        tight = _default_tolerance(x.dtype, 1e-9, 1e-6)
-        solver = {"rtol": tight, "atol": tight}
+    if config is not None and not isinstance(config, SolverConfig):
+        raise TypeError(f"config must be a SolverConfig, got {type(config).__name__}")
+    if solver is not None:
+        if config is not None:
+            raise ValueError("give config= (a SolverConfig) alone; solver= is deprecated")
+        warnings.warn(
+            "assert_log_likelihood_close(solver={...}) is deprecated and will be removed in the "
+            "next release: pass config=SolverConfig(...) for the solver settings (method, rtol, "
+            "atol, steps, ...) and divergence=/n_probes= for the divergence",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        options = dict(solver)
+    else:
+        if config is None:
+            tight = _default_tolerance(x.dtype, 1e-9, 1e-6)
+            config = SolverConfig(rtol=tight, atol=tight)
+        options = {"config": config, "divergence": divergence, "n_probes": n_probes}
     if callable(expected):
         expected = expected(x)
     expected = torch.as_tensor(expected).detach()
@@ -387,14 +427,14 @@ def assert_log_likelihood_close(
         )
     with torch.no_grad():
         extra = {} if generator is None else {"generator": generator}
-        result = log_likelihood(v, x, prior, return_result=True, **solver, **extra)
+        result = log_likelihood(v, x, prior, return_result=True, **options, **extra)
     got = result.log_prob.detach()
     expected = expected.to(device=got.device, dtype=got.dtype)
     difference = got - expected
     excess = torch.nan_to_num(difference.abs() - (atol + rtol * expected.abs()), nan=math.inf)
     if bool((excess > 0).any()):
         row = int(excess.argmax())
-        options = ", ".join(f"{k}={val!r}" for k, val in solver.items())
+        settings = _describe(options)
         raise AssertionError(
             f"log-likelihood does not match the closed form at row {row}: ODE log p_1(x) = "
             f"{float(got[row]):.10g}, expected {float(expected[row]):.10g}, |difference| = "
@@ -402,5 +442,5 @@ def assert_log_likelihood_close(
             f"{rtol:.1e}·{float(expected[row].abs()):.3g}; computed as log prior(z0) = "
             f"{float(result.log_prior[row]):.10g} minus ∫div v dt = "
             f"{float(result.divergence_integral[row]):.10g}, {result.nfe.forward} field "
-            f"evaluations ({options}); is the prior the true p_0 of this field?"
+            f"evaluations ({settings}); is the prior the true p_0 of this field?"
         )
