@@ -54,11 +54,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vmap
+from torch.func import vmap
 
-from cnftools._checks import as_time, check_batched, check_finite, check_floating
+from cnftools._checks import as_time, check_batched, check_finite, check_floating, quiet_jvp
 from cnftools.fields import (
     Extras,
+    VelocityField,
     call_checked,
     call_with_closed_form_divergence,
     check_extras,
@@ -75,8 +76,6 @@ __all__ = [
     "divergence",
     "velocity_and_divergence",
 ]
-
-Field = Callable[[Tensor, Tensor], Tensor]
 
 EXACT_STRATEGIES = ("batched", "loop", "forward")
 """Strategies the exact divergence can be forced to use (``strategy=``)."""
@@ -122,7 +121,7 @@ def choose_strategy(batch: int, dim: int, device: torch.device) -> tuple[str, in
 
 # ----------------------------------------------------------------------------------------------
 # Validation helpers
-def _check_field_output(v: Field, x: Tensor, y: Tensor) -> None:
+def _check_field_output(v: VelocityField, x: Tensor, y: Tensor) -> None:
     if not y.requires_grad:
         raise ValueError(
             f"velocity field {field_name(v)} returned a tensor that does not depend on x through "
@@ -132,7 +131,7 @@ def _check_field_output(v: Field, x: Tensor, y: Tensor) -> None:
 
 
 def _grad(
-    v: Field,
+    v: VelocityField,
     y: Tensor,
     x: Tensor,
     grad_outputs: Tensor,
@@ -159,7 +158,7 @@ def _grad(
 
 # ----------------------------------------------------------------------------------------------
 # Exact strategies. Each takes the flattened output y (B, d) of the field at x_in (B, *event).
-def _exact_loop(v: Field, y: Tensor, x: Tensor, create_graph: bool) -> Tensor:
+def _exact_loop(v: VelocityField, y: Tensor, x: Tensor, create_graph: bool) -> Tensor:
     batch, dim = y.shape
     total = torch.zeros(batch, dtype=y.dtype, device=y.device)
     for i in range(dim):
@@ -173,7 +172,9 @@ def _basis_chunk(start: int, size: int, batch: int, dim: int, like: Tensor) -> T
     return eye[:, None, :].expand(size, batch, dim)
 
 
-def _exact_batched(v: Field, y: Tensor, x: Tensor, create_graph: bool, chunk: int) -> Tensor:
+def _exact_batched(
+    v: VelocityField, y: Tensor, x: Tensor, create_graph: bool, chunk: int
+) -> Tensor:
     batch, dim = y.shape
     total = torch.zeros(batch, dtype=y.dtype, device=y.device)
     for start in range(0, dim, chunk):
@@ -189,7 +190,7 @@ def _exact_batched(v: Field, y: Tensor, x: Tensor, create_graph: bool, chunk: in
 
 
 def _exact_forward(
-    v: Field, x: Tensor, t: Tensor, chunk: int, extras: Extras | None = None
+    v: VelocityField, x: Tensor, t: Tensor, chunk: int, extras: Extras | None = None
 ) -> tuple[Tensor, Tensor]:
     batch = x.shape[0]
     dim = x[0].numel()
@@ -198,7 +199,7 @@ def _exact_forward(
         return call_checked(v, z, t, extras).reshape(batch, dim)
 
     def column(tangent: Tensor) -> Tensor:
-        return jvp(field_flat, (x,), (tangent.reshape(x.shape),))[1]
+        return quiet_jvp(field_flat, (x,), (tangent.reshape(x.shape),))[1]
 
     out = call_checked(v, x, t, extras)
     _check_field_output(v, x, out)
@@ -225,7 +226,7 @@ def _check_method(method: str, strategy: str | None) -> None:
 
 
 def _hutchinson(
-    v: Field, y: Tensor, x: Tensor, probes: Tensor, create_graph: bool, chunk: int
+    v: VelocityField, y: Tensor, x: Tensor, probes: Tensor, create_graph: bool, chunk: int
 ) -> Tensor:
     """Per-probe estimates, shape (K, B); ``chunk`` probes per backward pass (1: a plain loop)."""
     n_probes, batch = probes.shape[0], probes.shape[1]
@@ -377,7 +378,7 @@ class DivergenceStrategy:
         out.measured = self.measured  # sub-batches are smaller: keep the choice, do not re-time
         return out
 
-    def _fall_back(self, v: Field, error: RuntimeError) -> None:
+    def _fall_back(self, v: VelocityField, error: RuntimeError) -> None:
         warnings.warn(
             f"batched divergence failed for field {field_name(v)} ({error}); "
             "using the loop of single backward passes from now on",
@@ -388,7 +389,7 @@ class DivergenceStrategy:
 
     def __call__(
         self,
-        v: Field,
+        v: VelocityField,
         x: Tensor,
         t: Tensor,
         *,
@@ -433,7 +434,9 @@ class DivergenceStrategy:
             out, columns = out.detach(), columns.detach()
         return out, columns
 
-    def _vjp_columns(self, v: Field, y: Tensor, x: Tensor, create_graph: bool, rows: int) -> Tensor:
+    def _vjp_columns(
+        self, v: VelocityField, y: Tensor, x: Tensor, create_graph: bool, rows: int
+    ) -> Tensor:
         batch, dim = y.shape
         if self.kind == "hutchinson":
             assert self.probes is not None
@@ -463,7 +466,9 @@ class DivergenceStrategy:
         chunk = max(1, min(dim, max(rows // batch, MIN_CHUNK)))
         return _exact_batched(v, y, x, create_graph, chunk).unsqueeze(1)
 
-    def _measured_columns(self, v: Field, y: Tensor, x: Tensor, create_graph: bool) -> Tensor:
+    def _measured_columns(
+        self, v: VelocityField, y: Tensor, x: Tensor, create_graph: bool
+    ) -> Tensor:
         batch, dim = y.shape
         rows = TUNED_ROWS.get(x.device.type, TUNED_ROWS["cpu"])
         chunk = max(1, min(dim, rows // max(batch, 1)))
@@ -515,7 +520,7 @@ class DivergenceResult:
 
 
 def _velocity_and_columns(
-    v: Field,
+    v: VelocityField,
     x: Tensor,
     t: float | Tensor,
     method: str,
@@ -558,7 +563,7 @@ def _stderr(columns: Tensor) -> Tensor:
 
 
 def velocity_and_divergence(
-    v: Field,
+    v: VelocityField,
     x: Tensor,
     t: float | Tensor,
     method: str = "exact",
@@ -605,7 +610,7 @@ def velocity_and_divergence(
 
 
 def divergence(
-    v: Field,
+    v: VelocityField,
     x: Tensor,
     t: float | Tensor,
     method: str = "exact",

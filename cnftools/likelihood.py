@@ -69,7 +69,13 @@ from cnftools._ode import (
     resolve_config,
 )
 from cnftools.divergences import DivergenceStrategy
-from cnftools.fields import call_checked, check_extras, closed_form_divergence, select_extras
+from cnftools.fields import (
+    VelocityField,
+    call_checked,
+    check_extras,
+    closed_form_divergence,
+    select_extras,
+)
 
 __all__ = [
     "LikelihoodResult",
@@ -79,7 +85,6 @@ __all__ = [
     "sample_with_log_prob",
 ]
 
-Field = Callable[[Tensor, Tensor], Tensor]
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -248,7 +253,7 @@ def _resolve_params(v: object, params: Iterable[Tensor] | None) -> tuple[tuple[T
 
 
 def _needs_graph(
-    v: Field,
+    v: VelocityField,
     start: Tensor,
     params: tuple[Tensor, ...],
     *,
@@ -291,7 +296,7 @@ def _time_grid(
 
 
 def _divergence_strategy(
-    v: Field,
+    v: VelocityField,
     like: Tensor,
     divergence: str,
     n_probes: int,
@@ -317,7 +322,7 @@ def _divergence_strategy(
 
 
 def _augmented(
-    v: Field, start: Tensor, strategy: DivergenceStrategy | None, extras: dict
+    v: VelocityField, start: Tensor, strategy: DivergenceStrategy | None, extras: dict
 ) -> Callable[[Tensor, Tensor], Tensor]:
     r"""``f(t, y)`` for the state ``y = [vec(z), A]`` of shape ``(B, d + K)``:
     :math:`dz/dt = v(z, t)`, :math:`dA_k/dt = \operatorname{div}_k v(z, t)` (``K`` columns: one for
@@ -356,7 +361,7 @@ class _Solve:
 
 
 def _augmented_solve(
-    v: Field,
+    v: VelocityField,
     start: Tensor,
     grid: Tensor,
     strategy: DivergenceStrategy | None,
@@ -433,7 +438,7 @@ def _check_result(name: str, value: Tensor, context: str) -> None:
 
 
 def _wants_graph(
-    v: Field,
+    v: VelocityField,
     start: Tensor,
     config: SolverConfig,
     params: tuple[Tensor, ...],
@@ -456,7 +461,7 @@ def _wants_graph(
 
 
 def _one_solve(
-    v: Field,
+    v: VelocityField,
     start: Tensor,
     prior: Distribution | None,
     grid: Tensor,
@@ -494,7 +499,7 @@ def _one_solve(
 
 
 def _likelihood(
-    v: Field,
+    v: VelocityField,
     start: Tensor,
     prior: Distribution | None,
     *,
@@ -613,7 +618,7 @@ def _certificate(tight: Tensor, loose: Tensor, config: SolverConfig) -> Tensor:
 
 
 def _to_accuracy(
-    v: Field,
+    v: VelocityField,
     start: Tensor,
     prior: Distribution | None,
     config: SolverConfig,
@@ -728,7 +733,7 @@ def _to_accuracy(
 
 
 def log_likelihood(
-    v: Field,
+    v: VelocityField,
     x: Tensor,
     prior: Distribution | None = None,
     *,
@@ -874,7 +879,7 @@ def log_likelihood(
 
 
 def sample_with_log_prob(
-    v: Field,
+    v: VelocityField,
     n: int | None = None,
     prior: Distribution | None = None,
     *,
@@ -1005,7 +1010,7 @@ def sample_with_log_prob(
 
 
 def sample(
-    v: Field,
+    v: VelocityField,
     x0: Tensor,
     *,
     method: str | None = None,

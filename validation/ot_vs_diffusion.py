@@ -72,7 +72,9 @@ def _exact_field_stats(
     result = sample(marginal, z0, method="dopri5", rtol=1e-5, atol=1e-5, return_result=True)
     grid = torch.linspace(0.0, 1.0, 201, dtype=ctx.dtype, device=ctx.device)
     tight = 1e-10 if ctx.dtype == torch.float64 else 1e-6
-    trajectory = sample(marginal, z0, method="dopri5", rtol=tight, atol=tight, times=grid)
+    trajectory = sample(
+        marginal, z0, method="dopri5", rtol=tight, atol=tight, times=grid, return_result=True
+    ).trajectory
     # Length-weighted straightness Σ chord / Σ length: a mean of per-trajectory ratios would be
     # dominated by the short trajectories of points that start next to where they end.
     length = trajectory.diff(dim=0).norm(dim=-1).sum(dim=0)

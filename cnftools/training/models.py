@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Real
 from typing import Any
 
@@ -222,6 +222,48 @@ class Conditioning(nn.Module):
         return [y]
 
 
+def _smooth_activation(activation: str) -> str:
+    """The activation's key in :data:`ACTIVATIONS`; a non-smooth one is refused (adaptive solvers
+    stall at the kinks of a Jacobian that jumps)."""
+    key = str(activation).lower()
+    if key in _NON_SMOOTH:
+        raise ValueError(
+            f"activation={activation!r} is not smooth: the field's Jacobian jumps at its kinks "
+            f"and adaptive ODE solvers stall there; use one of {sorted(ACTIVATIONS)}"
+        )
+    if key not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return key
+
+
+def _time_embedding(
+    kind: str, features: int, max_frequency: float, scale: float, seed: int
+) -> tuple[TimeEmbedding, dict[str, Any]]:
+    """A field's :class:`TimeEmbedding` (which validates the settings) and the ``time_*`` entries
+    of its config."""
+    embedding = TimeEmbedding(kind, features, max_frequency=max_frequency, scale=scale, seed=seed)
+    config = {
+        "time_embedding": kind,
+        "time_features": int(features),
+        "time_max_frequency": float(max_frequency),
+        "time_scale": float(scale),
+        "time_seed": int(seed),
+    }
+    return embedding, config
+
+
+def _layer_stack(
+    widths: Sequence[int], activation: str, layer: Callable[[int, int], nn.Module]
+) -> nn.Sequential:
+    """``layer(w_0, w_1), act, layer(w_1, w_2), act, ..., layer(w_{n-1}, w_n)``."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(int(w) for w in widths)):
+        layers.append(layer(n_in, n_out))
+        if i < len(widths) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
 class MLPField(nn.Module):
     r"""A multilayer-perceptron velocity field :math:`v_\theta(x, t)` with a time embedding.
 
@@ -320,44 +362,20 @@ class MLPField(nn.Module):
             )
         for width in hidden:
             _check_int("hidden (layer width)", width, 1)
-        key = str(activation).lower()
-        if key in _NON_SMOOTH:
-            raise ValueError(
-                f"activation={activation!r} is not smooth: the field's Jacobian jumps at its kinks "
-                f"and adaptive ODE solvers stall there; use one of {sorted(ACTIVATIONS)}"
-            )
-        if key not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        key = _smooth_activation(activation)
+        self.time_embedding, time = _time_embedding(
+            time_embedding, time_features, time_max_frequency, time_scale, time_seed
+        )
         self._config: dict[str, Any] = {
             "dim": list(self.event_shape) if self.event_shape is not None else self.dim,
             "hidden": [int(h) for h in hidden],
-            "time_embedding": time_embedding,
             "activation": key,
-            "time_features": int(time_features),
-            "time_max_frequency": float(time_max_frequency),
-            "time_scale": float(time_scale),
-            "time_seed": int(time_seed),
+            **time,
             "zero_init_output": bool(zero_init_output),
             **self.conditioning.config(),
         }
-        self.time_embedding = TimeEmbedding(
-            time_embedding,
-            time_features,
-            max_frequency=time_max_frequency,
-            scale=time_scale,
-            seed=time_seed,
-        )
-        widths = [
-            self.dim + time_features + self.conditioning.features,
-            *[int(h) for h in hidden],
-            self.dim,
-        ]
-        layers: list[nn.Module] = []
-        for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
-            layers.append(nn.Linear(n_in, n_out))
-            if i < len(widths) - 2:
-                layers.append(ACTIVATIONS[key]())
-        self.net = nn.Sequential(*layers)
+        widths = [self.dim + time_features + self.conditioning.features, *hidden, self.dim]
+        self.net = _layer_stack(widths, key, nn.Linear)
         if zero_init_output:
             last = self.net[-1]
             assert isinstance(last, nn.Linear)
@@ -530,43 +548,24 @@ class ConvField(nn.Module):
             )
         for width in hidden:
             _check_int("hidden (channel width)", width, 1)
-        key = str(activation).lower()
-        if key in _NON_SMOOTH or key not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {sorted(ACTIVATIONS)} (smooth), got {activation!r}"
-            )
+        key = _smooth_activation(activation)
         self.conditioning = Conditioning(num_classes, cond_dim, class_features)
         self.channels = channels
+        self.time_embedding, time = _time_embedding(
+            time_embedding, time_features, time_max_frequency, time_scale, time_seed
+        )
         self._config: dict[str, Any] = {
             "channels": int(channels),
             "hidden": [int(h) for h in hidden],
-            "time_embedding": time_embedding,
             "activation": key,
-            "time_features": int(time_features),
-            "time_max_frequency": float(time_max_frequency),
-            "time_scale": float(time_scale),
-            "time_seed": int(time_seed),
+            **time,
             "zero_init_output": bool(zero_init_output),
             **self.conditioning.config(),
         }
-        self.time_embedding = TimeEmbedding(
-            time_embedding,
-            time_features,
-            max_frequency=time_max_frequency,
-            scale=time_scale,
-            seed=time_seed,
+        widths = [channels + time_features + self.conditioning.features, *hidden, channels]
+        self.net = _layer_stack(
+            widths, key, lambda n_in, n_out: nn.Conv2d(n_in, n_out, kernel_size=3, padding=1)
         )
-        widths = [
-            channels + time_features + self.conditioning.features,
-            *[int(h) for h in hidden],
-            channels,
-        ]
-        layers: list[nn.Module] = []
-        for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
-            layers.append(nn.Conv2d(n_in, n_out, kernel_size=3, padding=1))
-            if i < len(widths) - 2:
-                layers.append(ACTIVATIONS[key]())
-        self.net = nn.Sequential(*layers)
         if zero_init_output:
             last = self.net[-1]
             assert isinstance(last, nn.Conv2d)
