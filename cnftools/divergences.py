@@ -519,6 +519,30 @@ class DivergenceResult:
     n_probes: int | None = None
 
 
+def _check_result_flags(caller: str, return_result: object, return_stderr: object) -> None:
+    """``return_result`` / the deprecated ``return_stderr`` of :func:`divergence` and
+    :func:`velocity_and_divergence`: bools, not both; the tuple form warns."""
+    if not isinstance(return_result, bool) or not isinstance(return_stderr, bool):
+        raise TypeError("return_result and return_stderr must be bools")
+    if return_stderr:
+        if return_result:
+            raise ValueError("give return_result=True alone: the result carries the stderr")
+        warnings.warn(
+            f"{caller}(..., return_stderr=True) returning a tuple is deprecated and will be "
+            "removed in the next release: pass return_result=True and read result.value and "
+            "result.stderr",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+
+
+def _divergence_result(columns: Tensor, method: str) -> DivergenceResult:
+    """The :class:`DivergenceResult` of per-probe columns ``(B, K)``."""
+    hutchinson = method == "hutchinson"
+    stderr = _stderr(columns) if hutchinson and columns.shape[1] >= 2 else None
+    return DivergenceResult(columns.mean(dim=1), stderr, columns.shape[1] if hutchinson else None)
+
+
 def _velocity_and_columns(
     v: VelocityField,
     x: Tensor,
@@ -576,12 +600,15 @@ def velocity_and_divergence(
     return_stderr: bool = False,
     strategy: str | None = None,
     extras: Extras | None = None,
-) -> tuple[Tensor, ...]:
-    r"""The field and its divergence from one forward pass: ``(v(x, t), div)`` (``+ (stderr,)``).
+    return_result: bool = False,
+) -> tuple[Tensor, ...] | tuple[Tensor, DivergenceResult]:
+    r"""The field and its divergence from one forward pass: ``(v(x, t), div)``.
 
     Same arguments as :func:`divergence`; this is what an ODE solve of the augmented state
     :math:`[z, \int \nabla\cdot v]` needs (theory §3), without evaluating the field twice. The
-    velocity is detached unless ``create_graph=True``.
+    velocity is detached unless ``create_graph=True``. With ``return_result=True`` the second
+    element is a :class:`DivergenceResult` (value, Hutchinson standard error, probes);
+    ``return_stderr=True`` (a 3-tuple) is deprecated.
 
     Example:
         >>> import torch
@@ -589,6 +616,7 @@ def velocity_and_divergence(
         >>> div
         tensor([-3., -3.])
     """
+    _check_result_flags("velocity_and_divergence", return_result, return_stderr)
     out, columns = _velocity_and_columns(
         v,
         x,
@@ -603,6 +631,8 @@ def velocity_and_divergence(
         strategy=strategy,
         extras=extras,
     )
+    if return_result:
+        return out, _divergence_result(columns, method)
     div = columns.mean(dim=1)
     if return_stderr:
         return out, div, _stderr(columns)
@@ -679,18 +709,7 @@ def divergence(
         Chen et al. (2018), arXiv:1806.07366, Theorem 1; Grathwohl et al. (2019),
         arXiv:1810.01367, §3 (Hutchinson's estimator).
     """
-    if not isinstance(return_result, bool) or not isinstance(return_stderr, bool):
-        raise TypeError("return_result and return_stderr must be bools")
-    if return_stderr:
-        if return_result:
-            raise ValueError("give return_result=True alone: the result carries the stderr")
-        warnings.warn(
-            "divergence(..., return_stderr=True) returning a tuple is deprecated and will be "
-            "removed in the next release: pass return_result=True and read result.value and "
-            "result.stderr",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+    _check_result_flags("divergence", return_result, return_stderr)
     _, columns = _velocity_and_columns(
         v,
         x,
@@ -708,8 +727,4 @@ def divergence(
     value = columns.mean(dim=1)
     if return_stderr:
         return value, _stderr(columns)
-    if not return_result:
-        return value
-    hutchinson = method == "hutchinson"
-    stderr = _stderr(columns) if hutchinson and columns.shape[1] >= 2 else None
-    return DivergenceResult(value, stderr, columns.shape[1] if hutchinson else None)
+    return _divergence_result(columns, method) if return_result else value

@@ -477,3 +477,28 @@ def test_return_stderr_still_works_with_a_deprecation_warning() -> None:
     )  # fmt: skip
     torch.testing.assert_close(estimate, result.value, rtol=0, atol=0)
     torch.testing.assert_close(stderr, result.stderr, rtol=0, atol=0)
+
+
+def test_velocity_and_divergence_result_form() -> None:
+    """return_result=True gives (velocity, DivergenceResult) whose value equals the plain form's
+    divergence bit for bit (same probes), with the Hutchinson standard error for K >= 2; the
+    3-tuple form (return_stderr=True) still works and warns."""
+
+    def tanh_field(z: Tensor, t: Tensor) -> Tensor:
+        return torch.tanh(z @ weight) * (1 + t[:, None])
+
+    weight = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    probes = torch.randn(3, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    plain = cnftools.velocity_and_divergence(tanh_field, x, 0.3, "hutchinson", probes=probes)
+    out, result = cnftools.velocity_and_divergence(
+        tanh_field, x, 0.3, "hutchinson", probes=probes, return_result=True
+    )
+    torch.testing.assert_close(out, plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(result.value, plain[1], rtol=0, atol=0)
+    assert result.n_probes == 3 and result.stderr is not None and result.stderr.shape == (4,)
+    with pytest.warns(DeprecationWarning, match="return_result=True"):
+        _, _, stderr = cnftools.velocity_and_divergence(
+            tanh_field, x, 0.3, "hutchinson", probes=probes, return_stderr=True
+        )
+    torch.testing.assert_close(stderr, result.stderr, rtol=0, atol=0)
