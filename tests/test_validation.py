@@ -60,10 +60,10 @@ def test_every_theory_page_in_the_legend_exists():
     """The report's legend points at pages and anchors that ship with the repository."""
     from pathlib import Path
 
-    from cnftools.validation._framework import THEORY_PAGES
+    from cnftools.validation._framework import SECTION_PAGES
 
     root = Path(__file__).resolve().parents[1]
-    assert set(THEORY_PAGES) == set(range(1, 14))
-    for page in THEORY_PAGES.values():
+    assert set(SECTION_PAGES) == set(range(1, 14))
+    for page in SECTION_PAGES.values():
         file, anchor = page.split("#")
         assert "{#" + anchor + "}" in (root / file).read_text(encoding="utf-8"), page

@@ -21,7 +21,7 @@ import torchdiffeq
 import cnftools
 
 __all__ = [
-    "THEORY_PAGES",
+    "SECTION_PAGES",
     "Check",
     "Context",
     "Experiment",
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-THEORY_PAGES: dict[int, str] = {
+SECTION_PAGES: dict[int, str] = {
     1: "docs/theory/change-of-variables.md#change-of-variables",
     2: "docs/theory/change-of-variables.md#normalizing-flows",
     3: "docs/theory/change-of-variables.md#continuous-normalizing-flows",
@@ -347,7 +347,7 @@ def write_report(path: Path, runs: list[Run]) -> None:
         )
     )
     lines += ["## Theory sections", "", "| section | formulas in the repository |", "|---|---|"]
-    lines += [f"| §{n} | `{THEORY_PAGES[n]}` |" for n in cited if n in THEORY_PAGES]
+    lines += [f"| §{n} | `{SECTION_PAGES[n]}` |" for n in cited if n in SECTION_PAGES]
     lines.append("")
     figures = [p for r in runs for p in r.ctx.figures if p.exists()]
     if figures:
