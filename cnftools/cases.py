@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from cnftools._checks import check_int
+from cnftools.data import GaussianMixture
 from cnftools.marginals import GaussianMarginal, MixtureMarginal
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 
@@ -323,7 +324,18 @@ class DataCase:
                 else 0.2 + torch.rand(k, generator=gen, dtype=f64)
             )
             out["weights"] = w / w.sum()
-        return {key: v.to(dtype=dtype, device=device) for key, v in out.items()}
+        out = {key: v.to(dtype=dtype, device=device) for key, v in out.items()}
+        if self.kind == "mixture":  # the one mixture container validates and carries them
+            return GaussianMixture(out["means"], out["covs"], out["weights"]).as_dict()
+        return out
+
+    def mixture(
+        self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    ) -> GaussianMixture:
+        """A mixture case's parameters as the validated :class:`cnftools.data.GaussianMixture`."""
+        if self.kind != "mixture":
+            raise ValueError(f"mixture() applies to mixture cases, this one is {self.kind!r}")
+        return GaussianMixture(**self.parameters(dtype, device))
 
     def marginal(
         self,
