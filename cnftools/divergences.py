@@ -56,7 +56,14 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from cnftools._checks import as_time, check_batched, check_finite, check_floating, quiet_jvp
+from cnftools._checks import (
+    as_time,
+    check_batched,
+    check_finite,
+    check_floating,
+    check_int,
+    quiet_jvp,
+)
 from cnftools.fields import (
     Extras,
     VelocityField,
@@ -353,8 +360,7 @@ class DivergenceStrategy:
                     f"{like.device}), got {probes.dtype} on {probes.device}"
                 )
             return check_finite("probes", probes).detach()
-        if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-            raise ValueError(f"n_probes must be a positive int, got {n_probes!r}")
+        n_probes = check_int("n_probes", n_probes, low=1)
         if noise not in ("rademacher", "gaussian"):
             raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
         shape = (n_probes, *like.shape)

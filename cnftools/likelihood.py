@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from cnftools._checks import check_batched, check_event_shape
+from cnftools._checks import check_batched, check_event_shape, check_int
 from cnftools._ode import (
     ACCURACY_STEP,
     NFE,
@@ -306,8 +306,7 @@ def _divergence_strategy(
 ) -> DivergenceStrategy:
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"n_probes must be an int >= 1, got {n_probes!r}")
+    check_int("n_probes", n_probes, low=1)
     if divergence == "exact":
         if probes is not None or n_probes != 1:
             raise ValueError("probes and n_probes apply to divergence='hutchinson' only")
@@ -953,8 +952,7 @@ def sample_with_log_prob(
         z0 = check_batched("z0", z0)
         event = tuple(z0.shape[1:])
     else:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an int >= 1 (or give z0), got {n!r}")
+        n = check_int("n (or give z0)", n, low=1)
         if prior is None:
             if event_shape is None:
                 raise ValueError("the standard-normal prior needs event_shape=(d,) (or give z0)")

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from cnftools._checks import check_int
 from cnftools._ode import SolverConfig, resolve_config
 from cnftools.data import Dequantization
 from cnftools.fields import accepts_keyword, check_extras
@@ -39,12 +40,6 @@ from cnftools.nll.store import ChunkStore, RunLock
 from cnftools.nll.units import Settings
 
 __all__ = ["dataset_nll"]
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _prepare_field(v: object, device: torch.device, dtype: torch.dtype) -> Callable[..., Tensor]:
@@ -311,12 +306,12 @@ def dataset_nll(
         Ho et al. (2019), arXiv:1902.00275.
     """
     start_time = time.perf_counter()
-    batch_size = _check_int("batch_size", batch_size, 1)
-    seed = _check_int("seed", seed, 0)
-    n_probes = _check_int("n_probes", n_probes, 1)
-    max_probes = _check_int("max_probes", max_probes, 1)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    seed = check_int("seed", seed, low=0)
+    n_probes = check_int("n_probes", n_probes, low=1)
+    max_probes = check_int("max_probes", max_probes, low=1)
     if num_threads is not None:
-        num_threads = _check_int("num_threads", num_threads, 1)
+        num_threads = check_int("num_threads", num_threads, low=1)
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
     hutchinson = divergence == "hutchinson"
