@@ -26,11 +26,12 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from numbers import Real
 
 import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
+
+from cnftools._checks import check_tolerance
 
 __all__ = [
     "ACCURACY_STEP",
@@ -115,12 +116,9 @@ class NFE:
 
 
 def _check_tolerance(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
+    number = check_tolerance(name, value, allow_none=False)
+    assert number is not None
+    return number
 
 
 @dataclass(frozen=True)
