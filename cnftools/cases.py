@@ -184,11 +184,6 @@ def _check_generator(generator: object) -> torch.Generator:
     return generator
 
 
-def _check_dimension(d: object) -> int:
-    d = check_int("d", d, low=1)
-    return d
-
-
 def random_orthogonal(
     d: int,
     generator: torch.Generator,
@@ -207,7 +202,7 @@ def random_orthogonal(
         >>> torch.allclose(q @ q.T, torch.eye(4, dtype=torch.float64), atol=1e-12)
         True
     """
-    d, generator = _check_dimension(d), _check_generator(generator)
+    d, generator = check_int("d", d, low=1), _check_generator(generator)
     g = torch.randn(d, d, generator=generator, dtype=torch.float64, device=generator.device)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r))
@@ -251,7 +246,7 @@ def random_spd(
         >>> bool((lam >= 0.5 - 1e-12).all() and (lam <= 2.0 + 1e-12).all()), bool((S == S.T).all())
         (True, True)
     """
-    d, generator = _check_dimension(d), _check_generator(generator)
+    d, generator = check_int("d", d, low=1), _check_generator(generator)
     if isinstance(eigenvalues, Tensor):
         lam = eigenvalues.detach().to(dtype=torch.float64, device=generator.device)
         if lam.shape != (d,):

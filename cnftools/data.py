@@ -459,11 +459,6 @@ class Dequantization:
             raise TypeError(f"Dequantization.centered must be a bool, got {self.centered!r}")
 
 
-def _check_levels(levels: object) -> int:
-    levels = check_int("levels", levels, low=2)
-    return levels
-
-
 def check_integer_data(name: str, x: object, levels: int) -> Tensor:
     """Check that ``x`` (the caller's argument ``name``) holds integers in ``0..levels-1``."""
     if not isinstance(x, Tensor):
@@ -511,7 +506,7 @@ def dequantize(
         >>> bool(((y >= 0) & (y < 1)).all())
         True
     """
-    levels = _check_levels(levels)
+    levels = check_int("levels", levels, low=2)
     x = check_integer_data("x", x, levels)
     if dtype is None:
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
@@ -526,7 +521,7 @@ def quantize(y: Tensor, levels: int, *, centered: bool = False) -> Tensor:
     The clipping is deliberate and documented: it maps model *samples*, which may fall slightly
     outside the cube, to valid pixel values. Non-finite values are refused.
     """
-    levels = _check_levels(levels)
+    levels = check_int("levels", levels, low=2)
     y = check_finite("y", check_floating("y", y))
     unit = (y + 1) / 2 if centered else y
     return torch.clamp(torch.floor(unit * levels), 0, levels - 1).to(torch.long)
@@ -534,7 +529,7 @@ def quantize(y: Tensor, levels: int, *, centered: bool = False) -> Tensor:
 
 def dequantization_log_det(dim: int, levels: int, *, centered: bool = False) -> float:
     r""":math:`\sum \log|\partial y / \partial x'| = D \log(1/L)` (centered: :math:`D\log(2/L)`)."""
-    levels = _check_levels(levels)
+    levels = check_int("levels", levels, low=2)
     dim = check_int("dim", dim, low=1)
     return dim * math.log((2.0 if centered else 1.0) / levels)
 

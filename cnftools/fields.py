@@ -42,6 +42,7 @@ __all__ = [
     "call_checked",
     "call_field",
     "call_with_closed_form_divergence",
+    "check_callable",
     "check_extras",
     "check_output_like",
     "closed_form_divergence",
@@ -175,6 +176,16 @@ def accepts_keyword(v: object, name: str) -> bool:
         or (p.name == name and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
         for p in parameters
     )
+
+
+def check_callable(v: object) -> None:
+    """Refuse a field that is not callable, naming what was given instead.
+
+    Example:
+        >>> check_callable(lambda x, t: x)
+    """
+    if not callable(v):
+        raise TypeError(f"v must be a velocity field, a callable v(x, t); got {type(v).__name__}")
 
 
 def check_extras(extras: object) -> dict:

@@ -72,6 +72,7 @@ from cnftools.divergences import DivergenceStrategy
 from cnftools.fields import (
     VelocityField,
     call_checked,
+    check_callable,
     check_extras,
     closed_form_divergence,
     select_extras,
@@ -146,11 +147,6 @@ class SampleResult:
 
 # ---------------------------------------------------------------------------------------------
 # Argument handling
-
-
-def _check_field(v: object) -> None:
-    if not callable(v):
-        raise TypeError(f"v must be a velocity field, a callable v(x, t); got {type(v).__name__}")
 
 
 def _check_prior(prior: object, event: tuple[int, ...]) -> Distribution | None:
@@ -836,7 +832,7 @@ def log_likelihood(
     References:
         Chen et al. (2018), arXiv:1806.07366; Grathwohl et al. (2019), arXiv:1810.01367, eq. (4).
     """
-    _check_field(v)
+    check_callable(v)
     x = check_batched("x", x)
     prior_ = _check_prior(prior, tuple(x.shape[1:]))
     _probe_prior(prior_, x)
@@ -945,7 +941,7 @@ def sample_with_log_prob(
     References:
         Chen et al. (2018), arXiv:1806.07366, §4.
     """
-    _check_field(v)
+    check_callable(v)
     if z0 is not None:
         if n is not None:
             raise ValueError("give either n or z0, not both")
@@ -1059,7 +1055,7 @@ def sample(
     References:
         Lipman et al. (2022), arXiv:2210.02747, §2 (sampling by solving the flow ODE).
     """
-    _check_field(v)
+    check_callable(v)
     x0 = check_batched("x0", x0)
     extras_ = check_extras(extras)
     config_ = resolve_config(

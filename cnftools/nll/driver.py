@@ -79,7 +79,7 @@ def _extras_identity(row_extras: dict[str, Tensor], constant: dict[str, Any]) ->
     return settings_key(parts)
 
 
-def _check_field(
+def _trial_call(
     v: Callable[..., Tensor],
     first: Tensor,
     s: Settings,
@@ -366,7 +366,7 @@ def dataset_nll(
             batch_size, divergence, n_probes, seed, solver, dequantization,
             passed, prior, device, dtype, constant_extras,
         )  # fmt: skip
-        _check_field(field, first, settings, rows.event, first_batch.extras)
+        _trial_call(field, first, settings, rows.event, first_batch.extras)
         del first, first_batch
         run = {
             "rows": rows.n, "event": list(rows.event), **identity, "batch_size": batch_size,

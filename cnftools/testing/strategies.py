@@ -133,11 +133,6 @@ def times(*, margin: float = 1e-3, singular_ends: bool = True) -> st.SearchStrat
     return st.floats(0.0, 1.0 - margin if singular_ends else 1.0)
 
 
-def _check_dim(dim: object) -> int:
-    dim = check_int("dim", dim, low=1)
-    return dim
-
-
 def _check_eigenvalue_range(low: float, high: float) -> None:
     if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
         raise ValueError(
@@ -168,7 +163,7 @@ def spd_matrices(
         >>> bool((S == S.T).all()), bool((torch.linalg.eigvalsh(S) > 0).all())
         (True, True)
     """
-    dim = _check_dim(dim)
+    dim = check_int("dim", dim, low=1)
     _check_eigenvalue_range(min_eigenvalue, max_eigenvalue)
 
     def build(params: tuple[list[float], int]) -> Tensor:
@@ -213,7 +208,7 @@ def gaussian_mixtures(
         >>> marginal.num_components, round(float(params.weights.sum()), 12)
         (3, 1.0)
     """
-    dim = _check_dim(dim)
+    dim = check_int("dim", dim, low=1)
     if not 1 <= min_components <= max_components:
         raise ValueError(
             f"need 1 <= min_components <= max_components, got {min_components}, {max_components}"

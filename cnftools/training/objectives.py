@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from cnftools._checks import as_time, check_batched, check_floating, check_int, check_same_shape
-from cnftools.fields import Extras, VelocityField, call_checked, check_extras
+from cnftools.fields import Extras, VelocityField, call_checked, check_callable, check_extras
 from cnftools.paths import GaussianPath, OTPath
 
 __all__ = ["cfm_loss", "empirical_posterior", "fm_loss", "sample_time", "theorem2_terms"]
@@ -158,7 +158,7 @@ def cfm_loss(
     References:
         Lipman et al. (2022), arXiv:2210.02747, eq. (9), (14), Theorem 2.
     """
-    _check_callable(v)
+    check_callable(v)
     if not isinstance(path, GaussianPath):
         raise TypeError(f"path must be a cnftools GaussianPath, got {type(path).__name__}")
     _check_reduction(reduction)
@@ -231,7 +231,7 @@ def fm_loss(
     References:
         Lipman et al. (2022), arXiv:2210.02747, eq. (5).
     """
-    _check_callable(v)
+    check_callable(v)
     velocity = getattr(marginal, "velocity", None)
     if not callable(velocity):
         raise TypeError(
@@ -356,7 +356,7 @@ def theorem2_terms(
         raise ValueError(
             f"marginal_velocity must have shape {tuple(x.shape)}, got {tuple(u.shape)}"
         )
-    _check_callable(v)
+    check_callable(v)
     out = call_checked(v, x, as_time(t, x))
     cfm = (w * ((out.unsqueeze(1) - u_i) ** 2).sum(dim=event_dims)).sum(dim=1)
     fm = _squared_norm(out - u)
@@ -365,11 +365,6 @@ def theorem2_terms(
 
 
 # ----------------------------------------------------------------------------------------------
-def _check_callable(v: object) -> None:
-    if not callable(v):
-        raise TypeError(f"v must be a callable v(x, t), got {type(v).__name__}")
-
-
 def _squared_norm(r: Tensor) -> Tensor:
     return (r**2).reshape(r.shape[0], -1).sum(dim=1)
 
