@@ -59,6 +59,7 @@ from torch.func import vmap
 from cnftools._checks import (
     as_time,
     check_batched,
+    check_depends_on_input,
     check_finite,
     check_floating,
     check_int,
@@ -81,6 +82,7 @@ __all__ = [
     "DivergenceStrategy",
     "choose_strategy",
     "divergence",
+    "jacobian",
     "velocity_and_divergence",
 ]
 
@@ -643,6 +645,64 @@ def velocity_and_divergence(
     if return_stderr:
         return out, div, _stderr(columns)
     return out, div
+
+
+def jacobian(
+    v: VelocityField,
+    x: Tensor,
+    t: float | Tensor,
+    *,
+    create_graph: bool = False,
+    batched: bool = False,
+    allow_constant: bool = False,
+    extras: Extras | None = None,
+) -> Tensor:
+    r"""Per-sample Jacobians :math:`J_b = \partial v(x_b, t_b)/\partial x_b`, shape ``(B, d, d)``.
+
+    The full matrix, one reverse-mode pass per output coordinate (``d`` in all; batched through
+    ``is_grads_batched`` with ``batched=True``), events flattened to ``d``. The one reference
+    Jacobian of cnftools: the testing kit's trace and :class:`~cnftools.flows.EulerStep`'s
+    log-determinant both use it. Rows of ``v`` must be independent (no batch normalisation).
+
+    Args:
+        v: the field, called as ``v(x, t, **extras)``.
+        x: points ``(B, *event)``.
+        t: times (float, 0-d or ``(B,)``).
+        create_graph: keep the graph (a differentiable Jacobian); otherwise it is detached.
+        batched: one batched backward pass instead of ``d`` passes.
+        allow_constant: a field with no autograd path from ``x`` has Jacobian 0 (otherwise it is
+            refused: a zero that is really "unknown" would be a wrong number).
+        extras: keyword arguments for the field.
+
+    Example:
+        >>> import torch
+        >>> jacobian(lambda x, t: 2 * x, torch.ones(1, 2), 0.5)
+        tensor([[[2., 0.],
+                 [0., 2.]]])
+    """
+    x = check_floating("x", check_batched("x", x))
+    tt = as_time(t, x)
+    batch, d = x.shape[0], x[0].numel()
+    with torch.enable_grad():
+        xg = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+        out = call_checked(v, xg, tt, check_extras(extras))
+        if not (allow_constant and not out.requires_grad):
+            check_depends_on_input(f"velocity field {field_name(v)}", out, xg)
+        if not out.requires_grad:
+            return x.new_zeros(batch, d, d)
+        flat = out.reshape(batch, d)
+        options = {"create_graph": create_graph, "allow_unused": True, "materialize_grads": True}
+        if batched:
+            basis = torch.eye(d, dtype=x.dtype, device=x.device)[:, None, :].expand(d, batch, d)
+            (rows,) = torch.autograd.grad(flat, xg, basis, is_grads_batched=True, **options)
+            jac = rows.reshape(d, batch, d).permute(1, 0, 2)
+        else:
+            columns = [
+                torch.autograd.grad(flat[:, k].sum(), xg, retain_graph=True, **options)[0]
+                for k in range(d)
+            ]
+            jac = torch.stack([c.reshape(batch, d) for c in columns], dim=1)
+    return jac if create_graph else jac.detach()
 
 
 def divergence(

@@ -58,8 +58,9 @@ from torch.distributions import (
     constraints,
 )
 
-from cnftools._checks import check_depends_on_input, check_finite, check_floating, check_int
-from cnftools.fields import call_checked, field_name
+from cnftools._checks import check_finite, check_floating, check_int
+from cnftools.divergences import jacobian
+from cnftools.fields import call_checked
 
 __all__ = [
     "AffineCoupling",
@@ -563,44 +564,23 @@ class EulerStep(ModuleTransform):
         return (flat + self.dt * self._field(flat)).reshape(x.shape)
 
     def jacobian_matrix(self, z: Tensor, *, create_graph: bool = False) -> Tensor:
-        r"""The field's Jacobian :math:`\partial v / \partial z` at ``z`` ``(B, d)``: ``(B, d, d)``."""
-        d = z.shape[-1]
-        with torch.enable_grad():
-            zz = z if z.requires_grad else z.detach().requires_grad_(True)
-            out = self._field(zz)
-            # A field with no autograd path from z (constant, detached, numpy) would report
-            # J = 0 and log|det| = 0: a wrong number. Refuse it, as cnftools.divergence does.
-            check_depends_on_input(f"EulerStep's velocity field {field_name(self.v)}", out, zz)
-            if self.jacobian == "batched":
-                basis = torch.eye(d, dtype=z.dtype, device=z.device)[:, None, :].expand(d, *z.shape)
-                try:
-                    (rows,) = torch.autograd.grad(
-                        out,
-                        zz,
-                        basis,
-                        create_graph=create_graph,
-                        is_grads_batched=True,
-                        allow_unused=True,
-                        materialize_grads=True,
-                    )
-                except RuntimeError as error:
-                    raise RuntimeError(
-                        'EulerStep(jacobian="batched") failed to batch the backward pass of v; '
-                        f'use jacobian="loop". Original error: {error}'
-                    ) from error
-                return rows.permute(1, 0, 2)  # rows[k, b, :] = d v_k / d z at sample b
-            rows = [
-                torch.autograd.grad(
-                    out[:, k].sum(),
-                    zz,
-                    retain_graph=True,
-                    create_graph=create_graph,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )[0]
-                for k in range(d)
-            ]
-            return torch.stack(rows, dim=1)
+        r"""The field's Jacobian :math:`\partial v / \partial z` at ``z`` ``(B, d)``: ``(B, d, d)``.
+
+        By :func:`cnftools.divergences.jacobian`; a field with no autograd path from ``z``
+        (constant, detached, numpy) is refused, since it would report :math:`\log|\det| = 0`.
+        """
+        t = torch.full((z.shape[0],), self.t, dtype=z.dtype, device=z.device)
+        try:
+            return jacobian(
+                self.v, z, t, create_graph=create_graph, batched=self.jacobian == "batched"
+            )
+        except RuntimeError as error:
+            if self.jacobian != "batched" or "batch" not in str(error).lower():
+                raise
+            raise RuntimeError(
+                'EulerStep(jacobian="batched") failed to batch the backward pass of v; '
+                f'use jacobian="loop". Original error: {error}'
+            ) from error
 
     def _step_matrix(self, z: Tensor, create_graph: bool) -> Tensor:
         eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)

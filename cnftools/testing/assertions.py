@@ -29,6 +29,7 @@ from cnftools._checks import as_time, check_batched, check_tolerance, quiet_jvp
 from cnftools._ode import SolverConfig
 from cnftools.continuity import continuity_terms
 from cnftools.divergences import divergence as exact_divergence
+from cnftools.divergences import jacobian
 from cnftools.fields import closed_form_divergence
 from cnftools.likelihood import log_likelihood
 from cnftools.paths import GaussianPath
@@ -122,26 +123,14 @@ def jacobian_trace(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor) 
 def _full_jacobian(
     v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Per-row Jacobians ``(B, d, d)`` and their traces ``(B,)``."""
-    batch = x.shape[0]
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        out = v(xg, t)
-        if out.shape != x.shape:
-            raise AssertionError(
-                f"the field returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; "
-                "a velocity field must return the shape of x"
-            )
-        flat = out.reshape(batch, -1)
-        d = flat.shape[1]
-        rows = []
-        for i in range(d):
-            (grad,) = torch.autograd.grad(
-                flat[:, i].sum(), xg, retain_graph=i < d - 1, allow_unused=True
-            )
-            grad = torch.zeros_like(xg) if grad is None else grad
-            rows.append(grad.reshape(batch, d))
-    jac = torch.stack(rows, dim=1).detach()  # (B, d_out, d_in)
+    """Per-row Jacobians ``(B, d, d)`` (:func:`cnftools.divergences.jacobian`; a field constant in
+    ``x`` has Jacobian 0 here) and their traces ``(B,)``."""
+    try:
+        jac = jacobian(v, x, t, allow_constant=True)
+    except ValueError as error:
+        if "returned shape" not in str(error):
+            raise
+        raise AssertionError(f"{error} (a velocity field must return the shape of x)") from error
     return jac, torch.diagonal(jac, dim1=1, dim2=2).sum(dim=1)
 
 
