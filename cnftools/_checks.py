@@ -228,6 +228,7 @@ def as_time(
     name: str = "t",
     low: float = 0.0,
     high: float = 1.0,
+    check_values: bool = True,
 ) -> Tensor:
     """Return ``t`` as a tensor of shape ``(B,)`` on ``like``'s device and dtype.
 
@@ -238,6 +239,9 @@ def as_time(
         name: the argument's name, for error messages.
         low: smallest admissible time.
         high: largest admissible time.
+        check_values: check a tensor's values (finite, in range: one host sync). ``False`` inside
+            a field's ``forward``, which may run under ``torch.func`` transforms where values
+            cannot be read; the caller (cnftools' solvers) has checked them already.
 
     Returns:
         A tensor of shape ``(B,)``. A scalar is expanded (a view, no copy); a ``(B,)`` tensor is
@@ -265,6 +269,8 @@ def as_time(
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but the batch is on {like.device}")
     t = t.to(like.dtype)
+    if not check_values:
+        return t
     # One host sync: NaN and inf propagate into the extremes.
     t_min, t_max = (float(v) for v in torch.stack(torch.aminmax(t.detach())).tolist())
     if not (math.isfinite(t_min) and math.isfinite(t_max)):

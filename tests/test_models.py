@@ -72,7 +72,7 @@ def test_bad_arguments():
         cnftools.MLPField(2, activation="sigmoidish")
     with pytest.raises(ValueError, match="time_embedding must be one of"):
         cnftools.MLPField(2, time_embedding="learned")
-    with pytest.raises(ValueError, match="dim must be >= 1"):
+    with pytest.raises(ValueError, match="dim must be an int >= 1"):
         cnftools.MLPField(0)
     with pytest.raises(TypeError, match="hidden must be a sequence"):
         cnftools.MLPField(2, hidden=64)
@@ -186,7 +186,7 @@ def test_bad_conditioning_is_named(kwargs, y, error, match):
 def test_conditioning_arguments_are_checked():
     with pytest.raises(ValueError, match="at most one of num_classes and cond_dim"):
         cnftools.MLPField(2, num_classes=3, cond_dim=2)
-    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
         cnftools.MLPField(2, num_classes=0)
 
 

@@ -430,12 +430,12 @@ def test_missing_key_gets_a_clear_error(tmp_path, key):
         ({"hidden": [10**6, 10**6]}, "implying 1000019000002 parameters.* does not match"),
         (
             {"hidden": [1e6, 1e6]},
-            "config is invalid: hidden \\(layer width\\) must be an int, got float",
+            "config is invalid: hidden \\(layer width\\) must be an int >= 1, got",
         ),
         ({"hidden": [8, 8]}, "does not match the stored weights \\(missing"),
-        ({"dim": 0}, "config is invalid: dim must be >= 1"),
-        ({"dim": [2, -1]}, "config is invalid: dim \\(event shape entry\\) must be >= 1"),
-        ({"time_features": "13"}, "config is invalid: time_features must be an int, got str"),
+        ({"dim": 0}, "config is invalid: dim must be an int >= 1"),
+        ({"dim": [2, -1]}, "config is invalid: dim \\(event shape entry\\) must be an int >= 1"),
+        ({"time_features": "13"}, "config is invalid: time_features must be an int >= 1, got '13'"),
     ],
     ids=["4 TB", "float widths", "extra layer", "dim 0", "negative dim", "str"],
 )

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cnftools._checks import as_time, check_int
+
 __all__ = [
     "ACTIVATIONS",
     "TIME_EMBEDDINGS",
@@ -88,7 +90,7 @@ class TimeEmbedding(nn.Module):
         super().__init__()
         if kind not in TIME_EMBEDDINGS:
             raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {kind!r}")
-        _check_int("time_features", features, 1)
+        check_int("time_features", features, low=1)
         if kind == "linear" and features != 1:
             raise ValueError(f"time_features must be 1 for the linear embedding, got {features}")
         if kind != "linear" and features < 3:
@@ -155,10 +157,10 @@ class Conditioning(nn.Module):
         if num_classes is not None and cond_dim is not None:
             raise ValueError("give at most one of num_classes and cond_dim")
         if num_classes is not None:
-            _check_int("num_classes", num_classes, 1)
+            check_int("num_classes", num_classes, low=1)
         if cond_dim is not None:
-            _check_int("cond_dim", cond_dim, 1)
-        _check_int("class_features", class_features, 1)
+            check_int("cond_dim", cond_dim, low=1)
+        check_int("class_features", class_features, low=1)
         self.num_classes = num_classes
         self.cond_dim = cond_dim
         self.class_features = class_features
@@ -346,12 +348,12 @@ class MLPField(nn.Module):
         if isinstance(dim, bool):
             raise TypeError("dim must be an int or a tuple of ints (the event shape), got bool")
         if isinstance(dim, int):
-            _check_int("dim", dim, 1)
+            check_int("dim", dim, low=1)
             self.event_shape: tuple[int, ...] | None = None
             self.dim = dim
         elif isinstance(dim, Sequence) and len(dim) > 0:
             for size in dim:
-                _check_int("dim (event shape entry)", size, 1)
+                check_int("dim (event shape entry)", size, low=1)
             self.event_shape = tuple(int(s) for s in dim)
             self.dim = math.prod(self.event_shape)
         else:
@@ -361,7 +363,7 @@ class MLPField(nn.Module):
                 f"hidden must be a sequence of layer widths, e.g. (256, 256), got {hidden!r}"
             )
         for width in hidden:
-            _check_int("hidden (layer width)", width, 1)
+            check_int("hidden (layer width)", width, low=1)
         key = _smooth_activation(activation)
         self.time_embedding, time = _time_embedding(
             time_embedding, time_features, time_max_frequency, time_scale, time_seed
@@ -419,24 +421,7 @@ class MLPField(nn.Module):
 
     @staticmethod
     def _time(t: float | Tensor, x: Tensor) -> Tensor:
-        batch = x.shape[0]
-        if isinstance(t, bool):
-            raise TypeError("t must be a float, a 0-dim tensor or a tensor of shape (B,)")
-        if isinstance(t, Real):
-            return torch.full((batch,), float(t), dtype=x.dtype, device=x.device)
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f"t must be a float, a 0-dim tensor or a (B,) tensor, got {type(t).__name__}"
-            )
-        if t.dim() == 0:
-            return t.to(device=x.device, dtype=x.dtype).reshape(1).expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(
-                f"t must be a scalar or have shape (B,) = ({batch},), got shape {tuple(t.shape)}"
-            )
-        if t.device != x.device:
-            raise ValueError(f"t is on {t.device} but x is on {x.device}")
-        return t.to(x.dtype)
+        return as_time(t, x, check_values=False)
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments as a plain dict (ints, floats, strs, bools, lists).
@@ -541,13 +526,13 @@ class ConvField(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_int("channels", channels, 1)
+        check_int("channels", channels, low=1)
         if isinstance(hidden, int) or not isinstance(hidden, Sequence):
             raise TypeError(
                 f"hidden must be a sequence of channel widths, e.g. (32, 32), got {hidden!r}"
             )
         for width in hidden:
-            _check_int("hidden (channel width)", width, 1)
+            check_int("hidden (channel width)", width, low=1)
         key = _smooth_activation(activation)
         self.conditioning = Conditioning(num_classes, cond_dim, class_features)
         self.channels = channels
@@ -614,11 +599,3 @@ class ConvField(nn.Module):
             f"channels={c['channels']}, hidden={tuple(c['hidden'])}, "
             f"activation={c['activation']!r}{self.conditioning.describe()}"
         )
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
