@@ -26,6 +26,7 @@ __all__ = [
     "check_finite",
     "check_floating",
     "check_int",
+    "check_real",
     "check_same_shape",
     "check_tolerance",
     "expand_like",
@@ -103,6 +104,23 @@ def check_int(name: str, value: object, *, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or int(value) < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
+
+
+def check_real(name: str, value: object, *, expected: str = "a real number") -> float:
+    """``value`` (any real number, ``bool`` refused) as a finite ``float``: a ``TypeError`` for
+    a non-number and a ``ValueError`` for NaN or inf, each naming ``name`` and ``expected``.
+    Range conditions stay with the caller, which knows them.
+
+    Example:
+        >>> check_real("sigma_min", 0.1)
+        0.1
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be {expected} (finite), got {number}")
+    return number
 
 
 def check_tolerance(name: str, value: object, *, allow_none: bool = True) -> float | None:

@@ -58,7 +58,7 @@ from torch.distributions import (
     constraints,
 )
 
-from cnftools._checks import check_finite, check_floating, check_int
+from cnftools._checks import check_finite, check_floating, check_int, check_real
 from cnftools.divergences import jacobian
 from cnftools.fields import call_checked
 
@@ -410,9 +410,8 @@ class AffineCoupling(ModuleTransform):
             raise ValueError("mask must contain at least one 0 and at least one 1")
         if not callable(net):
             raise TypeError(f"net must be callable (e.g. an nn.Module), got {type(net).__name__}")
-        if isinstance(log_scale_bound, bool) or not isinstance(log_scale_bound, Real):
-            raise TypeError("log_scale_bound must be a real number")
-        if not (math.isfinite(log_scale_bound) and log_scale_bound > 0):
+        log_scale_bound = check_real("log_scale_bound", log_scale_bound)
+        if not log_scale_bound > 0:
             raise ValueError(f"log_scale_bound must be finite and > 0, got {log_scale_bound}")
         super().__init__(mask.shape[0])
         self.register_buffer("mask", mask.detach().to(torch.bool).clone())

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnftools._checks import as_time, check_batched, check_int
+from cnftools._checks import as_time, check_batched, check_int, check_real
 from cnftools.fields import check_output_like, field_name
 from cnftools.paths import AffineGaussianPath, VPPath
 
@@ -188,11 +188,9 @@ def as_velocity(
             f"argument_order must be one of {_ARGUMENT_ORDERS}, got {argument_order!r}"
         )
     if t_max is not None:
-        if isinstance(t_max, bool) or not isinstance(t_max, Real):
-            raise TypeError(f"t_max must be None or a real number, got {type(t_max).__name__}")
-        if not (math.isfinite(t_max) and 0 < t_max <= 1):
+        t_max = check_real("t_max", t_max, expected="None or a real number")
+        if not 0 < t_max <= 1:
             raise ValueError(f"t_max must lie in (0, 1], got {t_max}")
-        t_max = float(t_max)
     return PredictionField(model, path, prediction, time, argument_order, t_max)
 
 

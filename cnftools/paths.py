@@ -44,6 +44,7 @@ from cnftools._checks import (
     check_batched,
     check_finite,
     check_floating,
+    check_real,
     check_same_shape,
     expand_like,
     time_derivative,
@@ -701,12 +702,10 @@ class AffineGaussianPath(GaussianPath):
 
 
 def _check_parameter(name: str, value: object, condition: bool, expected: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or not condition:
-        raise ValueError(f"{name} must be {expected}, got {value}")
-    return value
+    number = check_real(name, value)
+    if not condition:
+        raise ValueError(f"{name} must be {expected}, got {number}")
+    return number
 
 
 class OTPath(AffineGaussianPath):

@@ -42,7 +42,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cnftools._checks import as_time, check_batched, check_floating, check_int, check_same_shape
+from cnftools._checks import (
+    as_time,
+    check_batched,
+    check_floating,
+    check_int,
+    check_real,
+    check_same_shape,
+)
 from cnftools.fields import Extras, VelocityField, call_checked, check_callable, check_extras
 from cnftools.paths import GaussianPath, OTPath
 
@@ -391,12 +398,7 @@ def _check_reduction(reduction: str) -> None:
 
 def _check_time_range(t_min: float, t_max: float) -> None:
     for name, value in (("t_min", t_min), ("t_max", t_max)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise TypeError(f"{name} must be a finite float, got {value!r}")
+        check_real(name, value, expected="a finite float")
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
 
