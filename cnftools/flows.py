@@ -42,9 +42,7 @@ Theory sections cited here (pages under ``docs/theory/``):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from numbers import Real
 
 import torch
 from torch import Tensor, nn
@@ -632,14 +630,10 @@ class EulerStep(ModuleTransform):
 
 
 def _real(name: str, value: object) -> float:
+    """A Python real or a 0-d real tensor, as a finite float (:func:`check_real`)."""
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    return check_real(name, value)
 
 
 def euler_chain(
