@@ -291,18 +291,18 @@ class Checkerboard:
 
 
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TwoMoons:
-    r"""Two interleaved half circles plus Gaussian noise (a sampler only: no density).
+class _NoisyCurve:
+    """A 2-D picture sampler: points on a curve plus isotropic Gaussian noise (no density).
 
-    Upper moon :math:`(\cos\theta, \sin\theta)`, lower :math:`(1 - \cos\theta, 0.5 - \sin\theta)`,
-    :math:`\theta \sim \mathcal U[0, \pi]`, then centred by :math:`(-0.5, -0.25)`.
-
-    Attributes:
-        noise: standard deviation of the added Gaussian noise.
+    Subclasses give ``noise`` and :meth:`_curve`; :meth:`sample` is the shared frame.
     """
 
-    noise: float = 0.05
+    noise: float
+
+    def _curve(
+        self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def sample(
         self,
@@ -315,17 +315,36 @@ class TwoMoons:
         """``n`` draws, shape ``(n, 2)``."""
         n = check_int("n", n, low=1)
         device, dtype = _target(generator, device, dtype)
-        theta = math.pi * torch.rand(n, generator=generator, dtype=dtype, device=device)
-        lower = torch.randint(0, 2, (n,), generator=generator, device=device).to(dtype)
-        x = torch.cos(theta) * (1 - 2 * lower) + lower
-        y = torch.sin(theta) * (1 - 2 * lower) + 0.5 * lower
-        points = torch.stack([x - 0.5, y - 0.25], dim=1)
+        points = self._curve(n, generator, device, dtype)
         noise = torch.randn(n, 2, generator=generator, dtype=dtype, device=device)
         return points + self.noise * noise
 
 
 @dataclass(frozen=True)
-class Spirals:
+class TwoMoons(_NoisyCurve):
+    r"""Two interleaved half circles plus Gaussian noise (a sampler only: no density).
+
+    Upper moon :math:`(\cos\theta, \sin\theta)`, lower :math:`(1 - \cos\theta, 0.5 - \sin\theta)`,
+    :math:`\theta \sim \mathcal U[0, \pi]`, then centred by :math:`(-0.5, -0.25)`.
+
+    Attributes:
+        noise: standard deviation of the added Gaussian noise.
+    """
+
+    noise: float = 0.05
+
+    def _curve(
+        self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        theta = math.pi * torch.rand(n, generator=generator, dtype=dtype, device=device)
+        lower = torch.randint(0, 2, (n,), generator=generator, device=device).to(dtype)
+        x = torch.cos(theta) * (1 - 2 * lower) + lower
+        y = torch.sin(theta) * (1 - 2 * lower) + 0.5 * lower
+        return torch.stack([x - 0.5, y - 0.25], dim=1)
+
+
+@dataclass(frozen=True)
+class Spirals(_NoisyCurve):
     r"""Two interleaved Archimedean spirals plus noise (a sampler only: no density).
 
     Radius :math:`r = 2\tau`, angle :math:`2\pi\,\text{turns}\,\tau + \pi b` for
@@ -340,23 +359,13 @@ class Spirals:
     turns: float = 1.5
     noise: float = 0.05
 
-    def sample(
-        self,
-        n: int,
-        generator: torch.Generator | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+    def _curve(
+        self, n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
     ) -> Tensor:
-        """``n`` draws, shape ``(n, 2)``."""
-        n = check_int("n", n, low=1)
-        device, dtype = _target(generator, device, dtype)
         tau = torch.sqrt(torch.rand(n, generator=generator, dtype=dtype, device=device))
         arm = torch.randint(0, 2, (n,), generator=generator, device=device).to(dtype)
         angle = 2 * math.pi * self.turns * tau + math.pi * arm
-        points = 2 * tau.unsqueeze(1) * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-        noise = torch.randn(n, 2, generator=generator, dtype=dtype, device=device)
-        return points + self.noise * noise
+        return 2 * tau.unsqueeze(1) * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
 
 
 def checkerboard() -> Checkerboard:
