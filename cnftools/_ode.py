@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from cnftools._checks import check_tolerance
+from cnftools._runge_kutta import StepFailure, Tableau, solve_adaptive
 
 __all__ = [
     "ACCURACY_STEP",
@@ -552,9 +554,7 @@ _ADVICE = (
 
 
 def _format_rows(mask: Tensor) -> str:
-    rows = mask.nonzero().flatten()
-    text = str(rows[:10].tolist())
-    return text if rows.numel() <= 10 else f"{text} (and {rows.numel() - 10} more)"
+    return _format_rows_list(mask.nonzero().flatten())
 
 
 def integrate(
@@ -593,6 +593,9 @@ def integrate(
     if y0.dim() != 2:
         raise ValueError(f"the ODE state must have shape (B, n), got {tuple(y0.shape)}")
     nfe = nfe if nfe is not None else NFE()
+    tableau = _tableau(config.method) if config.is_adaptive else None
+    if tableau is not None and not (config.adjoint and phase == "forward"):
+        return _integrate_lean(f, y0, times, config, tableau, n_point, nfe, phase, context)
     interval = (float(times.min()), float(times.max()))
     dynamics = _Dynamics(f, nfe, interval)
     dynamics.phase = phase
@@ -655,3 +658,107 @@ def integrate(
     dynamics.raise_if_bad(context)
     dynamics.phase = "backward"  # any later evaluation is the adjoint's backward solve
     return solution
+
+
+# ---------------------------------------------------------------------------------------------
+# The lean loop (cnftools._runge_kutta) for forward solves of adaptive methods
+
+
+@functools.cache
+def _tableau(method: str) -> Tableau | None:
+    """The Butcher tableau of an adaptive ``method``, read from torchdiffeq's solver table.
+
+    Reading the coefficients from torchdiffeq keeps the methods named here exactly the pairs
+    torchdiffeq integrates (and the adjoint's backward solve still uses). ``None`` when this
+    torchdiffeq does not expose them; the solve then goes through ``torchdiffeq.odeint``.
+    """
+    try:
+        from torchdiffeq._impl.odeint import SOLVERS
+
+        solver = SOLVERS[method]
+        table, order = solver.tableau, int(solver.order)
+        nodes = tuple(float(c) for c in table.alpha)
+        rows = tuple(tuple(float(a) for a in row) for row in table.beta)
+        return Tableau(
+            nodes=nodes,
+            rows=rows,
+            weights=tuple(float(b) for b in table.c_sol),
+            error_weights=tuple(float(e) for e in table.c_error),
+            order=order,
+        )
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):  # pragma: no cover
+        return None
+
+
+def _integrate_lean(
+    f: Callable[[Tensor, Tensor], Tensor],
+    y0: Tensor,
+    times: Tensor,
+    config: SolverConfig,
+    tableau: Tableau,
+    n_point: int,
+    nfe: NFE,
+    phase: str,
+    context: str,
+) -> Tensor:
+    """:func:`integrate` for an adaptive forward solve through :func:`solve_adaptive`."""
+
+    def count() -> None:
+        if phase == "estimate":
+            nfe.estimate += 1
+        else:
+            nfe.forward += 1
+
+    try:
+        states = solve_adaptive(
+            f,
+            y0,
+            times.tolist(),
+            tableau,
+            rtol=config.rtol,
+            atol=config.atol,
+            norm=_make_norm(config.norm, n_point),
+            max_steps=config.max_steps,
+            first_step=config.first_step,
+            on_evaluation=count,
+        )
+    except StepFailure as failure:
+        raise _solver_error(failure, config, y0, context) from None
+    return torch.stack(states)
+
+
+def _solver_error(
+    failure: StepFailure, config: SolverConfig, y0: Tensor, context: str
+) -> SolverError:
+    rows = failure.rows
+    if failure.kind == "nonfinite_field":
+        assert rows is not None
+        return SolverError(
+            f"{context}: the field (or its divergence) returned non-finite values (NaN or inf) "
+            f"for batch rows {_format_rows_list(rows)}, first at t = {failure.time:.6g} "
+            f"({failure}); check the field at those inputs, or {_ADVICE}"
+        )
+    if failure.kind == "nonfinite_state":
+        assert rows is not None
+        return SolverError(
+            f"{context}: the solution became non-finite (NaN or inf) in batch rows "
+            f"{_format_rows_list(rows)} ({failure}): the solver is unstable on this field "
+            f"(steps too large for how fast it changes, or the solution blows up); {_ADVICE}"
+        )
+    if failure.kind == "underflow":
+        return SolverError(
+            f"{context}: the adaptive step size underflowed ({failure}) with "
+            f"method={config.method!r}, rtol={config.rtol:g}, atol={config.atol:g}, "
+            f"dtype={y0.dtype}: the field is too stiff or singular for these tolerances; "
+            f"{_ADVICE}"
+        )
+    return SolverError(
+        f"{context}: more than max_steps={config.max_steps} steps with "
+        f"method={config.method!r}, rtol={config.rtol:g}, atol={config.atol:g}; "
+        f"raise max_steps, or {_ADVICE}"
+    )
+
+
+def _format_rows_list(rows: Tensor) -> str:
+    text = str(rows[:10].tolist())
+    return text if rows.numel() <= 10 else f"{text} (and {rows.numel() - 10} more)"

@@ -102,9 +102,18 @@ MIN_CHUNK = 8
 TUNED_ROWS: dict[str, int] = {"cpu": 16384, "cuda": 262144}
 """Most rows (``chunk * B``) per batched backward pass a measuring strategy tries (memory bound)."""
 
-TUNING_CALLS = 6
-"""Calls a measuring :class:`DivergenceStrategy` spends timing the loop against the batched VJPs
-(alternately, each call computed once); the faster serves the rest of the solve."""
+TUNED_LADDER: tuple[int, ...] = (1024, 4096, 16384)
+"""Rows (``chunk * B``) per batched backward pass a measuring strategy times, besides the loop.
+
+The best chunk depends on the field and the machine: on one CPU thread with the benchmark's
+Gaussian field at ``B = 256`` it was 4 basis vectors per pass at ``d = 64`` (7.5 ms against 9.3 ms
+for the loop and 15 ms for all 64 at once) and 16 at ``d = 16`` (0.38 ms against 0.77 ms for the
+loop), so the measurement climbs a ladder instead of trying one size."""
+
+TUNING_ROUNDS = 2
+"""Times each candidate (the loop, each chunk of :data:`TUNED_LADDER`) is timed by a measuring
+:class:`DivergenceStrategy`, round robin, each call computed once; the fastest (minimum) serves
+the rest of the solve."""
 
 
 def choose_strategy(batch: int, dim: int, device: torch.device) -> tuple[str, int]:
@@ -281,9 +290,10 @@ class DivergenceStrategy:
         closed: the closed-form ``divergence(x, t) -> (B,)`` (see
             :func:`cnftools.fields.closed_form_divergence`).
         measure: with ``strategy="auto"``, for a strategy called many times on one batch size
-            (an ODE solve): the first :data:`TUNING_CALLS` calls alternate the loop and the
-            batched VJPs (chunks up to :data:`TUNED_ROWS` rows), timed, and the faster serves the
-            remaining calls. Every call is computed once; only the choice depends on timing.
+            (an ODE solve): the first calls cycle through the loop and batched VJPs with the
+            chunk sizes of :data:`TUNED_LADDER` (at most :data:`TUNED_ROWS` rows), each timed
+            :data:`TUNING_ROUNDS` times, and the fastest serves the remaining calls. Every call is
+            computed once; only the choice depends on timing.
 
     Example:
         >>> import torch
@@ -324,8 +334,9 @@ class DivergenceStrategy:
         self.closed = closed
         self.vmap_failed = False  # set once a batched VJP failed: the loop from then on
         self.measure = measure
-        self.timings: dict[str, list[float]] = {"loop": [], "batched": []}
+        self.timings: dict[int, list[float]] = {}  # chunk (1: the loop) -> seconds per call
         self.measured: str | None = None  # "loop" | "batched" once measured
+        self.measured_chunk = 1  # basis vectors per backward pass of the measured choice
 
     @staticmethod
     def draw_probes(
@@ -384,6 +395,7 @@ class DivergenceStrategy:
         )
         out.vmap_failed = self.vmap_failed
         out.measured = self.measured  # sub-batches are smaller: keep the choice, do not re-time
+        out.measured_chunk = self.measured_chunk
         return out
 
     def _fall_back(self, v: VelocityField, error: RuntimeError) -> None:
@@ -474,23 +486,35 @@ class DivergenceStrategy:
         chunk = max(1, min(dim, max(rows // batch, MIN_CHUNK)))
         return _exact_batched(v, y, x, create_graph, chunk).unsqueeze(1)
 
+    def _candidates(self, batch: int, dim: int, device: torch.device) -> list[int]:
+        """Chunk sizes the measurement times: 1 is the loop, others batched VJPs."""
+        largest = TUNED_ROWS.get(device.type, TUNED_ROWS["cpu"])
+        chunks = {1}
+        for rows in TUNED_LADDER:
+            chunk = min(dim, min(rows, largest) // max(batch, 1))
+            if chunk >= 2:
+                chunks.add(chunk)
+        return sorted(chunks)
+
     def _measured_columns(
         self, v: VelocityField, y: Tensor, x: Tensor, create_graph: bool
     ) -> Tensor:
         batch, dim = y.shape
-        rows = TUNED_ROWS.get(x.device.type, TUNED_ROWS["cpu"])
-        chunk = max(1, min(dim, rows // max(batch, 1)))
-        if chunk < 2:
-            self.measured = "loop"
-        choice = self.measured
-        if choice is None:
-            done = len(self.timings["loop"]) + len(self.timings["batched"])
-            choice = "loop" if done % 2 == 0 else "batched"
+        if self.measured is None and not self.timings:
+            for chunk in self._candidates(batch, dim, x.device):
+                self.timings[chunk] = []
+            if len(self.timings) == 1:
+                self.measured, self.measured_chunk = "loop", 1
         timing = self.measured is None
+        if timing:
+            done = sum(map(len, self.timings.values()))
+            chunk = list(self.timings)[done % len(self.timings)]
+        else:
+            chunk = self.measured_chunk
         if timing and x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         start = time.perf_counter()
-        if choice == "loop":
+        if chunk == 1:
             total = _exact_loop(v, y, x, create_graph)
         else:
             try:
@@ -499,14 +523,16 @@ class DivergenceStrategy:
                 if not _is_vmap_failure(error):
                     raise
                 self._fall_back(v, error)
-                self.measured = "loop"
+                self.measured, self.measured_chunk = "loop", 1
                 return _exact_loop(v, y, x, create_graph).unsqueeze(1)
         if timing:
             if x.device.type == "cuda":
                 torch.cuda.synchronize(x.device)
-            self.timings[choice].append(time.perf_counter() - start)
-            if sum(map(len, self.timings.values())) >= TUNING_CALLS:
-                self.measured = min(self.timings, key=lambda k: min(self.timings[k]))
+            self.timings[chunk].append(time.perf_counter() - start)
+            if sum(map(len, self.timings.values())) >= TUNING_ROUNDS * len(self.timings):
+                best = min(self.timings, key=lambda k: min(self.timings[k]))
+                self.measured = "loop" if best == 1 else "batched"
+                self.measured_chunk = best
         return total.unsqueeze(1)
 
 
