@@ -46,9 +46,11 @@ Theory sections cited here (pages under ``docs/theory/``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,6 +84,7 @@ __all__ = [
     "DivergenceStrategy",
     "choose_strategy",
     "divergence",
+    "forget_measurements",
     "jacobian",
     "velocity_and_divergence",
 ]
@@ -191,19 +194,35 @@ def _basis_chunk(start: int, size: int, batch: int, dim: int, like: Tensor) -> T
 
 
 def _exact_batched(
-    v: VelocityField, y: Tensor, x: Tensor, create_graph: bool, chunk: int
+    v: VelocityField,
+    y: Tensor,
+    x: Tensor,
+    create_graph: bool,
+    chunk: int,
+    bases: dict[tuple, Tensor] | None = None,
 ) -> Tensor:
+    """``sum_i e_i^T J e_i`` by VJPs with ``chunk`` basis vectors per backward pass; ``bases``
+    caches the basis chunks between calls (an ODE solve asks for the same ones every time)."""
     batch, dim = y.shape
-    total = torch.zeros(batch, dtype=y.dtype, device=y.device)
+    total: Tensor | None = None
     for start in range(0, dim, chunk):
         size = min(chunk, dim - start)
-        basis = _basis_chunk(start, size, batch, dim, y)
+        key = (start, size, batch, dim, y.dtype, y.device)
+        basis = bases.get(key) if bases is not None else None
+        if basis is None:
+            basis = _basis_chunk(start, size, batch, dim, y)
+            if bases is not None:
+                bases[key] = basis
         if size == 1:
             g = _grad(v, y, x, basis[0], create_graph=create_graph, batched=False)[None]
         else:
             g = _grad(v, y, x, basis, create_graph=create_graph, batched=True)
-        g = g.reshape(size, batch, dim)[:, :, start : start + size]
-        total = total + g.diagonal(dim1=0, dim2=2).sum(dim=-1)
+        g = g.reshape(size, batch, dim)
+        if size != dim:
+            g = g[:, :, start : start + size]
+        part = g.diagonal(dim1=0, dim2=2).sum(dim=-1)
+        total = part if total is None else total + part
+    assert total is not None
     return total
 
 
@@ -293,7 +312,9 @@ class DivergenceStrategy:
             (an ODE solve): the first calls cycle through the loop and batched VJPs with the
             chunk sizes of :data:`TUNED_LADDER` (at most :data:`TUNED_ROWS` rows), each timed
             :data:`TUNING_ROUNDS` times, and the fastest serves the remaining calls. Every call is
-            computed once; only the choice depends on timing.
+            computed once; only the choice depends on timing. The choice is remembered per field
+            object and shape (batch, dimension, device type, dtype, graph), so later solves on
+            the same model skip the timing (:func:`forget_measurements` clears it).
 
     Example:
         >>> import torch
@@ -337,6 +358,7 @@ class DivergenceStrategy:
         self.timings: dict[int, list[float]] = {}  # chunk (1: the loop) -> seconds per call
         self.measured: str | None = None  # "loop" | "batched" once measured
         self.measured_chunk = 1  # basis vectors per backward pass of the measured choice
+        self._bases: dict[tuple, Tensor] = {}  # basis chunks reused across calls
 
     @staticmethod
     def draw_probes(
@@ -477,14 +499,14 @@ class DivergenceStrategy:
             if chosen == "loop":
                 return _exact_loop(v, y, x, create_graph).unsqueeze(1)
             try:
-                return _exact_batched(v, y, x, create_graph, chunk).unsqueeze(1)
+                return _exact_batched(v, y, x, create_graph, chunk, self._bases).unsqueeze(1)
             except RuntimeError as error:
                 if not _is_vmap_failure(error):
                     raise
                 self._fall_back(v, error)
                 return _exact_loop(v, y, x, create_graph).unsqueeze(1)
         chunk = max(1, min(dim, max(rows // batch, MIN_CHUNK)))
-        return _exact_batched(v, y, x, create_graph, chunk).unsqueeze(1)
+        return _exact_batched(v, y, x, create_graph, chunk, self._bases).unsqueeze(1)
 
     def _candidates(self, batch: int, dim: int, device: torch.device) -> list[int]:
         """Chunk sizes the measurement times: 1 is the loop, others batched VJPs."""
@@ -500,11 +522,17 @@ class DivergenceStrategy:
         self, v: VelocityField, y: Tensor, x: Tensor, create_graph: bool
     ) -> Tensor:
         batch, dim = y.shape
+        key = (batch, dim, x.device.type, x.dtype, create_graph)
         if self.measured is None and not self.timings:
-            for chunk in self._candidates(batch, dim, x.device):
-                self.timings[chunk] = []
-            if len(self.timings) == 1:
-                self.measured, self.measured_chunk = "loop", 1
+            remembered = _remembered_chunk(v, key)
+            if remembered is not None:
+                self.measured = "loop" if remembered == 1 else "batched"
+                self.measured_chunk = remembered
+            else:
+                for chunk in self._candidates(batch, dim, x.device):
+                    self.timings[chunk] = []
+                if len(self.timings) == 1:
+                    self.measured, self.measured_chunk = "loop", 1
         timing = self.measured is None
         if timing:
             done = sum(map(len, self.timings.values()))
@@ -518,7 +546,7 @@ class DivergenceStrategy:
             total = _exact_loop(v, y, x, create_graph)
         else:
             try:
-                total = _exact_batched(v, y, x, create_graph, chunk)
+                total = _exact_batched(v, y, x, create_graph, chunk, self._bases)
             except RuntimeError as error:
                 if not _is_vmap_failure(error):
                     raise
@@ -533,7 +561,37 @@ class DivergenceStrategy:
                 best = min(self.timings, key=lambda k: min(self.timings[k]))
                 self.measured = "loop" if best == 1 else "batched"
                 self.measured_chunk = best
+                _remember_chunk(v, key, best)
         return total.unsqueeze(1)
+
+
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""field -> {(batch, dim, device type, dtype, create_graph): measured chunk (1: the loop)}."""
+
+
+def _remembered_chunk(v: object, key: tuple) -> int | None:
+    try:
+        return _MEASURED.get(v, {}).get(key)
+    except TypeError:  # not weak-referenceable or not hashable: nothing remembered
+        return None
+
+
+def _remember_chunk(v: object, key: tuple, chunk: int) -> None:
+    with contextlib.suppress(TypeError):  # not weak-referenceable: nothing remembered
+        _MEASURED.setdefault(v, {})[key] = chunk
+
+
+def forget_measurements() -> None:
+    """Forget the divergence strategies measured so far (see :class:`DivergenceStrategy`).
+
+    A measuring strategy remembers its choice per field and per (batch size, dimension, device
+    type, dtype, graph) for the life of the field object, so repeated solves on the same model
+    skip the timing. Call this after the machine's load changed a lot, to measure again.
+
+    Example:
+        >>> forget_measurements()
+    """
+    _MEASURED.clear()
 
 
 @dataclass(frozen=True)

@@ -502,3 +502,62 @@ def test_velocity_and_divergence_result_form() -> None:
             tanh_field, x, 0.3, "hutchinson", probes=probes, return_stderr=True
         )
     torch.testing.assert_close(stderr, result.stderr, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The measured strategy: a ladder of chunk sizes, remembered per field and shape
+
+
+@pytest.mark.parametrize(
+    ("batch", "dim", "expected"),
+    [(256, 64, [1, 4, 16, 64]), (256, 16, [1, 4, 16]), (16, 64, [1, 64]), (4096, 8, [1, 4])],
+)
+def test_measured_candidates_climb_the_ladder(batch: int, dim: int, expected: list[int]) -> None:
+    """Chunks are TUNED_LADDER rows // B, capped at d and at TUNED_ROWS; 1 is the loop."""
+    strategy = DivergenceStrategy("exact", measure=True)
+    assert strategy._candidates(batch, dim, torch.device("cpu")) == expected
+
+
+def test_measured_choice_is_remembered_per_field_and_shape() -> None:
+    """A second strategy on the same field and shape reuses the choice without timing; another
+    batch size, or forget_measurements(), measures again. Values are the trace either way."""
+    from cnftools.divergences import forget_measurements
+
+    forget_measurements()
+    field = SmoothMLP((5,)).double()
+    x = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    t = torch.full((8,), 0.4, dtype=torch.float64)
+    expected = cnftools.divergence(field, x, t, strategy="loop")
+    first = DivergenceStrategy("exact", measure=True)
+    for _ in range(12):
+        first(field, x, t)
+    assert first.measured in ("loop", "batched") and first.timings
+    second = DivergenceStrategy("exact", measure=True)
+    _, columns = second(field, x, t)
+    assert second.measured == first.measured and second.measured_chunk == first.measured_chunk
+    assert not second.timings  # nothing timed
+    torch.testing.assert_close(columns[:, 0], expected, rtol=1e-12, atol=1e-12)
+    other_batch = DivergenceStrategy("exact", measure=True)
+    other_batch(field, x[:4], t[:4])
+    assert other_batch.measured is None and other_batch.timings  # a new shape is timed
+    forget_measurements()
+    again = DivergenceStrategy("exact", measure=True)
+    again(field, x, t)
+    assert again.measured is None and again.timings
+
+
+def test_a_field_that_cannot_be_weakly_referenced_is_measured_every_time() -> None:
+    class Slotted:
+        __slots__ = ()
+
+        def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+            return torch.tanh(x) * (1 + t[:, None])
+
+    field = Slotted()
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    t = torch.full((4,), 0.2, dtype=torch.float64)
+    strategy = DivergenceStrategy("exact", measure=True)
+    for _ in range(10):
+        _, columns = strategy(field, x, t)
+    expected = (1 - torch.tanh(x) ** 2).sum(dim=1) * 1.2  # d/dx tanh(x) (1 + t), summed
+    torch.testing.assert_close(columns[:, 0], expected, rtol=1e-12, atol=1e-12)
