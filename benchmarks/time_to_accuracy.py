@@ -314,14 +314,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="d in {2, 16}, fewer tolerances")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dims", type=int, nargs="*", default=None)
+    parser.add_argument("--dims", type=int, nargs="*", default=None, help="none: no sweep")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--memory", action="store_true", help="also the peak-memory rows")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dims = args.dims or ([2, 16] if args.quick else [2, 16, 64])
+    dims = args.dims if args.dims is not None else ([2, 16] if args.quick else [2, 16, 64])
     tols = [10.0**-k for k in (range(3, 12, 2) if args.quick else range(3, 12))]
     rounds = 1 if args.quick else args.rounds
     print(

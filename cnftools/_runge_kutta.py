@@ -15,7 +15,8 @@ for small fields (``d = 2 ... 16``) those fixed costs were a third of the solve 
 
 accepted when :math:`\|e / (\mathrm{atol} + \mathrm{rtol}\max(|y|, |y_{\text{new}}|))\| \le 1`,
 with the next step :math:`h \cdot \min(10, \max(\delta, 0.9\,r^{-1/p}))` (:math:`r` the error
-ratio, :math:`p` the order, :math:`\delta = 0.2` after a rejection and 1 after an acceptance), and
+ratio, :math:`p` the order, :math:`\delta = 0.2` after a rejection and 1 after an acceptance;
+optionally with a proportional-integral term, :attr:`Tableau.controller_beta`), and
 the first step chosen by Hairer's heuristic (one extra evaluation). Steps are shortened to land
 exactly on every output time, so no stage is evaluated outside the interval and nothing is
 interpolated. The last stage of an accepted step is the next step's first. For "first same as
@@ -77,6 +78,13 @@ class Tableau:
         weights: :math:`b_1, \dots, b_s` of the propagated solution.
         error_weights: :math:`b_i - \hat b_i` (the embedded pair's difference).
         order: the order ``p`` used in the step-size exponent ``1/p``.
+        controller_beta: :math:`\beta` of the proportional-integral step-size controller (0: the
+            plain controller). After an accepted step with error ratio :math:`r_n` (the previous
+            accepted one :math:`r_{n-1}`) the next step is
+            :math:`h \cdot 0.9\, r_n^{-(1/p - 0.75\beta)}\, r_{n-1}^{\beta}` (Hairer and
+            Wanner's stabilized control; their DOPRI5 code uses :math:`\beta = 0.04`, their
+            DOP853 code 0). The first step after the starting heuristic uses the plain
+            controller (there is no previous controller step).
     """
 
     nodes: tuple[float, ...]
@@ -84,6 +92,7 @@ class Tableau:
     weights: tuple[float, ...]
     error_weights: tuple[float, ...]
     order: int
+    controller_beta: float = 0.0
 
     def __post_init__(self) -> None:
         stages = len(self.nodes) + 1
@@ -239,9 +248,11 @@ def solve_adaptive(
     t, y = float(times[0]), y0
     k_first: Tensor | None = None
     exponent = 1.0 / tableau.order
+    beta = tableau.controller_beta
     fsal = tableau.first_same_as_last
     h: float | None = None if first_step is None else abs(first_step)
     heuristic_first = False  # the step being tried was sized by the heuristic, not the controller
+    previous: float | None = None  # the last accepted error ratio (the PI controller's memory)
     for target in times[1:]:
         target = float(target)
         attempts = 0
@@ -283,7 +294,15 @@ def solve_adaptive(
             else:
                 shrink = MAX_SHRINK
             growth = FIRST_GROWTH if heuristic_first else MAX_GROWTH
-            factor = growth if ratio == 0.0 else SAFETY * ratio**-exponent
+            if ratio == 0.0:
+                factor = growth
+            elif ratio <= 1.0 and beta and previous is not None:
+                factor = SAFETY * ratio ** -(exponent - 0.75 * beta) * previous**beta
+                previous = max(ratio, 1e-4)
+            else:
+                factor = SAFETY * ratio**-exponent
+                if ratio <= 1.0:
+                    previous = max(ratio, 1e-4)
             proposal = step * min(growth, max(shrink, factor))
             heuristic_first = False
             # a step shortened to land on an output time says little about the next one

@@ -448,7 +448,7 @@ class DivergenceStrategy:
                 ``x.requires_grad``); otherwise both outputs are detached.
             extras: keyword arguments for the field.
         """
-        batch, dim = x.shape[0], x[0].numel()
+        batch, dim = x.shape[0], math.prod(x.shape[1:])
         if self.kind == "closed_form":
             assert self.closed is not None
             out, div = call_with_closed_form_divergence(v, x, t, self.closed, extras)
