@@ -172,10 +172,11 @@ class SolverConfig:
             likelihood engine chooses method and tolerances itself (:meth:`accuracy_plan`) and
             ignores ``method``, ``rtol``, ``atol``, ``steps``, ``step_size`` and ``norm``.
 
-    **Keywords as sugar.** :func:`cnftools.log_likelihood`, :func:`cnftools.sample_with_log_prob`,
-    :func:`cnftools.sample` and :func:`cnftools.dataset_nll` take ``config=`` and also the flat
-    keywords ``method``, ``rtol``, ``atol``, ``step_size``, ``steps``, ``adjoint``, ``norm`` (and
-    ``accuracy``), merged over ``config`` by one rule: a keyword given (not ``None``) overrides
+    **Keywords as sugar.** :func:`cnftools.log_likelihood`, :func:`cnftools.sample_with_log_prob`
+    and :func:`cnftools.sample` take ``config=`` and also the flat keywords ``method``, ``rtol``,
+    ``atol``, ``step_size``, ``steps``, ``adjoint``, ``norm`` (and ``accuracy``);
+    :func:`cnftools.dataset_nll` takes ``method``, ``rtol``, ``atol``, ``step_size`` and ``steps``
+    (the other settings through ``config=``). They are merged over ``config`` by one rule: a keyword given (not ``None``) overrides
     the config's field; ``steps``/``step_size`` replace the config's grid (the other is cleared);
     an adaptive ``method`` keyword drops the config's grid, and an ``adjoint_method`` of the other
     kind; ``accuracy`` cannot come with ``method``, ``rtol``, ``atol``, ``step_size`` or

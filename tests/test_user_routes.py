@@ -18,9 +18,14 @@ Every check compares against an independent computation:
   the Jacobian's scale (as :func:`cnftools.testing.assert_divergence_matches_jacobian`);
 - continuity: the relative residual of the continuity equation, 1e-9 (float64);
 - ODE entry points (``log_likelihood``, ``sample_with_log_prob`` then ``log_likelihood``,
-  ``dataset_nll``) against the closed-form :math:`\\log p_1`: dopri5 at rtol = atol = 1e-7,
-  compared at 1e-4 nats, a thousand times the solver's tolerance (at rtol = atol = 1e-8 the
-  error of the integrated divergence measured on these cases was at most 2e-6 nats). The ODE routes pass ``t`` to the field as
+  ``dataset_nll``) against the closed-form :math:`\\log p_1`: dopri5 at rtol = atol = 1e-7 with
+  the per-sample error norm (every row meets the tolerance, not only the batch's RMS: with the
+  RMS norm a hard row of a nearly singular empirical case, VE with sigma_min = 1e-3, reached
+  1.3e-4 to 4.4e-4 nats), compared at 1e-4 nats + 1e-5 |log p|, a thousand times the solver's
+  tolerance and a hundred times its relative tolerance (the controller bounds each step's error by
+  atol + rtol |y|, and the log-density column reaches |log p| ~ 25 on nearly singular empirical
+  data: 1.2e-4 nats measured there with log p = 14); at rtol = atol = 1e-8 the error of the
+  integrated divergence measured on these cases was at most 2e-6 nats. The ODE routes pass ``t`` to the field as
   the solver does (a 0-d time expanded to ``(B,)``), the case that crashed.
 
 Empirical data on a path with :math:`s_1 = 0` (VP, OT with ``sigma_min = 0``) has no density at
@@ -72,8 +77,9 @@ T_FORMS: dict[str, Callable[[float, int], float | torch.Tensor]] = {
     "(B,)": lambda t, b: torch.full((b,), t, dtype=F64),
     "expanded (B,)": lambda t, b: torch.tensor(t, dtype=F64).expand(b),
 }
-SOLVER = {"rtol": 1e-7, "atol": 1e-7}
+SOLVER = {"rtol": 1e-7, "atol": 1e-7, "norm": "max_sample"}
 ODE_ATOL = 1e-4  # nats; see the module docstring
+ODE_RTOL = 1e-5  # relative to |log p|: the controller bounds errors by atol + rtol |y|
 FIELD_RTOL = 1e-9
 FIELD_EXAMPLES, ODE_EXAMPLES, SLOW_EXAMPLES = 5, 1, 10
 
@@ -180,15 +186,27 @@ def _check_ode_entry(entry, path, marginal, generator, near_point_masses=False) 
     if entry == "log_likelihood":
         x = marginal.sample(BATCH, 1.0, generator)
         assert_log_likelihood_close(
-            marginal, x, closed_form, prior, atol=ODE_ATOL, config=cnftools.SolverConfig(**SOLVER)
+            marginal,
+            x,
+            closed_form,
+            prior,
+            atol=ODE_ATOL,
+            rtol=ODE_RTOL,
+            config=cnftools.SolverConfig(**SOLVER),
         )
     elif entry == "sample -> log_likelihood":
         x, log_p = cnftools.sample_with_log_prob(
             marginal, BATCH, prior, generator=generator, **SOLVER
         )
-        torch.testing.assert_close(log_p, closed_form(x), rtol=0, atol=ODE_ATOL)
+        torch.testing.assert_close(log_p, closed_form(x), rtol=ODE_RTOL, atol=ODE_ATOL)
         assert_log_likelihood_close(
-            marginal, x, log_p, prior, atol=ODE_ATOL, config=cnftools.SolverConfig(**SOLVER)
+            marginal,
+            x,
+            log_p,
+            prior,
+            atol=ODE_ATOL,
+            rtol=ODE_RTOL,
+            config=cnftools.SolverConfig(**SOLVER),
         )
         # plain sampling from the same z0 lands where sample_with_log_prob does (solver tolerance)
         with torch.random.fork_rng(devices=[]):
@@ -196,14 +214,19 @@ def _check_ode_entry(entry, path, marginal, generator, near_point_masses=False) 
             z0 = prior.sample((BATCH,))
         x_from_z0, _ = cnftools.sample_with_log_prob(marginal, z0=z0, **SOLVER)
         torch.testing.assert_close(
-            cnftools.sample(marginal, z0, **SOLVER), x_from_z0, rtol=0, atol=ODE_ATOL
+            cnftools.sample(marginal, z0, **SOLVER), x_from_z0, rtol=ODE_RTOL, atol=ODE_ATOL
         )
     else:
         x = marginal.sample(BATCH, 1.0, generator)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # rows failing loudly are warned about; checked below
             frame = cnftools.dataset_nll(
-                marginal, x, batch_size=2, prior=prior, progress=False, **SOLVER
+                marginal,
+                x,
+                batch_size=2,
+                prior=prior,
+                progress=False,
+                config=cnftools.SolverConfig(**SOLVER),
             )
         ok = torch.tensor((frame["status"] == "ok").to_numpy())
         failed = [status for status in frame["status"] if status != "ok"]
@@ -211,7 +234,7 @@ def _check_ode_entry(entry, path, marginal, generator, near_point_masses=False) 
         assert near_point_masses or not failed, failed
         assert all("underflow" in status for status in failed), failed
         nll = torch.tensor(frame["nll"].to_numpy(), dtype=F64)
-        torch.testing.assert_close(nll[ok], -closed_form(x)[ok], rtol=0, atol=ODE_ATOL)
+        torch.testing.assert_close(nll[ok], -closed_form(x)[ok], rtol=ODE_RTOL, atol=ODE_ATOL)
 
 
 def _check_ode_refused(entry, marginal, generator) -> None:
@@ -297,7 +320,7 @@ def test_issue_reproducer_gaussian_marginal_on_a_users_affine_path():
     generator = torch.Generator().manual_seed(0)
     x = marginal.sample(4, 1.0, generator)
     log_p = cnftools.log_likelihood(marginal, x, marginal.prior(), **SOLVER)
-    torch.testing.assert_close(log_p, marginal.log_prob(x, 1.0), rtol=0, atol=ODE_ATOL)
+    torch.testing.assert_close(log_p, marginal.log_prob(x, 1.0), rtol=ODE_RTOL, atol=ODE_ATOL)
     y, log_q = cnftools.sample_with_log_prob(marginal, 4, marginal.prior(), generator=generator)
     torch.testing.assert_close(log_q, marginal.log_prob(y, 1.0), rtol=0, atol=1e-3)  # rtol 1e-5
     assert cnftools.sample(marginal, marginal.prior().sample((4,))).shape == (4, 2)
@@ -369,14 +392,15 @@ def test_general_user_path_ode_routes(entry, path, x1, seed):
             x,
             lambda x: log_prob(x, 1.0),
             atol=ODE_ATOL,
+            rtol=ODE_RTOL,
             config=cnftools.SolverConfig(**SOLVER),
         )
     else:
         z0 = torch.randn(x1.shape, generator=generator, dtype=F64)
         x, log_p = cnftools.sample_with_log_prob(velocity, z0=z0, **SOLVER)
-        torch.testing.assert_close(log_p, log_prob(x, 1.0), rtol=0, atol=ODE_ATOL)
+        torch.testing.assert_close(log_p, log_prob(x, 1.0), rtol=ODE_RTOL, atol=ODE_ATOL)
         assert_log_likelihood_close(
-            velocity, x, log_p, atol=ODE_ATOL, config=cnftools.SolverConfig(**SOLVER)
+            velocity, x, log_p, atol=ODE_ATOL, rtol=ODE_RTOL, config=cnftools.SolverConfig(**SOLVER)
         )
 
 
