@@ -23,7 +23,8 @@ all alike), and the minimum counts. Peers missing from the environment are skipp
 (``pip install "cnftools[bench]"``).
 
 Run: ``python benchmarks/time_to_accuracy.py`` (``--quick`` for a smoke run; ``--threads N``;
-``--device cuda``). Memory: ``--memory`` prints peak memory of the default, no_grad,
+``--device cuda``; ``--per-decade 4`` sweeps four tolerances per factor 10, so that where a
+library's error curve crosses a target matters less). Memory: ``--memory`` prints peak memory of the default, no_grad,
 direct-gradient and adjoint calls (B = 512, d = 64, 20 midpoint steps, a 3x128 SiLU MLP).
 """
 
@@ -317,12 +318,22 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="*", default=None, help="none: no sweep")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--memory", action="store_true", help="also the peak-memory rows")
+    parser.add_argument(
+        "--per-decade",
+        type=int,
+        default=1,
+        help="tolerances per factor 10 (1: 1e-3, 1e-4, ...; 4: also 10^-3.25, 10^-3.5, ...)",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dims = args.dims if args.dims is not None else ([2, 16] if args.quick else [2, 16, 64])
-    tols = [10.0**-k for k in (range(3, 12, 2) if args.quick else range(3, 12))]
+    if args.quick:
+        tols = [10.0**-k for k in range(3, 12, 2)]
+    else:  # 1e-3 ... 1e-11, --per-decade values per factor 10 (1: the issue's sweep)
+        steps = args.per_decade
+        tols = [10.0 ** -(3 + j / steps) for j in range(8 * steps + 1)]
     rounds = 1 if args.quick else args.rounds
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "

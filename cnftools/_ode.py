@@ -1,6 +1,9 @@
-r"""The ODE layer: solver configuration, function-evaluation counting, and the torchdiffeq call.
+r"""The ODE layer: solver configuration, function-evaluation counting, and the integrator call.
 
-This is the only module of cnftools that imports :mod:`torchdiffeq`. Everything above it
+This is the only module of cnftools that imports :mod:`torchdiffeq`. Adaptive forward solves run
+cnftools' own loop, :func:`cnftools._runge_kutta.solve_adaptive`, with torchdiffeq's Butcher
+tableaux (no dense output, no per-evaluation wrapper); fixed grids and the adjoint run
+torchdiffeq. Everything above it
 (:mod:`cnftools.likelihood`) describes *what* to integrate,
 
 .. math::
