@@ -533,7 +533,7 @@ class _Dynamics(nn.Module):
                     raise SolverError(
                         f"the field (or its divergence) returned non-finite values in the adjoint "
                         f"backward solve at t = {float(t):.6g}, batch rows "
-                        f"{_format_rows(bad)}; {_ADVICE}"
+                        f"{_format_rows_list(bad.nonzero().flatten())}; {_ADVICE}"
                     )
         return out
 
@@ -545,28 +545,18 @@ class _Dynamics(nn.Module):
             return
         assert self.bad_time is not None
         if not bool(self.bad_rows.any()):
-            raise SolverError(
-                f"{context}: the solution became non-finite (NaN or inf) in batch rows "
-                f"{_format_rows(self.bad_input)}: the solver is unstable on this field (steps too "
-                f"large for how fast it changes, or the solution blows up); {_ADVICE}"
-            )
+            rows = self.bad_input.nonzero().flatten()
+            raise _solver_error(StepFailure("nonfinite_state", "", rows), context)
         rows = self.bad_rows.nonzero().flatten()
-        times = self.bad_time[rows[:5]].tolist()
-        raise SolverError(
-            f"{context}: the field (or its divergence) returned non-finite values (NaN or inf) "
-            f"for batch rows {_format_rows(self.bad_rows)}, first at t = "
-            f"{[round(s, 6) for s in times]}; check the field at those inputs, or {_ADVICE}"
-        )
+        times = [round(s, 6) for s in self.bad_time[rows[:5]].tolist()]
+        failure = StepFailure("nonfinite_field", f"first at t = {times}", rows)
+        raise _solver_error(failure, context)
 
 
 _ADVICE = (
     "try float64, a looser tolerance (rtol/atol) or a fixed-grid method "
     "(e.g. method='rk4', steps=100)"
 )
-
-
-def _format_rows(mask: Tensor) -> str:
-    return _format_rows_list(mask.nonzero().flatten())
 
 
 def integrate(
@@ -653,19 +643,10 @@ def integrate(
     except AssertionError as error:
         dynamics.raise_if_bad(context)
         message = str(error)
-        if "underflow" in message:
-            raise SolverError(
-                f"{context}: the adaptive step size underflowed ({message}) with "
-                f"method={config.method!r}, rtol={config.rtol:g}, atol={config.atol:g}, "
-                f"dtype={y0.dtype}: the field is too stiff or singular for these tolerances; "
-                f"{_ADVICE}"
-            ) from error
-        if "max_num_steps" in message:
-            raise SolverError(
-                f"{context}: more than max_steps={config.max_steps} steps ({message}) with "
-                f"method={config.method!r}, rtol={config.rtol:g}, atol={config.atol:g}; "
-                f"raise max_steps, or {_ADVICE}"
-            ) from error
+        for marker, kind in (("underflow", "underflow"), ("max_num_steps", "max_steps")):
+            if marker in message:
+                failure = StepFailure(kind, message)
+                raise _solver_error(failure, context, config, y0.dtype) from error
         raise SolverError(f"{context}: torchdiffeq failed: {message}; {_ADVICE}") from error
     dynamics.raise_if_bad(context)
     dynamics.phase = "backward"  # any later evaluation is the adjoint's backward solve
@@ -736,38 +717,42 @@ def _integrate_lean(
             on_evaluation=count,
         )
     except StepFailure as failure:
-        raise _solver_error(failure, config, y0, context) from None
+        raise _solver_error(failure, context, config, y0.dtype) from None
     return torch.stack(states)
 
 
 def _solver_error(
-    failure: StepFailure, config: SolverConfig, y0: Tensor, context: str
+    failure: StepFailure,
+    context: str,
+    config: SolverConfig | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SolverError:
-    rows = failure.rows
-    if failure.kind == "nonfinite_field":
-        assert rows is not None
+    """The one wording of a failed solve, from either integrator (``config`` and ``dtype`` are
+    needed for the step-size failures)."""
+    detail = str(failure)
+    if failure.kind in ("nonfinite_field", "nonfinite_state"):
+        assert failure.rows is not None
+        rows = _format_rows_list(failure.rows)
+        where = f", {detail}" if detail else ""
+        if failure.kind == "nonfinite_field":
+            return SolverError(
+                f"{context}: the field (or its divergence) returned non-finite values (NaN or "
+                f"inf) for batch rows {rows}{where}; check the field at those inputs, or {_ADVICE}"
+            )
         return SolverError(
-            f"{context}: the field (or its divergence) returned non-finite values (NaN or inf) "
-            f"for batch rows {_format_rows_list(rows)}, first at t = {failure.time:.6g} "
-            f"({failure}); check the field at those inputs, or {_ADVICE}"
+            f"{context}: the solution became non-finite (NaN or inf) in batch rows {rows}{where}: "
+            f"the solver is unstable on this field (steps too large for how fast it changes, or "
+            f"the solution blows up); {_ADVICE}"
         )
-    if failure.kind == "nonfinite_state":
-        assert rows is not None
-        return SolverError(
-            f"{context}: the solution became non-finite (NaN or inf) in batch rows "
-            f"{_format_rows_list(rows)} ({failure}): the solver is unstable on this field "
-            f"(steps too large for how fast it changes, or the solution blows up); {_ADVICE}"
-        )
+    assert config is not None
+    settings = f"method={config.method!r}, rtol={config.rtol:g}, atol={config.atol:g}"
     if failure.kind == "underflow":
         return SolverError(
-            f"{context}: the adaptive step size underflowed ({failure}) with "
-            f"method={config.method!r}, rtol={config.rtol:g}, atol={config.atol:g}, "
-            f"dtype={y0.dtype}: the field is too stiff or singular for these tolerances; "
-            f"{_ADVICE}"
+            f"{context}: the adaptive step size underflowed ({detail}) with {settings}, "
+            f"dtype={dtype}: the field is too stiff or singular for these tolerances; {_ADVICE}"
         )
     return SolverError(
-        f"{context}: more than max_steps={config.max_steps} steps with "
-        f"method={config.method!r}, rtol={config.rtol:g}, atol={config.atol:g}; "
+        f"{context}: more than max_steps={config.max_steps} steps ({detail}) with {settings}; "
         f"raise max_steps, or {_ADVICE}"
     )
 

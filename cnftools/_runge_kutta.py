@@ -155,7 +155,7 @@ def _failure(
             rows = bad_field.nonzero().flatten()
             return StepFailure(
                 "nonfinite_field",
-                f"the field returned non-finite values in the step [{t:.6g}, {t + h:.6g}]",
+                f"in the step [{t:.6g}, {t + h:.6g}]",
                 rows,
                 t,
             )
@@ -163,7 +163,7 @@ def _failure(
         rows = ~torch.isfinite(values).all(dim=2).all(dim=0)
         return StepFailure(
             "nonfinite_state",
-            f"the solution became non-finite in the step [{t:.6g}, {t + h:.6g}]",
+            f"in the step [{t:.6g}, {t + h:.6g}]",
             rows.nonzero().flatten(),
             t,
         )

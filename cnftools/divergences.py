@@ -522,17 +522,19 @@ class DivergenceStrategy:
         self, v: VelocityField, y: Tensor, x: Tensor, create_graph: bool
     ) -> Tensor:
         batch, dim = y.shape
-        key = (batch, dim, x.device.type, x.dtype, create_graph)
-        if self.measured is None and not self.timings:
-            remembered = _remembered_chunk(v, key)
-            if remembered is not None:
-                self.measured = "loop" if remembered == 1 else "batched"
-                self.measured_chunk = remembered
-            else:
-                for chunk in self._candidates(batch, dim, x.device):
-                    self.timings[chunk] = []
-                if len(self.timings) == 1:
-                    self.measured, self.measured_chunk = "loop", 1
+        key: tuple = ()  # built only while measuring: off the hot path of a measured solve
+        if self.measured is None:
+            key = (batch, dim, x.device.type, x.dtype, create_graph)
+            if not self.timings:
+                remembered = _remembered_chunk(v, key)
+                if remembered is not None:
+                    self.measured = "loop" if remembered == 1 else "batched"
+                    self.measured_chunk = remembered
+                else:
+                    for chunk in self._candidates(batch, dim, x.device):
+                        self.timings[chunk] = []
+                    if len(self.timings) == 1:
+                        self.measured, self.measured_chunk = "loop", 1
         timing = self.measured is None
         if timing:
             done = sum(map(len, self.timings.values()))
