@@ -164,22 +164,23 @@ def quiet_jvp(
 ) -> tuple[Tensor, Tensor]:
     """:func:`torch.func.jvp` without torch's one-time ``torch.jit.script`` DeprecationWarnings.
 
-    On the first forward-mode call, torch imports ``torch._decomp.decompositions_for_jvp``, which
-    jit-scripts a few decompositions and so warns ``torch.jit.script is deprecated`` (an internal
-    detail of torch 2.x, not something the caller did). That import is done here once, with that
-    one warning silenced, so users' ``-W error`` runs are unaffected.
+    On the first forward-mode call, torch jit-scripts a few decompositions and so warns
+    ``torch.jit.script is deprecated`` (an internal detail of torch 2.x, not something the caller
+    did). The first call is made here with that one warning silenced, so users' ``-W error`` runs
+    are unaffected.
     """
     global _JVP_READY
-    if not _JVP_READY:
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning
-            )
-            import torch._decomp.decompositions_for_jvp  # noqa: F401
-        _JVP_READY = True
     from torch.func import jvp
 
-    return jvp(func, primals, tangents)
+    if _JVP_READY:
+        return jvp(func, primals, tangents)
+    with warnings.catch_warnings():  # the first call only: torch's one-time warning
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning
+        )
+        result = jvp(func, primals, tangents)
+    _JVP_READY = True
+    return result
 
 
 def time_derivative(func: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:

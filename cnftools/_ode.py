@@ -1,21 +1,22 @@
 r"""The ODE layer: solver configuration, function-evaluation counting, and the integrator call.
 
-This is the only module of cnftools that imports :mod:`torchdiffeq`. Adaptive forward solves run
-cnftools' own loop, :func:`cnftools._runge_kutta.solve_adaptive`, with torchdiffeq's Butcher
-tableaux (no dense output, no per-evaluation wrapper); fixed grids and the adjoint run
-torchdiffeq. Everything above it
+Every solve of cnftools goes through :func:`integrate` and from there through one loop,
+:func:`cnftools._runge_kutta.solve` (our own tableaux, :mod:`cnftools._tableaux`): adaptive and
+fixed-grid methods, forward solves and the adjoint, which differentiates the very same steps by
+checkpointed replay (:mod:`cnftools._adjoint`). torchdiffeq is not used here; it stays the
+reference the loop is checked against (``cnftools validate``, section ``ode``). Everything above it
 (:mod:`cnftools.likelihood`) describes *what* to integrate,
 
 .. math::
 
     \frac{dy}{dt} = f(t, y), \qquad y(t_0) = y_0, \qquad y \in \mathbb R^{B \times n},
 
-and this module decides *how*: which Runge–Kutta method, which tolerances or step grid, direct
-backpropagation through the solver or the adjoint method (Chen et al. 2018), and how the step-size
-controller measures the error of a batch (see :class:`SolverConfig`, option ``norm``).
+and this module decides *how*: which Runge–Kutta method, which tolerances or step grid, and
+direct backpropagation through the solver or the checkpointed adjoint.
 
-The state ``y`` is always a 2-D tensor ``(B, n)``: one row per sample. That lets the error norm
-and the failure reports work per sample (the rows named in a :class:`SolverError` are batch rows).
+The state ``y`` is always a 2-D tensor ``(B, n)``: one row per sample, and every row is solved on
+its own steps (its own step size, acceptance and finish), so a row's result does not depend on
+the other rows of its batch. The rows named in a :class:`SolverError` are batch rows.
 
 References:
     Chen, Rubanova, Bettencourt, Duvenaud: Neural Ordinary Differential Equations (2018),
@@ -26,24 +27,23 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-from torchdiffeq import odeint, odeint_adjoint
+from torch import Tensor
 
+from cnftools._adjoint import solve_with_replay
 from cnftools._checks import check_tolerance
-from cnftools._runge_kutta import StepFailure, Tableau, solve_adaptive
+from cnftools._runge_kutta import Dynamics, StepFailure, StepRecord, solve
+from cnftools._tableaux import ADAPTIVE, FIXED_GRID
 
 __all__ = [
     "ACCURACY_STEP",
     "ADAPTIVE_METHODS",
     "FIXED_GRID_METHODS",
     "NFE",
-    "NORMS",
     "TOLERANCE_FLOOR",
     "SolverConfig",
     "SolverError",
@@ -51,37 +51,13 @@ __all__ = [
     "resolve_config",
 ]
 
-FIXED_GRID_METHODS: dict[str, int] = {
-    "euler": 1,
-    "midpoint": 2,
-    "heun2": 2,
-    "heun3": 3,
-    "rk4": 4,
-}
-"""Fixed-grid Runge–Kutta methods and their order of convergence."""
+FIXED_GRID_METHODS: dict[str, int] = dict(FIXED_GRID)
+"""Fixed-grid Runge–Kutta methods and their order of convergence (``rk4`` is Kutta's 3/8 rule)."""
 
-ADAPTIVE_METHODS: dict[str, int] = {
-    "dopri5": 5,
-    "dopri8": 8,
-    "bosh3": 3,
-    "adaptive_heun": 2,
-    "fehlberg2": 2,
-}
+ADAPTIVE_METHODS: dict[str, int] = dict(ADAPTIVE)
 """Adaptive (embedded) Runge–Kutta methods and their order of convergence."""
 
-NORMS = ("rms", "max_sample")
-"""Error norms for adaptive step-size control: ``"rms"`` over the whole batch, or
-``"max_sample"``, the largest per-sample RMS (every sample meets the tolerance on its own)."""
-
 _ALL_METHODS = {**FIXED_GRID_METHODS, **ADAPTIVE_METHODS}
-
-CONTROLLER_BETA: dict[str, float] = {"dopri5": 0.04}
-"""The proportional-integral controller's :math:`\beta` per method (0 when absent): Hairer and
-Wanner's defaults (0.04 in their DOPRI5 code, 0 in their DOP853 code). The integral term starts
-at the second controller step (the heuristic's first step is no controller step). Measured on
-the time-to-accuracy benchmark's Gaussian fields (evaluations to reach a log-density error of
-1e-6 over tolerances a quarter decade apart): dopri5 92 -> 80 at d = 16 and 86 -> 68 at
-d = 64; 0.08 was worse, and so was a nonzero value for dopri8."""
 
 ACCURACY_STEP = 10.0
 """Each check of ``accuracy=`` tightens the tolerance by this factor."""
@@ -145,14 +121,11 @@ class SolverConfig:
     step when the error estimate :math:`e` satisfies
     :math:`\| e / (\mathrm{atol} + \mathrm{rtol}\,|y|) \| \le 1`.
 
-    **Batches share one step size.** The solver integrates the whole batch as one system. With
-    ``norm="rms"`` (torchdiffeq's default), the error norm is an RMS over the batch, so one hard
-    sample among ``B`` easy ones can have a local error up to about :math:`\sqrt{B}` times the
-    tolerance; every sample still takes the (small) steps the batch needs, so easy samples are more
-    accurate than asked. ``norm="max_sample"`` takes the maximum over samples of each sample's RMS
-    error, which makes the tolerance hold for every sample separately (at the price of a few more
-    steps). The state's two parts (the point ``z`` and the log-density columns) are normed
-    separately and the larger counts, so the log-density is controlled as tightly as the point.
+    **Each row on its own steps.** Every row of a batch is an ODE of its own: its own step size,
+    acceptance and finish, with the error norm taken per row (the RMS of the row's point
+    coordinates and, apart, of its log-density columns; the larger counts). So the tolerance holds
+    for every sample separately, and a sample's result does not depend on which other samples
+    share its batch; rows that have finished leave the evaluated batch.
 
     Args:
         method: one of :data:`FIXED_GRID_METHODS` or :data:`ADAPTIVE_METHODS`.
@@ -160,34 +133,24 @@ class SolverConfig:
         atol: absolute tolerance (adaptive methods).
         step_size: fixed-grid step (fixed-grid methods; exclusive with ``steps``).
         steps: number of fixed-grid steps on :math:`[0, 1]` (fixed-grid methods).
-        adjoint: differentiate by the adjoint method (memory independent of the number of steps)
-            instead of backpropagating through the solver's operations.
-        adjoint_method: method of the backward (adjoint) solve; default ``method``. Must be of the
-            same kind (fixed-grid or adaptive) as ``method``.
-        adjoint_rtol: backward-solve relative tolerance; default ``rtol``.
-        adjoint_atol: backward-solve absolute tolerance; default ``atol``.
-        norm: ``"rms"`` or ``"max_sample"`` (see above; adaptive methods).
+        adjoint: differentiate by checkpointed replay (:mod:`cnftools._adjoint`): the forward
+            solve keeps one state per step instead of every step's graph, and the backward pass
+            recomputes one step at a time. The forward numbers and the steps are those of
+            ``adjoint=False``; the gradients equal direct backpropagation up to rounding.
         max_steps: most steps an adaptive solve may take between two output times before a
             :class:`SolverError`; for a fixed-grid method, the most steps its grid may have on
             :math:`[0, 1]` (checked here, before any grid is built).
         first_step: initial step of an adaptive method (default: chosen automatically).
         accuracy: the target absolute error (nats) of each row's log-density. When set, the
             likelihood engine chooses method and tolerances itself (:meth:`accuracy_plan`) and
-            ignores ``method``, ``rtol``, ``atol``, ``steps``, ``step_size`` and ``norm``.
+            ignores ``method``, ``rtol``, ``atol``, ``steps`` and ``step_size``.
 
-    **Keywords as sugar.** :func:`cnftools.log_likelihood`, :func:`cnftools.sample_with_log_prob`
-    and :func:`cnftools.sample` take ``config=`` and also the flat keywords ``method``, ``rtol``,
-    ``atol``, ``step_size``, ``steps``, ``adjoint``, ``norm`` (and ``accuracy``);
-    :func:`cnftools.dataset_nll` takes ``method``, ``rtol``, ``atol``, ``step_size`` and ``steps``
-    (the other settings through ``config=``). They are merged over ``config`` by one rule: a keyword given (not ``None``) overrides
-    the config's field; ``steps``/``step_size`` replace the config's grid (the other is cleared);
-    an adaptive ``method`` keyword drops the config's grid, and an ``adjoint_method`` of the other
-    kind; ``accuracy`` cannot come with ``method``, ``rtol``, ``atol``, ``step_size`` or
-    ``steps``. The merged configuration is validated as usual, so a grid with an adaptive method,
-    or a fixed-grid method without a grid, is an error.
+    **Keywords as sugar.** The public entry points take ``config=`` and the flat keywords
+    ``method``, ``rtol``, ``atol``, ``steps``, ``step_size``, ``adjoint`` and ``accuracy``, merged
+    over ``config`` by one rule (:func:`resolve_config`).
 
     Raises:
-        ValueError: for an unknown method or norm, a fixed-grid method without a grid, a grid for
+        ValueError: for an unknown method, a fixed-grid method without a grid, a grid for
             an adaptive method, or out-of-range numbers.
         TypeError: for an unknown option (the dataclass refuses unknown keywords).
 
@@ -195,8 +158,8 @@ class SolverConfig:
         >>> from cnftools import SolverConfig
         >>> SolverConfig("rk4", steps=20).is_adaptive
         False
-        >>> SolverConfig("dopri5", rtol=1e-8, atol=1e-8).replace(norm="max_sample").norm
-        'max_sample'
+        >>> SolverConfig("dopri5", rtol=1e-8, atol=1e-8).replace(method="dopri8").order
+        8
 
     References:
         Hairer, Nørsett, Wanner, Solving ODEs I, §II.4; Chen et al. (2018), arXiv:1806.07366.
@@ -208,10 +171,6 @@ class SolverConfig:
     step_size: float | None = None
     steps: int | None = None
     adjoint: bool = False
-    adjoint_method: str | None = None
-    adjoint_rtol: float | None = None
-    adjoint_atol: float | None = None
-    norm: str = "rms"
     max_steps: int = 100_000
     first_step: float | None = None
     accuracy: float | None = None
@@ -249,22 +208,6 @@ class SolverConfig:
                 raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
         if not isinstance(self.adjoint, bool):
             raise TypeError(f"adjoint must be a bool, got {type(self.adjoint).__name__}")
-        if self.adjoint_method is not None:
-            if self.adjoint_method not in _ALL_METHODS:
-                raise ValueError(
-                    f"adjoint_method must be one of {sorted(_ALL_METHODS)}, "
-                    f"got {self.adjoint_method!r}"
-                )
-            if (self.adjoint_method in ADAPTIVE_METHODS) != self.is_adaptive:
-                raise ValueError(
-                    f"adjoint_method {self.adjoint_method!r} must be of the same kind "
-                    f"(fixed-grid or adaptive) as method {self.method!r}"
-                )
-        for name in ("adjoint_rtol", "adjoint_atol"):
-            if getattr(self, name) is not None:
-                _check_tolerance(name, getattr(self, name))
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int):
             raise TypeError(f"max_steps must be an int, got {type(self.max_steps).__name__}")
         if self.max_steps < 1:
@@ -321,7 +264,7 @@ class SolverConfig:
 
     def accuracy_plan(self) -> SolverConfig:
         """The first solve of ``accuracy=``: method and tolerance from :data:`ACCURACY_PLAN`,
-        per-sample norm; the other settings (adjoint, ``max_steps``) kept.
+        the other settings (adjoint, ``max_steps``) kept.
 
         Example:
             >>> SolverConfig(accuracy=1e-8).accuracy_plan().method
@@ -341,8 +284,6 @@ class SolverConfig:
             atol=tol,
             steps=None,
             step_size=None,
-            norm="max_sample",
-            adjoint_method=None,
         )
 
     def tightened(self, factor: float) -> SolverConfig:
@@ -362,7 +303,6 @@ def resolve_config(
     step_size: float | None = None,
     steps: int | None = None,
     adjoint: bool | None = None,
-    norm: str | None = None,
     accuracy: float | None = None,
 ) -> SolverConfig:
     """The one merge rule of the solver keywords (thin sugar) over a :class:`SolverConfig`.
@@ -376,8 +316,7 @@ def resolve_config(
        left at ``None`` keeps the config's value.
     3. The grid is one setting: giving ``steps`` or ``step_size`` replaces the config's grid (the
        other of the two is cleared).
-    4. An adaptive ``method`` keyword drops the config's grid (an adaptive method has none), and
-       an ``adjoint_method`` of the other kind than the new method is dropped.
+    4. An adaptive ``method`` keyword drops the config's grid (an adaptive method has none).
     5. ``accuracy`` chooses method and tolerances itself: it cannot be given together with the
        ``method``, ``rtol``, ``atol``, ``step_size`` or ``steps`` keywords.
 
@@ -413,7 +352,6 @@ def resolve_config(
         "step_size": step_size,
         "steps": steps,
         "adjoint": adjoint,
-        "norm": norm,
         "accuracy": accuracy,
     }
     changes: dict[str, object] = {k: v for k, v in keywords.items() if v is not None}
@@ -423,144 +361,38 @@ def resolve_config(
         changes["step_size"], changes["steps"] = step_size, steps
     elif method is not None and method in ADAPTIVE_METHODS:  # rule 4
         changes["step_size"] = changes["steps"] = None
-    other_kind = (
-        method in _ALL_METHODS
-        and base.adjoint_method is not None
-        and (base.adjoint_method in ADAPTIVE_METHODS) != (method in ADAPTIVE_METHODS)
-    )
-    if other_kind:
-        changes["adjoint_method"] = None  # rule 4
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
-# Error norms. The state is (B, n_point + n_extra): normed as two parts, the larger counts.
+# The solve
 
 
-def _make_norm(kind: str, n_point: int) -> Callable[[Tensor], Tensor]:
-    def rms(part: Tensor) -> Tensor:
-        return part.pow(2).mean().sqrt()
+def row_norm(n_point: int) -> Callable[[Tensor], Tensor]:
+    """Each row's error ratio ``(B,)`` of scaled errors ``(B, n)``: the RMS of the first
+    ``n_point`` columns (the point) and, apart, of the rest (the log-density columns); the larger.
 
-    def rms_rows(part: Tensor) -> Tensor:
-        return part.pow(2).mean(dim=1).sqrt()
+    Example:
+        >>> e = torch.tensor([[3.0, 4.0, 0.5], [0.0, 0.0, 2.0]])
+        >>> row_norm(2)(e).tolist()
+        [3.535533905029297, 2.0]
+    """
 
-    def norm(y: Tensor) -> Tensor:
-        if y.dim() != 2:  # the adjoint's scalar time component, or anything unexpected
-            return y.abs().max() if y.numel() else y.new_zeros(())
-        point, extra = y[:, :n_point], y[:, n_point:]
-        if kind == "rms":
-            value = rms(point)
-            return torch.maximum(value, rms(extra)) if extra.shape[1] else value
-        value = rms_rows(point)
-        if extra.shape[1]:
-            value = torch.maximum(value, rms_rows(extra))
-        return value.max()
+    def norm(error: Tensor) -> Tensor:
+        point = error[:, :n_point].pow(2).mean(dim=1).sqrt()
+        if error.shape[1] == n_point:
+            return point
+        return torch.maximum(point, error[:, n_point:].pow(2).mean(dim=1).sqrt())
 
     return norm
 
 
-def _grid_constructor(n_steps: int) -> Callable[[object, Tensor, Tensor], Tensor]:
-    """Uniform grid of ``n_steps`` steps per unit time, with every output time a grid point."""
-
-    def construct(func: object, y0: Tensor, t: Tensor) -> Tensor:
-        pieces = []
-        for i in range(len(t) - 1):
-            a, b = t[i], t[i + 1]
-            n = max(1, math.ceil(abs(float(b - a)) * n_steps - 1e-9))
-            pieces.append(torch.linspace(float(a), float(b), n + 1, dtype=t.dtype, device=t.device))
-            if i < len(t) - 2:
-                pieces[-1] = pieces[-1][:-1]
-        grid = torch.cat(pieces)
-        grid[0], grid[-1] = t[0], t[-1]
-        return grid
-
-    return construct
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-class _Dynamics(nn.Module):
-    """Wraps ``f(t, y)`` for torchdiffeq: counts evaluations, records non-finite rows cheaply."""
-
-    def __init__(
-        self,
-        f: Callable[[Tensor, Tensor], Tensor],
-        nfe: NFE,
-        interval: tuple[float, float] = (-math.inf, math.inf),
-    ) -> None:
-        super().__init__()
-        self.f = f
-        self.interval = interval
-        self.nfe = nfe
-        self.phase = "forward"
-        self.bad_rows: Tensor | None = None
-        self.bad_input: Tensor | None = None
-        self.bad_time: Tensor | None = None
-
-    def forward(self, t: Tensor, y: Tensor) -> Tensor:
-        # torchdiffeq's initial-step heuristic probes f at t0 + h0, and h0 can reach past the end
-        # of the interval (h0 = 22 was seen for VP's marginal field at t = 0, where the field is
-        # tiny). Fields may be undefined there (paths live on [0, 1]), so the probe is taken at the
-        # end point instead: it only sizes the first trial step, which error control then accepts
-        # or shrinks; every step itself lands inside the interval (``step_t``). The clamp is a
-        # no-op inside the interval and needs no host sync.
-        low, high = self.interval
-        t = t.clamp(low, high)
-        out = self.f(t, y)
-        if self.phase == "forward":
-            self.nfe.forward += 1
-            with torch.no_grad():  # no device sync here: masks accumulate, checked at the end
-                bad_input = ~torch.isfinite(y).all(dim=1)
-                bad = ~torch.isfinite(out).all(dim=1) & ~bad_input  # non-finite from finite input
-                if self.bad_rows is None:
-                    self.bad_rows = bad
-                    self.bad_input = bad_input
-                    self.bad_time = torch.where(bad, t.detach(), torch.nan)
-                else:
-                    assert self.bad_time is not None and self.bad_input is not None
-                    new = bad & ~self.bad_rows
-                    self.bad_time = torch.where(new, t.detach(), self.bad_time)
-                    self.bad_rows = self.bad_rows | bad
-                    self.bad_input = self.bad_input | bad_input
-        elif self.phase == "estimate":
-            self.nfe.estimate += 1
-        else:
-            self.nfe.backward += 1
-            with torch.no_grad():
-                bad = ~torch.isfinite(out).all(dim=1)
-                if bool(bad.any()):  # one sync per step, only in the adjoint backward solve
-                    raise SolverError(
-                        f"the field (or its divergence) returned non-finite values in the adjoint "
-                        f"backward solve at t = {float(t):.6g}, batch rows "
-                        f"{_format_rows_list(bad.nonzero().flatten())}; {_ADVICE}"
-                    )
-        return out
-
-    def raise_if_bad(self, context: str) -> None:
-        """Raise a :class:`SolverError` naming the rows whose dynamics went non-finite."""
-        if self.bad_rows is None or self.bad_input is None:
-            return
-        if not bool((self.bad_rows | self.bad_input).any()):  # the one sync of a good solve
-            return
-        assert self.bad_time is not None
-        if not bool(self.bad_rows.any()):
-            rows = self.bad_input.nonzero().flatten()
-            raise _solver_error(StepFailure("nonfinite_state", "", rows), context)
-        rows = self.bad_rows.nonzero().flatten()
-        times = [round(s, 6) for s in self.bad_time[rows[:5]].tolist()]
-        failure = StepFailure("nonfinite_field", f"first at t = {times}", rows)
-        raise _solver_error(failure, context)
-
-
-_ADVICE = (
-    "try float64, a looser tolerance (rtol/atol) or a fixed-grid method "
-    "(e.g. method='rk4', steps=100)"
-)
+Progress = Callable[[float, int], None]
+"""``progress(t_reached, evaluations)``, called after every step of a solve."""
 
 
 def integrate(
-    f: Callable[[Tensor, Tensor], Tensor],
+    f: Dynamics,
     y0: Tensor,
     times: Tensor,
     config: SolverConfig,
@@ -570,21 +402,31 @@ def integrate(
     nfe: NFE | None = None,
     phase: str = "forward",
     context: str = "ODE solve",
+    progress: Progress | None = None,
+    compact: bool = True,
 ) -> Tensor:
-    r"""Integrate :math:`dy/dt = f(t, y)` from ``times[0]`` through ``times[1:]``.
+    r"""Integrate :math:`dy/dt = f(t, y)` from ``times[0]`` through ``times[1:]``, row by row.
+
+    Differentiable in ``y0`` and ``params``: by direct backpropagation through the loop, or, with
+    ``config.adjoint``, by checkpointed replay of the same steps (only when gradients are enabled
+    and something requires them).
 
     Args:
-        f: the dynamics ``f(t, y) -> (B, n)``; ``t`` is a 0-dim tensor of ``y``'s dtype.
+        f: the dynamics ``f(t, y, rows)`` (see :data:`cnftools._runge_kutta.Dynamics`): ``t`` and
+            ``y`` hold the rows ``rows`` of the batch (``None``: all, in order).
         y0: the initial state, shape ``(B, n)``.
         times: 1-D, strictly monotone (increasing or decreasing) output times; ``times[0]`` is the
             start.
         config: the solver configuration.
         n_point: the first ``n_point`` columns of ``y`` are the point, the rest extra quantities
-            (normed separately by the error norm).
-        params: tensors the dynamics depends on that need gradients by the adjoint method.
+            (normed separately by the error norm, :func:`row_norm`).
+        params: tensors the dynamics depends on that need gradients with ``config.adjoint``.
         nfe: counter to update (a new one if ``None``).
         phase: ``"forward"`` or ``"estimate"``: which counter the evaluations go to.
         context: what is being solved, for error messages.
+        progress: called after every step with the time reached and the evaluations so far.
+        compact: let finished rows leave the evaluated batch (``False``: ``f`` always gets every
+            row, for dynamics that cannot be evaluated on part of the batch).
 
     Returns:
         The states at ``times``, shape ``(len(times), B, n)``.
@@ -594,131 +436,55 @@ def integrate(
     """
     if y0.dim() != 2:
         raise ValueError(f"the ODE state must have shape (B, n), got {tuple(y0.shape)}")
-    nfe = nfe if nfe is not None else NFE()
-    tableau = _tableau(config.method) if config.is_adaptive else None
-    if tableau is not None and not (config.adjoint and phase == "forward"):
-        return _integrate_lean(f, y0, times, config, tableau, n_point, nfe, phase, context)
-    interval = (float(times.min()), float(times.max()))
-    dynamics = _Dynamics(f, nfe, interval)
-    dynamics.phase = phase
-    options: dict[str, object] = {}
-    if config.is_adaptive:
-        options["norm"] = _make_norm(config.norm, n_point)
-        options["max_num_steps"] = config.max_steps
-        if config.first_step is not None:
-            options["first_step"] = config.first_step
-        # Land steps exactly on every output time, the end included: no stage is evaluated
-        # outside [0, 1] (fields may be undefined there) and no output is interpolated.
-        options["step_t"] = times[1:]
-    else:
-        n_steps = config.n_steps
-        assert n_steps is not None
-        options["grid_constructor"] = _grid_constructor(n_steps)
-    kwargs = {"rtol": config.rtol, "atol": config.atol, "method": config.method, "options": options}
-    try:
-        if config.adjoint and phase == "forward":
-            adjoint_options = {k: v for k, v in options.items() if k not in ("norm", "step_t")}
-            if config.is_adaptive:
-                # torchdiffeq runs the backward solve in its internal time, which is -t when the
-                # forward solve runs backwards in t; it flips step_t once more itself.
-                reverse = bool(times[0] > times[-1])
-                adjoint_options["step_t"] = -times if reverse else times
-            solution = odeint_adjoint(
-                dynamics,
-                y0,
-                times,
-                adjoint_params=tuple(params),
-                adjoint_method=config.adjoint_method or config.method,
-                adjoint_rtol=config.adjoint_rtol
-                if config.adjoint_rtol is not None
-                else config.rtol,
-                adjoint_atol=config.adjoint_atol
-                if config.adjoint_atol is not None
-                else config.atol,
-                adjoint_options=adjoint_options,
-                **kwargs,  # type: ignore[arg-type]
-            )
-        else:
-            solution = odeint(dynamics, y0, times, **kwargs)  # type: ignore[arg-type]
-    except AssertionError as error:
-        dynamics.raise_if_bad(context)
-        message = str(error)
-        for marker, kind in (("underflow", "underflow"), ("max_num_steps", "max_steps")):
-            if marker in message:
-                failure = StepFailure(kind, message)
-                raise _solver_error(failure, context, config, y0.dtype) from error
-        raise SolverError(f"{context}: torchdiffeq failed: {message}; {_ADVICE}") from error
-    dynamics.raise_if_bad(context)
-    dynamics.phase = "backward"  # any later evaluation is the adjoint's backward solve
-    return solution
-
-
-# ---------------------------------------------------------------------------------------------
-# The lean loop (cnftools._runge_kutta) for forward solves of adaptive methods
-
-
-@functools.cache
-def _tableau(method: str) -> Tableau | None:
-    """The Butcher tableau of an adaptive ``method``, read from torchdiffeq's solver table.
-
-    Reading the coefficients from torchdiffeq keeps the methods named here exactly the pairs
-    torchdiffeq integrates (and the adjoint's backward solve still uses). ``None`` when this
-    torchdiffeq does not expose them; the solve then goes through ``torchdiffeq.odeint``.
-    """
-    try:
-        from torchdiffeq._impl.odeint import SOLVERS
-
-        solver = SOLVERS[method]
-        table, order = solver.tableau, int(solver.order)
-        nodes = tuple(float(c) for c in table.alpha)
-        rows = tuple(tuple(float(a) for a in row) for row in table.beta)
-        return Tableau(
-            nodes=nodes,
-            rows=rows,
-            weights=tuple(float(b) for b in table.c_sol),
-            error_weights=tuple(float(e) for e in table.c_error),
-            order=order,
-            controller_beta=CONTROLLER_BETA.get(method, 0.0),
-        )
-    except (ImportError, AttributeError, KeyError, TypeError, ValueError):  # pragma: no cover
-        return None
-
-
-def _integrate_lean(
-    f: Callable[[Tensor, Tensor], Tensor],
-    y0: Tensor,
-    times: Tensor,
-    config: SolverConfig,
-    tableau: Tableau,
-    n_point: int,
-    nfe: NFE,
-    phase: str,
-    context: str,
-) -> Tensor:
-    """:func:`integrate` for an adaptive forward solve through :func:`solve_adaptive`."""
+    counter = nfe if nfe is not None else NFE()
+    field_name = "estimate" if phase == "estimate" else "forward"
 
     def count() -> None:
-        if phase == "estimate":
-            nfe.estimate += 1
-        else:
-            nfe.forward += 1
+        setattr(counter, field_name, getattr(counter, field_name) + 1)
 
-    try:
-        states = solve_adaptive(
+    def counted_backward(t: Tensor, y: Tensor, rows: Tensor | None) -> Tensor:
+        counter.backward += 1
+        return f(t, y, rows)
+
+    on_step = None if progress is None else (lambda reached: progress(reached, counter.total))
+    output_times = [float(s) for s in times.tolist()]
+
+    def run(start: Tensor, record: StepRecord | None = None) -> Tensor:
+        return solve(
             f,
-            y0,
-            times.tolist(),
-            tableau,
+            start,
+            output_times,
+            config.method,
             rtol=config.rtol,
             atol=config.atol,
-            norm=_make_norm(config.norm, n_point),
+            norm=row_norm(n_point),
+            steps_per_unit=config.n_steps,
             max_steps=config.max_steps,
             first_step=config.first_step,
             on_evaluation=count,
+            on_step=on_step,
+            record=record,
+            compact=compact,
         )
+
+    wants_replay = (
+        config.adjoint
+        and torch.is_grad_enabled()
+        and (y0.requires_grad or any(p.requires_grad for p in params))
+    )
+    try:
+        if wants_replay:
+            return solve_with_replay(run, counted_backward, config.method, y0, tuple(params))
+        return run(y0)
     except StepFailure as failure:
         raise _solver_error(failure, context, config, y0.dtype) from None
-    return torch.stack(states)
+
+
+def _advice(dtype: torch.dtype | None) -> str:
+    first = "a looser tolerance (rtol/atol)"
+    if dtype is not None and dtype != torch.float64:
+        first = "float64, " + first
+    return f"try {first} or a fixed-grid method (e.g. method='rk4', steps=100)"
 
 
 def _solver_error(
@@ -727,9 +493,9 @@ def _solver_error(
     config: SolverConfig | None = None,
     dtype: torch.dtype | None = None,
 ) -> SolverError:
-    """The one wording of a failed solve, from either integrator (``config`` and ``dtype`` are
-    needed for the step-size failures)."""
+    """The one wording of a failed solve (``config`` and ``dtype`` shape the advice)."""
     detail = str(failure)
+    advice = _advice(dtype)
     if failure.kind in ("nonfinite_field", "nonfinite_state"):
         assert failure.rows is not None
         rows = _format_rows_list(failure.rows)
@@ -737,23 +503,24 @@ def _solver_error(
         if failure.kind == "nonfinite_field":
             return SolverError(
                 f"{context}: the field (or its divergence) returned non-finite values (NaN or "
-                f"inf) for batch rows {rows}{where}; check the field at those inputs, or {_ADVICE}"
+                f"inf) for batch rows {rows}{where}; check the field at those inputs, or {advice}"
             )
         return SolverError(
             f"{context}: the solution became non-finite (NaN or inf) in batch rows {rows}{where}: "
             f"the solver is unstable on this field (steps too large for how fast it changes, or "
-            f"the solution blows up); {_ADVICE}"
+            f"the solution blows up); {advice}"
         )
     assert config is not None
     settings = f"method={config.method!r}, rtol={config.rtol:g}, atol={config.atol:g}"
+    rows = "" if failure.rows is None else f" in batch rows {_format_rows_list(failure.rows)}"
     if failure.kind == "underflow":
         return SolverError(
-            f"{context}: the adaptive step size underflowed ({detail}) with {settings}, "
-            f"dtype={dtype}: the field is too stiff or singular for these tolerances; {_ADVICE}"
+            f"{context}: the adaptive step size underflowed ({detail}){rows} with {settings}, "
+            f"dtype={dtype}: the field is too stiff or singular for these tolerances; {advice}"
         )
     return SolverError(
-        f"{context}: more than max_steps={config.max_steps} steps ({detail}) with {settings}; "
-        f"raise max_steps, or {_ADVICE}"
+        f"{context}: more than max_steps={config.max_steps} steps ({detail}){rows} with "
+        f"{settings}; raise max_steps, or {advice}"
     )
 
 

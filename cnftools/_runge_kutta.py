@@ -1,126 +1,131 @@
-r"""A lean embedded Runge–Kutta loop: adaptive steps, no dense output, one host sync per step.
+r"""The one Runge–Kutta loop of cnftools: every row of a batch on its own steps.
 
-The likelihood engine integrates an augmented state ``y = [z, A]`` of shape ``(B, n)`` and needs
-the solution only at a few output times (usually just the end). A general-purpose solver fits a
-dense-output interpolant after every accepted step and wraps every evaluation in bookkeeping;
-for small fields (``d = 2 ... 16``) those fixed costs were a third to a half of the solve
-(measured in ``docs/benchmarks.md``). This loop does only what the solve needs:
+Every solve of the library runs here: adaptive and fixed-grid, forward and (through
+:mod:`cnftools._adjoint`) the adjoint's replay. The state is ``y`` of shape ``(B, n)``, one row
+per sample, and the rows are independent systems. Each step is
 
 .. math::
 
-    k_1 = f(t, y), \qquad
     k_i = f\Big(t + c_i h,\; y + h \sum_{j<i} a_{ij} k_j\Big), \qquad
     y_{\text{new}} = y + h \sum_i b_i k_i, \qquad
     e = h \sum_i (b_i - \hat b_i) k_i,
 
-accepted when :math:`\|e / (\mathrm{atol} + \mathrm{rtol}\max(|y|, |y_{\text{new}}|))\| \le 1`,
-with the next step :math:`h \cdot \min(10, \max(\delta, 0.9\,r^{-1/p}))` (:math:`r` the error
-ratio, :math:`p` the order, :math:`\delta = 0.2` after a rejection and 1 after an acceptance;
-optionally with a proportional-integral term, :attr:`Tableau.controller_beta`), and
-the first step chosen by Hairer's heuristic (one extra evaluation). Steps are shortened to land
-exactly on every output time, so no stage is evaluated outside the interval and nothing is
-interpolated. The last stage of an accepted step is the next step's first. For "first same as
-last" tableaux (Dormand–Prince 5 and 8, Bogacki–Shampine 3) it *is*
-:math:`f(t_{\text{new}}, y_{\text{new}})`; for the two low-order pairs whose last stage sits at
-:math:`t_{\text{new}}` but not at :math:`y_{\text{new}}` (``adaptive_heun``, ``fehlberg2``) it
-is torchdiffeq's convention, kept so that a method name means the same solver in the forward
-solve and in the adjoint's backward solve (measured on a linear system: with a fresh
-:math:`f(t_{\text{new}}, y_{\text{new}})` these pairs needed 1.5–2× the evaluations for the same
-accuracy).
+with ``t`` and ``h`` per row. An adaptive row accepts its step when its own error ratio
+:math:`r = \|e / (\mathrm{atol} + \mathrm{rtol}\max(|y|, |y_{\text{new}}|))\|_{\text{row}} \le 1`
+(the norm is the row's RMS, taken over the point and the log-density columns apart, the larger
+counting) and then chooses its next step with the :class:`StepController`. So a row's result does
+not depend on which other rows share its batch: rows finish on their own, and finished rows leave
+the evaluated batch (the field is called on the rows still moving). Steps land exactly on every
+output time; nothing is interpolated and no stage is evaluated outside the interval.
 
-Non-finite values cost nothing per evaluation: a NaN or inf anywhere in a step reaches the error
-ratio, which the controller reads on the host anyway; only then are the stages inspected, and a
-:class:`StepFailure` names the batch rows and the step.
-
-The tableau coefficients are data passed in (see ``cnftools._ode``); this module imports no ODE
-library.
+The loop synchronises with the host once per step (one small tensor read: how many rows landed,
+failed or ran out of steps) and never per evaluation.
 
 References:
     Hairer, Nørsett, Wanner: Solving Ordinary Differential Equations I (2nd ed.), §II.4
-    (step-size control, starting step size) and §II.5 (Dormand–Prince pairs).
+    (step-size control, starting step) and §II.5 (Dormand–Prince pairs); Gustafsson (1991),
+    BIT 31, 336–349 (proportional–integral control); Lienen, Günnemann: torchode (2022),
+    arXiv:2210.12375 (per-sample step control in a batch).
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["StepFailure", "Tableau", "solve_adaptive"]
+from cnftools._tableaux import TABLEAUX, Tableau
 
-SAFETY = 0.9
-"""Safety factor on the optimal step."""
+__all__ = [
+    "CONTROLLERS",
+    "Dynamics",
+    "StepController",
+    "StepFailure",
+    "StepRecord",
+    "fixed_grid",
+    "rk_step",
+    "solve",
+]
 
-MAX_GROWTH = 10.0
-"""The next step is at most this many times the last one."""
-
-MAX_SHRINK = 0.2
-"""After a rejection the step shrinks by at most this factor."""
-
-FIRST_GROWTH = 100.0
-"""The step after the heuristic's first step may grow by up to this factor (instead of
-:data:`MAX_GROWTH`). The heuristic aims the first step's error at 1% of the tolerance and, on the
-smooth fields of likelihood solves, lands far below it (measured error ratios 1e-10 ... 1e-6):
-with the usual cap the solve then spent a second small step before reaching the controller's
-size, one step in five to eight of a whole solve."""
+Dynamics = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+"""``f(t, y, rows) -> dy/dt``: ``t`` of shape ``(b,)``, ``y`` of shape ``(b, n)``, ``rows`` the
+indices of these rows in the original batch (``None``: all rows, in order)."""
 
 
 @dataclass(frozen=True)
-class Tableau:
-    r"""The Butcher tableau of an embedded explicit Runge–Kutta pair.
+class StepController:
+    r"""Per-row step-size control; all its constants in one place.
+
+    After an attempt with error ratio :math:`r` (the row's last accepted ratio :math:`r_{-1}`):
+
+    .. math::
+
+        h_{\text{next}} = h \cdot \min\Big(g,\; \max\big(s,\;
+        \text{safety}\; r^{-(1/p - 0.75\beta)}\, r_{-1}^{\beta}\big)\Big)
+
+    with :math:`g` = ``max_growth`` (``first_growth`` after the starting heuristic's step),
+    :math:`s` = ``max_shrink`` after a rejection and 1 after an acceptance, and :math:`\beta = 0`
+    until the row has a previous accepted step (Hairer and Wanner's stabilised
+    proportional–integral control; :math:`\beta = 0` is the classical controller).
 
     Attributes:
-        nodes: :math:`c_2, \dots, c_s` (``s - 1`` values; :math:`c_1 = 0`).
-        rows: :math:`a_{ij}`: row ``i`` (stage ``i + 2``) has ``i + 1`` coefficients.
-        weights: :math:`b_1, \dots, b_s` of the propagated solution.
-        error_weights: :math:`b_i - \hat b_i` (the embedded pair's difference).
-        order: the order ``p`` used in the step-size exponent ``1/p``.
-        controller_beta: :math:`\beta` of the proportional-integral step-size controller (0: the
-            plain controller). After an accepted step with error ratio :math:`r_n` (the previous
-            accepted one :math:`r_{n-1}`) the next step is
-            :math:`h \cdot 0.9\, r_n^{-(1/p - 0.75\beta)}\, r_{n-1}^{\beta}` (Hairer and
-            Wanner's stabilized control; their DOPRI5 code uses :math:`\beta = 0.04`, their
-            DOP853 code 0). The first step after the starting heuristic uses the plain
-            controller (there is no previous controller step).
+        safety: factor on the optimal step.
+        max_growth: largest growth of a step.
+        max_shrink: largest shrink after a rejection.
+        first_growth: largest growth after the starting heuristic's step. The heuristic aims at 1%
+            of the tolerance and, on the smooth fields of likelihood solves, lands far below it
+            (measured error ratios 1e-10 ... 1e-6), so the usual cap costs a second small step.
+        beta: the integral gain :math:`\beta` (0.04 in Hairer's DOPRI5 code, 0 in DOP853).
+        ratio_floor: the remembered ratio is at least this (a zero error must not freeze growth).
+
+    Example:
+        >>> CONTROLLERS["dopri5"].beta
+        0.04
     """
 
-    nodes: tuple[float, ...]
-    rows: tuple[tuple[float, ...], ...]
-    weights: tuple[float, ...]
-    error_weights: tuple[float, ...]
-    order: int
-    controller_beta: float = 0.0
+    safety: float = 0.9
+    max_growth: float = 10.0
+    max_shrink: float = 0.2
+    first_growth: float = 100.0
+    beta: float = 0.0
+    ratio_floor: float = 1e-4
 
-    def __post_init__(self) -> None:
-        stages = len(self.nodes) + 1
-        if len(self.rows) != stages - 1 or any(
-            len(row) != i + 1 for i, row in enumerate(self.rows)
-        ):
-            raise ValueError("rows must be lower triangular: row i has i + 1 coefficients")
-        if len(self.weights) != stages or len(self.error_weights) != stages:
-            raise ValueError(f"weights and error_weights need {stages} values each")
+    def next_step(
+        self,
+        step: Tensor,
+        ratio: Tensor,
+        previous: Tensor,
+        accepted: Tensor,
+        first: Tensor,
+        order: int,
+    ) -> tuple[Tensor, Tensor]:
+        """``(proposed next step, updated previous ratio)``, all ``(b,)`` (``previous`` 0: none)."""
+        exponent = 1.0 / order
+        plain = ratio.pow(-exponent)
+        if self.beta:
+            damped = ratio.pow(-(exponent - 0.75 * self.beta)) * previous.pow(self.beta)
+            plain = torch.where(accepted & (previous > 0), damped, plain)
+        shrink = torch.where(accepted, 1.0, self.max_shrink)
+        growth = torch.where(first, self.first_growth, self.max_growth)
+        factor = torch.minimum(growth, torch.maximum(shrink, self.safety * plain))
+        remembered = torch.where(accepted, ratio.clamp(min=self.ratio_floor), previous)
+        return step * factor, remembered
 
-    @property
-    def stages(self) -> int:
-        """Number of stages ``s``."""
-        return len(self.nodes) + 1
 
-    @property
-    def first_same_as_last(self) -> bool:
-        """True when the last stage is evaluated at the new solution (FSAL)."""
-        return (
-            self.nodes[-1] == 1.0
-            and self.weights[-1] == 0.0
-            and tuple(self.rows[-1]) == tuple(self.weights[:-1])
-        )
+CONTROLLERS: dict[str, StepController] = {"dopri5": StepController(beta=0.04)}
+"""The controller of each adaptive method (the default :class:`StepController` when absent).
+
+dopri5's :math:`\\beta = 0.04` was measured on the time-to-accuracy benchmark's Gaussian fields
+(evaluations to a log-density error of 1e-6): 92 -> 80 at d = 16 and 86 -> 68 at d = 64; 0.08 was
+worse, and so was a nonzero value for dopri8."""
 
 
 class StepFailure(RuntimeError):
     """The loop cannot go on; ``kind`` is ``"nonfinite_field"``, ``"nonfinite_state"``,
-    ``"underflow"`` or ``"max_steps"``; ``rows`` names batch rows where known."""
+    ``"underflow"`` or ``"max_steps"``; ``rows`` names rows of the original batch where known."""
 
     def __init__(self, kind: str, message: str, rows: Tensor | None = None, time: float = 0.0):
         super().__init__(message)
@@ -129,203 +134,368 @@ class StepFailure(RuntimeError):
         self.time = time
 
 
-def _combine(y: Tensor | None, stages: Sequence[Tensor], coefficients: Sequence[float], h: float):
-    """``y + h * sum_j coefficients[j] * stages[j]`` (``y`` may be ``None``), skipping zeros."""
+@dataclass
+class StepRecord:
+    """What the adjoint replays: every attempted step of a solve, forward order.
+
+    Each entry is ``(rows, t, h, t_end, y, accepted, landed)`` for the rows attempted together:
+    their indices in the batch, times, signed steps, end times, states before the step, which
+    accepted, and for each accepted row the output index it landed on (-1: none).
+    """
+
+    steps: list[tuple[Tensor, ...]] = field(default_factory=list)
+
+
+def _combine(stages: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor | None:
+    """``sum_j coefficients[j] * stages[j]``, skipping zeros (``None`` if all are zero)."""
     total: Tensor | None = None
     for coefficient, k in zip(coefficients, stages, strict=False):
         if coefficient == 0.0:
             continue
-        scaled = h * coefficient
-        total = k * scaled if total is None else total.add(k, alpha=scaled)
-    if total is None:
-        return y if y is not None else torch.zeros_like(stages[0])
-    return total if y is None else y + total
+        total = k * coefficient if total is None else total.add(k, alpha=coefficient)
+    return total
 
 
-def _failure(
-    y: Tensor, stage_inputs: Sequence[Tensor], stages: Sequence[Tensor], t: float, h: float
+def rk_step(
+    f: Dynamics,
+    tableau: Tableau,
+    t: Tensor,
+    h: Tensor,
+    y: Tensor,
+    k_first: Tensor,
+    rows: Tensor | None,
+    t_end: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, list[Tensor], list[Tensor]]:
+    """One step of every row: ``(y_new, error, stage inputs, stages)``.
+
+    ``t``, ``h`` (signed) are ``(b,)``; ``t_end`` (``t + h`` exactly, e.g. an output time) is the
+    time of stages with node 1. ``error`` is ``None`` for a fixed-grid tableau.
+    """
+    h_col = h.unsqueeze(1)
+    stages, inputs = [k_first], [y]
+    end = t + h if t_end is None else t_end
+    for node, row in zip(tableau.nodes, tableau.rows, strict=True):
+        increment = _combine(stages, row)
+        y_stage = y if increment is None else y + h_col * increment
+        inputs.append(y_stage)
+        stages.append(f(end if node == 1.0 else t + node * h, y_stage, rows))
+    if tableau.first_same_as_last:
+        y_new = inputs[-1]
+    else:
+        increment = _combine(stages, tableau.weights)
+        y_new = y if increment is None else y + h_col * increment
+    error = None
+    if tableau.error_weights is not None:
+        combined = _combine(stages, tableau.error_weights)
+        error = torch.zeros_like(y) if combined is None else h_col * combined
+    return y_new, error, inputs, stages
+
+
+def _explain(
+    rows: Tensor, bad: Tensor, inputs: Sequence[Tensor], stages: Sequence[Tensor], t: float
 ) -> StepFailure:
-    """Explain a non-finite error ratio: which rows, field or state."""
+    """A non-finite step: field values from finite inputs, or a state that blew up."""
     with torch.no_grad():
-        bad_field = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
-        for inputs, k in zip(stage_inputs, stages, strict=False):
-            finite_in = torch.isfinite(inputs).all(dim=1)
-            bad_field |= finite_in & ~torch.isfinite(k).all(dim=1)
-        if bool(bad_field.any()):
-            rows = bad_field.nonzero().flatten()
-            return StepFailure(
-                "nonfinite_field",
-                f"in the step [{t:.6g}, {t + h:.6g}]",
-                rows,
-                t,
-            )
-        values = torch.stack([*stage_inputs, *stages])  # (2s, B, n)
-        rows = ~torch.isfinite(values).all(dim=2).all(dim=0)
-        return StepFailure(
-            "nonfinite_state",
-            f"in the step [{t:.6g}, {t + h:.6g}]",
-            rows.nonzero().flatten(),
-            t,
-        )
+        from_field = torch.zeros_like(bad)
+        for y_in, k in zip(inputs, stages, strict=False):
+            from_field |= torch.isfinite(y_in).all(dim=1) & ~torch.isfinite(k).all(dim=1)
+        from_field &= bad
+        if bool(from_field.any()):
+            return StepFailure("nonfinite_field", f"near t = {t:.6g}", rows[from_field], t)
+        return StepFailure("nonfinite_state", f"near t = {t:.6g}", rows[bad], t)
 
 
 def _initial_step(
-    f: Callable[[float, Tensor], Tensor],
-    t0: float,
-    y0: Tensor,
+    f: Dynamics,
+    t: Tensor,
+    y: Tensor,
     f0: Tensor,
     order: int,
     rtol: float,
     atol: float,
     norm: Callable[[Tensor], Tensor],
-    longest: float,
+    longest: Tensor,
     direction: float,
-) -> float:
-    """Hairer's starting step (Solving ODEs I, §II.4), never longer than ``longest``."""
+    rows: Tensor,
+) -> Tensor:
+    """Hairer's starting step per row (Solving ODEs I, §II.4), never past the first output."""
     with torch.no_grad():
-        scale = atol + rtol * y0.abs()
-        d0 = float(norm(y0 / scale))
-        d1 = float(norm(f0 / scale))
-    if not (math.isfinite(d0) and math.isfinite(d1)):
-        raise _failure(y0, [y0], [f0], t0, 0.0)
-    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    h0 = min(h0, longest)
-    if not h0 > 0:
-        raise StepFailure("underflow", f"underflow in the first step size ({h0:g}) at t = {t0}")
-    y1 = y0 + (direction * h0) * f0
-    f1 = f(t0 + direction * h0, y1)
+        scale = atol + rtol * y.abs()
+        d0, d1 = norm(y / scale), norm(f0 / scale)
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+        h0 = torch.minimum(h0, longest)
+    if not bool(torch.isfinite(h0).all()):
+        bad = ~torch.isfinite(h0)
+        raise _explain(rows, bad, [y], [f0], float(t[0]))
+    y1 = y + (direction * h0).unsqueeze(1) * f0
+    f1 = f(t + direction * h0, y1, None)
     with torch.no_grad():
-        d2 = float(norm((f1 - f0) / scale)) / h0
-    if not math.isfinite(d2):
-        raise _failure(y0, [y1], [f1], t0, direction * h0)
-    largest = max(d1, d2)
-    h1 = max(1e-6, h0 * 1e-3) if largest <= 1e-15 else (0.01 / largest) ** (1.0 / order)
-    return min(100 * h0, h1, longest)
+        d2 = norm((f1 - f0) / scale) / h0
+        largest = torch.maximum(d1, d2)
+        h1 = torch.where(
+            largest <= 1e-15,
+            torch.clamp(h0 * 1e-3, min=1e-6),
+            (0.01 / largest).pow(1.0 / order),
+        )
+        bad = ~torch.isfinite(d2)
+    if bool(bad.any()):
+        raise _explain(rows, bad, [y1], [f1], float(t[0]))
+    return torch.minimum(torch.minimum(100 * h0, h1), longest)
 
 
-def solve_adaptive(
-    f: Callable[[Tensor, Tensor], Tensor],
+def solve(
+    f: Dynamics,
     y0: Tensor,
     times: Sequence[float],
-    tableau: Tableau,
+    method: str,
     *,
-    rtol: float,
-    atol: float,
-    norm: Callable[[Tensor], Tensor],
-    max_steps: int,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    norm: Callable[[Tensor], Tensor] | None = None,
+    steps_per_unit: int | None = None,
+    max_steps: int = 100_000,
     first_step: float | None = None,
     on_evaluation: Callable[[], None] | None = None,
-) -> list[Tensor]:
-    """Integrate ``dy/dt = f(t, y)`` from ``times[0]`` through ``times[1:]`` with error control.
+    on_step: Callable[[float], None] | None = None,
+    record: StepRecord | None = None,
+    compact: bool = True,
+) -> Tensor:
+    """Integrate ``dy/dt = f(t, y)`` from ``times[0]`` through ``times[1:]``, row by row.
 
     Args:
-        f: the dynamics; called with a 0-dim tensor ``t`` (``y``'s dtype and device) and ``y``.
-        y0: initial state ``(B, n)``.
+        f: the dynamics (see :data:`Dynamics`).
+        y0: initial states ``(B, n)``.
         times: strictly monotone output times (Python floats), ``times[0]`` the start.
-        tableau: the embedded pair.
-        rtol: relative tolerance.
-        atol: absolute tolerance.
-        norm: maps a scaled error ``(B, n)`` to a 0-dim tensor (the error ratio).
-        max_steps: most step attempts between two output times.
-        first_step: initial step length (default: Hairer's heuristic).
+        method: a name of :data:`cnftools._tableaux.TABLEAUX`.
+        rtol: relative tolerance (adaptive methods).
+        atol: absolute tolerance (adaptive methods).
+        norm: maps scaled errors ``(b, n)`` to each row's ratio ``(b,)`` (adaptive methods).
+        steps_per_unit: uniform steps per unit time (fixed-grid methods); every output time is a
+            grid point.
+        max_steps: most step attempts of a row between two output times.
+        first_step: initial step length (default: Hairer's heuristic, per row).
         on_evaluation: called once per evaluation of ``f`` (counting).
+        on_step: called after each step with the earliest time a row has reached.
+        record: filled with the attempted steps, for :mod:`cnftools._adjoint`.
+        compact: let finished rows leave the evaluated batch (``f`` is then called on the rows
+            still moving); ``False`` keeps every row in every call, finished rows frozen, for
+            dynamics that can only be evaluated on the whole batch. The results are the same.
 
     Returns:
-        The states at ``times``, ``times[0]`` included (``y0`` itself).
+        The states at ``times``, shape ``(len(times), B, n)`` (``times[0]``: ``y0``).
 
     Raises:
         StepFailure: non-finite values, step-size underflow, or more than ``max_steps`` attempts.
 
     Example:
         >>> import math, torch
-        >>> heun_euler = Tableau(
-        ...     nodes=(1.0,), rows=((1.0,),), weights=(0.5, 0.5), error_weights=(0.5, -0.5), order=2
-        ... )
-        >>> y0 = torch.ones(1, 1, dtype=torch.float64)
-        >>> rms = lambda e: e.pow(2).mean().sqrt()
-        >>> states = solve_adaptive(
-        ...     lambda t, y: -y,
-        ...     y0,
-        ...     [0.0, 1.0],
-        ...     heun_euler,
-        ...     rtol=1e-8,
-        ...     atol=1e-8,
-        ...     norm=rms,
-        ...     max_steps=100_000,
-        ... )
-        >>> abs(float(states[-1]) - math.exp(-1.0)) < 1e-6
-        True
+        >>> y0 = torch.ones(3, 1, dtype=torch.float64)
+        >>> rms = lambda e: e.pow(2).mean(dim=1).sqrt()
+        >>> decay = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+        >>> f = lambda t, y, rows: -y * (decay if rows is None else decay[rows])
+        >>> out = solve(f, y0, [0.0, 1.0], "dopri5", rtol=1e-10, atol=1e-10, norm=rms)
+        >>> [round(v, 8) for v in out[-1, :, 0].tolist()]
+        [0.36787944, 0.13533528, 0.04978707]
     """
-    dtype, device = y0.dtype, y0.device
+    tableau = TABLEAUX[method]
+    evaluate = f if on_evaluation is None else _counted(f, on_evaluation)
+    if tableau.is_adaptive:
+        if norm is None:
+            raise ValueError("an adaptive method needs norm=")
+        return _solve_adaptive(
+            evaluate,
+            y0,
+            times,
+            tableau,
+            (rtol, atol),
+            norm,
+            max_steps,
+            first_step,
+            (on_step, record),
+            compact,
+        )
+    if steps_per_unit is None:
+        raise ValueError(f"the fixed-grid method {method!r} needs steps_per_unit=")
+    return _solve_fixed(evaluate, y0, times, tableau, steps_per_unit, on_step, record)
 
-    def call(t: float, y: Tensor) -> Tensor:
-        if on_evaluation is not None:
-            on_evaluation()
-        return f(torch.full((), t, dtype=dtype, device=device), y)
 
-    direction = 1.0 if times[-1] > times[0] else -1.0
-    out = [y0]
-    t, y = float(times[0]), y0
-    k_first: Tensor | None = None
-    exponent = 1.0 / tableau.order
-    beta = tableau.controller_beta
-    fsal = tableau.first_same_as_last
-    h: float | None = None if first_step is None else abs(first_step)
-    heuristic_first = False  # the step being tried was sized by the heuristic, not the controller
-    previous: float | None = None  # the last accepted error ratio (the PI controller's memory)
-    for target in times[1:]:
-        target = float(target)
-        attempts = 0
-        while direction * (target - t) > 0:
-            attempts += 1
-            if attempts > max_steps:
-                raise StepFailure("max_steps", f"more than max_steps={max_steps} steps")
-            if k_first is None:
-                k_first = call(t, y)
-            remaining = abs(target - t)
-            if h is None:
-                heuristic_first = True
-                h = _initial_step(
-                    call, t, y, k_first, tableau.order, rtol, atol, norm, remaining, direction
-                )
-            lands = h >= remaining
-            step = remaining if lands else h
-            t_new = target if lands else t + direction * step
-            if t_new == t:
-                raise StepFailure("underflow", f"underflow in the step size ({step:g}) at t = {t}")
-            signed = direction * step
-            stages = [k_first]
-            inputs = [y]
-            for node, row in zip(tableau.nodes, tableau.rows, strict=True):
-                y_stage = _combine(y, stages, row, signed)
-                inputs.append(y_stage)
-                stages.append(call(t_new if node == 1.0 else t + node * signed, y_stage))
-            y_new = inputs[-1] if fsal else _combine(y, stages, tableau.weights, signed)
-            with torch.no_grad():
-                error = _combine(None, stages, tableau.error_weights, signed)
-                scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
-                ratio = float(norm(error / scale))  # the one host sync of a step
-            if not math.isfinite(ratio):
-                raise _failure(y, inputs, stages, t, signed)
-            if ratio <= 1.0:
-                t, y = t_new, y_new
-                k_first = stages[-1]  # see the module docstring for non-FSAL pairs
-                shrink = 1.0
-            else:
-                shrink = MAX_SHRINK
-            growth = FIRST_GROWTH if heuristic_first else MAX_GROWTH
-            if ratio == 0.0:
-                factor = growth
-            elif ratio <= 1.0 and beta and previous is not None:
-                factor = SAFETY * ratio ** -(exponent - 0.75 * beta) * previous**beta
-                previous = max(ratio, 1e-4)
-            else:
-                factor = SAFETY * ratio**-exponent
-                if ratio <= 1.0:
-                    previous = max(ratio, 1e-4)
-            proposal = step * min(growth, max(shrink, factor))
-            heuristic_first = False
-            # a step shortened to land on an output time says little about the next one
-            h = max(h, proposal) if lands and ratio <= 1.0 else proposal
+def _counted(f: Dynamics, on_evaluation: Callable[[], None]) -> Dynamics:
+    def counted(t: Tensor, y: Tensor, rows: Tensor | None) -> Tensor:
+        on_evaluation()
+        return f(t, y, rows)
+
+    return counted
+
+
+def fixed_grid(start: float, end: float, steps_per_unit: int) -> list[float]:
+    """The uniform grid from ``start`` to ``end`` with ``steps_per_unit`` steps per unit time."""
+    n = max(1, -int(-(abs(end - start) * steps_per_unit - 1e-9) // 1))
+    grid = torch.linspace(start, end, n + 1, dtype=torch.float64).tolist()
+    grid[0], grid[-1] = start, end
+    return grid
+
+
+def _solve_fixed(
+    f: Dynamics,
+    y0: Tensor,
+    times: Sequence[float],
+    tableau: Tableau,
+    steps_per_unit: int,
+    on_step: Callable[[float], None] | None,
+    record: StepRecord | None,
+) -> Tensor:
+    batch = y0.shape[0]
+    every = torch.arange(batch, device=y0.device)
+    out, y = [y0], y0
+    for index in range(1, len(times)):
+        grid = fixed_grid(float(times[index - 1]), float(times[index]), steps_per_unit)
+        for a, b in itertools.pairwise(grid):
+            t = torch.full((batch,), a, dtype=y0.dtype, device=y0.device)
+            t_end = torch.full((batch,), b, dtype=y0.dtype, device=y0.device)
+            h = t_end - t
+            k_first = f(t, y, None)
+            if record is not None:
+                landed = torch.full((batch,), index if b == grid[-1] else -1, device=y0.device)
+                accepted = torch.ones(batch, dtype=torch.bool, device=y0.device)
+                record.steps.append((every, t, h, t_end, y.detach(), accepted, landed))
+            y, *_ = rk_step(f, tableau, t, h, y, k_first, None, t_end)
+            if on_step is not None:
+                on_step(b)
+        with torch.no_grad():
+            bad = ~torch.isfinite(y).all(dim=1)
+        if bool(bad.any()):
+            raise StepFailure("nonfinite_state", f"by t = {times[index]:.6g}", every[bad])
         out.append(y)
-    return out
+    return torch.stack(out)
+
+
+def _solve_adaptive(
+    f: Dynamics,
+    y0: Tensor,
+    times: Sequence[float],
+    tableau: Tableau,
+    tolerances: tuple[float, float],
+    norm: Callable[[Tensor], Tensor],
+    max_steps: int,
+    first_step: float | None,
+    hooks: tuple[Callable[[float], None] | None, StepRecord | None],
+    compact: bool,
+) -> Tensor:
+    rtol, atol = tolerances
+    on_step, record = hooks
+    batch, device, dtype = y0.shape[0], y0.device, y0.dtype
+    controller = CONTROLLERS.get(tableau.name, StepController())
+    direction = 1.0 if times[-1] > times[0] else -1.0
+    targets = torch.tensor([float(s) for s in times], dtype=dtype, device=device)
+    last = len(times) - 1
+    # Per-row state of the rows in the evaluated batch (compacted when rows finish).
+    rows = torch.arange(batch, device=device)
+    y = y0
+    t = targets[0].expand(batch).clone()
+    target = torch.ones(batch, dtype=torch.long, device=device)  # next output index
+    attempts = torch.zeros(batch, dtype=torch.long, device=device)
+    previous = torch.zeros(batch, dtype=dtype, device=device)
+    first = torch.ones(batch, dtype=torch.bool, device=device)
+    moving = torch.ones(batch, dtype=torch.bool, device=device)  # (without compaction)
+    pieces: list[tuple[Tensor, Tensor, Tensor]] = []  # (output index, rows, states)
+    k_first = f(t, y, None)
+    with torch.no_grad():
+        longest = (targets[1] - targets[0]).abs().expand(batch)
+    if first_step is None:
+        h = _initial_step(
+            f, t, y, k_first, tableau.order, rtol, atol, norm, longest, direction, rows
+        )
+    else:
+        h = torch.minimum(torch.full_like(t, abs(first_step)), longest)
+    fresh_first = not tableau.first_same_as_last
+    all_rows: Tensor | None = None  # ``rows`` passed to f: None while every row is evaluated
+    while True:
+        with torch.no_grad():
+            goal = targets[target.clamp(max=last)]
+            remaining = (goal - t) * direction
+            lands = h >= remaining
+            step = torch.where(moving, torch.where(lands, remaining, h), 0.0)
+            signed = direction * step
+            t_new = torch.where(lands, goal, t + signed)
+        y_new, error, inputs, stages = rk_step(f, tableau, t, signed, y, k_first, all_rows, t_new)
+        assert error is not None
+        with torch.no_grad():
+            scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
+            ratio = torch.where(moving, norm(error / scale), 0.0)
+            finite = torch.isfinite(ratio)
+            accepted = (ratio <= 1.0) & finite & moving
+            landed = accepted & lands
+            finishing = landed & (target == last)
+            attempts = torch.where(landed, 0, attempts + 1)
+            stuck = (t_new == t) & finite & moving
+            summary = torch.stack(
+                [
+                    (~finite).sum(),
+                    (attempts > max_steps).sum(),
+                    stuck.sum(),
+                    finishing.sum(),
+                    (landed & (target < last)).sum(),
+                ]
+            )
+            reached = t.min() if direction > 0 else t.max()
+        n_bad, n_over, n_stuck, n_done, n_mid = summary.tolist()  # the step's one host sync
+        if n_bad:
+            raise _explain(rows, ~finite, inputs, stages, float(reached))
+        if n_over:
+            over = rows[attempts > max_steps]
+            raise StepFailure("max_steps", f"more than max_steps={max_steps} steps", over)
+        if n_stuck:
+            where = f"underflow in the step size near t = {float(reached):.6g}"
+            raise StepFailure("underflow", where, rows[stuck])
+        if record is not None:
+            landed_at = torch.where(landed, target, -1)
+            record.steps.append((rows, t, signed, t_new, y.detach(), accepted, landed_at))
+        with torch.no_grad():
+            proposal, previous = controller.next_step(
+                step, ratio, previous, accepted, first, tableau.order
+            )
+            h = torch.where(landed, torch.maximum(h, proposal), proposal)
+            first = torch.zeros_like(first)
+            keep = accepted.unsqueeze(1)
+        t = torch.where(accepted, t_new, t)
+        y = torch.where(keep, y_new, y)
+        k_first = torch.where(keep, stages[-1], k_first)
+        if n_mid:
+            mid = landed & (target < last)
+            pieces.append((target[mid], rows[mid], y[mid]))
+        target = torch.where(landed, target + 1, target)
+        if n_done:
+            pieces.append((torch.full_like(rows[finishing], last), rows[finishing], y[finishing]))
+            moving = moving & ~finishing
+            if not bool(moving.any()):
+                break
+            if compact:
+                rows, y, t, h, target = (
+                    rows[moving],
+                    y[moving],
+                    t[moving],
+                    h[moving],
+                    target[moving],
+                )
+                attempts, previous = attempts[moving], previous[moving]
+                first, k_first, moving = first[moving], k_first[moving], moving[moving]
+                all_rows = rows
+                if fresh_first:
+                    k_first = f(t, y, all_rows)
+        if fresh_first and not (n_done and compact):
+            k_first = torch.where(keep, f(t, y, all_rows), k_first)
+        if on_step is not None:
+            on_step(float(reached))
+    return _assemble(y0, len(times), pieces)
+
+
+def _assemble(y0: Tensor, n_times: int, pieces: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """States ``(T, B, n)`` from the rows' landings (``y0`` at index 0); differentiable."""
+    out = y0.new_zeros((n_times, *y0.shape))
+    index = torch.cat([p[0] for p in pieces])
+    rows = torch.cat([p[1] for p in pieces])
+    values = torch.cat([p[2] for p in pieces])
+    out = out.index_put((index, rows), values)
+    first = torch.zeros(n_times, dtype=torch.bool, device=y0.device)
+    first[0] = True
+    return torch.where(first[:, None, None], y0.unsqueeze(0), out)

@@ -46,11 +46,8 @@ Theory sections cited here (pages under ``docs/theory/``):
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,7 +81,6 @@ __all__ = [
     "DivergenceStrategy",
     "choose_strategy",
     "divergence",
-    "forget_measurements",
     "jacobian",
     "velocity_and_divergence",
 ]
@@ -92,52 +88,49 @@ __all__ = [
 EXACT_STRATEGIES = ("batched", "loop", "forward")
 """Strategies the exact divergence can be forced to use (``strategy=``)."""
 
-BATCHED_ROWS: dict[str, int] = {"cpu": 1024, "cuda": 65536}
+BATCHED_ROWS: dict[str, int] = {"cpu": 4096, "cuda": 65536}
 """Target rows (``chunk * B``) per batched backward pass, by device type (default: the cpu value).
 
-Measured on 2 CPU cores with a 3x256 MLP (see ``benchmarks/divergence.py``); the cuda value is a
-memory-bounded guess, not a measurement.
-"""
+On one CPU thread with a 3x256 MLP at d = 64, B = 256, 16 basis vectors per pass (4096 rows) was
+the fastest chunk of the loop and 4 ... 64 per pass (engine measurements, December 2026: 14.2 ms
+per evaluation against 13.4-19.8 ms for the others, and a solve to 1e-6 nats in 1.058 s against
+1.355 s with 64 per pass and 1.484 s with the loop); the cuda value is a memory-bounded guess, not
+a measurement."""
 
-MIN_CHUNK = 8
-"""``"auto"`` uses the loop when a backward pass could carry fewer basis vectors than this."""
-
-TUNED_ROWS: dict[str, int] = {"cpu": 16384, "cuda": 262144}
-"""Most rows (``chunk * B``) per batched backward pass a measuring strategy tries (memory bound)."""
-
-TUNED_LADDER: tuple[int, ...] = (1024, 4096, 16384)
-"""Rows (``chunk * B``) per batched backward pass a measuring strategy times, besides the loop.
-
-The best chunk depends on the field and the machine: on one CPU thread with the benchmark's
-Gaussian field at ``B = 256`` it was 4 basis vectors per pass at ``d = 64`` (7.5 ms against 9.3 ms
-for the loop and 15 ms for all 64 at once) and 16 at ``d = 16`` (0.38 ms against 0.77 ms for the
-loop), so the measurement climbs a ladder instead of trying one size."""
-
-TUNING_ROUNDS = 2
-"""Times each candidate (the loop, each chunk of :data:`TUNED_LADDER`) is timed by a measuring
-:class:`DivergenceStrategy`, round robin, each call computed once; the fastest (minimum) serves
-the rest of the solve."""
+MIN_CHUNK = 16
+"""``"auto"`` uses the loop of single VJPs when a batched pass could carry fewer basis vectors than
+this and fewer than ``d`` (at B = 512, d = 64 the loop was the fastest on CPU: 83.5 ms against
+91-202 ms for batched chunks of 4 ... 64)."""
 
 
 def choose_strategy(batch: int, dim: int, device: torch.device) -> tuple[str, int]:
     r"""The exact strategy and chunk size ``"auto"`` uses for a batch of ``batch`` points in ``d = dim``.
 
     Rule: with :math:`R` = :data:`BATCHED_ROWS` for the device, a backward pass may carry
-    :math:`\lfloor R / B \rfloor` basis vectors. When that is below :data:`MIN_CHUNK` the per-call
-    overhead a chunk would save is small against vmap's own overhead, and the retained-graph loop
-    is used; otherwise ``"batched"`` with chunks of :math:`c = \min(d, \lfloor R/B \rfloor)`.
+    :math:`\lfloor R / B \rfloor` basis vectors. When that covers all of ``d``, one batched pass;
+    when it is at least :data:`MIN_CHUNK`, batched chunks of :math:`\lfloor R/B \rfloor`;
+    otherwise the loop of single VJPs.
+
+    The choice depends on the sizes and the device type only, never on timings: the strategies
+    round differently (the Jacobian's diagonal entries differ in the last bits between a batched
+    pass and single VJPs at small batches), so a choice by timing would make the numbers depend on
+    the machine's load. Every strategy reduces the diagonal ``(B, d)`` in one fixed order.
 
     Example:
         >>> choose_strategy(16, 64, torch.device("cpu"))
         ('batched', 64)
+        >>> choose_strategy(256, 64, torch.device("cpu"))
+        ('batched', 16)
         >>> choose_strategy(512, 64, torch.device("cpu"))
         ('loop', 1)
     """
     rows = BATCHED_ROWS.get(device.type, BATCHED_ROWS["cpu"])
     per_pass = rows // max(batch, 1)
+    if per_pass >= dim:
+        return "batched", dim
     if per_pass < MIN_CHUNK:
         return "loop", 1
-    return "batched", max(1, min(dim, per_pass))
+    return "batched", per_pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,13 +172,19 @@ def _grad(
 
 # ----------------------------------------------------------------------------------------------
 # Exact strategies. Each takes the flattened output y (B, d) of the field at x_in (B, *event).
-def _exact_loop(v: VelocityField, y: Tensor, x: Tensor, create_graph: bool) -> Tensor:
+# Every exact strategy computes the Jacobian's diagonal (B, d) and reduces it by one
+# ``sum(dim=1)``: the same reduction order whichever strategy runs.
+def _diagonal_loop(v: VelocityField, y: Tensor, x: Tensor, create_graph: bool) -> Tensor:
     batch, dim = y.shape
-    total = torch.zeros(batch, dtype=y.dtype, device=y.device)
+    entries = []
     for i in range(dim):
         g = _grad(v, y[:, i].sum(), x, None, create_graph=create_graph, batched=False)
-        total = total + g.reshape(batch, dim)[:, i]
-    return total
+        entries.append(g.reshape(batch, dim)[:, i])
+    return torch.stack(entries, dim=1)
+
+
+def _exact_loop(v: VelocityField, y: Tensor, x: Tensor, create_graph: bool) -> Tensor:
+    return _diagonal_loop(v, y, x, create_graph).sum(dim=1)
 
 
 def _basis_chunk(start: int, size: int, batch: int, dim: int, like: Tensor) -> Tensor:
@@ -193,7 +192,7 @@ def _basis_chunk(start: int, size: int, batch: int, dim: int, like: Tensor) -> T
     return eye[:, None, :].expand(size, batch, dim)
 
 
-def _exact_batched(
+def _diagonal_batched(
     v: VelocityField,
     y: Tensor,
     x: Tensor,
@@ -201,10 +200,10 @@ def _exact_batched(
     chunk: int,
     bases: dict[tuple, Tensor] | None = None,
 ) -> Tensor:
-    """``sum_i e_i^T J e_i`` by VJPs with ``chunk`` basis vectors per backward pass; ``bases``
-    caches the basis chunks between calls (an ODE solve asks for the same ones every time)."""
+    """The diagonal ``e_i^T J e_i`` ``(B, d)`` by VJPs with ``chunk`` basis vectors per backward
+    pass; ``bases`` caches the basis chunks between calls (a solve asks for the same ones)."""
     batch, dim = y.shape
-    total: Tensor | None = None
+    parts = []
     for start in range(0, dim, chunk):
         size = min(chunk, dim - start)
         key = (start, size, batch, dim, y.dtype, y.device)
@@ -220,10 +219,19 @@ def _exact_batched(
         g = g.reshape(size, batch, dim)
         if size != dim:
             g = g[:, :, start : start + size]
-        part = g.diagonal(dim1=0, dim2=2).sum(dim=-1)
-        total = part if total is None else total + part
-    assert total is not None
-    return total
+        parts.append(g.diagonal(dim1=0, dim2=2))  # (B, size)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _exact_batched(
+    v: VelocityField,
+    y: Tensor,
+    x: Tensor,
+    create_graph: bool,
+    chunk: int,
+    bases: dict[tuple, Tensor] | None = None,
+) -> Tensor:
+    return _diagonal_batched(v, y, x, create_graph, chunk, bases).sum(dim=1)
 
 
 def _exact_forward(
@@ -240,13 +248,13 @@ def _exact_forward(
 
     out = call_checked(v, x, t, extras)
     _check_field_output(v, x, out)
-    total = torch.zeros(batch, dtype=x.dtype, device=x.device)
+    parts = []
     for start in range(0, dim, chunk):
         size = min(chunk, dim - start)
         basis = _basis_chunk(start, size, batch, dim, x)
         cols = vmap(column)(basis)  # (size, B, d): (dv/dx) e_i for each basis vector
-        total = total + cols[:, :, start : start + size].diagonal(dim1=0, dim2=2).sum(dim=-1)
-    return out, total
+        parts.append(cols[:, :, start : start + size].diagonal(dim1=0, dim2=2))
+    return out, torch.cat(parts, dim=1).sum(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,13 +316,6 @@ class DivergenceStrategy:
         probes: Hutchinson probes ``(K, B, *event)``.
         closed: the closed-form ``divergence(x, t) -> (B,)`` (see
             :func:`cnftools.fields.closed_form_divergence`).
-        measure: with ``strategy="auto"``, for a strategy called many times on one batch size
-            (an ODE solve): the first calls cycle through the loop and batched VJPs with the
-            chunk sizes of :data:`TUNED_LADDER` (at most :data:`TUNED_ROWS` rows), each timed
-            :data:`TUNING_ROUNDS` times, and the fastest serves the remaining calls. Every call is
-            computed once; only the choice depends on timing. The choice is remembered per field
-            object and shape (batch, dimension, device type, dtype, graph), so later solves on
-            the same model skip the timing (:func:`forget_measurements` clears it).
 
     Example:
         >>> import torch
@@ -337,7 +338,6 @@ class DivergenceStrategy:
         strategy: str = "auto",
         probes: Tensor | None = None,
         closed: Callable[[Tensor, Tensor], Tensor] | None = None,
-        measure: bool = False,
     ) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
@@ -354,10 +354,6 @@ class DivergenceStrategy:
         self.probes = probes
         self.closed = closed
         self.vmap_failed = False  # set once a batched VJP failed: the loop from then on
-        self.measure = measure
-        self.timings: dict[int, list[float]] = {}  # chunk (1: the loop) -> seconds per call
-        self.measured: str | None = None  # "loop" | "batched" once measured
-        self.measured_chunk = 1  # basis vectors per backward pass of the measured choice
         self._bases: dict[tuple, Tensor] = {}  # basis chunks reused across calls
 
     @staticmethod
@@ -416,8 +412,6 @@ class DivergenceStrategy:
             self.kind, strategy=self.strategy, probes=probes, closed=self.closed
         )
         out.vmap_failed = self.vmap_failed
-        out.measured = self.measured  # sub-batches are smaller: keep the choice, do not re-time
-        out.measured_chunk = self.measured_chunk
         return out
 
     def _fall_back(self, v: VelocityField, error: RuntimeError) -> None:
@@ -492,8 +486,6 @@ class DivergenceStrategy:
                 return _hutchinson(v, y, x, self.probes, create_graph, 1).T
         if self.strategy == "loop" or self.vmap_failed:
             return _exact_loop(v, y, x, create_graph).unsqueeze(1)
-        if self.strategy == "auto" and (self.measure or self.measured is not None) and dim > 1:
-            return self._measured_columns(v, y, x, create_graph)
         if self.strategy == "auto":
             chosen, chunk = choose_strategy(batch, dim, x.device)
             if chosen == "loop":
@@ -507,93 +499,6 @@ class DivergenceStrategy:
                 return _exact_loop(v, y, x, create_graph).unsqueeze(1)
         chunk = max(1, min(dim, max(rows // batch, MIN_CHUNK)))
         return _exact_batched(v, y, x, create_graph, chunk, self._bases).unsqueeze(1)
-
-    def _candidates(self, batch: int, dim: int, device: torch.device) -> list[int]:
-        """Chunk sizes the measurement times: 1 is the loop, others batched VJPs."""
-        largest = TUNED_ROWS.get(device.type, TUNED_ROWS["cpu"])
-        chunks = {1}
-        for rows in TUNED_LADDER:
-            chunk = min(dim, min(rows, largest) // max(batch, 1))
-            if chunk >= 2:
-                chunks.add(chunk)
-        return sorted(chunks)
-
-    def _measured_columns(
-        self, v: VelocityField, y: Tensor, x: Tensor, create_graph: bool
-    ) -> Tensor:
-        batch, dim = y.shape
-        key: tuple = ()  # built only while measuring: off the hot path of a measured solve
-        if self.measured is None:
-            key = (batch, dim, x.device.type, x.dtype, create_graph)
-            if not self.timings:
-                remembered = _remembered_chunk(v, key)
-                if remembered is not None:
-                    self.measured = "loop" if remembered == 1 else "batched"
-                    self.measured_chunk = remembered
-                else:
-                    for chunk in self._candidates(batch, dim, x.device):
-                        self.timings[chunk] = []
-                    if len(self.timings) == 1:
-                        self.measured, self.measured_chunk = "loop", 1
-        timing = self.measured is None
-        if timing:
-            done = sum(map(len, self.timings.values()))
-            chunk = list(self.timings)[done % len(self.timings)]
-        else:
-            chunk = self.measured_chunk
-        if timing and x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        start = time.perf_counter()
-        if chunk == 1:
-            total = _exact_loop(v, y, x, create_graph)
-        else:
-            try:
-                total = _exact_batched(v, y, x, create_graph, chunk, self._bases)
-            except RuntimeError as error:
-                if not _is_vmap_failure(error):
-                    raise
-                self._fall_back(v, error)
-                self.measured, self.measured_chunk = "loop", 1
-                return _exact_loop(v, y, x, create_graph).unsqueeze(1)
-        if timing:
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-            self.timings[chunk].append(time.perf_counter() - start)
-            if sum(map(len, self.timings.values())) >= TUNING_ROUNDS * len(self.timings):
-                best = min(self.timings, key=lambda k: min(self.timings[k]))
-                self.measured = "loop" if best == 1 else "batched"
-                self.measured_chunk = best
-                _remember_chunk(v, key, best)
-        return total.unsqueeze(1)
-
-
-_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""field -> {(batch, dim, device type, dtype, create_graph): measured chunk (1: the loop)}."""
-
-
-def _remembered_chunk(v: object, key: tuple) -> int | None:
-    try:
-        return _MEASURED.get(v, {}).get(key)
-    except TypeError:  # not weak-referenceable or not hashable: nothing remembered
-        return None
-
-
-def _remember_chunk(v: object, key: tuple, chunk: int) -> None:
-    with contextlib.suppress(TypeError):  # not weak-referenceable: nothing remembered
-        _MEASURED.setdefault(v, {})[key] = chunk
-
-
-def forget_measurements() -> None:
-    """Forget the divergence strategies measured so far (see :class:`DivergenceStrategy`).
-
-    A measuring strategy remembers its choice per field and per (batch size, dimension, device
-    type, dtype, graph) for the life of the field object, so repeated solves on the same model
-    skip the timing. Call this after the machine's load changed a lot, to measure again.
-
-    Example:
-        >>> forget_measurements()
-    """
-    _MEASURED.clear()
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,10 @@ integrates each probe's estimate separately, and reports the per-sample standard
 
 Gradients only when asked: by default the solve keeps no graph, whatever the field's parameters
 (memory as under ``torch.no_grad()``). Asked means ``x.requires_grad`` or ``grad=True`` (direct
-backpropagation through the solver) or ``adjoint=True`` (the adjoint method, memory independent of
-the number of steps); then the exact divergence is built with ``create_graph=True``.
+backpropagation through the solver) or ``adjoint=True`` (checkpointed replay of the same steps:
+one state per step is kept instead of every step's graph); then the exact divergence is built
+with ``create_graph=True``. Every row of a batch is solved on its own steps, so a row's
+log-likelihood does not depend on the rest of its batch.
 
 ``accuracy=`` asks for nats instead of tolerances: the engine chooses method and tolerance, checks
 itself with a tighter solve and solves again only the rows not yet certified. ``extras=`` passes
@@ -48,8 +50,10 @@ Theory sections cited here (pages under ``docs/theory/``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
@@ -309,7 +313,7 @@ def _divergence_strategy(
         closed = closed_form_divergence(v)
         if closed is not None:
             return DivergenceStrategy("closed_form", closed=closed)
-        return DivergenceStrategy("exact", measure=True)
+        return DivergenceStrategy("exact")
     if isinstance(probes, Tensor) and probes.shape == like.shape:
         probes = probes.unsqueeze(0)  # one probe given as (B, *event)
     eps = DivergenceStrategy.draw_probes(like, n_probes, noise, generator, probes)
@@ -318,8 +322,8 @@ def _divergence_strategy(
 
 def _augmented(
     v: VelocityField, start: Tensor, strategy: DivergenceStrategy | None, extras: dict
-) -> Callable[[Tensor, Tensor], Tensor]:
-    r"""``f(t, y)`` for the state ``y = [vec(z), A]`` of shape ``(B, d + K)``:
+) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    r"""``f(t, y, rows)`` for the state ``y = [vec(z), A]`` of shape ``(b, d + K)``:
     :math:`dz/dt = v(z, t)`, :math:`dA_k/dt = \operatorname{div}_k v(z, t)` (``K`` columns: one for
     the exact divergence, one per Hutchinson probe, none for plain sampling, ``strategy=None``).
 
@@ -327,17 +331,30 @@ def _augmented(
     :class:`~cnftools.divergences.DivergenceStrategy`. The graph is kept (``create_graph``) exactly
     when the solve runs with gradients enabled: direct backpropagation, or the adjoint's backward
     solve.
+
+    ``rows`` (the loop's rows still moving, ``None``: all) selects the rows' Hutchinson probes and
+    per-row extras; the selection is cached until the loop's rows change.
     """
     batch, event = start.shape[0], tuple(start.shape[1:])
     d = math.prod(event)
+    cache: list = [None, strategy, extras]  # rows, strategy and extras for those rows
 
-    def f(t: Tensor, y: Tensor) -> Tensor:
-        z = y[:, :d].reshape(batch, *event) if len(event) != 1 else y[:, :d]
-        tb = t.expand(batch)
-        if strategy is None:
-            return call_checked(v, z, tb, extras).reshape(batch, d)
-        out, columns = strategy(v, z, tb, create_graph=torch.is_grad_enabled(), extras=extras)
-        return torch.cat([out.reshape(batch, d), columns], dim=1)
+    def f(t: Tensor, y: Tensor, rows: Tensor | None) -> Tensor:
+        b = y.shape[0]
+        if rows is None:
+            rows_strategy, rows_extras = strategy, extras
+        else:
+            if cache[0] is not rows:
+                subset = None if strategy is None else strategy.subset(rows)
+                cache[:] = [rows, subset, select_extras(extras, batch, rows)]
+            rows_strategy, rows_extras = cache[1], cache[2]
+        z = y[:, :d].reshape(b, *event) if len(event) != 1 else y[:, :d]
+        if rows_strategy is None:
+            return call_checked(v, z, t, rows_extras).reshape(b, d)
+        out, columns = rows_strategy(
+            v, z, t, create_graph=torch.is_grad_enabled(), extras=rows_extras
+        )
+        return torch.cat([out.reshape(b, d), columns], dim=1)
 
     return f
 
@@ -398,9 +415,19 @@ def _augmented_solve(
     columns = 0 if strategy is None else strategy.columns
     y0 = torch.cat([start.reshape(batch, d), start.new_zeros(batch, columns)], dim=1)
     f = _augmented(v, start, strategy, extras)
+    compact = _rows_stand_alone(v, start.detach(), float(grid[0]), extras, context)
     if graph:
         solution = integrate(
-            f, y0, grid, config, n_point=d, params=params, nfe=nfe, phase=phase, context=context
+            f,
+            y0,
+            grid,
+            config,
+            n_point=d,
+            params=params,
+            nfe=nfe,
+            phase=phase,
+            context=context,
+            compact=compact,
         )
     else:
         with torch.no_grad():
@@ -413,6 +440,7 @@ def _augmented_solve(
                 nfe=nfe,
                 phase=phase,
                 context=context,
+                compact=compact,
             )
     z = solution[:, :, :d].reshape(len(grid), batch, *event)
     integral_columns = solution[:, :, d:]
@@ -420,6 +448,47 @@ def _augmented_solve(
     zero_index = 0 if float(grid[0]) == 0.0 else len(grid) - 1
     integral = integral_columns - integral_columns[zero_index]
     return _Solve(z, integral, nfe)
+
+
+_MIXING_WARNED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _rows_stand_alone(
+    v: VelocityField, start: Tensor, t0: float, extras: dict, context: str
+) -> bool:
+    """Whether the field gives a row the same velocity alone as in its batch (1e-6 relative, far
+    above the ~1e-16 of matrix products of other shapes): then rows that have finished may leave
+    the evaluated batch. A field that cannot be called on part of its batch (e.g. one that closes
+    over per-row tensors instead of taking them as ``extras``) keeps every row in every call; one
+    whose rows change with their neighbours (batch statistics, attention across the batch) too,
+    with a warning: its results depend on the batch."""
+    batch = start.shape[0]
+    if batch == 1:
+        return True
+    with torch.no_grad():
+        t = start.new_full((batch,), t0)
+        full = call_checked(v, start, t, extras)
+        try:
+            alone = call_checked(v, start[:1], t[:1], select_extras(extras, batch, slice(0, 1)))
+        except Exception:  # any failure on part of the batch: evaluate the whole batch only
+            return False
+        scale = full[:1].abs().max().clamp(min=1.0)
+        gap = float((alone - full[:1]).abs().max() / scale)
+    if gap <= 1e-6:
+        return True
+    with contextlib.suppress(TypeError):
+        if v in _MIXING_WARNED:
+            return False
+        _MIXING_WARNED.add(v)
+    warnings.warn(
+        f"{context}: the field gives a row another velocity in its batch than alone (relative "
+        f"difference {gap:.2g}): its rows are not independent (batch statistics such as BatchNorm "
+        "in training mode, or attention across the batch), so each row's result depends on the "
+        "rest of its batch; call model.eval() or make the field act row by row",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+    return False
 
 
 def _check_result(name: str, value: Tensor, context: str) -> None:
@@ -738,7 +807,6 @@ def log_likelihood(
     step_size: float | None = None,
     steps: int | None = None,
     adjoint: bool | None = None,
-    norm: str | None = None,
     config: SolverConfig | None = None,
     accuracy: float | None = None,
     divergence: str = "exact",
@@ -775,10 +843,10 @@ def log_likelihood(
         atol: absolute tolerance (adaptive methods), default ``1e-5``.
         step_size: fixed-grid step size.
         steps: number of fixed-grid steps (alternative to ``step_size``).
-        adjoint: gradients by the adjoint method.
-        norm: adaptive error norm, ``"rms"`` (batch) or ``"max_sample"`` (per sample).
+        adjoint: gradients by checkpointed replay of the solver's steps (memory: one state per
+            step instead of every step's graph); the same numbers as ``adjoint=False``.
         config: a :class:`~cnftools.SolverConfig`, the one carrier of all solver settings. The
-            keywords ``method`` ... ``norm`` above and ``accuracy`` are thin sugar over it, merged
+            keywords ``method`` ... ``adjoint`` above and ``accuracy`` are thin sugar over it, merged
             by one rule (see :class:`~cnftools.SolverConfig`): a keyword given (not ``None``)
             overrides the config's field; ``steps``/``step_size`` replace the config's grid; an
             adaptive ``method`` drops the config's grid; a grid with an adaptive method, or a
@@ -846,7 +914,6 @@ def log_likelihood(
         step_size=step_size,
         steps=steps,
         adjoint=adjoint,
-        norm=norm,
         accuracy=accuracy,
     )
     times_ = _check_times(times, x)
@@ -889,7 +956,6 @@ def sample_with_log_prob(
     step_size: float | None = None,
     steps: int | None = None,
     adjoint: bool | None = None,
-    norm: str | None = None,
     config: SolverConfig | None = None,
     divergence: str = "exact",
     n_probes: int = 1,
@@ -916,7 +982,7 @@ def sample_with_log_prob(
         dtype: dtype of the standard-normal draws (default: torch's default dtype).
         device: device of the standard-normal draws.
         generator: random generator for the standard-normal draws and Hutchinson probes.
-        method, rtol, atol, step_size, steps, adjoint, norm, config: as in :func:`log_likelihood`.
+        method, rtol, atol, step_size, steps, adjoint, config: as in :func:`log_likelihood`.
         divergence, n_probes, noise, params, times, error_estimate: as in :func:`log_likelihood`.
         grad: as in :func:`log_likelihood` (asked for when ``z0.requires_grad``).
         extras: as in :func:`log_likelihood` (rows follow the samples).
@@ -979,7 +1045,6 @@ def sample_with_log_prob(
         step_size=step_size,
         steps=steps,
         adjoint=adjoint,
-        norm=norm,
     )
     if config_.accuracy is not None:
         raise ValueError("accuracy applies to log_likelihood only")
@@ -1013,7 +1078,6 @@ def sample(
     step_size: float | None = None,
     steps: int | None = None,
     adjoint: bool | None = None,
-    norm: str | None = None,
     config: SolverConfig | None = None,
     params: Iterable[Tensor] | None = None,
     times: Sequence[float] | Tensor | None = None,
@@ -1026,7 +1090,7 @@ def sample(
     Args:
         v: the velocity field.
         x0: starting points (noise), shape ``(B, *event)``.
-        method, rtol, atol, step_size, steps, adjoint, norm, config: as in :func:`log_likelihood`.
+        method, rtol, atol, step_size, steps, adjoint, config: as in :func:`log_likelihood`.
         params: the field's tensors, for adjoint gradients of a non-``nn.Module`` callable.
         times: times in :math:`[0, 1]` at which to record the trajectory :math:`z_t`; read it as
             ``result.trajectory``, shape ``(T, B, *event)`` in the order given, with
@@ -1066,7 +1130,6 @@ def sample(
         step_size=step_size,
         steps=steps,
         adjoint=adjoint,
-        norm=norm,
     )
     if config_.accuracy is not None:
         raise ValueError("accuracy applies to log_likelihood only")

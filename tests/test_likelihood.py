@@ -17,6 +17,7 @@ Theory sections cited here (pages under ``docs/theory/``):
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import weakref
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from torch.distributions import (
 )
 
 import cnftools
+import cnftools.likelihood as likelihood_module
 from cnftools import LikelihoodResult, SolverConfig, SolverError
 from cnftools.cases import DATA_CASES, DataCase
 from cnftools.training.models import MLPField
@@ -323,7 +325,7 @@ def test_config_object_and_keywords_agree() -> None:
     [
         ({"method": "rk4", "steps": 8}, SolverConfig("rk4", steps=8)),
         ({"rtol": 1e-8, "atol": 1e-9}, SolverConfig(rtol=1e-8, atol=1e-9)),
-        ({"norm": "max_sample"}, SolverConfig(norm="max_sample")),
+        ({"adjoint": True}, SolverConfig(adjoint=True)),
     ],
 )
 def test_keywords_are_sugar_over_the_config_in_every_entry_point(
@@ -522,12 +524,12 @@ def test_empirical_many_points_high_dimension() -> None:
 
     marginal.divergence = counting  # type: ignore[method-assign]
     x = marginal.sample(8, 1.0, gen)
-    got = cnftools.log_likelihood(marginal, x, rtol=1e-10, atol=1e-10, norm="max_sample")
+    got = cnftools.log_likelihood(marginal, x, rtol=1e-10, atol=1e-10)
     # Reference: p_1 = (1/N) Σ_i N(x_i, 0.2² I) (OT: p_0 = N(0, I) exactly, so the default prior).
     sq = ((x[:, None, :] - points[None]) ** 2).sum(-1).numpy()
     expected = special.logsumexp(-0.5 * sq / 0.04, axis=1) - math.log(n_points)
     expected = expected - 0.5 * d * math.log(2 * math.pi * 0.04)
-    # rtol = atol = 1e-10 per sample (norm="max_sample"): the ~50-nat divergence integral and
+    # rtol = atol = 1e-10 per sample (every row on its own steps): the ~50-nat divergence integral and
     # ~100 steps make the global error a small multiple of tol x |log p|; measured 1.2e-9.
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-8)
     assert calls["divergence"] > 0  # the closed form was used, not d backward passes
@@ -788,20 +790,22 @@ def test_accuracy_tightens_only_rows_that_need_it(monkeypatch: pytest.MonkeyPatc
     x = x.clone()
     x[3] = 6.0  # far out: the field and its error are largest here
     exact = marginal.log_prob(x, 1.0)
-    calls: list[int] = []
+    sizes: list[int] = []  # the batch of every solve
+    original = likelihood_module._one_solve
 
-    class Counting(_Opaque):
-        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            calls.append(x.shape[0])
-            return super().forward(x, t)
+    def spy(v, start, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(start.shape[0])
+        return original(v, start, *args, **kwargs)
 
-    result = cnftools.log_likelihood(Counting(marginal), x, accuracy=1e-9, return_result=True)
+    monkeypatch.setattr(likelihood_module, "_one_solve", spy)
+    result = cnftools.log_likelihood(_Opaque(marginal), x, accuracy=1e-9, return_result=True)
     assert bool(((result.log_prob - exact).abs() <= 1e-9).all())
     assert bool((result.error_estimate <= 1e-9).all())
-    # some later rounds ran on a sub-batch, and only after full-batch solves
-    assert 0 < min(calls) < 8 and calls[0] == 8
-    first_sub = next(i for i, n in enumerate(calls) if n < 8)
-    assert all(n < 8 for n in calls[first_sub:])
+    # the first solve and its check take every row; each later round only the rows not yet
+    # certified, so the rounds shrink, and the last ones leave out rows already certified
+    assert sizes[:2] == [8, 8] and len(sizes) > 2, sizes
+    assert all(a >= b for a, b in itertools.pairwise(sizes[2:])), sizes
+    assert sizes[-1] < 8, sizes
 
 
 def test_accuracy_lives_in_solver_config_and_excludes_tolerances() -> None:
@@ -814,7 +818,7 @@ def test_accuracy_lives_in_solver_config_and_excludes_tolerances() -> None:
     with pytest.raises(ValueError, match="accuracy must be > 0"):
         SolverConfig(accuracy=0.0)
     plan = SolverConfig(accuracy=1e-6, adjoint=True).accuracy_plan()
-    assert plan.method in ("dopri5", "dopri8") and plan.norm == "max_sample" and plan.adjoint
+    assert plan.method in ("dopri5", "dopri8") and plan.adjoint
     assert plan.rtol == plan.atol and plan.accuracy == 1e-6
 
 

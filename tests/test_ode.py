@@ -33,8 +33,8 @@ def _rate(t: torch.Tensor) -> torch.Tensor:
 EXACT_GROWTH = math.exp(0.5 + math.sin(3.0) / 3)
 
 
-def _linear(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return _rate(t) * y
+def _linear(t: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    return _rate(t)[:, None] * y
 
 
 def _solve(config: SolverConfig, y0: torch.Tensor, nfe: NFE | None = None) -> torch.Tensor:
@@ -69,8 +69,6 @@ def test_defaults_are_adaptive_dopri5() -> None:
         ({"rtol": 0.0, "atol": 0.0}, ValueError, "both be 0"),
         ({"atol": float("nan")}, ValueError, "atol"),
         ({"rtol": "1e-5"}, TypeError, "rtol"),
-        ({"norm": "l2"}, ValueError, "norm"),
-        ({"adjoint_method": "rk4"}, ValueError, "same kind"),
         ({"max_steps": 0}, ValueError, "max_steps"),
         ({"adjoint": 1}, TypeError, "adjoint"),
     ],
@@ -103,7 +101,7 @@ def test_replace_revalidates_and_refined_tightens() -> None:
 
 
 _ADAPTIVE = SolverConfig("dopri5", rtol=1e-7, atol=1e-7)
-_GRID = SolverConfig("rk4", steps=8, adjoint_method="midpoint")
+_GRID = SolverConfig("rk4", steps=8)
 
 # The merge rule of resolve_config, case by case: (config, keywords, expected fields of the result).
 _MERGE_CASES = [
@@ -111,15 +109,15 @@ _MERGE_CASES = [
     (None, {}, {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5, "steps": None}),
     # rule 2: a keyword given overrides its field, the others keep the config's value
     (_ADAPTIVE, {"rtol": 1e-9}, {"rtol": 1e-9, "atol": 1e-7, "method": "dopri5"}),
-    (_ADAPTIVE, {"norm": "max_sample", "adjoint": True}, {"norm": "max_sample", "adjoint": True}),
+    (_ADAPTIVE, {"adjoint": True}, {"adjoint": True, "rtol": 1e-7}),
     (_ADAPTIVE, {"method": "rk4", "steps": 8}, {"method": "rk4", "steps": 8, "rtol": 1e-7}),
     (_GRID, {"adjoint": True}, {"method": "rk4", "steps": 8, "adjoint": True}),
     # rule 3: the grid is one setting
     (_GRID, {"step_size": 0.25}, {"steps": None, "step_size": 0.25}),
     (_GRID, {"steps": 16}, {"steps": 16, "step_size": None}),
     (_GRID, {"method": "euler"}, {"method": "euler", "steps": 8}),
-    # rule 4: an adaptive method drops the grid, and an adjoint_method of the other kind
-    (_GRID, {"method": "dopri5"}, {"method": "dopri5", "steps": None, "adjoint_method": None}),
+    # rule 4: an adaptive method drops the grid
+    (_GRID, {"method": "dopri5"}, {"method": "dopri5", "steps": None}),
     # accuracy alone is a keyword like the others
     (_ADAPTIVE, {"accuracy": 1e-6}, {"accuracy": 1e-6, "rtol": 1e-7}),
 ]
@@ -135,7 +133,7 @@ def test_resolve_config_merge_rule(
 
 @pytest.mark.parametrize("config", [None, _ADAPTIVE, _GRID])
 def test_resolve_config_without_keywords_returns_the_config(config: SolverConfig | None) -> None:
-    none_given = dict.fromkeys(("method", "rtol", "atol", "step_size", "steps", "adjoint", "norm"))
+    none_given = dict.fromkeys(("method", "rtol", "atol", "step_size", "steps", "adjoint"))
     merged = resolve_config(config, **none_given)
     assert merged == (config if config is not None else SolverConfig())
 
@@ -205,32 +203,52 @@ def test_fixed_grid_output_times_are_grid_points() -> None:
     assert float(sol[1]) == float(direct[-1])
 
 
-def test_max_sample_norm_controls_the_hard_sample() -> None:
-    # One hard row (ω = 20) among 63 trivial ones: the batch RMS dilutes its error by √64, the
-    # per-sample norm does not, so the hard row ends more accurate, at the price of more steps.
+def test_every_row_meets_the_tolerance_on_its_own_steps() -> None:
+    # One hard row (ω = 20) among 63 trivial ones (ω = 0): each row is controlled by its own error,
+    # so the hard row meets the tolerance as if alone, and its result is the one it gets alone.
     batch = 64
     omega = torch.zeros(batch, 1, dtype=F64)
     omega[0] = 20.0
 
-    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return omega * torch.cos(omega * t)
+    def f(t: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        w = omega if rows is None else omega[rows]
+        return w * torch.cos(w * t[:, None])
 
-    errors, nfes = {}, {}
-    for norm in ("rms", "max_sample"):
-        nfe = NFE()
-        config = SolverConfig(rtol=1e-6, atol=1e-6, norm=norm)
-        sol = integrate(
-            f,
-            torch.zeros(batch, 1, dtype=F64),
-            torch.tensor([0.0, 1.0], dtype=F64),
-            config,
-            n_point=1,
-            nfe=nfe,
-        )
-        errors[norm] = abs(float(sol[-1, 0, 0]) - math.sin(20.0))
-        nfes[norm] = nfe.forward
-    assert errors["max_sample"] < 0.5 * errors["rms"], errors
-    assert nfes["max_sample"] > nfes["rms"], nfes
+    config = SolverConfig(rtol=1e-6, atol=1e-6)
+    times = torch.tensor([0.0, 1.0], dtype=F64)
+    sol = integrate(f, torch.zeros(batch, 1, dtype=F64), times, config, n_point=1)
+    alone = integrate(
+        lambda t, y, rows: f(t, y, torch.zeros(1, dtype=torch.long)),
+        torch.zeros(1, 1, dtype=F64),
+        times,
+        config,
+        n_point=1,
+    )
+    # A tolerance-controlled global error is a small multiple of the tolerance (|y| <= 1).
+    assert abs(float(sol[-1, 0, 0]) - math.sin(20.0)) < 20 * 1e-6
+    # Same steps alone or in the batch: only the field's arithmetic may differ (none here).
+    assert float(sol[-1, 0, 0]) == float(alone[-1, 0, 0])
+    assert bool((sol[-1, 1:] == 0).all())
+
+
+def test_finished_rows_leave_the_evaluated_batch() -> None:
+    # Rows of very different stiffness: the easy rows finish early and are not evaluated again.
+    rates = torch.tensor([[1.0], [1.0], [1.0], [60.0]], dtype=F64)
+    sizes: list[int] = []
+
+    def f(t: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        sizes.append(y.shape[0])
+        r = rates if rows is None else rates[rows]
+        return r * torch.cos(r * t[:, None])
+
+    integrate(
+        f,
+        torch.zeros(4, 1, dtype=F64),
+        torch.tensor([0.0, 1.0], dtype=F64),
+        SolverConfig(),
+        n_point=1,
+    )
+    assert sizes[0] == 4 and sizes[-1] == 1 and sizes.count(1) > sizes.count(4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,8 +256,8 @@ def test_max_sample_norm_controls_the_hard_sample() -> None:
 
 
 def test_step_size_underflow_says_what_to_try() -> None:
-    def singular(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(y) / (0.5 - t) ** 2
+    def singular(t: torch.Tensor, y: torch.Tensor, rows: object) -> torch.Tensor:
+        return torch.ones_like(y) / (0.5 - t[:, None]) ** 2
 
     with pytest.raises(SolverError, match="underflow") as info:
         integrate(
@@ -250,12 +268,15 @@ def test_step_size_underflow_says_what_to_try() -> None:
             n_point=1,
         )
     message = str(info.value)
-    assert "looser tolerance" in message and "fixed-grid" in message and "float64" in message
+    # float64 is already in use: the advice does not suggest it again (issue 21.9)
+    assert (
+        "looser tolerance" in message and "fixed-grid" in message and "try float64" not in message
+    )
 
 
 def test_too_many_steps_is_an_error() -> None:
-    def rough(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(y) / (0.5 - t).abs().sqrt()
+    def rough(t: torch.Tensor, y: torch.Tensor, rows: object) -> torch.Tensor:
+        return torch.ones_like(y) / (0.5 - t[:, None]).abs().sqrt()
 
     with pytest.raises(SolverError, match="max_steps=50"):
         integrate(
@@ -290,10 +311,10 @@ def test_max_steps_admits_a_grid_of_exactly_max_steps_and_refined_keeps_it_valid
 
 @pytest.mark.parametrize("config", [SolverConfig(), SolverConfig("rk4", steps=10)], ids=str)
 def test_nan_from_the_field_names_the_rows(config: SolverConfig) -> None:
-    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def f(t: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         out = -y
-        rows = torch.arange(y.shape[0])[:, None]
-        return torch.where(((rows == 1) | (rows == 3)) & (t > 0.4), torch.nan, out)
+        index = (torch.arange(y.shape[0]) if rows is None else rows)[:, None]
+        return torch.where(((index == 1) | (index == 3)) & (t[:, None] > 0.4), torch.nan, out)
 
     with pytest.raises(SolverError, match=r"rows \[1, 3\]"):
         integrate(

@@ -155,7 +155,7 @@ def _passed_options(solver_options: Mapping[str, Any] | None, noise: str) -> dic
     warnings.warn(
         "dataset_nll(solver_options={...}) is deprecated and will be removed in the next "
         "release: pass the solver settings as config=SolverConfig(...) (e.g. "
-        "config=SolverConfig(norm='max_sample')) and the probe distribution as noise=",
+        "config=SolverConfig(rtol=1e-7, atol=1e-7)) and the probe distribution as noise=",
         DeprecationWarning,
         stacklevel=3,
     )
