@@ -286,11 +286,10 @@ class SolverConfig:
             step_size=None,
         )
 
-    def tightened(self, factor: float) -> SolverConfig:
-        """Adaptive tolerances divided by ``factor`` (not below :data:`TOLERANCE_FLOOR`)."""
+    def tightened(self, factor: float, floor: float = TOLERANCE_FLOOR) -> SolverConfig:
+        """Adaptive tolerances divided by ``factor`` (not below ``floor``)."""
         return self.replace(
-            rtol=max(self.rtol / factor, TOLERANCE_FLOOR),
-            atol=max(self.atol / factor, TOLERANCE_FLOOR),
+            rtol=max(self.rtol / factor, floor), atol=max(self.atol / factor, floor)
         )
 
 

@@ -72,6 +72,7 @@ from cnftools._ode import (
     integrate,
     resolve_config,
 )
+from cnftools._progress import reporter, reporting
 from cnftools.divergences import DivergenceStrategy
 from cnftools.fields import (
     VelocityField,
@@ -295,6 +296,47 @@ def _time_grid(
 # The augmented dynamics
 
 
+def _check_progress(progress: object) -> bool | None:
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {type(progress).__name__}")
+    return progress
+
+
+def _check_reach(config: SolverConfig, dtype: torch.dtype, divergence: str) -> None:
+    """Refuse, before any work, what the dtype or the divergence cannot deliver.
+
+    - Tolerances below the dtype's rounding: a step is accepted when its error is at most
+      ``atol + rtol |y|``; below about ``4 eps`` (``eps``: the dtype's machine epsilon) for
+      ``|y| ~ 1`` no step size meets that, and the solve would shrink its steps until
+      ``max_steps`` (``rtol = atol = 1e-20`` in float64 ran 62 s before failing).
+    - ``accuracy=`` certifies the solver's error. With Hutchinson's estimator the error against
+      the exact log-density is dominated by the probes' noise, which no tolerance reduces; and
+      below ``100 eps`` nats (float32: 1.2e-5) the dtype's rounding over a solve of ~100 steps
+      is of the order of the target.
+    """
+    eps = torch.finfo(dtype).eps
+    if config.accuracy is not None:
+        if divergence == "hutchinson":
+            raise ValueError(
+                "accuracy= certifies the ODE solver's error, not the Hutchinson probes' noise "
+                "(which no tolerance reduces): use divergence='exact', or set rtol/atol and read "
+                "the probes' standard error in result.stderr"
+            )
+        if config.accuracy < 100 * eps:
+            raise ValueError(
+                f"accuracy={config.accuracy:g} nats is below what {dtype} can certify "
+                f"(100 x its machine epsilon = {100 * eps:.2g}): use float64 data, or accuracy >= "
+                f"{100 * eps:.2g}"
+            )
+        return
+    if config.is_adaptive and config.rtol + config.atol < 4 * eps:
+        raise ValueError(
+            f"rtol={config.rtol:g} and atol={config.atol:g} are below {dtype}'s rounding (machine "
+            f"epsilon {eps:.2g}): no step size can meet them; use rtol + atol >= {4 * eps:.2g}"
+            + (" or float64 data" if dtype != torch.float64 else "")
+        )
+
+
 def _divergence_strategy(
     v: VelocityField,
     like: Tensor,
@@ -416,6 +458,7 @@ def _augmented_solve(
     y0 = torch.cat([start.reshape(batch, d), start.new_zeros(batch, columns)], dim=1)
     f = _augmented(v, start, strategy, extras)
     compact = _rows_stand_alone(v, start.detach(), float(grid[0]), extras, context)
+    progress = reporter(context, float(grid[0]), float(grid[-1]))
     if graph:
         solution = integrate(
             f,
@@ -428,6 +471,7 @@ def _augmented_solve(
             phase=phase,
             context=context,
             compact=compact,
+            progress=progress,
         )
     else:
         with torch.no_grad():
@@ -441,6 +485,7 @@ def _augmented_solve(
                 phase=phase,
                 context=context,
                 compact=compact,
+                progress=progress,
             )
     z = solution[:, :, :d].reshape(len(grid), batch, *event)
     integral_columns = solution[:, :, d:]
@@ -456,7 +501,7 @@ _MIXING_WARNED: weakref.WeakSet = weakref.WeakSet()
 def _rows_stand_alone(
     v: VelocityField, start: Tensor, t0: float, extras: dict, context: str
 ) -> bool:
-    """Whether the field gives a row the same velocity alone as in its batch (1e-6 relative, far
+    """Whether the field gives rows the same velocity apart as in their batch (1e-6 relative, far
     above the ~1e-16 of matrix products of other shapes): then rows that have finished may leave
     the evaluated batch. A field that cannot be called on part of its batch (e.g. one that closes
     over per-row tensors instead of taking them as ``extras``) keeps every row in every call; one
@@ -468,12 +513,13 @@ def _rows_stand_alone(
     with torch.no_grad():
         t = start.new_full((batch,), t0)
         full = call_checked(v, start, t, extras)
+        part = slice(0, min(2, batch - 1))  # two rows: batch statistics of one row may fail
         try:
-            alone = call_checked(v, start[:1], t[:1], select_extras(extras, batch, slice(0, 1)))
+            alone = call_checked(v, start[part], t[part], select_extras(extras, batch, part))
         except Exception:  # any failure on part of the batch: evaluate the whole batch only
             return False
-        scale = full[:1].abs().max().clamp(min=1.0)
-        gap = float((alone - full[:1]).abs().max() / scale)
+        scale = full[part].abs().max().clamp(min=1.0)
+        gap = float((alone - full[part]).abs().max() / scale)
     if gap <= 1e-6:
         return True
     with contextlib.suppress(TypeError):
@@ -723,7 +769,8 @@ def _to_accuracy(
         context=context,
         extras=extras,
     )
-    fine = coarse.tightened(ACCURACY_STEP)
+    floor = max(TOLERANCE_FLOOR, 4 * torch.finfo(start.dtype).eps)  # _check_reach's bound
+    fine = coarse.tightened(ACCURACY_STEP, floor)
     solve, log_prior, per_probe, log_prob = _one_solve(
         v,
         start,
@@ -744,9 +791,9 @@ def _to_accuracy(
     batch = start.shape[0]
     while True:
         todo = (certified > target).nonzero().flatten()
-        if todo.numel() == 0 or fine.rtol <= TOLERANCE_FLOOR:
+        if todo.numel() == 0 or fine.rtol <= floor:
             break
-        fine = fine.tightened(ACCURACY_STEP)
+        fine = fine.tightened(ACCURACY_STEP, floor)
         sub = _one_solve(
             v,
             start[todo],
@@ -775,7 +822,7 @@ def _to_accuracy(
     if bool(missed.any()):
         warnings.warn(
             f"{context}: accuracy={target:g} not certified for {int(missed.sum())} of {batch} rows "
-            f"at the tolerance floor {TOLERANCE_FLOOR:g} (largest certified error "
+            f"at the tolerance floor {floor:g} (largest certified error "
             f"{float(certified.max()):.3g}); see result.error_estimate",
             RuntimeWarning,
             stacklevel=3,
@@ -819,6 +866,7 @@ def log_likelihood(
     error_estimate: bool = False,
     grad: bool | None = None,
     extras: Mapping[str, object] | None = None,
+    progress: bool | None = None,
     return_result: bool = False,
 ) -> Tensor | LikelihoodResult:
     r"""The exact log-likelihood :math:`\log p_1(x)` of a continuous normalizing flow (theory §3).
@@ -876,6 +924,8 @@ def log_likelihood(
             training; by the adjoint if ``adjoint=True``). ``False``: never.
         extras: keyword arguments for a conditional field, ``v(x, t, **extras)``: tensors whose
             first dimension is ``B`` follow their rows; anything else is passed as is.
+        progress: report a long solve's time reached and evaluations on stderr (after 3 s, once
+            a second): ``True``, ``False``, or ``None`` (default) when stderr is a terminal.
         return_result: return a :class:`LikelihoodResult` instead of the tensor.
 
     Returns:
@@ -916,27 +966,29 @@ def log_likelihood(
         adjoint=adjoint,
         accuracy=accuracy,
     )
+    _check_reach(config_, x.dtype, divergence)
     times_ = _check_times(times, x)
     if config_.accuracy is not None and (times_ is not None or error_estimate):
         raise ValueError(
             "accuracy= reports its own certified error and takes no times= or error_estimate="
         )
     params_, known = _resolve_params(v, params)
-    result = _likelihood(
-        v,
-        x,
-        prior_,
-        reverse=True,
-        config=config_,
-        strategy=strategy,
-        params=params_,
-        known=known,
-        times=times_,
-        error_estimate=bool(error_estimate),
-        context="log_likelihood",
-        grad=_check_grad(grad),
-        extras=extras_,
-    )
+    with reporting(_check_progress(progress)):
+        result = _likelihood(
+            v,
+            x,
+            prior_,
+            reverse=True,
+            config=config_,
+            strategy=strategy,
+            params=params_,
+            known=known,
+            times=times_,
+            error_estimate=bool(error_estimate),
+            context="log_likelihood",
+            grad=_check_grad(grad),
+            extras=extras_,
+        )
     return result if return_result else result.log_prob
 
 
@@ -965,6 +1017,7 @@ def sample_with_log_prob(
     error_estimate: bool = False,
     grad: bool | None = None,
     extras: Mapping[str, object] | None = None,
+    progress: bool | None = None,
     return_result: bool = False,
 ) -> tuple[Tensor, Tensor] | LikelihoodResult:
     r"""Draw :math:`x_1` and its log-density :math:`\log p_1(x_1)` in one forward solve.
@@ -986,6 +1039,7 @@ def sample_with_log_prob(
         divergence, n_probes, noise, params, times, error_estimate: as in :func:`log_likelihood`.
         grad: as in :func:`log_likelihood` (asked for when ``z0.requires_grad``).
         extras: as in :func:`log_likelihood` (rows follow the samples).
+        progress: as in :func:`log_likelihood`.
         return_result: return a :class:`LikelihoodResult` (``x`` holds the samples).
 
     Returns:
@@ -1048,23 +1102,25 @@ def sample_with_log_prob(
     )
     if config_.accuracy is not None:
         raise ValueError("accuracy applies to log_likelihood only")
+    _check_reach(config_, z0.dtype, divergence)
     times_ = _check_times(times, z0)
     params_, known = _resolve_params(v, params)
-    result = _likelihood(
-        v,
-        z0,
-        prior_,
-        reverse=False,
-        config=config_,
-        strategy=strategy,
-        params=params_,
-        known=known,
-        times=times_,
-        error_estimate=bool(error_estimate),
-        context="sample_with_log_prob",
-        grad=_check_grad(grad),
-        extras=extras_,
-    )
+    with reporting(_check_progress(progress)):
+        result = _likelihood(
+            v,
+            z0,
+            prior_,
+            reverse=False,
+            config=config_,
+            strategy=strategy,
+            params=params_,
+            known=known,
+            times=times_,
+            error_estimate=bool(error_estimate),
+            context="sample_with_log_prob",
+            grad=_check_grad(grad),
+            extras=extras_,
+        )
     return result if return_result else (result.x, result.log_prob)
 
 

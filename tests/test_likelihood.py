@@ -860,3 +860,38 @@ def test_extras_reach_the_field_in_every_entry_point() -> None:
 def test_field_in_torchdiffeq_order_gets_the_hint() -> None:
     with pytest.raises(RuntimeError, match="f\\(t, x\\)"):
         cnftools.log_likelihood(lambda t, x: x * t, torch.zeros(4, 3, dtype=F64))
+
+
+# ----------------------------------------------------------------------------------------------
+# What the dtype or the divergence cannot deliver is refused before any work (issue 20.7)
+
+
+def _never_called(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("the field was called: the refusal came after work started")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "keywords", "match"),
+    [
+        (torch.float64, {"accuracy": 1e-6, "divergence": "hutchinson"}, "Hutchinson probes"),
+        (torch.float32, {"accuracy": 1e-7}, "below what torch.float32 can certify"),
+        (torch.float64, {"accuracy": 1e-15}, "below what torch.float64 can certify"),
+        (torch.float64, {"rtol": 1e-20, "atol": 1e-20}, "below torch.float64's rounding"),
+        (torch.float32, {"rtol": 1e-12, "atol": 1e-12}, "or float64 data"),
+    ],
+)
+def test_out_of_reach_requests_are_refused_before_work(dtype, keywords, match) -> None:
+    x = torch.zeros(3, 2, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        cnftools.log_likelihood(_never_called, x, **keywords)
+
+
+def test_float32_accuracy_within_reach_is_met() -> None:
+    """float32, accuracy 1e-4 nats (above the 1.2e-5 floor): the true error against the closed
+    form is below the target for every row; the tolerance never tightens below 4 eps."""
+    marginal, x, exact = _gaussian_case(2, 6)
+    result = cnftools.log_likelihood(
+        _Opaque(marginal), x.float(), accuracy=1e-4, return_result=True
+    )
+    assert bool(((result.log_prob.double() - exact).abs() <= 1e-4).all())
+    assert result.config.rtol >= 4 * torch.finfo(torch.float32).eps

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from cnftools._progress import reporting, reporting_to
 from cnftools.nll import distributed as dist
 from cnftools.nll.frames import combine, plan_rounds, summarize
 from cnftools.nll.sources import Batch, RowSource
@@ -124,16 +125,19 @@ class Job:
                 if not mine:
                     continue
                 digest = self._digest(batch)
-                frame, err = compute_unit(
-                    self.field,
-                    batch.x,
-                    batch.start,
-                    rows,
-                    batch.index,
-                    round_,
-                    self.s,
-                    batch.extras,
-                )
+                # a long solve's time reached and evaluations go to the bar (nothing without one)
+                shown = reporting_to(bar.set_postfix_str) if bar is not None else reporting(False)
+                with shown:
+                    frame, err = compute_unit(
+                        self.field,
+                        batch.x,
+                        batch.start,
+                        rows,
+                        batch.index,
+                        round_,
+                        self.s,
+                        batch.extras,
+                    )
                 if err is not None and self.first_error is None:
                     self.first_error = err
                 if store is not None:
