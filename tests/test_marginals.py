@@ -743,10 +743,11 @@ def test_log_likelihood_uses_the_one_pass(as_bound_method):
     field = counting.velocity if as_bound_method else counting
     prior = counting.prior()
     one = cnftools.log_likelihood(field, x, prior, rtol=1e-9, atol=1e-9)
-    # every step evaluates the one pass; the engine may probe the plain field once up front
+    # every step evaluates the one pass; before the solve the engine calls the plain field twice
+    # (on the batch and on two of its rows: may finished rows leave the batch?)
     assert counting.calls["velocity_and_divergence"] > 5
     assert counting.calls["divergence"] == 0
-    assert counting.calls["velocity"] <= 1
+    assert counting.calls["velocity"] <= 2
     two = cnftools.log_likelihood(_TwoPasses(counting), x, prior, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(one, two, rtol=1e-12, atol=1e-12)
     exact = counting.log_prob(x, 1.0)
