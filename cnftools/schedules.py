@@ -135,7 +135,10 @@ class CallableSchedule(Schedule):
         >>> from cnftools.schedules import CallableSchedule
         >>> schedule = CallableSchedule(lambda t: t**2, lambda t: 1 - 0.99 * t**2)
         >>> t = torch.tensor([0.5], dtype=torch.float64)
-        >>> schedule.signal_scale_derivative(t), schedule.noise_variance_rate(t)  # 1, -0.7525 * 0.99
+        >>> (
+        ...     schedule.signal_scale_derivative(t),
+        ...     schedule.noise_variance_rate(t),
+        ... )  # 1, -0.7525 * 0.99
         (tensor([1.], dtype=torch.float64), tensor([-0.7450], dtype=torch.float64))
 
     References:
