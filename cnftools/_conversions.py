@@ -19,7 +19,7 @@ Shapes: ``value`` and ``x`` are ``(B, *event)``; ``t`` is a float, a 0-dim tenso
 
 References:
     Song et al. (2021), arXiv:2011.13456, eq. (13);
-    Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264, §4.8.
+    Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
 
 Theory sections cited here (pages under ``docs/theory/``):
 
@@ -123,7 +123,7 @@ class VelocityConversions:
           = \frac{a_t'}{a_t} x + \frac{D_t}{a_t}\nabla\log p_t .
 
     References:
-        Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264, §4.8.
+        Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
     """
 
     signal_scale: Callable[[Tensor], Tensor]

@@ -24,7 +24,7 @@ override the derivatives where a closed form is more accurate.
 
 References:
     Lipman et al., Flow Matching for Generative Modeling (2022), arXiv:2210.02747, §4.1;
-    Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264, §4.8.
+    Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
 
 Theory sections cited here (pages under ``docs/theory/``):
 
@@ -74,7 +74,7 @@ class Schedule(ABC):
         tensor([1.5708, 1.1107], dtype=torch.float64)
 
     References:
-        Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264, §4.8.
+        Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
     """
 
     @abstractmethod
