@@ -42,18 +42,23 @@ from torch import Tensor
 from cnftools._checks import (
     as_time,
     check_batched,
-    check_finite,
-    check_floating,
-    check_real,
     check_same_shape,
     expand_like,
     time_derivative,
+)
+from cnftools._conversions import VelocityConversions
+from cnftools.schedules import (
+    CallableSchedule,
+    OTSchedule,
+    Schedule,
+    ScheduleFunction,
+    VESchedule,
+    VPSchedule,
 )
 
 __all__ = ["AffineGaussianPath", "GaussianPath", "OTPath", "VEPath", "VPPath"]
 
 PathFunction = Callable[[Tensor, Tensor], Tensor]
-ScheduleFunction = Callable[[Tensor], Tensor]
 
 
 class GaussianPath:
@@ -319,16 +324,25 @@ class GaussianPath:
         return f"{type(self).__name__}(mean={self._user_mean!r}, std={self._user_std!r})"
 
 
-class AffineGaussianPath(GaussianPath):
+class AffineGaussianPath(GaussianPath, VelocityConversions):
     r"""A path with :math:`\mu_t(x_1) = a_t x_1` and :math:`\sigma_t = s_t` independent of :math:`x_1`.
 
-    OT, VE and VP are of this form (theory §8), and the closed-form marginals of
-    :mod:`cnftools.marginals` need exactly this structure. Give the two schedules as callables of a
-    ``(B,)`` time tensor; their derivatives come from autograd unless a subclass supplies them.
+    The schedule :math:`(a_t, s_t)` is a :class:`~cnftools.schedules.Schedule`; this class is the
+    path built on it: flow map, Theorem 3 field and densities (from :class:`GaussianPath`) and the
+    ε / x₁ / score ⇄ velocity conversions (from
+    :class:`~cnftools._conversions.VelocityConversions`). OT, VE and VP are of this form (theory
+    §8), and the closed-form marginals of :mod:`cnftools.marginals` need exactly this structure.
+
+    Give either two callables of a ``(B,)`` time tensor (derivatives by autograd; sugar for
+    ``schedule=CallableSchedule(signal_scale, noise_scale)``) or a ``schedule``.
 
     Args:
         signal_scale: ``a(t)``, the scale of the data in the mean.
         noise_scale: ``s(t) >= 0``, the standard deviation.
+        schedule: a :class:`~cnftools.schedules.Schedule`, instead of the two callables.
+
+    Raises:
+        TypeError: neither two callables nor a schedule, or both.
 
     Example:
         >>> import torch, cnftools
@@ -336,6 +350,9 @@ class AffineGaussianPath(GaussianPath):
         >>> t = torch.tensor([0.5], dtype=torch.float64)
         >>> path.signal_scale_derivative(t)
         tensor([1.], dtype=torch.float64)
+        >>> from cnftools.schedules import VPSchedule
+        >>> cnftools.AffineGaussianPath(schedule=VPSchedule(0.1, 20.0)).schedule
+        VPSchedule(beta_min=0.1, beta_max=20.0)
 
     References:
         Lipman et al. (2022), arXiv:2210.02747, §4.1.
@@ -345,40 +362,49 @@ class AffineGaussianPath(GaussianPath):
         self,
         signal_scale: ScheduleFunction | None = None,
         noise_scale: ScheduleFunction | None = None,
+        *,
+        schedule: Schedule | None = None,
     ) -> None:
-        if type(self) is AffineGaussianPath and (
-            not callable(signal_scale) or not callable(noise_scale)
-        ):
-            raise TypeError("signal_scale and noise_scale must be callables of a (B,) time tensor")
-        self._signal = signal_scale
-        self._noise = noise_scale
+        if schedule is None:
+            if not callable(signal_scale) or not callable(noise_scale):
+                raise TypeError(
+                    "signal_scale and noise_scale must be callables of a (B,) time tensor"
+                )
+            schedule = CallableSchedule(signal_scale, noise_scale)
+        elif signal_scale is not None or noise_scale is not None:
+            raise TypeError("give either signal_scale and noise_scale or a schedule, not both")
+        elif not isinstance(schedule, Schedule):
+            raise TypeError(
+                "schedule must be a cnftools.schedules.Schedule (e.g. OTSchedule(0.1)), "
+                f"got {type(schedule).__name__}"
+            )
+        self.schedule = schedule
 
     _MEAN_NAME = "signal_scale(t) * x1"
     _STD_NAME = "noise_scale(t)"
 
-    # Schedules on a (B,) time tensor; subclasses override with closed forms.
+    # The schedule on a (B,) time tensor (or any shape, elementwise); see cnftools.schedules.
     def signal_scale(self, t: Tensor) -> Tensor:
         r""":math:`a_t`, shape ``(B,)`` for ``t`` of shape ``(B,)``."""
-        assert self._signal is not None
-        return self._signal(t)
+        return self.schedule.signal_scale(t)
 
     def noise_scale(self, t: Tensor) -> Tensor:
         r""":math:`s_t`, shape ``(B,)``."""
-        assert self._noise is not None
-        return self._noise(t)
+        return self.schedule.noise_scale(t)
 
     def noise_variance(self, t: Tensor) -> Tensor:
         r""":math:`s_t^2`, shape ``(B,)``."""
-        return self.noise_scale(t) ** 2
+        return self.schedule.noise_variance(t)
 
     def signal_scale_derivative(self, t: Tensor) -> Tensor:
-        r""":math:`a_t'`, shape ``(B,)`` (forward-mode autograd; any ``t``, expanded or not)."""
-        return time_derivative(self.signal_scale, t)
+        r""":math:`a_t'`, shape ``(B,)`` (any ``t``, expanded or not)."""
+        return self.schedule.signal_scale_derivative(t)
 
     def noise_variance_rate(self, t: Tensor) -> Tensor:
         r""":math:`s_t s_t' = \tfrac12 (s_t^2)'`, shape ``(B,)``."""
-        return time_derivative(lambda s: 0.5 * self.noise_variance(s), t)
+        return self.schedule.noise_variance_rate(t)
 
+    # GaussianPath hooks: the path's own schedule methods, so a subclass may override one of them.
     def _mean(self, tb: Tensor, x1: Tensor) -> Tensor:
         return self.signal_scale(tb) * x1
 
@@ -395,317 +421,13 @@ class AffineGaussianPath(GaussianPath):
         return self.noise_variance_rate(tb)
 
     def __repr__(self) -> str:
-        return f"AffineGaussianPath(signal_scale={self._signal!r}, noise_scale={self._noise!r})"
-
-    # ------------------------------------------------------------------------------------------
-    # Parametrization conversions (docs/guide/diffusion.md): a model
-    # that predicts the noise, the clean data or the score on this path is a velocity field.
-    def _conversion_schedules(
-        self, method: str, name: str, value: object, x: object, t: object
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Validate ``(value, x, t)``; return them with the schedules shaped ``(B, 1, ..., 1)``."""
-        x = check_batched("x", x)
-        value = check_floating(name, value)
-        check_same_shape(name, value, "x", x)
-        t = as_time(t, x)
-        s2 = self.noise_variance(t)
-        schedules = {
-            "t": t,
-            "a": self.signal_scale(t),
-            "da": self.signal_scale_derivative(t),
-            "s2": s2,
-            "rate": self.noise_variance_rate(t),
-        }
-        # D = a' s^2 - a s s' = s (a' s - a s'): zero where the velocity forgets the noise/data split.
-        schedules["det"] = schedules["da"] * s2 - schedules["a"] * schedules["rate"]
-        if method in ("velocity_from_epsilon", "epsilon_from_velocity"):
-            schedules["s"] = self.noise_scale(t)
-        shaped = {k: expand_like(v, x) for k, v in schedules.items()}
-        shaped["t"] = t
-        return value, x, shaped
-
-    def _conversion_result(
-        self,
-        method: str,
-        out: Tensor,
-        singular: Tensor,
-        why: str,
-        names: tuple[str, str],
-        inputs: tuple[Tensor, Tensor],
-        t: Tensor,
-    ) -> Tensor:
-        """Raise a ``ValueError`` naming ``t`` and the path where the conversion is singular or
-        non-finite; otherwise return ``out``. One host synchronisation."""
-        rows_singular = singular.reshape(singular.shape[0], -1).any(dim=1)
-        rows_bad = ~torch.isfinite(out.detach()).reshape(out.shape[0], -1).all(dim=1)
-        n_singular, n_bad = (int(v) for v in torch.stack([rows_singular.sum(), rows_bad.sum()]))
-        if n_singular == 0 and n_bad == 0:
-            return out
-        if n_singular:
-            times = t.detach()[rows_singular][:5].tolist()
-            raise ValueError(
-                f"{self!r}.{method} is singular at t = {times} ({why}); evaluate it on times "
-                "where it is defined (e.g. clip t away from the end point)"
+        schedule = self.schedule
+        if isinstance(schedule, CallableSchedule):
+            return (
+                f"AffineGaussianPath(signal_scale={schedule.signal_scale_function!r}, "
+                f"noise_scale={schedule.noise_scale_function!r})"
             )
-        for name, tensor in zip(names, inputs, strict=True):
-            check_finite(name, tensor)
-        times = t.detach()[rows_bad][:5].tolist()
-        raise ValueError(
-            f"{self!r}.{method} overflowed to a non-finite value at t = {times}; the conversion "
-            "divides by a schedule that is nearly zero there (use float64 or stay further from it)"
-        )
-
-    def velocity_from_epsilon(self, eps: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
-        r"""The velocity of a noise prediction :math:`\hat\varepsilon` at :math:`x = a_t \hat x_1 + s_t \hat\varepsilon`.
-
-        .. math::
-
-            u = a_t' \hat x_1 + s_t' \hat\varepsilon
-              = \frac{a_t'}{a_t}\, x - \frac{a_t' s_t^2 - a_t s_t s_t'}{a_t s_t}\, \hat\varepsilon .
-
-        With the exact :math:`\hat\varepsilon = E[\varepsilon \mid x_t = x]` this is the marginal
-        field :math:`u_t(x)`.
-
-        Args:
-            eps: the predicted noise :math:`\hat\varepsilon`, shape ``(B, *event)``.
-            x: the points, shape ``(B, *event)``.
-            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
-
-        Returns:
-            The velocity, shape ``(B, *event)``.
-
-        Raises:
-            ValueError: at times where :math:`a_t = 0` or :math:`s_t = 0` (e.g. OT at
-                :math:`t = 0`, VP at :math:`t = 1`), naming those times, or on bad input.
-
-        Example:
-            >>> import torch, cnftools
-            >>> path = cnftools.OTPath(0.0)
-            >>> x1, eps = torch.ones(1, 2), torch.zeros(1, 2)
-            >>> x = path.flow_map(eps, 0.5, x1)  # a_t x1 + s_t eps
-            >>> path.velocity_from_epsilon(eps, x, 0.5)  # = x1 - eps on OT
-            tensor([[1., 1.]])
-
-        References:
-            Song et al. (2021), arXiv:2011.13456; Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
-        """
-        eps, x, k = self._conversion_schedules("velocity_from_epsilon", "eps", eps, x, t)
-        singular = (k["a"] == 0) | (k["s2"] == 0)
-        a = torch.where(singular, torch.ones_like(k["a"]), k["a"])
-        s = torch.where(singular, torch.ones_like(k["s"]), k["s"])
-        out = (k["da"] / a) * x - (k["det"] / (a * s)) * eps
-        return self._conversion_result(
-            "velocity_from_epsilon",
-            out,
-            singular,
-            "a_t = 0 or s_t = 0",
-            ("eps", "x"),
-            (eps, x),
-            k["t"],
-        )
-
-    def velocity_from_data(self, x1_hat: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
-        r"""The velocity of a clean-data prediction :math:`\hat x_1 = E[x_1 \mid x_t = x]`.
-
-        .. math::
-
-            u = a_t' \hat x_1 + \frac{s_t s_t'}{s_t^2}\,(x - a_t \hat x_1) .
-
-        Args:
-            x1_hat: the predicted data :math:`\hat x_1`, shape ``(B, *event)``.
-            x: the points, shape ``(B, *event)``.
-            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
-
-        Returns:
-            The velocity, shape ``(B, *event)``.
-
-        Raises:
-            ValueError: at times where :math:`s_t = 0` (OT with ``sigma_min = 0`` and VP at
-                :math:`t = 1`), naming those times, or on bad input.
-
-        Example:
-            >>> import torch, cnftools
-            >>> path = cnftools.OTPath(0.0)
-            >>> path.velocity_from_data(
-            ...     torch.ones(1, 2), torch.zeros(1, 2), 0.5
-            ... )  # (x1 - x)/(1 - t)
-            tensor([[2., 2.]])
-
-        References:
-            Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
-        """
-        x1_hat, x, k = self._conversion_schedules("velocity_from_data", "x1_hat", x1_hat, x, t)
-        singular = k["s2"] == 0
-        s2 = torch.where(singular, torch.ones_like(k["s2"]), k["s2"])
-        out = k["da"] * x1_hat + (k["rate"] / s2) * (x - k["a"] * x1_hat)
-        return self._conversion_result(
-            "velocity_from_data", out, singular, "s_t = 0", ("x1_hat", "x"), (x1_hat, x), k["t"]
-        )
-
-    def velocity_from_score(self, score: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
-        r"""The velocity of a score :math:`\nabla \log p_t(x) = -\hat\varepsilon / s_t`.
-
-        .. math::
-
-            u = \frac{a_t'}{a_t}\, x + \frac{a_t' s_t^2 - a_t s_t s_t'}{a_t}\, \nabla \log p_t(x),
-
-        the probability-flow ODE of Song et al. (2021) in cnftools time: on VP
-        :math:`u = \tfrac12 \beta(1-t)\,(x + \nabla\log p_t)`, on VE
-        :math:`u = -s_t s_t' \nabla\log p_t`.
-
-        Args:
-            score: the predicted score, shape ``(B, *event)``.
-            x: the points, shape ``(B, *event)``.
-            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
-
-        Returns:
-            The velocity, shape ``(B, *event)``.
-
-        Raises:
-            ValueError: at times where :math:`a_t = 0` (OT at :math:`t = 0`), naming them, or on
-                bad input.
-
-        Example:
-            >>> import torch, cnftools
-            >>> path = cnftools.VEPath(0.1, 5.0)
-            >>> x = torch.ones(1, 2)
-            >>> path.velocity_from_score(-x, x, 1.0)  # -s s' score with s s' = -ln(50) * 0.1**2
-            tensor([[-0.0391, -0.0391]])
-
-        References:
-            Song et al. (2021), arXiv:2011.13456, eq. (13).
-        """
-        score, x, k = self._conversion_schedules("velocity_from_score", "score", score, x, t)
-        singular = k["a"] == 0
-        a = torch.where(singular, torch.ones_like(k["a"]), k["a"])
-        out = (k["da"] / a) * x + (k["det"] / a) * score
-        return self._conversion_result(
-            "velocity_from_score", out, singular, "a_t = 0", ("score", "x"), (score, x), k["t"]
-        )
-
-    def data_from_velocity(self, v: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
-        r"""The clean-data prediction of a velocity, inverse of :meth:`velocity_from_data`.
-
-        .. math::
-
-            \hat x_1 = \frac{s_t^2\, u - s_t s_t'\, x}{a_t' s_t^2 - a_t s_t s_t'} .
-
-        Args:
-            v: the velocity, shape ``(B, *event)``.
-            x: the points, shape ``(B, *event)``.
-            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
-
-        Returns:
-            :math:`\hat x_1`, shape ``(B, *event)``.
-
-        Raises:
-            ValueError: at times where :math:`a_t' s_t^2 = a_t s_t s_t'` (the velocity does not
-                determine :math:`\hat x_1`; e.g. OT with ``sigma_min = 0`` at :math:`t = 1`),
-                naming them, or on bad input.
-
-        Example:
-            >>> import torch, cnftools
-            >>> path = cnftools.OTPath(0.0)
-            >>> path.data_from_velocity(torch.full((1, 2), 2.0), torch.zeros(1, 2), 0.5)
-            tensor([[1., 1.]])
-
-        References:
-            Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
-        """
-        v, x, k = self._conversion_schedules("data_from_velocity", "v", v, x, t)
-        singular = k["det"] == 0
-        det = torch.where(singular, torch.ones_like(k["det"]), k["det"])
-        out = (k["s2"] * v - k["rate"] * x) / det
-        return self._conversion_result(
-            "data_from_velocity", out, singular, "a_t' s_t = a_t s_t'", ("v", "x"), (v, x), k["t"]
-        )
-
-    def epsilon_from_velocity(self, v: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
-        r"""The noise prediction of a velocity, inverse of :meth:`velocity_from_epsilon`.
-
-        .. math::
-
-            \hat\varepsilon = \frac{x - a_t \hat x_1}{s_t}
-            = s_t\, \frac{a_t' x - a_t u}{a_t' s_t^2 - a_t s_t s_t'} .
-
-        Args:
-            v: the velocity, shape ``(B, *event)``.
-            x: the points, shape ``(B, *event)``.
-            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
-
-        Returns:
-            :math:`\hat\varepsilon`, shape ``(B, *event)``.
-
-        Raises:
-            ValueError: at times where :math:`s_t = 0` or :math:`a_t' s_t = a_t s_t'`, naming them,
-                or on bad input.
-
-        Example:
-            >>> import torch, cnftools
-            >>> path = cnftools.OTPath(0.0)
-            >>> path.epsilon_from_velocity(torch.full((1, 2), 2.0), torch.zeros(1, 2), 0.5)
-            tensor([[-1., -1.]])
-
-        References:
-            Lipman et al., Flow Matching Guide and Code (2024), arXiv:2412.06264.
-        """
-        v, x, k = self._conversion_schedules("epsilon_from_velocity", "v", v, x, t)
-        singular = (k["det"] == 0) | (k["s2"] == 0)
-        det = torch.where(singular, torch.ones_like(k["det"]), k["det"])
-        out = k["s"] * (k["da"] * x - k["a"] * v) / det
-        return self._conversion_result(
-            "epsilon_from_velocity",
-            out,
-            singular,
-            "s_t = 0 or a_t' s_t = a_t s_t'",
-            ("v", "x"),
-            (v, x),
-            k["t"],
-        )
-
-    def score_from_velocity(self, v: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
-        r"""The score of a velocity, inverse of :meth:`velocity_from_score`.
-
-        .. math::
-
-            \nabla \log p_t(x) = -\frac{\hat\varepsilon}{s_t}
-            = \frac{a_t u - a_t' x}{a_t' s_t^2 - a_t s_t s_t'} .
-
-        Args:
-            v: the velocity, shape ``(B, *event)``.
-            x: the points, shape ``(B, *event)``.
-            t: time in [0, 1]: a float, a 0-dim tensor or shape ``(B,)``.
-
-        Returns:
-            The score, shape ``(B, *event)``.
-
-        Raises:
-            ValueError: at times where :math:`a_t' s_t^2 = a_t s_t s_t'`, naming them, or on bad
-                input.
-
-        Example:
-            >>> import torch, cnftools
-            >>> path = cnftools.OTPath(0.0)
-            >>> path.score_from_velocity(torch.full((1, 2), 2.0), torch.zeros(1, 2), 0.5)
-            tensor([[2., 2.]])
-
-        References:
-            Song et al. (2021), arXiv:2011.13456, eq. (13).
-        """
-        v, x, k = self._conversion_schedules("score_from_velocity", "v", v, x, t)
-        singular = k["det"] == 0
-        det = torch.where(singular, torch.ones_like(k["det"]), k["det"])
-        out = (k["a"] * v - k["da"] * x) / det
-        return self._conversion_result(
-            "score_from_velocity", out, singular, "a_t' s_t = a_t s_t'", ("v", "x"), (v, x), k["t"]
-        )
-
-
-def _check_parameter(name: str, value: object, condition: bool, expected: str) -> float:
-    number = check_real(name, value)
-    if not condition:
-        raise ValueError(f"{name} must be {expected}, got {number}")
-    return number
+        return f"AffineGaussianPath(schedule={schedule!r})"
 
 
 class OTPath(AffineGaussianPath):
@@ -717,7 +439,8 @@ class OTPath(AffineGaussianPath):
 
     :math:`p_0 = \mathcal N(0, I)` exactly and :math:`p_1(\cdot|x_1) = \mathcal N(x_1, \sigma_{\min}^2 I)`.
     With ``sigma_min = 0`` the field is singular at :math:`t = 1`: methods that divide by
-    :math:`s_t` raise a ``ValueError`` there rather than return NaN.
+    :math:`s_t` raise a ``ValueError`` there rather than return NaN. The schedule is
+    :class:`~cnftools.schedules.OTSchedule`.
 
     Args:
         sigma_min: the standard deviation at :math:`t = 1`, in ``[0, 1)``.
@@ -733,23 +456,15 @@ class OTPath(AffineGaussianPath):
         Lipman et al. (2022), arXiv:2210.02747, Example II (eq. 20–23).
     """
 
+    schedule: OTSchedule
+
     def __init__(self, sigma_min: float = 0.0) -> None:
-        super().__init__()
-        self.sigma_min = _check_parameter(
-            "sigma_min", sigma_min, 0 <= float(sigma_min) < 1, "in [0, 1)"
-        )
+        super().__init__(schedule=OTSchedule(sigma_min))
 
-    def signal_scale(self, t: Tensor) -> Tensor:
-        return t
-
-    def signal_scale_derivative(self, t: Tensor) -> Tensor:
-        return torch.ones_like(t)
-
-    def noise_scale(self, t: Tensor) -> Tensor:
-        return 1 - (1 - self.sigma_min) * t
-
-    def noise_variance_rate(self, t: Tensor) -> Tensor:
-        return -(1 - self.sigma_min) * self.noise_scale(t)
+    @property
+    def sigma_min(self) -> float:
+        """The standard deviation at :math:`t = 1`."""
+        return self.schedule.sigma_min
 
     def __repr__(self) -> str:
         return f"OTPath(sigma_min={self.sigma_min})"
@@ -764,7 +479,8 @@ class VEPath(AffineGaussianPath):
         u_t(x|x_1) = -c\,(x - x_1), \qquad c = \ln(\sigma_{\max}/\sigma_{\min}).
 
     Note :math:`p_0(\cdot|x_1) = \mathcal N(x_1, \sigma_{\max}^2 I)`, not :math:`\mathcal N(0, I)`,
-    and :math:`p_1(\cdot|x_1) = \mathcal N(x_1, \sigma_{\min}^2 I)`. No singularity on [0, 1].
+    and :math:`p_1(\cdot|x_1) = \mathcal N(x_1, \sigma_{\min}^2 I)`. No singularity on [0, 1]. The
+    schedule is :class:`~cnftools.schedules.VESchedule`.
 
     Args:
         sigma_min: smallest noise scale, > 0.
@@ -780,31 +496,25 @@ class VEPath(AffineGaussianPath):
         Song et al. (2021), arXiv:2011.13456; Lipman et al. (2022), Example I.
     """
 
+    schedule: VESchedule
+
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
-        super().__init__()
-        self.sigma_min = _check_parameter("sigma_min", sigma_min, float(sigma_min) > 0, "> 0")
-        self.sigma_max = _check_parameter(
-            "sigma_max",
-            sigma_max,
-            float(sigma_max) > self.sigma_min,
-            f"> sigma_min = {self.sigma_min}",
-        )
-        self.log_ratio = math.log(self.sigma_max / self.sigma_min)
+        super().__init__(schedule=VESchedule(sigma_min, sigma_max))
 
-    def signal_scale(self, t: Tensor) -> Tensor:
-        return torch.ones_like(t)
+    @property
+    def sigma_min(self) -> float:
+        """The smallest noise scale (at :math:`t = 1`)."""
+        return self.schedule.sigma_min
 
-    def signal_scale_derivative(self, t: Tensor) -> Tensor:
-        return torch.zeros_like(t)
+    @property
+    def sigma_max(self) -> float:
+        """The largest noise scale (at :math:`t = 0`)."""
+        return self.schedule.sigma_max
 
-    def noise_scale(self, t: Tensor) -> Tensor:
-        return self.sigma_min * torch.exp((1 - t) * self.log_ratio)
-
-    def noise_variance(self, t: Tensor) -> Tensor:
-        return self.sigma_min**2 * torch.exp(2 * (1 - t) * self.log_ratio)
-
-    def noise_variance_rate(self, t: Tensor) -> Tensor:
-        return -self.log_ratio * self.noise_variance(t)
+    @property
+    def log_ratio(self) -> float:
+        r""":math:`c = \ln(\sigma_{\max}/\sigma_{\min})`."""
+        return self.schedule.log_ratio
 
     def __repr__(self) -> str:
         return f"VEPath(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
@@ -825,6 +535,7 @@ class VPPath(AffineGaussianPath):
     :math:`s s'` as :math:`-\tfrac12 \beta \alpha^2` (no :math:`0 \cdot \infty`). Note
     :math:`s_1 = 0`: the field is singular at :math:`t = 1` (a ``ValueError`` there), and
     :math:`p_0 = \mathcal N(\alpha_1 x_1, (1-\alpha_1^2) I)` is only close to :math:`\mathcal N(0, I)`.
+    The schedule is :class:`~cnftools.schedules.VPSchedule`.
 
     Args:
         beta_min: :math:`\beta_{\min} \ge 0`.
@@ -840,36 +551,20 @@ class VPPath(AffineGaussianPath):
         Song et al. (2021), arXiv:2011.13456; Lipman et al. (2022), Example I.
     """
 
+    schedule: VPSchedule
+
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
-        super().__init__()
-        self.beta_min = _check_parameter("beta_min", beta_min, float(beta_min) >= 0, ">= 0")
-        self.beta_max = _check_parameter(
-            "beta_max",
-            beta_max,
-            float(beta_max) >= self.beta_min and float(beta_max) > 0,
-            f">= beta_min = {self.beta_min} and > 0",
-        )
+        super().__init__(schedule=VPSchedule(beta_min, beta_max))
 
-    def _integrated_beta(self, s: Tensor) -> Tensor:
-        return self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s**2
+    @property
+    def beta_min(self) -> float:
+        r""":math:`\beta_{\min}`."""
+        return self.schedule.beta_min
 
-    def _beta(self, s: Tensor) -> Tensor:
-        return self.beta_min + s * (self.beta_max - self.beta_min)
-
-    def signal_scale(self, t: Tensor) -> Tensor:
-        return torch.exp(-0.5 * self._integrated_beta(1 - t))
-
-    def signal_scale_derivative(self, t: Tensor) -> Tensor:
-        return 0.5 * self._beta(1 - t) * self.signal_scale(t)
-
-    def noise_variance(self, t: Tensor) -> Tensor:
-        return -torch.expm1(-self._integrated_beta(1 - t))
-
-    def noise_scale(self, t: Tensor) -> Tensor:
-        return torch.sqrt(self.noise_variance(t))
-
-    def noise_variance_rate(self, t: Tensor) -> Tensor:
-        return -0.5 * self._beta(1 - t) * torch.exp(-self._integrated_beta(1 - t))
+    @property
+    def beta_max(self) -> float:
+        r""":math:`\beta_{\max}`."""
+        return self.schedule.beta_max
 
     def __repr__(self) -> str:
         return f"VPPath(beta_min={self.beta_min}, beta_max={self.beta_max})"
