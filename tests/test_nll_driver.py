@@ -24,7 +24,7 @@ import torch
 from _dist_worker import SETTINGS, SlowField, make_case, make_mixture
 
 from cnftools import SolverConfig
-from cnftools.nll import Dequantization, dataset_nll, summarize
+from cnftools.nll import Dequantization, PerRow, Shared, dataset_nll, summarize
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -438,7 +438,7 @@ def test_conditional_field_gets_each_rows_label(route):
 
     field, x, y = _conditional_case()
     data, extras = {
-        "extras": (x, {"y": y}),
+        "extras": (x, {"y": PerRow(y)}),
         "pairs": (torch.utils.data.TensorDataset(x, y), None),
         "loader": (
             torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4),
@@ -454,7 +454,7 @@ def test_conditional_field_gets_each_rows_label(route):
     np.testing.assert_allclose(frame["log_prob"], expected.numpy(), rtol=0, atol=1e-12)
     # and a wrong label changes the value: the labels really reach the field
     shifted = dataset_nll(
-        field, x, extras={"y": (y + 1) % 3}, batch_size=8, method="rk4", steps=8, progress=False
+        field, x, extras={"y": PerRow((y + 1) % 3)}, batch_size=8, method="rk4", steps=8, progress=False
     )
     assert np.abs(shifted["log_prob"].to_numpy() - expected.numpy()).max() > 1e-6
 
@@ -465,9 +465,9 @@ def test_constant_extras_are_passed_as_is_and_resume_checks_every_extra(tmp_path
     field, x, y = _conditional_case()
     out = tmp_path / "nll.parquet"
     kw = dict(batch_size=8, method="rk4", steps=4, progress=False, out=out, keep_chunks=True)
-    dataset_nll(field, x, extras={"y": y}, **kw)
+    dataset_nll(field, x, extras={"y": PerRow(y)}, **kw)
     with pytest.raises(cnftools.nll.ResumeError):
-        dataset_nll(field, x, extras={"y": y.flip(0)}, resume=True, **kw)
+        dataset_nll(field, x, extras={"y": PerRow(y.flip(0))}, resume=True, **kw)
 
     def scaled(x, t, scale):
         return scale * x
@@ -476,7 +476,7 @@ def test_constant_extras_are_passed_as_is_and_resume_checks_every_extra(tmp_path
         dataset_nll(
             field,
             torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4),
-            extras={"y": y},
+            extras={"y": PerRow(y)},
             progress=False,
         )
     frame = dataset_nll(scaled, x, extras={"scale": 0.5}, batch_size=8, method="rk4", steps=4)
@@ -508,7 +508,9 @@ def test_labels_of_a_dataset_skip_a_field_that_takes_none():
 def test_extras_given_twice_are_refused():
     field, x, y = _conditional_case()
     with pytest.raises(ValueError, match="both"):
-        dataset_nll(field, torch.utils.data.TensorDataset(x, y), extras={"y": y}, progress=False)
+        dataset_nll(
+            field, torch.utils.data.TensorDataset(x, y), extras={"y": PerRow(y)}, progress=False
+        )
 
 
 # ----------------------------------------------------------------------------------------------

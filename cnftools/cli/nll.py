@@ -29,6 +29,7 @@ from cnftools.cli.common import (
 )
 from cnftools.data import Dequantization
 from cnftools.nll import (
+    PerRow,
     RowsFailedError,
     dataset_nll,
     gaussian_baseline_nll,
@@ -259,7 +260,7 @@ def _nll(args: argparse.Namespace, device: torch.device | None) -> int:
                 "--model is class-conditional (trained with --conditional on digit labels): "
                 "score it on --dataset digits, whose labels it needs"
             )
-        extras = {"y": digits_split_labels(args.split)}
+        extras = {"y": PerRow(digits_split_labels(args.split))}
     frame = dataset_nll(
         field,
         rows,
