@@ -859,3 +859,27 @@ def test_cuda_device_without_cuda_names_the_argument():
     field, x = make_case(4)
     with pytest.raises(ValueError, match="device is 'cuda' but CUDA is not available"):
         dataset_nll(field, x, device="cuda", **FAST)
+
+
+# ----------------------------------------------------------------------------------------------
+# bits/dim of continuous data (issue #21, item 9)
+def test_bits_per_dim_of_continuous_data_with_the_users_dimension_count(tmp_path):
+    """bpd = nll / (D ln 2) with the D the user gives, computed here from the frame's own nll
+    (exact arithmetic on the same float64 numbers, so 1e-15 relative); a resumed, finished run
+    reports it as asked this time; refused with dequantization, which has its own bpd."""
+    field, x = make_case(6)
+    out = tmp_path / "nll.parquet"
+    kw = dict(batch_size=3, out=out, **FAST)
+    frame = dataset_nll(field, x, bpd_dims=4, **kw)
+    assert list(frame.columns) == ["index", "log_prob", "nll", "bpd", "nfe", "status"]
+    np.testing.assert_allclose(frame["bpd"], frame["nll"] / (4 * math.log(2)), rtol=1e-15)
+    assert frame.attrs["summary"]["mean_bpd"] == pytest.approx(
+        float(frame["nll"].mean()) / (4 * math.log(2)), rel=1e-12
+    )
+    again = dataset_nll(field, x, bpd_dims=2, resume=True, **kw)
+    np.testing.assert_allclose(again["bpd"], frame["nll"] / (2 * math.log(2)), rtol=1e-15)
+    assert "bpd" not in dataset_nll(field, x, resume=True, **kw).columns
+    with pytest.raises(ValueError, match="bpd_dims is for continuous data"):
+        dataset_nll(field, x, bpd_dims=2, dequantization=Dequantization(4), **FAST)
+    with pytest.raises(ValueError, match="bpd_dims must be an int >= 1"):
+        dataset_nll(field, x, bpd_dims=0, **FAST)

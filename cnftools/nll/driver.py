@@ -356,6 +356,7 @@ def dataset_nll(
     run_id: str | None = None,
     num_threads: int | None = None,
     extras: Mapping[str, Any] | None = None,
+    bpd_dims: int | None = None,
 ) -> pd.DataFrame | None:
     r"""Per-row log-likelihood of a dataset under a CNF, as a DataFrame.
 
@@ -422,25 +423,47 @@ def dataset_nll(
         num_threads: torch threads for the run, restored afterwards (default on CPU:
             :func:`cnftools.nll.distributed.choose_threads`, the idle cores of this process's
             share of the machine; elsewhere unchanged).
-        extras: keyword arguments of a conditional field, ``v(x, t, **extras)``. A tensor whose
-            first dimension is the number of rows ``N`` is per row: sliced with every batch (and
-            shard), part of each batch's content hash. Anything else is passed as is and is part
-            of the run's identity. A dataset that yields ``(x, y)`` items gives ``extras["y"]``
-            per row itself when the field takes a ``y`` argument (an unconditional field on a
-            labelled dataset ignores the labels); with a stream (``IterableDataset``), per-row
-            values must come that way.
+        extras: keyword arguments of a conditional field, ``v(x, t, **extras)``. A tensor or
+            array must say how it is used: :class:`~cnftools.nll.PerRow` ``(y)`` gives data row
+            ``i`` the value ``y[i]`` (``N`` rows, checked; sliced with every batch and shard,
+            part of each batch's content hash), :class:`~cnftools.nll.Shared` ``(table)`` passes
+            it whole to every call (never sliced). A bare tensor or array with a dimension is
+            refused, naming the extra (its first dimension equalling ``N`` must not decide).
+            Numbers, strings, 0-dim tensors and other objects are passed as they are. Shared
+            values are part of the run's identity (tensors and arrays hashed whole). A stream
+            (``DataLoader``, ``IterableDataset``) takes ``Shared`` values only; its per-row
+            values come as ``(x, y)`` items.
+        bpd_dims: bits/dim for continuous data: adds a ``bpd`` column :math:`= \mathrm{nll} /
+            (D \ln 2)` with :math:`D` = ``bpd_dims``, the number of dimensions the NLL is
+            shared over in your convention (e.g. ``C * H * W`` for images), and ``mean_bpd``
+            to the summary. Not with ``dequantization``, which adds ``bpd`` over the data's
+            own dimensions.
+
+    Labels of a dataset: a dataset (or loader) of ``(x, y)`` items gives ``y`` per row, passed
+    as ``v(x, t, y=...)`` when the field takes labels and dropped when it does not
+    (:func:`cnftools.fields.takes_labels`: a field's boolean ``conditional`` attribute decides,
+    as :class:`~cnftools.MLPField` and :class:`~cnftools.ConvField` have; otherwise a ``y``
+    parameter or ``**kwargs`` in its signature). A conditional field (``conditional`` is
+    ``True``, or a required parameter besides ``x`` and ``t``) on data without labels is an
+    error before any solve.
 
     Returns:
         On rank 0 (or without ``torch.distributed``): a DataFrame, one row per data row in input
         order, with columns ``index`` (position in ``data``), ``log_prob`` (nats), ``nll``
-        (:math:`-\log p`), ``bpd`` (with ``dequantization``), ``nfe`` (function evaluations of the
-        row's batch, summed over dequantization samples and probe rounds), ``stderr`` and
+        (:math:`-\log p`), ``bpd`` (with ``dequantization`` or ``bpd_dims``), ``nfe`` (function
+        evaluations of the row's batch, summed over dequantization samples and probe rounds),
+        ``stderr`` and
         ``rounds`` (Hutchinson), and ``status`` (``"ok"`` or the error text; failed rows have NaN
         values). ``frame.attrs["summary"]`` is :func:`~cnftools.summarize`'s dict;
         ``frame.attrs["run"]`` the settings and timing. Other ranks return ``None``.
 
     Raises:
-        ValueError, TypeError: bad arguments or data, before any solve. Failing rows do not raise:
+        ValueError, TypeError: bad arguments or data, before any solve: among them a prior that
+            is not a ``Distribution`` over the data's event shape in the computation's dtype, a
+            field whose output has another shape or dtype than its input (one trial call), half
+            precision, fractional data with ``dequantization``, an unusable ``device``, an extra
+            of the wrong length or not marked ``PerRow``/``Shared``, unknown ``solver_options``
+            keys, a conditional field without labels. Failing rows do not raise:
             a batch that fails is retried row by row, each failed row gets its error in
             ``status``, and a warning gives the count and the first error.
         cnftools.nll.RowsFailedError: every row failed (a ``RuntimeError``; the first error is
@@ -499,6 +522,13 @@ def dataset_nll(
         raise TypeError(
             f"dequantization must be a Dequantization(levels=..., samples=...), got {dequantization!r}"
         )
+    if bpd_dims is not None:
+        bpd_dims = check_int("bpd_dims", bpd_dims, low=1)
+        if dequantization is not None:
+            raise ValueError(
+                "bpd_dims is for continuous data; with dequantization= the bpd column is already "
+                "computed over the data's own dimensions: drop bpd_dims"
+            )
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     solver = resolve_config(
@@ -545,6 +575,7 @@ def dataset_nll(
             "solver_options": {str(k): repr(val) for k, val in sorted(passed.items())},
         }  # fmt: skip
         job = Job(field, rows, settings, run, rank, world, progress)
+        job.bpd_dims = bpd_dims
         if out is None:
             return job.run(None, start_time, keep_chunks)
         lock = RunLock(Path(out))
