@@ -1,7 +1,9 @@
 r"""Explaining assertions for users' own test suites (no ``hypothesis`` needed).
 
 Each raises ``AssertionError`` with a message that explains the failure: the worst batch row, the
-numbers on both sides and the tolerance.
+numbers on both sides and the tolerance. A NaN or inf (in the field, its Jacobian, the density or
+the expected value, even in one row) is a failure, never a pass: it is checked before any
+tolerance test, since a comparison with NaN is False.
 
 - :func:`assert_theorem3`: :math:`\tfrac{d}{dt}\psi_t(x_0) = u_t(\psi_t(x_0)|x_1)` for a path;
 - :func:`assert_generates`: the continuity equation (log form) for a density ``log_prob`` and a
@@ -441,7 +443,11 @@ def assert_log_likelihood_close(
     Raises:
         AssertionError: naming the worst row, both log-likelihoods and their difference, the
             pieces of the computed value (:math:`\log\pi(z_0)` and :math:`\int \nabla\cdot v`), the
-            number of field evaluations and the solver settings.
+            number of field evaluations and the solver settings; also when ``expected`` is not
+            finite or the solve fails (e.g. the field returns NaN), with the solver's message.
+            Inside a hypothesis test that keeps failing here (shrinking, one ODE solve per
+            attempt), a line on stderr says so and points at :func:`quick_settings
+            <cnftools.testing.strategies.quick_settings>`, from the third failure of the test on.
 
     Example:
         >>> import torch, cnftools
