@@ -109,8 +109,8 @@ def summarize(frame: pd.DataFrame) -> dict[str, Any]:
     Over the ``ok`` rows (:math:`n` of them): ``mean_nll`` :math:`= -\frac1n\sum_i \log p(x_i)`,
     ``nll_stderr`` its sampling standard error :math:`\mathrm{sd}/\sqrt n`, ``probe_stderr``
     (Hutchinson only) the part due to the probes, :math:`\sqrt{\sum_i \mathrm{stderr}_i^2}/n`,
-    ``mean_bpd`` and ``bpd_stderr`` (with dequantization), ``total_nfe`` (summed over batches, not
-    rows), ``failures`` (rows whose status is not ``ok``), and from the run
+    ``mean_bpd`` and ``bpd_stderr`` (with a ``bpd`` column: ``dequantization`` or
+    ``bpd_dims``), ``total_nfe`` (summed over batches, not rows), ``failures`` (rows whose status is not ``ok``), and from the run
     (``frame.attrs["run"]``, when present) ``seconds``, ``rows_per_s``, ``probes_per_row`` (the
     most any row used), ``max_probes`` and ``target_met`` (with ``target_stderr``).
 

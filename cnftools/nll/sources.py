@@ -22,7 +22,6 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +178,7 @@ def _split_item(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``x`` or ``(x, y)`` (or ``(x, y, ...)``: the rest is ignored) -> ``(x, {"y": y})``."""
     extras: dict[str, Tensor] = {}
-    if isinstance(value, tuple | list) and not (value and isinstance(value[0], Real)):
+    if isinstance(value, tuple | list):
         if not value:
             raise ValueError(f"{what}: {where} is an empty tuple; expected x or (x, y)")
         if len(value) > 1 and value[1] is not None:
