@@ -883,3 +883,30 @@ def test_bits_per_dim_of_continuous_data_with_the_users_dimension_count(tmp_path
         dataset_nll(field, x, bpd_dims=2, dequantization=Dequantization(4), **FAST)
     with pytest.raises(ValueError, match="bpd_dims must be an int >= 1"):
         dataset_nll(field, x, bpd_dims=0, **FAST)
+
+
+def test_a_shared_table_is_never_split_when_rows_are_solved_again():
+    """With ``accuracy=``, log_likelihood solves uncertified rows again and slices every extra
+    whose first dimension is the batch: a Shared (3, 2) table with batches of 3 rows reached the
+    field as a (1, 2) slice there, silently changing v. Shared values are bound to the field, so
+    every call sees the whole table, and the values equal those of the same field with the
+    table in a closure, bit for bit (the same operations in the same order)."""
+    import cnftools
+
+    scale = torch.tensor([[0.1], [1.0], [4.0]], dtype=torch.float64)
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * scale
+    table = torch.ones(3, 2, dtype=torch.float64)
+    seen = set()
+
+    def field(x, t, table):
+        seen.add(tuple(table.shape))
+        return -x * (table.sum() / 6.0) + torch.sin(3 * x) * torch.cos(7 * t[:, None])
+
+    config = SolverConfig(accuracy=1e-9)  # rows are solved again here (measured: one of three)
+    frame = dataset_nll(
+        field, x, extras={"table": Shared(table)}, batch_size=3, config=config, progress=False
+    )
+    assert seen == {(3, 2)}
+    with torch.no_grad():
+        closure = cnftools.log_likelihood(lambda x, t: field(x, t, table), x, config=config)
+    np.testing.assert_array_equal(frame["log_prob"].to_numpy(), closure.numpy())

@@ -34,7 +34,13 @@ from torch import Tensor, nn
 from cnftools._checks import SUPPORTED_DTYPES, check_device, check_int
 from cnftools._ode import SolverConfig, resolve_config
 from cnftools.data import Dequantization
-from cnftools.fields import check_extras, field_name, required_keywords, takes_labels
+from cnftools.fields import (
+    check_extras,
+    closed_form_divergence,
+    field_name,
+    required_keywords,
+    takes_labels,
+)
 from cnftools.likelihood import log_likelihood
 from cnftools.nll import distributed as dist
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint, settings_key
@@ -55,6 +61,25 @@ def _prepare_field(v: object, device: torch.device, dtype: torch.dtype) -> Calla
             v = copy.deepcopy(v).to(device=device, dtype=dtype)  # leave the caller's module alone
         v.eval()
     return v  # type: ignore[return-value]
+
+
+class _SharedBound:
+    """The field with the ``Shared`` extras bound as keywords, ``v(x, t, **shared, **per_row)``.
+
+    ``log_likelihood`` then never sees them, so no rule of its own (a tensor whose first
+    dimension is the batch is sliced when rows are solved again) can split them. A closed-form
+    divergence of the field is kept, with the same values bound.
+    """
+
+    def __init__(self, v: Callable[..., Tensor], shared: Mapping[str, Any]) -> None:
+        self.field, self.shared = v, dict(shared)
+        self.__qualname__ = field_name(v)  # error messages name the user's field
+        closed = closed_form_divergence(v)
+        if closed is not None:
+            self.divergence = lambda x, t, **extras: closed(x, t, **self.shared, **extras)
+
+    def __call__(self, x: Tensor, t: Tensor, **extras: Any) -> Tensor:
+        return self.field(x, t, **self.shared, **extras)
 
 
 def _bare_extra_error(key: str, value: object, n: int | None) -> ValueError:
@@ -557,9 +582,11 @@ def dataset_nll(
     count = num_threads if num_threads is not None else dist.choose_threads(device)
     with dist.threads(count):
         field = _prepare_field(v, device, dtype)
+        if constant_extras:
+            field = _SharedBound(field, constant_extras)
         settings = Settings(
             batch_size, divergence, n_probes, seed, solver, dequantization,
-            passed, prior, device, dtype, constant_extras,
+            passed, prior, device, dtype,
         )  # fmt: skip
         _check_prior(prior, rows.event, settings)
         _trial_call(field, first, settings, rows.event, first_batch.extras)
