@@ -569,12 +569,14 @@ def dataset_nll(
     rows.attach_extras(row_extras)
     first_batch = _check_labels(v, rows, rows.first(batch_size), row_extras, constant_extras)
     first = first_batch.x
+    source = "dtype=" if dtype is not None else "inferred from the data and the field"
     dtype = dtype or _infer_dtype(first, v, dequantization)
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"dataset_nll would compute in {dtype} (the data's dtype); cnftools computes in "
-            "float32 or float64 only (half precision overflows the log-densities and the "
-            "solver's tolerances): pass dtype=torch.float32 (rows are converted batch by batch)"
+            f"dataset_nll would compute in {dtype} ({source}); cnftools computes in float32 or "
+            "float64 only (half precision overflows the log-densities and the solver's "
+            "tolerances): pass dtype=torch.float32 or torch.float64 (rows are converted batch by "
+            "batch)"
         )
     device = device if device is not None else dist.default_device(first, v, world)
     identity = _identity(v, prior, run_id, need=out is not None and resume)
