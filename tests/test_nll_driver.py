@@ -910,3 +910,17 @@ def test_a_shared_table_is_never_split_when_rows_are_solved_again():
     with torch.no_grad():
         closure = cnftools.log_likelihood(lambda x, t: field(x, t, table), x, config=config)
     np.testing.assert_array_equal(frame["log_prob"].to_numpy(), closure.numpy())
+
+
+@pytest.mark.parametrize("form", ["array", "npy-file"])
+def test_big_endian_data_gives_the_frame_of_native_data(form, tmp_path):
+    """Big-endian float64 rows (an array, or a .npy file written on such a machine) used to fail
+    in torch.from_numpy with "byte order ... not supported"; they are converted to the native
+    order (the same values), so the frame equals that of the native rows, bit for bit."""
+    field, x = make_case(6)
+    swapped = x.numpy().astype(">f8")
+    if form == "npy-file":
+        np.save(tmp_path / "rows.npy", swapped)
+        swapped = tmp_path / "rows.npy"
+    kw = dict(batch_size=4, **FAST)
+    pd.testing.assert_frame_equal(dataset_nll(field, swapped, **kw), dataset_nll(field, x, **kw))

@@ -2,7 +2,8 @@ r"""Row sources for :func:`cnftools.dataset_nll`: every supported kind of data, 
 
 A :class:`RowSource` yields the rows of a dataset as consecutive batches ``(B, *event)`` in a fixed
 order, each with a dict of per-row *extras* (the labels of a dataset that yields ``(x, y)`` pairs,
-as ``{"y": y}``), and never holds more than one batch at a time. Two kinds:
+as ``{"y": y}``, and the :class:`PerRow` values of ``dataset_nll(extras=)``; :class:`Shared`
+values are passed whole), and never holds more than one batch at a time. Two kinds:
 
 * random access (a tensor, numpy array, DataFrame, ``.npy``/``.csv``/``.parquet`` file, map-style
   ``Dataset``): the number of rows :math:`N` is known and a batch that is not needed is not read;
@@ -86,7 +87,7 @@ class Shared:
 
 
 def _as_row_values(values: object, what: str) -> Tensor:
-    """``values`` as a host-independent tensor with at least one dimension, or a clear error.
+    """``values`` as a tensor with at least one dimension, or a clear error.
 
     Numpy arrays in a non-native byte order are converted to the native one (their values are
     kept); arrays of strings or objects are refused.
@@ -94,14 +95,7 @@ def _as_row_values(values: object, what: str) -> Tensor:
     if isinstance(values, PerRow | Shared):
         raise TypeError(f"{what} of a {type(values).__name__}: give the values themselves")
     if isinstance(values, np.ndarray):
-        if values.dtype.kind not in "biuf":
-            raise TypeError(
-                f"{what} must hold numbers (bool, integer or float), got a numpy array of dtype "
-                f"{values.dtype}; encode strings as integer class indices first"
-            )
-        if not values.dtype.isnative:
-            values = values.astype(values.dtype.newbyteorder("="))
-        values = torch.from_numpy(np.ascontiguousarray(values))
+        values = torch.from_numpy(_native(values, f"{what} (it must hold numbers)"))
     if not isinstance(values, Tensor):
         raise TypeError(
             f"{what} must be a tensor or numpy array with one value per data row, got "
@@ -150,6 +144,19 @@ def tensor_digest(t: Tensor) -> str:
     return h.hexdigest()
 
 
+def _native(array: np.ndarray, what: str) -> np.ndarray:
+    """A numeric array in the machine's byte order (values kept), or a ``TypeError`` naming
+    ``what`` for strings, objects and other non-numbers."""
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{what} is a numpy array of dtype {array.dtype}; expected numbers (bool, integer or "
+            "float)"
+        )
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return np.ascontiguousarray(array)
+
+
 def _item_tensor(value: object, what: str, where: str, part: str) -> Tensor:
     """One part of an item (``x`` or ``y``) as a tensor, or an error naming the item."""
     if isinstance(value, Tensor):
@@ -160,10 +167,7 @@ def _item_tensor(value: object, what: str, where: str, part: str) -> Tensor:
             "items x or (x, y): yield a tensor or a tuple, e.g. (item['x'], item['y'])"
         )
     if isinstance(value, np.ndarray):
-        if value.dtype.kind not in "biuf":
-            raise TypeError(f"{what}: {part} of {where} is a numpy array of dtype {value.dtype}")
-        if not value.dtype.isnative:
-            value = value.astype(value.dtype.newbyteorder("="))
+        value = _native(value, f"{what}: {part} of {where}")
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -392,7 +396,7 @@ def _from_frame(frame: pd.DataFrame, columns: Sequence[str] | None, what: str) -
         if bad:
             raise TypeError(f"columns {bad} of {what} are not numeric")
     values = frame[list(columns)].to_numpy()
-    return _from_tensor(torch.from_numpy(np.ascontiguousarray(values)), what)
+    return _from_tensor(torch.from_numpy(_native(values, what)), what)
 
 
 def _from_dataset(dataset: torch.utils.data.Dataset, what: str) -> RowSource:
@@ -458,14 +462,14 @@ def _from_path(path: Path, columns: Sequence[str] | None, what: str) -> RowSourc
             raise ValueError(
                 f"{what} file {os.fspath(path)!r} is not a numeric .npy: {error}"
             ) from None
-        if array.dtype == object or array.ndim < 2:
+        if array.dtype.kind not in "biuf" or array.ndim < 2:
             raise ValueError(
                 f"{what} file {os.fspath(path)!r} must hold a numeric array (N, *event), got "
                 f"dtype {array.dtype} shape {array.shape}"
             )
 
         def get(a: int, b: int) -> tuple[Tensor, dict[str, Tensor]]:  # memory-mapped reads
-            return torch.from_numpy(np.array(array[a:b])), {}  # a writable copy
+            return torch.from_numpy(_native(np.array(array[a:b]), what)), {}  # a writable copy
 
         return RowSource(tuple(array.shape[1:]), int(array.shape[0]), get, what=what)
     if suffix == ".csv":
@@ -508,9 +512,7 @@ def read_rows(
     if isinstance(data, Tensor):
         return _from_tensor(data, what)
     if isinstance(data, np.ndarray):
-        if data.dtype == object:
-            raise TypeError(f"{what} is a numpy array of objects; expected numbers")
-        return _from_tensor(torch.from_numpy(np.ascontiguousarray(data)), what)
+        return _from_tensor(torch.from_numpy(_native(data, what)), what)
     if isinstance(data, pd.DataFrame):
         return _from_frame(data, columns, what)
     if isinstance(data, str | os.PathLike):
