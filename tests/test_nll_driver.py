@@ -826,6 +826,19 @@ _BAD_DATA = {
         ValueError,
         r"item 0 cannot be made a tensor.*ragged",
     ),
+    "short-labels-in-a-stream": (
+        torch.utils.data.DataLoader(  # a collate that loses a label of every batch
+            torch.utils.data.TensorDataset(torch.zeros(6, 2, dtype=_F64), torch.arange(6)),
+            batch_size=3,
+            collate_fn=lambda items: (
+                torch.stack([i[0] for i in items]),
+                torch.stack([i[1] for i in items])[:-1],
+            ),
+        ),
+        {},
+        ValueError,
+        r"rows 0\.\.2 has y of shape \(2,\) for 3 rows of x",
+    ),
     "duplicate-columns": (
         pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]}),
         {"columns": ["a", "b", "a"]},
