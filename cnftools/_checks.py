@@ -63,6 +63,17 @@ def check_device(name: str, device: object) -> torch.device:
             f"{name} is on the 'meta' device, which holds shapes but no values; cnftools needs "
             "real numbers: move it to 'cpu' or 'cuda'"
         )
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{name} is {str(device)!r} but CUDA is not available on this machine (torch "
+                f"{torch.__version__}); use 'cpu'"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{name} is {str(device)!r} but this machine has {torch.cuda.device_count()} "
+                "CUDA device(s)"
+            )
     return device
 
 
@@ -220,6 +231,11 @@ def check_batched(name: str, x: object, *, min_event_dims: int = 1) -> Tensor:
         )
     if x.shape[0] == 0:
         raise ValueError(f"{name} must have a non-empty batch, got shape {tuple(x.shape)}")
+    if x[0].numel() == 0:
+        raise ValueError(
+            f"{name} has rows with no values: event shape {tuple(x.shape[1:])} (a zero-size "
+            "dimension); a density needs at least one dimension per row"
+        )
     return check_finite(name, x)
 
 

@@ -47,7 +47,9 @@ __all__ = [
     "check_output_like",
     "closed_form_divergence",
     "field_name",
+    "required_keywords",
     "select_extras",
+    "takes_labels",
 ]
 
 Divergence = Callable[[Tensor, Tensor], Tensor]
@@ -176,6 +178,44 @@ def accepts_keyword(v: object, name: str) -> bool:
         or (p.name == name and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
         for p in parameters
     )
+
+
+def takes_labels(v: object, name: str = "y") -> bool:
+    """Whether a labelled dataset's ``y`` is for the field: the rule of
+    :func:`cnftools.dataset_nll` for datasets of ``(x, y)`` items.
+
+    A field that has a boolean attribute ``conditional`` says so itself
+    (:class:`~cnftools.MLPField` and :class:`~cnftools.ConvField` have one: ``True`` when built
+    with ``num_classes=`` or ``cond_dim=``); any other field takes ``y`` when its signature has a
+    parameter ``y`` (or ``**kwargs``), as :func:`accepts_keyword` reads it.
+
+    Example:
+        >>> takes_labels(lambda x, t: x), takes_labels(lambda x, t, y: x)
+        (False, True)
+    """
+    flag = getattr(v, "conditional", None)
+    if isinstance(flag, bool):
+        return flag
+    return accepts_keyword(v, name)
+
+
+def required_keywords(v: object) -> list[str]:
+    """The parameters of ``v`` besides ``x`` and ``t`` that have no default (a conditional field's
+    condition); empty when the signature cannot be read.
+
+    Example:
+        >>> required_keywords(lambda x, t, y, scale=1.0: x)
+        ['y']
+    """
+    target = getattr(v, "forward", v)
+    try:
+        parameters = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    rest = [p for p in parameters if p.kind in positional][2:]
+    rest += [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return [p.name for p in rest if p.default is inspect.Parameter.empty]
 
 
 def check_callable(v: object) -> None:

@@ -87,3 +87,22 @@ def test_bad_event_shape_is_refused(entry, shape, error):
 def test_check_tolerance_refuses_nan_negative_and_non_numbers(value, error):
     with pytest.raises(error, match="rtol must be"):
         check_tolerance("rtol", value)
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_zero_size_events_are_refused_by_name(entry):
+    """Rows with no values (event shape (0,)) used to end in a bare AssertionError inside the
+    solver (issue #20) or a meaningless result; now a ValueError names the argument."""
+    x = torch.zeros(4, 0, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"rows with no values: event shape \(0,\)|d >= 1"):
+        ENTRY_POINTS[entry](x)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused_by_name():
+    """``device="cuda"`` on a machine without CUDA used to raise torch's bare AssertionError
+    ("Torch not compiled with CUDA enabled") from deep inside a run."""
+    from cnftools._checks import check_device
+
+    with pytest.raises(ValueError, match="device is 'cuda' but CUDA is not available"):
+        check_device("device", "cuda")

@@ -117,3 +117,25 @@ def test_nll_threads_flag(trained, capsys):
     assert torch.get_num_threads() == before  # restored after the call
     assert main(["nll", "--model", str(ckpt), "--data", str(data), "--threads", "0", *SOLVER]) == 2
     _one_line_error(capsys, "--threads")
+
+
+@pytest.mark.parametrize("flag", ["--centered", "--no-centered"])
+def test_nll_centered_without_dequantization_is_refused(trained, capsys, flag):
+    """The float data here get no dequantization, so --centered would be ignored silently."""
+    ckpt, data = trained
+    code = main(["nll", "--model", str(ckpt), "--data", str(data), flag, *SOLVER])
+    assert code == 2
+    _one_line_error(capsys, flag, "no dequantization")
+
+
+def test_nll_bits_per_dim_of_continuous_data(trained, capsys):
+    """--bpd-dims D reports mean bits/dim = mean NLL / (D ln 2) for float data; the printed
+    numbers are rounded to 5 and 4 decimals, so they agree to 1e-4."""
+    ckpt, data = trained
+    code = main(["nll", "--model", str(ckpt), "--data", str(data), "--bpd-dims", "2", *SOLVER])
+    assert code == 0
+    out = capsys.readouterr().out
+    nll = float(out.split("mean NLL ")[1].split()[0])
+    bpd = float(out.split("mean bits/dim ")[1].split()[0])
+    assert bpd == pytest.approx(nll / (2 * np.log(2)), abs=1e-4)
+    assert "(continuous density)" in out

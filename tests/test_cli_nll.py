@@ -14,6 +14,7 @@ import torch
 import cnftools
 from cnftools.cli import build_parser, main
 from cnftools.data import eight_gaussians
+from cnftools.nll import PerRow
 
 SOLVER = ["--method", "rk4", "--step-size", "0.25"]  # 4 steps: plumbing, not accuracy
 
@@ -166,8 +167,8 @@ def test_digits_conditional_train_and_nll_use_each_rows_label(tmp_path, capsys):
     assert y.shape == (359,) and set(y.tolist()) == set(range(10))
     deq = cnftools.Dequantization(17)
     kw = dict(dequantization=deq, method="rk4", steps=2, progress=False, num_threads=1)
-    own = cnftools.dataset_nll(field, x, extras={"y": y}, **kw)
-    other = cnftools.dataset_nll(field, x, extras={"y": (y + 1) % 10}, **kw)
+    own = cnftools.dataset_nll(field, x, extras={"y": PerRow(y)}, **kw)
+    other = cnftools.dataset_nll(field, x, extras={"y": PerRow((y + 1) % 10)}, **kw)
     assert summary["mean_nll"] == pytest.approx(float(own["nll"].mean()), abs=1e-9)
     assert abs(float(other["nll"].mean()) - summary["mean_nll"]) > 1e-6
     # a conditional model needs the labelled dataset

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from _dist_worker import SETTINGS, SlowField, make_case, make_mixture
 
 from cnftools import SolverConfig
-from cnftools.nll import Dequantization, dataset_nll, summarize
+from cnftools.nll import Dequantization, PerRow, Shared, dataset_nll, summarize
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -438,7 +439,7 @@ def test_conditional_field_gets_each_rows_label(route):
 
     field, x, y = _conditional_case()
     data, extras = {
-        "extras": (x, {"y": y}),
+        "extras": (x, {"y": PerRow(y)}),
         "pairs": (torch.utils.data.TensorDataset(x, y), None),
         "loader": (
             torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4),
@@ -454,7 +455,13 @@ def test_conditional_field_gets_each_rows_label(route):
     np.testing.assert_allclose(frame["log_prob"], expected.numpy(), rtol=0, atol=1e-12)
     # and a wrong label changes the value: the labels really reach the field
     shifted = dataset_nll(
-        field, x, extras={"y": (y + 1) % 3}, batch_size=8, method="rk4", steps=8, progress=False
+        field,
+        x,
+        extras={"y": PerRow((y + 1) % 3)},
+        batch_size=8,
+        method="rk4",
+        steps=8,
+        progress=False,
     )
     assert np.abs(shifted["log_prob"].to_numpy() - expected.numpy()).max() > 1e-6
 
@@ -465,9 +472,9 @@ def test_constant_extras_are_passed_as_is_and_resume_checks_every_extra(tmp_path
     field, x, y = _conditional_case()
     out = tmp_path / "nll.parquet"
     kw = dict(batch_size=8, method="rk4", steps=4, progress=False, out=out, keep_chunks=True)
-    dataset_nll(field, x, extras={"y": y}, **kw)
+    dataset_nll(field, x, extras={"y": PerRow(y)}, **kw)
     with pytest.raises(cnftools.nll.ResumeError):
-        dataset_nll(field, x, extras={"y": y.flip(0)}, resume=True, **kw)
+        dataset_nll(field, x, extras={"y": PerRow(y.flip(0))}, resume=True, **kw)
 
     def scaled(x, t, scale):
         return scale * x
@@ -476,7 +483,7 @@ def test_constant_extras_are_passed_as_is_and_resume_checks_every_extra(tmp_path
         dataset_nll(
             field,
             torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4),
-            extras={"y": y},
+            extras={"y": PerRow(y)},
             progress=False,
         )
     frame = dataset_nll(scaled, x, extras={"scale": 0.5}, batch_size=8, method="rk4", steps=4)
@@ -508,7 +515,9 @@ def test_labels_of_a_dataset_skip_a_field_that_takes_none():
 def test_extras_given_twice_are_refused():
     field, x, y = _conditional_case()
     with pytest.raises(ValueError, match="both"):
-        dataset_nll(field, torch.utils.data.TensorDataset(x, y), extras={"y": y}, progress=False)
+        dataset_nll(
+            field, torch.utils.data.TensorDataset(x, y), extras={"y": PerRow(y)}, progress=False
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,3 +557,383 @@ def test_solver_options_is_deprecated_and_noise_replaces_it(tmp_path):
     assert again.attrs["summary"]["rows_computed"] == 0
     with pytest.raises(ValueError, match="noise= alone"), pytest.warns(DeprecationWarning):
         dataset_nll(field, x, noise="gaussian", solver_options={"noise": "gaussian"}, **hutchinson)
+
+
+# ----------------------------------------------------------------------------------------------
+# labels: passed to a field that takes them, dropped for one that does not (issue #20, bug 5)
+def _labelled(n: int = 12):
+    x = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    return x, torch.arange(n) % 3
+
+
+def _unconditional_mlp():
+    torch.manual_seed(0)
+    import cnftools
+
+    return cnftools.MLPField(2, (8,), dtype=torch.float64)
+
+
+def _lambda_field(x, t):
+    return -x
+
+
+@pytest.mark.parametrize(
+    ("make_field", "route"),
+    [
+        (_unconditional_mlp, "pairs"),
+        (_unconditional_mlp, "loader"),
+        (lambda: _lambda_field, "pairs"),
+        (lambda: lambda x, t: -x, "loader"),
+    ],
+    ids=["mlp-dataset", "mlp-loader", "function-dataset", "lambda-loader"],
+)
+def test_an_unconditional_field_ignores_the_labels_of_its_data(make_field, route):
+    """A field that takes no labels (MLPField.conditional is False; a function without a ``y``
+    parameter) on (x, y) data gives the values of the bare rows, bit for bit (the same rows, the
+    same batches, the same fixed grid: nothing else differs)."""
+    field = make_field()
+    x, y = _labelled()
+    pairs = torch.utils.data.TensorDataset(x, y)
+    data = pairs if route == "pairs" else torch.utils.data.DataLoader(pairs, batch_size=5)
+    kw = dict(batch_size=4, method="rk4", steps=4, progress=False)
+    labelled = dataset_nll(field, data, **kw)
+    plain = dataset_nll(field, x, **kw)
+    assert (labelled["status"] == "ok").all()
+    np.testing.assert_array_equal(labelled["log_prob"], plain["log_prob"])
+
+
+def _needs_y(x, t, y):
+    return -x * (1 + y[:, None])
+
+
+@pytest.mark.parametrize(
+    ("field", "match"),
+    [
+        ("conditional-mlp", r"conditional field .*no labels.*PerRow"),
+        (_needs_y, r"requires the keyword argument\(s\) \['y'\]"),
+    ],
+    ids=["conditional-mlp", "required-y"],
+)
+def test_a_conditional_field_without_labels_is_refused_before_any_solve(field, match):
+    import cnftools
+
+    if field == "conditional-mlp":
+        field = cnftools.MLPField(2, (8,), num_classes=3, dtype=torch.float64)
+    x, _ = _labelled()
+    with pytest.raises(ValueError, match=match):
+        dataset_nll(field, x, **FAST)
+
+
+def test_the_conditional_attribute_decides_over_the_signature():
+    """MLPField.forward has a ``y=None`` parameter either way; its ``conditional`` attribute says
+    whether it takes labels (the rule of cnftools.fields.takes_labels)."""
+    import cnftools
+    from cnftools.fields import takes_labels
+
+    plain = cnftools.MLPField(2, (8,))
+    labelled = cnftools.MLPField(2, (8,), num_classes=3)
+    conv = cnftools.ConvField(1, (4,), cond_dim=2)
+    assert (plain.conditional, labelled.conditional, conv.conditional) == (False, True, True)
+    assert (takes_labels(plain), takes_labels(labelled)) == (False, True)
+    assert (takes_labels(lambda x, t: x), takes_labels(lambda x, t, **kw: x)) == (False, True)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad arguments are refused before any solve (issue #20, bug 6; docs/guarantees.md)
+class _Counting:
+    """The case's field, counting its calls: the trial call is one, a solve makes many."""
+
+    def __init__(self, field, cast=None):
+        self.field, self.cast, self.calls = field, cast, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        out = self.field(x, t)
+        return out if self.cast is None else out.to(self.cast)
+
+
+_F64 = torch.float64
+_BAD_ARGUMENTS = {
+    "prior-string": ({"prior": "normal"}, TypeError, "prior must be None"),
+    "prior-float32": (
+        {
+            "prior": torch.distributions.Independent(
+                torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1
+            )
+        },
+        TypeError,
+        "prior samples torch.float32",
+    ),
+    "prior-shape": (
+        {
+            "prior": torch.distributions.MultivariateNormal(
+                torch.zeros(3, dtype=_F64), torch.eye(3, dtype=_F64)
+            )
+        },
+        ValueError,
+        r"event_shape \(2,\)",
+    ),
+    "prior-batch-shape": (
+        {"prior": torch.distributions.Normal(torch.zeros(2, dtype=_F64), 1.0)},
+        ValueError,
+        r"Independent\(prior, 1\)",
+    ),
+    "option-key": ({"solver_options": {"bogus": 1}}, ValueError, r"unknown or reserved.*bogus"),
+    "field-float32": ({"cast": torch.float32}, TypeError, "returns torch.float32"),
+    "field-int": ({"cast": torch.int64}, TypeError, "returns torch.int64"),
+    "data-float16": ({"data": torch.float16}, TypeError, "float32 or float64 only"),
+    "dtype-float16": ({"dtype": torch.float16}, TypeError, "floating torch.dtype|float32"),
+    "dequantized-floats": (
+        {"dequantization": Dequantization(levels=256)},
+        ValueError,
+        r"needs integer data .* data row 0 holds",
+    ),
+}
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), _BAD_ARGUMENTS.values(), ids=_BAD_ARGUMENTS)
+def test_bad_arguments_are_refused_before_any_solve(kwargs, error, match):
+    """Each of these used to end, after every row's solve and its per-row retries, in
+    RowsFailedError. Now it is a TypeError/ValueError before any solve: the field is called at
+    most once (the trial call), where a solve calls it dozens of times."""
+    field, x = make_case(8)
+    kwargs = dict(kwargs)
+    counting = _Counting(field, kwargs.pop("cast", None))
+    if "data" in kwargs:
+        x = x.to(kwargs.pop("data"))
+    with pytest.raises(error, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # solver_options is deprecated
+        dataset_nll(counting, x, batch_size=4, **{**FAST, **kwargs})
+    assert counting.calls <= 1
+
+
+def test_float16_data_runs_with_an_explicit_dtype():
+    """The refusal of half precision names dtype= as the fix, and that fix works."""
+    field, x = make_case(6)
+    frame = dataset_nll(field, x.half(), dtype=torch.float32, **{**FAST, "batch_size": 3})
+    assert (frame["status"] == "ok").all()
+
+
+def test_integer_valued_floats_still_dequantize():
+    """The dequantization check refuses fractional values only, not integers stored as floats:
+    both forms of the same rows give the same frame, bit for bit."""
+    field, _ = make_case()
+    ints = torch.randint(0, 4, (6, 2), generator=torch.Generator().manual_seed(0))
+    kw = dict(dequantization=Dequantization(levels=4), batch_size=3, dtype=torch.float64, **FAST)
+    pd.testing.assert_frame_equal(
+        dataset_nll(field, ints, **kw), dataset_nll(field, ints.double(), **kw)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# extras: PerRow and Shared say how a tensor is used (issue #21, items 2 and 3)
+def _with_table(x, t, table):
+    """A field reading a shared lookup table whole: v = -x * table.sum() / 6."""
+    return -x * (table.sum() / 6.0)
+
+
+def _with_label(x, t, y):
+    return -x * (1.0 + y[:, None].to(x.dtype))
+
+
+def test_label_length_error_names_the_extra_and_both_counts():
+    """``extras={"y": y[:-1]}`` used to fail in the field with a shape hint about the data's
+    dimension; now the message says extras['y'] has N - 1 rows for N data rows."""
+    x, y = _labelled(50)
+    for given in (y[:-1], PerRow(y[:-1])):
+        with pytest.raises(ValueError, match=r"extras\['y'\] has 49 rows for 50 data rows"):
+            dataset_nll(_with_label, x, extras={"y": given}, batch_size=7, progress=False)
+
+
+def test_a_tensor_with_as_many_rows_as_the_data_must_say_how_it_is_used():
+    """A (3, 2) table with 3 data rows used to be split by rows silently (the field then got a
+    (1, 2) or (2, 2) slice); now it is an error naming the extra, and Shared passes it whole."""
+    x = torch.randn(3, 2, dtype=torch.float64)
+    table = torch.ones(3, 2, dtype=torch.float64)
+    kw = dict(batch_size=2, method="rk4", steps=32, progress=False)
+    with pytest.raises(ValueError, match=r"extras\['table'\] has 3 rows, as many as the data"):
+        dataset_nll(_with_table, x, extras={"table": table}, **kw)
+    frame = dataset_nll(_with_table, x, extras={"table": Shared(table)}, **kw)
+    # the whole table reached every call: v = -x (a slice would give -x/3 or -2x/3), whose
+    # log p_1(x) = log N(e x; 0, I) + 2 exactly (divergence -2). RK4's relative error in z_0 is
+    # about h^4/120 = 8e-9 at h = 1/32, times |e x|^2 <= ~50 here: below 1e-6 nats.
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(x * math.e).sum(1) + 2.0
+    np.testing.assert_allclose(frame["log_prob"], expected.numpy(), rtol=0, atol=1e-6)
+
+
+def test_per_row_values_from_numpy_in_any_byte_order_are_the_same():
+    """A big-endian numpy array of labels is converted to the native order (values kept): the
+    frame equals that of the native tensor, bit for bit; an array of strings is refused."""
+    x, y = _labelled(9)
+    kw = dict(batch_size=4, method="rk4", steps=4, progress=False)
+    native = dataset_nll(_with_label, x, extras={"y": PerRow(y)}, **kw)
+    swapped = dataset_nll(_with_label, x, extras={"y": PerRow(y.numpy().astype(">i8"))}, **kw)
+    pd.testing.assert_frame_equal(native, swapped)
+    with pytest.raises(TypeError, match="must hold numbers"):
+        PerRow(np.array(["a", "b"]))
+
+
+def test_shared_values_work_with_a_stream_and_per_row_ones_are_refused():
+    x = torch.randn(6, 2, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
+    table = torch.ones(6, 2, dtype=torch.float64)
+    kw = dict(batch_size=4, method="rk4", steps=4, progress=False)
+    streamed = dataset_nll(_with_table, loader, extras={"table": Shared(table)}, **kw)
+    direct = dataset_nll(_with_table, x, extras={"table": Shared(table)}, **kw)
+    pd.testing.assert_frame_equal(streamed, direct)
+    with pytest.raises(ValueError, match="stream"):
+        dataset_nll(_with_table, loader, extras={"table": PerRow(table)}, **kw)
+    with pytest.raises(ValueError, match=r"extras\['table'\].*Shared"):
+        dataset_nll(_with_table, loader, extras={"table": table}, **kw)
+
+
+def test_a_changed_shared_array_changes_the_run_identity(tmp_path):
+    """Shared numpy arrays are hashed whole, not by their (truncated) repr: a change in the
+    middle of a 2,000-element array is seen on resume."""
+    import cnftools
+
+    x = torch.randn(4, 2, dtype=torch.float64)
+    table = np.ones(2000)
+    out = tmp_path / "nll.parquet"
+    kw = dict(batch_size=2, method="rk4", steps=2, progress=False, out=out, run_id="fixed")
+    dataset_nll(_with_table, x, extras={"table": Shared(table)}, **kw)
+    changed = table.copy()
+    changed[1000] = 2.0
+    assert repr(changed) == repr(table)  # the old identity could not tell them apart
+    with pytest.raises(cnftools.nll.ResumeError):
+        dataset_nll(_with_table, x, extras={"table": Shared(changed)}, resume=True, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# data and device errors in one clear line (issue #20, "poor")
+_BAD_DATA = {
+    "zero-size-event": (torch.zeros(4, 0, dtype=_F64), {}, ValueError, "no values"),
+    "dict-items": (
+        torch.utils.data.DataLoader([{"x": torch.zeros(2)}] * 4, batch_size=2),
+        {},
+        TypeError,
+        r"batch 0 is a dict",
+    ),
+    "ragged-dataset": (
+        [torch.zeros(2)] * 2 + [torch.zeros(3)] * 2,
+        {},
+        ValueError,
+        r"items 0\.\.3 have rows of different shapes",
+    ),
+    "ragged-item": (
+        torch.utils.data.DataLoader([([[0.0, 1.0], [2.0]], 0)], batch_size=None),
+        {},
+        ValueError,
+        r"item 0 cannot be made a tensor.*ragged",
+    ),
+    "short-labels-in-a-stream": (
+        torch.utils.data.DataLoader(  # a collate that loses a label of every batch
+            torch.utils.data.TensorDataset(torch.zeros(6, 2, dtype=_F64), torch.arange(6)),
+            batch_size=3,
+            collate_fn=lambda items: (
+                torch.stack([i[0] for i in items]),
+                torch.stack([i[1] for i in items])[:-1],
+            ),
+        ),
+        {},
+        ValueError,
+        r"rows 0\.\.2 has y of shape \(2,\) for 3 rows of x",
+    ),
+    "duplicate-columns": (
+        pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]}),
+        {"columns": ["a", "b", "a"]},
+        ValueError,
+        r"columns lists \['a'\] more than once",
+    ),
+}
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@pytest.mark.parametrize(("data", "kwargs", "error", "match"), _BAD_DATA.values(), ids=_BAD_DATA)
+def test_bad_data_gets_one_clear_error(data, kwargs, error, match):
+    if isinstance(data, list):
+        data = _ListDataset(data)
+    with pytest.raises(error, match=match):
+        dataset_nll(lambda x, t: -x, data, **{**FAST, **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_names_the_argument():
+    field, x = make_case(4)
+    with pytest.raises(ValueError, match="device is 'cuda' but CUDA is not available"):
+        dataset_nll(field, x, device="cuda", **FAST)
+
+
+# ----------------------------------------------------------------------------------------------
+# bits/dim of continuous data (issue #21, item 9)
+def test_bits_per_dim_of_continuous_data_with_the_users_dimension_count(tmp_path):
+    """bpd = nll / (D ln 2) with the D the user gives, computed here from the frame's own nll
+    (exact arithmetic on the same float64 numbers, so 1e-15 relative); a resumed, finished run
+    reports it as asked this time; refused with dequantization, which has its own bpd."""
+    field, x = make_case(6)
+    out = tmp_path / "nll.parquet"
+    kw = dict(batch_size=3, out=out, **FAST)
+    frame = dataset_nll(field, x, bpd_dims=4, **kw)
+    assert list(frame.columns) == ["index", "log_prob", "nll", "bpd", "nfe", "status"]
+    np.testing.assert_allclose(frame["bpd"], frame["nll"] / (4 * math.log(2)), rtol=1e-15)
+    assert frame.attrs["summary"]["mean_bpd"] == pytest.approx(
+        float(frame["nll"].mean()) / (4 * math.log(2)), rel=1e-12
+    )
+    again = dataset_nll(field, x, bpd_dims=2, resume=True, **kw)
+    np.testing.assert_allclose(again["bpd"], frame["nll"] / (2 * math.log(2)), rtol=1e-15)
+    assert "bpd" not in dataset_nll(field, x, resume=True, **kw).columns
+    with pytest.raises(ValueError, match="bpd_dims is for continuous data"):
+        dataset_nll(field, x, bpd_dims=2, dequantization=Dequantization(4), **FAST)
+    with pytest.raises(ValueError, match="bpd_dims must be an int >= 1"):
+        dataset_nll(field, x, bpd_dims=0, **FAST)
+
+
+def test_a_shared_table_is_never_split_when_rows_are_solved_again():
+    """With ``accuracy=``, log_likelihood solves uncertified rows again and slices every extra
+    whose first dimension is the batch: a Shared (3, 2) table with batches of 3 rows reached the
+    field as a (1, 2) slice there, silently changing v. Shared values are bound to the field, so
+    every call sees the whole table, and the values equal those of the same field with the
+    table in a closure, bit for bit (the same operations in the same order)."""
+    import cnftools
+
+    scale = torch.tensor([[0.1], [1.0], [4.0]], dtype=torch.float64)
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * scale
+    table = torch.ones(3, 2, dtype=torch.float64)
+    seen = set()
+
+    def field(x, t, table):
+        seen.add(tuple(table.shape))
+        return -x * (table.sum() / 6.0) + torch.sin(3 * x) * torch.cos(7 * t[:, None])
+
+    config = SolverConfig(accuracy=1e-9)  # rows are solved again here (measured: one of three)
+    frame = dataset_nll(
+        field, x, extras={"table": Shared(table)}, batch_size=3, config=config, progress=False
+    )
+    assert seen == {(3, 2)}
+    with torch.no_grad():
+        closure = cnftools.log_likelihood(lambda x, t: field(x, t, table), x, config=config)
+    np.testing.assert_array_equal(frame["log_prob"].to_numpy(), closure.numpy())
+
+
+@pytest.mark.parametrize("form", ["array", "npy-file"])
+def test_big_endian_data_gives_the_frame_of_native_data(form, tmp_path):
+    """Big-endian float64 rows (an array, or a .npy file written on such a machine) used to fail
+    in torch.from_numpy with "byte order ... not supported"; they are converted to the native
+    order (the same values), so the frame equals that of the native rows, bit for bit."""
+    field, x = make_case(6)
+    swapped = x.numpy().astype(">f8")
+    if form == "npy-file":
+        np.save(tmp_path / "rows.npy", swapped)
+        swapped = tmp_path / "rows.npy"
+    kw = dict(batch_size=4, **FAST)
+    pd.testing.assert_frame_equal(dataset_nll(field, swapped, **kw), dataset_nll(field, x, **kw))

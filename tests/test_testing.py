@@ -611,3 +611,124 @@ def test_the_howto_prints_what_the_kit_prints(capsys):
             assert re.fullmatch(_expected_pattern(following[1]), printed.strip()), printed
             checked += 1
     assert checked >= 2
+
+
+# --- non-finite values are failures, never passes (issue #20, bug 10) --------------------------
+def _broken(kind: str):
+    """A field v = -x made non-finite: everywhere (NaN or inf) or in one row (row 1, NaN)."""
+
+    def v(x, t):
+        if kind == "nan":
+            return x * math.nan
+        if kind == "inf":
+            return x * math.inf
+        out = -x.clone()
+        out[1] = x[1] * math.nan
+        return out
+
+    return v
+
+
+class _BrokenPath(cnftools.OTPath):
+    """OT's conditional velocity made non-finite like ``_broken``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(0.1)
+        self.kind = kind
+
+    def conditional_velocity(self, x, t, x1):
+        return _broken(self.kind)(super().conditional_velocity(x, t, x1), t)
+
+
+_X4 = _draw((4, 2), 11)
+_FINE_LOG_P = lambda x, t: -0.5 * (x**2).sum(1)  # noqa: E731
+_CHECKS = {
+    "theorem3": lambda kind: assert_theorem3(_BrokenPath(kind), _X4, 0.5),
+    "divergence-given": lambda kind: assert_divergence_matches_jacobian(
+        _broken(kind), _X4, 0.5, torch.zeros(4, dtype=F64)
+    ),
+    "divergence-default": lambda kind: assert_divergence_matches_jacobian(_broken(kind), _X4, 0.5),
+    "generates-field": lambda kind: assert_generates(_FINE_LOG_P, _broken(kind), _X4, 0.5),
+    "generates-density": lambda kind: assert_generates(
+        lambda x, t: _broken(kind)(x, t).sum(1), lambda x, t: -x, _X4, 0.5
+    ),
+    "log-likelihood-field": lambda kind: assert_log_likelihood_close(
+        _broken(kind), _X4, torch.zeros(4, dtype=F64), config=SolverConfig("rk4", steps=2)
+    ),
+    "log-likelihood-expected": lambda kind: assert_log_likelihood_close(
+        lambda x, t: -x, _X4, _broken(kind)(_X4, 0.5)[:, 0], config=SolverConfig("rk4", steps=2)
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "one-nan-row"])
+@pytest.mark.parametrize("check", sorted(_CHECKS))
+def test_every_assertion_fails_on_non_finite_values(check, kind):
+    """A NaN compares False with any tolerance, so a check written as ``error > tol`` passed a
+    field returning NaN (``assert_divergence_matches_jacobian(lambda x, t: x * nan, x, 0.5,
+    zeros)`` did). Every assertion must fail, with an AssertionError that says what is not
+    finite (or that the solve could not be made)."""
+    with pytest.raises(AssertionError, match=r"not finite|non-finite"):
+        _CHECKS[check](kind)
+
+
+def test_the_log_likelihood_hint_names_both_suspects():
+    """The failure hint used to ask only whether the prior is the true p_0; a wrong field is as
+    likely (issue #21, item 7)."""
+    marginal = DATA_CASES["gaussian d=3"].marginal(cnftools.OTPath(0.1))
+    x = marginal.sample(3, 1.0, torch.Generator().manual_seed(8))
+    with pytest.raises(AssertionError) as info:
+        assert_log_likelihood_close(
+            lambda x, t: 1.2 * marginal(x, t), x, lambda x: marginal.log_prob(x, 1.0)
+        )
+    message = str(info.value)
+    assert "the field is wrong" in message and "true p_0" in message
+
+
+# --- a failing ODE property says that hypothesis is shrinking it (issue #21, item 7) ------------
+def _failing_ode_property(values):
+    """Fails for any list with a positive entry (not for the simplest, all-zero example, so that
+    hypothesis finds a failure by search and then shrinks it). The field v = -x has log p_1(x) =
+    log N(e x; 0, I) + 2; rk4 with 4 steps is within 1e-3 nats of it here (measured 8e-4), so
+    atol = 1e-2 passes the true value and fails the one shifted by 1 nat."""
+    x = _draw((2, 2), 5)
+    wrong = float(sum(values) > 0)
+    assert_log_likelihood_close(
+        lambda x, t: -x,
+        x,
+        lambda x: torch.distributions.Normal(0.0, 1.0).log_prob(x * math.e).sum(1) + 2.0 + wrong,
+        atol=1e-2,
+        config=SolverConfig("rk4", steps=4),
+    )
+
+
+def test_a_shrinking_ode_property_is_announced_on_stderr(capsys):
+    @settings(max_examples=20, database=None, deadline=None, derandomize=True)
+    @given(values=st.lists(st.integers(0, 100), min_size=3, max_size=6))
+    def prop(values):
+        _failing_ode_property(values)
+
+    with pytest.raises(AssertionError, match="does not match the closed form"):
+        prop()
+    err = capsys.readouterr().err
+    assert "hypothesis is shrinking the failing example" in err
+    assert "quick_settings()" in err
+
+
+def test_no_shrinking_notice_under_quick_settings(capsys):
+    @quick_settings(max_examples=20, database=None, derandomize=True)
+    @given(values=st.lists(st.integers(0, 100), min_size=3, max_size=6))
+    def prop(values):
+        _failing_ode_property(values)
+
+    with pytest.raises(AssertionError, match="does not match the closed form"):
+        prop()
+    assert "shrinking" not in capsys.readouterr().err
+
+
+def test_dir_lists_the_strategies():
+    """``dir(cnftools.testing)`` lists the lazily imported strategies (issue #21, item 9)."""
+    import cnftools.testing as kit
+
+    names = dir(kit)
+    assert {"quick_settings", "points", "mlp_fields", "assert_generates"} <= set(names)

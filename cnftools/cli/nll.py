@@ -29,6 +29,7 @@ from cnftools.cli.common import (
 )
 from cnftools.data import Dequantization
 from cnftools.nll import (
+    PerRow,
     RowsFailedError,
     dataset_nll,
     gaussian_baseline_nll,
@@ -151,6 +152,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="y = 2(x+u)/L - 1 scaling (default: the checkpoint's)",
     )
     p.add_argument(
+        "--bpd-dims",
+        type=int,
+        default=None,
+        metavar="D",
+        help="bits/dim for continuous data: report nll / (D ln 2), D the number of dimensions in "
+        "your convention (integer data with --dequantize get bits/dim over their own dimensions)",
+    )
+    p.add_argument(
         "--baselines",
         action="store_true",
         help="also report a full-covariance Gaussian and an independent per-dimension histogram, "
@@ -252,6 +261,17 @@ def _nll(args: argparse.Namespace, device: torch.device | None) -> int:
         args.centered if args.centered is not None else bool(stored and stored.get("centered"))
     )
     deq = None if levels is None else Dequantization(levels, args.dequantize_samples, centered)
+    if deq is None and args.centered is not None:
+        flag = "--centered" if args.centered else "--no-centered"
+        raise UsageError(
+            f"{flag} sets the scaling of dequantized integer data, but this run has no "
+            "dequantization (float data, or --dequantize 0): drop the flag, or pass --dequantize L"
+        )
+    if deq is not None and args.bpd_dims is not None:
+        raise UsageError(
+            "--bpd-dims is for continuous data; dequantized integer data get bits/dim over "
+            "their own dimensions: drop --bpd-dims"
+        )
     extras = None
     if (ckpt.extra or {}).get("conditional"):
         if args.dataset != "digits":
@@ -259,7 +279,7 @@ def _nll(args: argparse.Namespace, device: torch.device | None) -> int:
                 "--model is class-conditional (trained with --conditional on digit labels): "
                 "score it on --dataset digits, whose labels it needs"
             )
-        extras = {"y": digits_split_labels(args.split)}
+        extras = {"y": PerRow(digits_split_labels(args.split))}
     frame = dataset_nll(
         field,
         rows,
@@ -285,6 +305,7 @@ def _nll(args: argparse.Namespace, device: torch.device | None) -> int:
         progress=args.progress,
         run_id=args.run_id,
         num_threads=thread_count(args, device or torch.device("cpu")),
+        bpd_dims=args.bpd_dims,
     )
     if frame is None:  # a rank other than 0 under torchrun
         return 0
@@ -332,8 +353,8 @@ def _print_summary(summary: dict, deq: object, out: Path | None) -> None:
             f"probe part of the stderr {summary['probe_stderr']:.5f} nats ({summary.get('probes_per_row', '?')} probes/row)"
         )
     if "mean_bpd" in summary:
-        k = getattr(deq, "samples", 1)
-        print(f"mean bits/dim {summary['mean_bpd']:.4f} ± {summary['bpd_stderr']:.4f} (K = {k})")
+        how = f"K = {deq.samples}" if isinstance(deq, Dequantization) else "continuous density"
+        print(f"mean bits/dim {summary['mean_bpd']:.4f} ± {summary['bpd_stderr']:.4f} ({how})")
     print(
         f"total NFE {summary.get('total_nfe')}, {summary.get('rows_per_s', float('nan')):.1f} rows/s, "
         f"{summary.get('seconds', float('nan')):.1f} s"

@@ -1,7 +1,8 @@
 """Dataset negative log-likelihood: :func:`dataset_nll` and what it is made of.
 
 * :mod:`cnftools.nll.sources` — :func:`read_rows`: tensors, arrays, DataFrames, files, datasets,
-  data loaders and streams, read batch by batch;
+  data loaders and streams, read batch by batch; :class:`PerRow` and :class:`Shared`, the two
+  kinds of ``extras=`` values;
 * :mod:`cnftools.nll.units` — one unit (a batch and a probe round) through the solver;
 * :mod:`cnftools.nll.fingerprint` — content fingerprints of the field, prior and settings;
 * :mod:`cnftools.nll.store` — the chunk store: atomic files, the lock, resume checks;
@@ -19,15 +20,17 @@ from cnftools.nll.driver import dataset_nll
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint
 from cnftools.nll.frames import summarize
 from cnftools.nll.job import RowsFailedError
-from cnftools.nll.sources import Batch, RowSource, read_rows
+from cnftools.nll.sources import Batch, PerRow, RowSource, Shared, read_rows
 from cnftools.nll.store import ResumeError
 
 __all__ = [
     "Batch",
     "Dequantization",
+    "PerRow",
     "ResumeError",
     "RowSource",
     "RowsFailedError",
+    "Shared",
     "Unfingerprintable",
     "dataset_nll",
     "fingerprint",

@@ -15,6 +15,8 @@ References:
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
 import math
 import os
 import time
@@ -24,18 +26,26 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from cnftools._checks import check_int
+from cnftools._checks import SUPPORTED_DTYPES, check_device, check_int
 from cnftools._ode import SolverConfig, resolve_config
 from cnftools.data import Dequantization
-from cnftools.fields import accepts_keyword, check_extras
+from cnftools.fields import (
+    check_extras,
+    closed_form_divergence,
+    field_name,
+    required_keywords,
+    takes_labels,
+)
+from cnftools.likelihood import log_likelihood
 from cnftools.nll import distributed as dist
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint, settings_key
 from cnftools.nll.job import Job
-from cnftools.nll.sources import read_rows, tensor_digest
+from cnftools.nll.sources import Batch, PerRow, RowSource, Shared, read_rows, tensor_digest
 from cnftools.nll.store import ChunkStore, RunLock
 from cnftools.nll.units import Settings
 
@@ -53,30 +63,169 @@ def _prepare_field(v: object, device: torch.device, dtype: torch.dtype) -> Calla
     return v  # type: ignore[return-value]
 
 
+class _SharedBound:
+    """The field with the ``Shared`` extras bound as keywords, ``v(x, t, **shared, **per_row)``.
+
+    ``log_likelihood`` then never sees them, so no rule of its own (a tensor whose first
+    dimension is the batch is sliced when rows are solved again) can split them. A closed-form
+    divergence of the field is kept, with the same values bound.
+    """
+
+    def __init__(self, v: Callable[..., Tensor], shared: Mapping[str, Any]) -> None:
+        self.field, self.shared = v, dict(shared)
+        self.__qualname__ = field_name(v)  # error messages name the user's field
+        closed = closed_form_divergence(v)
+        if closed is not None:
+            self.divergence = lambda x, t, **extras: closed(x, t, **self.shared, **extras)
+
+    def __call__(self, x: Tensor, t: Tensor, **extras: Any) -> Tensor:
+        return self.field(x, t, **self.shared, **extras)
+
+
+def _bare_extra_error(key: str, value: object, n: int | None) -> ValueError:
+    """The error for a tensor or array in ``extras=`` that does not say how it is used."""
+    shape = tuple(value.shape)  # type: ignore[attr-defined]
+    wrap = (
+        f"wrap it as cnftools.nll.PerRow(...) to give data row i the value {key}[i] (sliced with "
+        f"every batch), or as cnftools.nll.Shared(...) to pass it whole to every call of the field"
+    )
+    if n is None:
+        return ValueError(
+            f"extras[{key!r}] is an array of shape {shape}: say how it is used. With a stream the "
+            f"number of rows is not known, so per-row values must come from the dataset's (x, y) "
+            f"items; to pass it whole to every call, wrap it as cnftools.nll.Shared(...)"
+        )
+    if shape[0] == n:
+        return ValueError(
+            f"extras[{key!r}] has {n} rows, as many as the data, so it could be per row or "
+            f"shared: {wrap}"
+        )
+    return ValueError(
+        f"extras[{key!r}] has {shape[0]} rows for {n} data rows: a per-row extra needs one "
+        f"entry per data row (cnftools.nll.PerRow(...) with {n} rows); if it is not per row, "
+        f"wrap it as cnftools.nll.Shared(...) to pass it whole to every call"
+    )
+
+
 def _split_extras(
     extras: Mapping[str, Any] | None, n: int | None
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``extras=`` as per-row tensors (first dimension ``n``) and constants (the rest)."""
+    """``extras=`` as per-row tensors (:class:`PerRow`) and values passed whole (the rest).
+
+    A tensor or array with a dimension must say which it is (:class:`PerRow` or
+    :class:`Shared`): its first dimension equalling the number of rows would otherwise decide,
+    and a shared table of ``N`` rows would be split silently.
+    """
     given = check_extras(extras)
-    per_row = {
-        k: val.detach()
-        for k, val in given.items()
-        if isinstance(val, Tensor) and val.dim() >= 1 and n is not None and val.shape[0] == n
-    }
-    if n is None and any(isinstance(val, Tensor) and val.dim() >= 1 for val in given.values()):
+    per_row: dict[str, Tensor] = {}
+    shared: dict[str, Any] = {}
+    for key, value in given.items():
+        if isinstance(value, PerRow):
+            per_row[key] = value.values
+        elif isinstance(value, Shared):
+            shared[key] = value.value
+        elif isinstance(value, Tensor | np.ndarray) and value.ndim >= 1:
+            raise _bare_extra_error(key, value, n)
+        else:
+            shared[key] = value
+    if per_row and n is None:
         raise ValueError(
-            "extras: with a streamed dataset the number of rows is not known, so a tensor cannot "
-            "be told per-row or constant; let the dataset yield (x, y) items for per-row values"
+            f"extras {sorted(per_row)}: PerRow values need the number of rows, which a stream "
+            "does not know in advance; let the dataset yield (x, y) items for per-row values"
         )
-    return per_row, {k: val for k, val in given.items() if k not in per_row}
+    return per_row, shared
+
+
+def _array_digest(value: np.ndarray) -> str:
+    h = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
+    h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()
 
 
 def _extras_identity(row_extras: dict[str, Tensor], constant: dict[str, Any]) -> str:
-    """Content of ``extras=`` for the run's identity (per-row tensors are hashed whole too)."""
-    parts = {k: tensor_digest(val) for k, val in row_extras.items()}
+    """Content of ``extras=`` for the run's identity (tensors and arrays hashed whole)."""
+    parts = {k: "per-row " + tensor_digest(val) for k, val in row_extras.items()}
     for key, val in constant.items():
-        parts[key] = tensor_digest(val) if isinstance(val, Tensor) else repr(val)
+        if isinstance(val, Tensor):
+            parts[key] = tensor_digest(val)
+        elif isinstance(val, np.ndarray) and val.dtype != object:
+            parts[key] = _array_digest(val)
+        else:
+            parts[key] = repr(val)
     return settings_key(parts)
+
+
+def _check_labels(
+    v: object, rows: RowSource, first: Batch, row_extras: Mapping[str, Tensor], shared: Mapping
+) -> Batch:
+    """Pass a dataset's ``(x, y)`` labels to a field that takes them, drop them for one that does
+    not (:func:`cnftools.fields.takes_labels`), and refuse a conditional field without labels."""
+    item_keys = sorted(set(first.extras) - set(row_extras))
+    if item_keys and not all(takes_labels(v, k) for k in item_keys):
+        # (x, label) items for a field that takes no label (an unconditional model on a
+        # labelled dataset): the labels do not enter log p(x), so they are not passed
+        rows.item_extras = False
+        first = rows.first(first.size)
+    given = set(first.extras) | set(shared)
+    if getattr(v, "conditional", None) is True and not given:
+        raise ValueError(
+            f"v ({field_name(v)}) is a conditional field (v.conditional is True) but the data "
+            "carries no labels: give a dataset of (x, y) items, or extras={'y': "
+            "cnftools.nll.PerRow(labels)}"
+        )
+    missing = [k for k in required_keywords(v) if k not in given]
+    if missing:
+        raise ValueError(
+            f"v ({field_name(v)}) requires the keyword argument(s) {missing}, which neither the "
+            f"data nor extras= gives: pass extras={{{missing[0]!r}: cnftools.nll.PerRow(...)}} "
+            "for one value per row, a Shared(...) or plain value for one value for all rows, or "
+            "a dataset of (x, y) items"
+        )
+    return first
+
+
+def _check_prior(prior: object, event: tuple[int, ...], s: Settings) -> None:
+    """The prior, checked before any solve: a ``Distribution`` over the data's event shape whose
+    draws and ``log_prob`` have the computation's dtype and device."""
+    if prior is None:
+        return
+    if not isinstance(prior, torch.distributions.Distribution):
+        raise TypeError(
+            f"prior must be None (the standard normal N(0, I)) or a "
+            f"torch.distributions.Distribution with event_shape {event}, got "
+            f"{type(prior).__name__} {prior!r:.40}"
+        )
+    if tuple(prior.event_shape) != event or tuple(prior.batch_shape) != ():
+        hint = ""
+        if tuple(prior.batch_shape) + tuple(prior.event_shape) == event:
+            hint = (
+                f"; wrap it as torch.distributions.Independent(prior, "
+                f"{len(event) - len(prior.event_shape)})"
+            )
+        raise ValueError(
+            f"prior must have event_shape {event} (the data's event shape) and batch_shape (), "
+            f"got event_shape {tuple(prior.event_shape)} and batch_shape "
+            f"{tuple(prior.batch_shape)}{hint}"
+        )
+    try:
+        with torch.no_grad():
+            draw = prior.sample((1,))
+    except NotImplementedError:  # a prior without sampling: its log_prob is checked per row
+        return
+    if draw.dtype != s.dtype:
+        raise TypeError(
+            f"prior samples {draw.dtype} but the run computes in {s.dtype}: build the prior in "
+            f"{s.dtype} (its log_prob would otherwise be promoted or fail)"
+        )
+    if draw.device != s.device:
+        raise ValueError(f"prior lives on {draw.device} but the run computes on {s.device}")
+    with torch.no_grad():
+        out = prior.log_prob(draw)
+    if not isinstance(out, Tensor) or out.shape != (1,) or out.dtype != s.dtype:
+        got = (out.dtype, tuple(out.shape)) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"prior.log_prob of one point must be a ({1},) tensor of {s.dtype}, got {got}"
+        )
 
 
 def _trial_call(
@@ -86,11 +235,25 @@ def _trial_call(
     event: tuple,
     row_extras: Mapping[str, Tensor],
 ) -> None:
-    """Evaluate the field once on a finite first row, so a wrong dimension fails before any work."""
+    """Evaluate the field once on a finite first row, so that a wrong dimension, dtype or
+    argument fails before any work (and, with dequantization, check that the rows are integers)."""
     first = first.to("cpu")
     finite = torch.isfinite(first.to(torch.float64)).reshape(first.shape[0], -1).all(dim=1)
     if not bool(finite.any()):
         return  # every row of the first batch is non-finite: each is reported in its status
+    if s.dequantization is not None:
+        values = first[finite].to(torch.float64)
+        fractional = (values != torch.round(values)).reshape(values.shape[0], -1).any(dim=1)
+        if bool(fractional.any()):
+            row = int(torch.nonzero(finite).flatten()[int(fractional.nonzero()[0])])
+            flat = first[row].reshape(-1).to(torch.float64)
+            value = float(flat[flat != torch.round(flat)][0])
+            raise ValueError(
+                f"dequantization={s.dequantization!r} needs integer data in "
+                f"0..{s.dequantization.levels - 1}, but data row {row} holds {value!r}: the "
+                "data look continuous (or already dequantized); drop dequantization= for "
+                "continuous data, or pass the integer values"
+            )
     x = first[finite][:1]
     extras = {**s.extras, **{k: val[finite][:1].to(s.device) for k, val in row_extras.items()}}
     if s.dequantization is not None:
@@ -112,6 +275,14 @@ def _trial_call(
             f"the field v maps data rows of shape {tuple(x.shape)} to {shape}; it must return the "
             f"input's shape (is the data's dimension {event} the one the field was built for?)"
         )
+    if out.dtype != x.dtype:
+        raise TypeError(
+            f"the field v returns {out.dtype} for data rows of {x.dtype}; it must return the "
+            f"input's dtype: convert the model (e.g. v.to({x.dtype})) or pass dtype= to compute "
+            "in the model's dtype"
+        )
+    if out.device != x.device:
+        raise ValueError(f"the field v returns a tensor on {out.device} for rows on {x.device}")
 
 
 def _infer_dtype(first: Tensor, v: object, deq: Dequantization | None) -> torch.dtype:
@@ -142,6 +313,12 @@ def _identity(v: object, prior: object, run_id: str | None, need: bool) -> dict[
         ) from error
 
 
+_SET_BY_DATASET_NLL = {
+    "v", "x", "prior", "config", "return_result", "extras", "divergence", "n_probes", "generator",
+}  # fmt: skip
+"""``log_likelihood`` arguments that ``dataset_nll`` sets itself (not allowed in solver_options)."""
+
+
 def _passed_options(solver_options: Mapping[str, Any] | None, noise: str) -> dict[str, Any]:
     """The keywords passed on to ``log_likelihood`` besides the config: ``noise`` when not the
     default, and the deprecated ``solver_options``. (They are recorded in the run's identity
@@ -162,6 +339,14 @@ def _passed_options(solver_options: Mapping[str, Any] | None, noise: str) -> dic
     given = dict(solver_options)
     if "noise" in given and "noise" in passed:
         raise ValueError("give noise= alone, not also in solver_options")
+    known = set(inspect.signature(log_likelihood).parameters) - _SET_BY_DATASET_NLL
+    unknown = sorted(str(k) for k in given if k not in known)
+    if unknown:
+        raise ValueError(
+            f"solver_options has unknown or reserved key(s) {unknown}: log_likelihood options "
+            f"that dataset_nll passes on are {sorted(known)}; solver settings go in "
+            "config=SolverConfig(...), probes in divergence=/n_probes=/noise="
+        )
     return {**given, **passed}
 
 
@@ -196,6 +381,7 @@ def dataset_nll(
     run_id: str | None = None,
     num_threads: int | None = None,
     extras: Mapping[str, Any] | None = None,
+    bpd_dims: int | None = None,
 ) -> pd.DataFrame | None:
     r"""Per-row log-likelihood of a dataset under a CNF, as a DataFrame.
 
@@ -262,25 +448,47 @@ def dataset_nll(
         num_threads: torch threads for the run, restored afterwards (default on CPU:
             :func:`cnftools.nll.distributed.choose_threads`, the idle cores of this process's
             share of the machine; elsewhere unchanged).
-        extras: keyword arguments of a conditional field, ``v(x, t, **extras)``. A tensor whose
-            first dimension is the number of rows ``N`` is per row: sliced with every batch (and
-            shard), part of each batch's content hash. Anything else is passed as is and is part
-            of the run's identity. A dataset that yields ``(x, y)`` items gives ``extras["y"]``
-            per row itself when the field takes a ``y`` argument (an unconditional field on a
-            labelled dataset ignores the labels); with a stream (``IterableDataset``), per-row
-            values must come that way.
+        extras: keyword arguments of a conditional field, ``v(x, t, **extras)``. A tensor or
+            array must say how it is used: :class:`~cnftools.nll.PerRow` ``(y)`` gives data row
+            ``i`` the value ``y[i]`` (``N`` rows, checked; sliced with every batch and shard,
+            part of each batch's content hash), :class:`~cnftools.nll.Shared` ``(table)`` passes
+            it whole to every call (never sliced). A bare tensor or array with a dimension is
+            refused, naming the extra (its first dimension equalling ``N`` must not decide).
+            Numbers, strings, 0-dim tensors and other objects are passed as they are. Shared
+            values are part of the run's identity (tensors and arrays hashed whole). A stream
+            (``DataLoader``, ``IterableDataset``) takes ``Shared`` values only; its per-row
+            values come as ``(x, y)`` items.
+        bpd_dims: bits/dim for continuous data: adds a ``bpd`` column :math:`= \mathrm{nll} /
+            (D \ln 2)` with :math:`D` = ``bpd_dims``, the number of dimensions the NLL is
+            shared over in your convention (e.g. ``C * H * W`` for images), and ``mean_bpd``
+            to the summary. Not with ``dequantization``, which adds ``bpd`` over the data's
+            own dimensions.
+
+    Labels of a dataset: a dataset (or loader) of ``(x, y)`` items gives ``y`` per row, passed
+    as ``v(x, t, y=...)`` when the field takes labels and dropped when it does not
+    (:func:`cnftools.fields.takes_labels`: a field's boolean ``conditional`` attribute decides,
+    as :class:`~cnftools.MLPField` and :class:`~cnftools.ConvField` have; otherwise a ``y``
+    parameter or ``**kwargs`` in its signature). A conditional field (``conditional`` is
+    ``True``, or a required parameter besides ``x`` and ``t``) on data without labels is an
+    error before any solve.
 
     Returns:
         On rank 0 (or without ``torch.distributed``): a DataFrame, one row per data row in input
         order, with columns ``index`` (position in ``data``), ``log_prob`` (nats), ``nll``
-        (:math:`-\log p`), ``bpd`` (with ``dequantization``), ``nfe`` (function evaluations of the
-        row's batch, summed over dequantization samples and probe rounds), ``stderr`` and
+        (:math:`-\log p`), ``bpd`` (with ``dequantization`` or ``bpd_dims``), ``nfe`` (function
+        evaluations of the row's batch, summed over dequantization samples and probe rounds),
+        ``stderr`` and
         ``rounds`` (Hutchinson), and ``status`` (``"ok"`` or the error text; failed rows have NaN
         values). ``frame.attrs["summary"]`` is :func:`~cnftools.summarize`'s dict;
         ``frame.attrs["run"]`` the settings and timing. Other ranks return ``None``.
 
     Raises:
-        ValueError, TypeError: bad arguments or data, before any solve. Failing rows do not raise:
+        ValueError, TypeError: bad arguments or data, before any solve: among them a prior that
+            is not a ``Distribution`` over the data's event shape in the computation's dtype, a
+            field whose output has another shape or dtype than its input (one trial call), half
+            precision, fractional data with ``dequantization``, an unusable ``device``, an extra
+            of the wrong length or not marked ``PerRow``/``Shared``, unknown ``solver_options``
+            keys, a conditional field without labels. Failing rows do not raise:
             a batch that fails is retried row by row, each failed row gets its error in
             ``status``, and a warning gives the count and the first error.
         cnftools.nll.RowsFailedError: every row failed (a ``RuntimeError``; the first error is
@@ -339,33 +547,50 @@ def dataset_nll(
         raise TypeError(
             f"dequantization must be a Dequantization(levels=..., samples=...), got {dequantization!r}"
         )
+    if bpd_dims is not None:
+        bpd_dims = check_int("bpd_dims", bpd_dims, low=1)
+        if dequantization is not None:
+            raise ValueError(
+                "bpd_dims is for continuous data; with dequantization= the bpd column is already "
+                "computed over the data's own dimensions: drop bpd_dims"
+            )
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     solver = resolve_config(
         config, method=method, rtol=rtol, atol=atol, step_size=step_size, steps=steps
     )
+    if device is not None:
+        device = check_device("device", device)
+    if not callable(v):
+        raise TypeError(f"v must be a callable velocity field v(x, t), got {type(v).__name__}")
     rank, world = dist.rank_and_world()
     rows = read_rows(data, columns)
     row_extras, constant_extras = _split_extras(extras, rows.n)
     rows.attach_extras(row_extras)
-    first_batch = rows.first(batch_size)
-    if first_batch.extras and not all(accepts_keyword(v, k) for k in first_batch.extras):
-        # (x, label) items for a field that takes no label (an unconditional model on a
-        # labelled dataset): the labels do not enter log p(x), so they are not passed
-        rows.item_extras = False
-        first_batch = rows.first(batch_size)
+    first_batch = _check_labels(v, rows, rows.first(batch_size), row_extras, constant_extras)
     first = first_batch.x
+    source = "dtype=" if dtype is not None else "inferred from the data and the field"
     dtype = dtype or _infer_dtype(first, v, dequantization)
-    device = torch.device(device) if device is not None else dist.default_device(first, v, world)
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"dataset_nll would compute in {dtype} ({source}); cnftools computes in float32 or "
+            "float64 only (half precision overflows the log-densities and the solver's "
+            "tolerances): pass dtype=torch.float32 or torch.float64 (rows are converted batch by "
+            "batch)"
+        )
+    device = device if device is not None else dist.default_device(first, v, world)
     identity = _identity(v, prior, run_id, need=out is not None and resume)
     identity["extras"] = _extras_identity(row_extras, constant_extras)
     count = num_threads if num_threads is not None else dist.choose_threads(device)
     with dist.threads(count):
         field = _prepare_field(v, device, dtype)
+        if constant_extras:
+            field = _SharedBound(field, constant_extras)
         settings = Settings(
             batch_size, divergence, n_probes, seed, solver, dequantization,
-            passed, prior, device, dtype, constant_extras,
+            passed, prior, device, dtype,
         )  # fmt: skip
+        _check_prior(prior, rows.event, settings)
         _trial_call(field, first, settings, rows.event, first_batch.extras)
         del first, first_batch
         run = {
@@ -379,6 +604,7 @@ def dataset_nll(
             "solver_options": {str(k): repr(val) for k, val in sorted(passed.items())},
         }  # fmt: skip
         job = Job(field, rows, settings, run, rank, world, progress)
+        job.bpd_dims = bpd_dims
         if out is None:
             return job.run(None, start_time, keep_chunks)
         lock = RunLock(Path(out))

@@ -23,13 +23,32 @@ import pandas as pd
 
 from cnftools.data import Dequantization
 
-__all__ = ["combine", "plan_rounds", "summarize"]
+__all__ = ["combine", "plan_rounds", "summarize", "with_bpd"]
+
+
+def with_bpd(frame: pd.DataFrame, dims: int | None) -> pd.DataFrame:
+    r"""``frame`` with a ``bpd`` column :math:`= \mathrm{nll} / (D \ln 2)` after ``nll`` (any
+    earlier one replaced); ``dims`` = :math:`D`, ``None`` removes the column."""
+    frame = frame.drop(columns="bpd", errors="ignore")
+    if dims is None:
+        return frame
+    frame.insert(
+        int(frame.columns.get_loc("nll")) + 1, "bpd", frame["nll"] / (dims * math.log(2.0))
+    )
+    return frame
 
 
 def combine(
-    units: pd.DataFrame, dim: int, deq: Dequantization | None, hutchinson: bool
+    units: pd.DataFrame,
+    dim: int,
+    deq: Dequantization | None,
+    hutchinson: bool,
+    bpd_dims: int | None = None,
 ) -> pd.DataFrame:
-    """Merge per-round unit rows into one row per data point (mean over its probe rounds)."""
+    """Merge per-round unit rows into one row per data point (mean over its probe rounds).
+
+    A ``bpd`` column comes with ``deq`` (over the data's ``dim`` values) or, for continuous data,
+    with ``bpd_dims`` (the user's count of dimensions)."""
     units = units.sort_values(["index", "round"], kind="stable")
     grouped = units.groupby("index", sort=True)
     rounds = grouped["round"].count()
@@ -46,6 +65,8 @@ def combine(
     frame["nll"] = -lp
     if deq is not None:
         frame["bpd"] = -lp / (dim * math.log(2.0))
+    elif bpd_dims is not None:
+        frame["bpd"] = -lp / (bpd_dims * math.log(2.0))
     frame["nfe"] = grouped["nfe"].sum().to_numpy(dtype=np.int64)
     if hutchinson:
         frame["stderr"] = np.where(bad, np.nan, np.sqrt(variance.to_numpy(dtype=np.float64)))
@@ -88,8 +109,8 @@ def summarize(frame: pd.DataFrame) -> dict[str, Any]:
     Over the ``ok`` rows (:math:`n` of them): ``mean_nll`` :math:`= -\frac1n\sum_i \log p(x_i)`,
     ``nll_stderr`` its sampling standard error :math:`\mathrm{sd}/\sqrt n`, ``probe_stderr``
     (Hutchinson only) the part due to the probes, :math:`\sqrt{\sum_i \mathrm{stderr}_i^2}/n`,
-    ``mean_bpd`` and ``bpd_stderr`` (with dequantization), ``total_nfe`` (summed over batches, not
-    rows), ``failures`` (rows whose status is not ``ok``), and from the run
+    ``mean_bpd`` and ``bpd_stderr`` (with a ``bpd`` column: ``dequantization`` or
+    ``bpd_dims``), ``total_nfe`` (summed over batches, not rows), ``failures`` (rows whose status is not ``ok``), and from the run
     (``frame.attrs["run"]``, when present) ``seconds``, ``rows_per_s``, ``probes_per_row`` (the
     most any row used), ``max_probes`` and ``target_met`` (with ``target_stderr``).
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from cnftools._progress import reporting, reporting_to
 from cnftools.nll import distributed as dist
-from cnftools.nll.frames import combine, plan_rounds, summarize
+from cnftools.nll.frames import combine, plan_rounds, summarize, with_bpd
 from cnftools.nll.sources import Batch, RowSource
 from cnftools.nll.store import ChunkStore, ResumeError
 from cnftools.nll.units import Settings, compute_unit
@@ -55,6 +55,7 @@ class Job:
         self.computed = 0
         self.first_error: BaseException | None = None
         self.digests: dict[int, str] = {}
+        self.bpd_dims: int | None = None  # bits/dim of continuous data (not part of the identity)
 
     def run(self, store: ChunkStore | None, start_time: float, keep_chunks: bool):
         complete = dist.broadcast(self.final_meta is not None, self.world)
@@ -188,6 +189,7 @@ class Job:
             math.prod(self.rows.event),
             self.s.dequantization,
             hutchinson,
+            self.bpd_dims,
         )
         n = self.rows.n
         if len(frame) != n or not np.array_equal(frame["index"].to_numpy(), np.arange(n)):
@@ -261,6 +263,8 @@ class Job:
                 "of the rows differs); pass overwrite=True to compute it again"
             )
         frame = store.read_final()
+        if self.s.dequantization is None:  # bits/dim of continuous data: as asked this time
+            frame = with_bpd(frame, self.bpd_dims)
         frame.attrs["run"] = self._run_attrs(frame, start_time, 0)
         frame.attrs["summary"] = summarize(frame)
         return frame

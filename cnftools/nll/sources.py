@@ -2,7 +2,8 @@ r"""Row sources for :func:`cnftools.dataset_nll`: every supported kind of data, 
 
 A :class:`RowSource` yields the rows of a dataset as consecutive batches ``(B, *event)`` in a fixed
 order, each with a dict of per-row *extras* (the labels of a dataset that yields ``(x, y)`` pairs,
-as ``{"y": y}``), and never holds more than one batch at a time. Two kinds:
+as ``{"y": y}``, and the :class:`PerRow` values of ``dataset_nll(extras=)``; :class:`Shared`
+values are passed whole), and never holds more than one batch at a time. Two kinds:
 
 * random access (a tensor, numpy array, DataFrame, ``.npy``/``.csv``/``.parquet`` file, map-style
   ``Dataset``): the number of rows :math:`N` is known and a batch that is not needed is not read;
@@ -18,8 +19,9 @@ Peak memory of a pass is :math:`O(\text{batch\_size} + \text{the loader's batch}
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +30,83 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "RowSource", "read_rows", "tensor_digest"]
+__all__ = ["Batch", "PerRow", "RowSource", "Shared", "read_rows", "tensor_digest"]
+
+
+class PerRow:
+    """An extra of :func:`cnftools.dataset_nll` with one value per data row: row ``i`` of the data
+    gets ``values[i]``, sliced with every batch (and shard) and part of each batch's content hash.
+
+    ``values`` is a tensor or a numeric numpy array whose first dimension is the number of data
+    rows ``N`` (checked before any solve). Labels that a dataset yields as ``(x, y)`` items are
+    per row already and need no wrapper.
+
+    Args:
+        values: ``(N, ...)`` values, one per data row.
+
+    Example:
+        >>> import torch
+        >>> PerRow(torch.tensor([0, 1, 1]))
+        PerRow(shape=(3,), dtype=torch.int64)
+    """
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: object) -> None:
+        self.values = _as_row_values(values, "PerRow(...)")
+
+    def __repr__(self) -> str:
+        return f"PerRow(shape={tuple(self.values.shape)}, dtype={self.values.dtype})"
+
+
+class Shared:
+    """An extra of :func:`cnftools.dataset_nll` passed whole to every call of the field (a lookup
+    table, a class-embedding matrix, a context tensor shared by all rows): never sliced, whatever
+    its shape, and part of the run's identity (hashed by content).
+
+    Args:
+        value: any value; typically a tensor or numpy array.
+
+    Example:
+        >>> import torch
+        >>> Shared(torch.zeros(3, 2))
+        Shared(shape=(3, 2))
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        if isinstance(value, PerRow | Shared):
+            raise TypeError(f"Shared(...) of a {type(value).__name__}: give the value itself")
+        self.value = value
+
+    def __repr__(self) -> str:
+        shape = getattr(self.value, "shape", None)
+        inner = f"shape={tuple(shape)}" if shape is not None else type(self.value).__name__
+        return f"Shared({inner})"
+
+
+def _as_row_values(values: object, what: str) -> Tensor:
+    """``values`` as a tensor with at least one dimension, or a clear error.
+
+    Numpy arrays in a non-native byte order are converted to the native one (their values are
+    kept); arrays of strings or objects are refused.
+    """
+    if isinstance(values, PerRow | Shared):
+        raise TypeError(f"{what} of a {type(values).__name__}: give the values themselves")
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(_native(values, f"{what} (it must hold numbers)"))
+    if not isinstance(values, Tensor):
+        raise TypeError(
+            f"{what} must be a tensor or numpy array with one value per data row, got "
+            f"{type(values).__name__}"
+        )
+    if values.dim() < 1:
+        raise ValueError(
+            f"{what} must have a first dimension with one entry per data row, got a 0-dim "
+            "tensor; a value shared by every row needs no wrapper (or use Shared(...))"
+        )
+    return values.detach()
 
 
 @dataclass
@@ -66,16 +144,51 @@ def tensor_digest(t: Tensor) -> str:
     return h.hexdigest()
 
 
-def _split_item(value: object, what: str) -> tuple[Tensor, dict[str, Tensor]]:
+def _native(array: np.ndarray, what: str) -> np.ndarray:
+    """A numeric array in the machine's byte order (values kept), or a ``TypeError`` naming
+    ``what`` for strings, objects and other non-numbers."""
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{what} is a numpy array of dtype {array.dtype}; expected numbers (bool, integer or "
+            "float)"
+        )
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return np.ascontiguousarray(array)
+
+
+def _item_tensor(value: object, what: str, where: str, part: str) -> Tensor:
+    """One part of an item (``x`` or ``y``) as a tensor, or an error naming the item."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, Mapping):
+        raise TypeError(
+            f"{what}: {where} is a dict (keys {sorted(map(str, value))[:5]}); dataset_nll reads "
+            "items x or (x, y): yield a tensor or a tuple, e.g. (item['x'], item['y'])"
+        )
+    if isinstance(value, np.ndarray):
+        value = _native(value, f"{what}: {part} of {where}")
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"{what}: {part} of {where} cannot be made a tensor ({error}); rows must be numeric "
+            "and all of one shape (ragged rows are not supported)"
+        ) from None
+
+
+def _split_item(
+    value: object, what: str, where: str = "an item"
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``x`` or ``(x, y)`` (or ``(x, y, ...)``: the rest is ignored) -> ``(x, {"y": y})``."""
     extras: dict[str, Tensor] = {}
     if isinstance(value, tuple | list):
         if not value:
-            raise ValueError(f"{what} yielded an empty tuple; expected x or (x, y)")
+            raise ValueError(f"{what}: {where} is an empty tuple; expected x or (x, y)")
         if len(value) > 1 and value[1] is not None:
-            extras["y"] = torch.as_tensor(value[1])
+            extras["y"] = _item_tensor(value[1], what, where, "y")
         value = value[0]
-    return torch.as_tensor(value), extras
+    return _item_tensor(value, what, where, "x"), extras
 
 
 def _check_rows(x: Tensor, what: str) -> Tensor:
@@ -86,6 +199,11 @@ def _check_rows(x: Tensor, what: str) -> Tensor:
         )
     if x.is_complex() or x.dtype == torch.bool:
         raise TypeError(f"{what} must hold real numbers, got dtype {x.dtype}")
+    if math.prod(x.shape[1:]) == 0:
+        raise ValueError(
+            f"{what} has rows with no values: event shape {tuple(x.shape[1:])} (a zero-size "
+            "dimension); a density needs at least one value per row"
+        )
     return x
 
 
@@ -113,23 +231,22 @@ class RowSource:
         self.item_extras = True  # False: the (x, y) items' y is not for the field (dropped)
 
     def attach_extras(self, row_extras: dict[str, Tensor]) -> None:
-        """Per-row extras given beside the data (``dataset_nll(..., extras=)``): tensors of first
-        dimension ``N``, sliced into every batch next to the data's own extras."""
+        """Per-row extras given beside the data (``dataset_nll(..., extras={k: PerRow(...)})``):
+        tensors of first dimension ``N``, sliced into every batch next to the data's own extras."""
         if row_extras and self.n is None:
             raise ValueError(
-                f"extras: per-row tensors need the number of rows, which a stream ({self.what}) "
+                f"extras: PerRow values need the number of rows, which a stream ({self.what}) "
                 "does not know in advance; let the dataset yield (x, y) items instead"
             )
         for key, value in row_extras.items():
             if value.shape[0] != self.n:
                 raise ValueError(
-                    f"extras[{key!r}] has {value.shape[0]} rows, {self.what} has {self.n}"
+                    f"extras[{key!r}] has {value.shape[0]} rows for {self.n} data rows "
+                    f"({self.what}); a PerRow extra needs exactly one entry per data row"
                 )
         self.row_extras = dict(row_extras)
 
     def _with_row_extras(self, batch: Batch) -> Batch:
-        if not self.item_extras and batch.extras:
-            batch = replace(batch, extras={})
         if not self.row_extras or batch.x is None:
             return batch
         clash = sorted(set(self.row_extras) & set(batch.extras))
@@ -154,7 +271,7 @@ class RowSource:
                     yield Batch(b, start, stop - start, None)
                     continue
                 x, extras = self._get(start, stop)
-                batch = Batch(b, start, stop - start, self._checked(x, start), extras)
+                batch = Batch(b, start, stop - start, self._checked(x, start), self._kept(extras))
                 yield self._with_row_extras(batch)
             return
         yield from self._rebatch(batch_size)
@@ -167,6 +284,7 @@ class RowSource:
         for x, extra in self._stream():
             if start == held == 0 and x.shape[0]:
                 self._check_restarted(x[:1])
+            self._check_item_rows(x, extra, start + held)
             while x.shape[0]:
                 take = min(batch_size - held, x.shape[0])
                 xs.append(x[:take])
@@ -185,6 +303,18 @@ class RowSource:
                 "stream must yield the same rows in the same order on every pass"
             )
         self.n = start
+
+    def _check_item_rows(self, x: Tensor, extra: dict[str, Tensor], start: int) -> None:
+        """A stream's ``(x, y)`` item must give one ``y`` per row of ``x``."""
+        for key, value in extra.items():
+            if value.dim() < 1 or value.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"{self.what}: the item holding rows {start}..{start + x.shape[0] - 1} has "
+                    f"{key} of shape {tuple(value.shape)} for {x.shape[0]} rows of x; each row "
+                    f"needs its own {key}"
+                )
+        if tuple(x.shape[1:]) != self.event:
+            self._checked(x, start)
 
     def _check_restarted(self, row: Tensor) -> None:
         """Every pass must start at the same first row: a one-shot iterator would silently skip."""
@@ -205,7 +335,11 @@ class RowSource:
         if any(set(e) != keys for e in extras):
             raise ValueError(f"{self.what}: some items are (x, y) pairs and some are not")
         joined = {k: torch.cat([e[k] for e in extras]) for k in sorted(keys)}
-        return Batch(b, start, x.shape[0], self._checked(x, start), joined)
+        return Batch(b, start, x.shape[0], self._checked(x, start), self._kept(joined))
+
+    def _kept(self, extras: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The items' own extras, or none when they are not for the field (``item_extras``)."""
+        return extras if self.item_extras else {}
 
     def _checked(self, x: Tensor, start: int) -> Tensor:
         if tuple(x.shape[1:]) != self.event:
@@ -248,6 +382,10 @@ def _from_frame(frame: pd.DataFrame, columns: Sequence[str] | None, what: str) -
     else:
         if isinstance(columns, str):
             raise TypeError("columns must be a list of column names, not a single string")
+        columns = list(columns)
+        repeated = sorted({str(c) for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise ValueError(f"columns lists {repeated} more than once; give each data column once")
         missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise ValueError(
@@ -258,7 +396,7 @@ def _from_frame(frame: pd.DataFrame, columns: Sequence[str] | None, what: str) -
         if bad:
             raise TypeError(f"columns {bad} of {what} are not numeric")
     values = frame[list(columns)].to_numpy()
-    return _from_tensor(torch.from_numpy(np.ascontiguousarray(values)), what)
+    return _from_tensor(torch.from_numpy(_native(values, what)), what)
 
 
 def _from_dataset(dataset: torch.utils.data.Dataset, what: str) -> RowSource:
@@ -267,10 +405,24 @@ def _from_dataset(dataset: torch.utils.data.Dataset, what: str) -> RowSource:
         raise ValueError(f"{what} (a Dataset) is empty")
 
     def get(a: int, b: int) -> tuple[Tensor, dict[str, Tensor]]:
-        items = [_split_item(dataset[i], what) for i in range(a, b)]
+        items = [_split_item(dataset[i], what, f"item {i}") for i in range(a, b)]
+        shapes = {tuple(i[0].shape) for i in items}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"{what}: items {a}..{b - 1} have rows of different shapes {sorted(shapes)[:4]}; "
+                "every row must have the same event shape (ragged rows are not supported)"
+            )
         x = torch.stack([i[0] for i in items])
         keys = set(items[0][1])
-        return x, {k: torch.stack([i[1][k] for i in items]) for k in sorted(keys)}
+        if any(set(i[1]) != keys for i in items):
+            raise ValueError(f"{what}: items {a}..{b - 1}: some are (x, y) pairs and some are not")
+        try:
+            extras = {k: torch.stack([i[1][k] for i in items]) for k in sorted(keys)}
+        except RuntimeError as error:
+            raise ValueError(
+                f"{what}: the labels y of items {a}..{b - 1} differ in shape ({error})"
+            ) from None
+        return x, extras
 
     first, _ = get(0, 1)
     return RowSource(tuple(first.shape[1:]), n, get, what=what)
@@ -281,8 +433,8 @@ def _from_stream(data: object, what: str) -> RowSource:
     batched = isinstance(data, torch.utils.data.DataLoader) and data.batch_sampler is not None
 
     def stream() -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-        for value in data:  # type: ignore[attr-defined]
-            x, extras = _split_item(value, what)
+        for i, value in enumerate(data):  # type: ignore[attr-defined]
+            x, extras = _split_item(value, what, f"{'batch' if batched else 'item'} {i}")
             if not batched:  # items are single rows
                 x, extras = x[None], {k: v[None] for k, v in extras.items()}
             yield _check_rows(x, what), extras
@@ -310,14 +462,14 @@ def _from_path(path: Path, columns: Sequence[str] | None, what: str) -> RowSourc
             raise ValueError(
                 f"{what} file {os.fspath(path)!r} is not a numeric .npy: {error}"
             ) from None
-        if array.dtype == object or array.ndim < 2:
+        if array.dtype.kind not in "biuf" or array.ndim < 2:
             raise ValueError(
                 f"{what} file {os.fspath(path)!r} must hold a numeric array (N, *event), got "
                 f"dtype {array.dtype} shape {array.shape}"
             )
 
         def get(a: int, b: int) -> tuple[Tensor, dict[str, Tensor]]:  # memory-mapped reads
-            return torch.from_numpy(np.array(array[a:b])), {}  # a writable copy
+            return torch.from_numpy(_native(np.array(array[a:b]), what)), {}  # a writable copy
 
         return RowSource(tuple(array.shape[1:]), int(array.shape[0]), get, what=what)
     if suffix == ".csv":
@@ -360,9 +512,7 @@ def read_rows(
     if isinstance(data, Tensor):
         return _from_tensor(data, what)
     if isinstance(data, np.ndarray):
-        if data.dtype == object:
-            raise TypeError(f"{what} is a numpy array of objects; expected numbers")
-        return _from_tensor(torch.from_numpy(np.ascontiguousarray(data)), what)
+        return _from_tensor(torch.from_numpy(_native(data, what)), what)
     if isinstance(data, pd.DataFrame):
         return _from_frame(data, columns, what)
     if isinstance(data, str | os.PathLike):

@@ -90,3 +90,9 @@ def __getattr__(name: str) -> Any:
             "pip install hypothesis (the assertions work without it)"
         ) from error
     return getattr(strategies, name)
+
+
+def __dir__() -> list[str]:
+    """The module's names with the lazily imported strategies (listed whether or not hypothesis
+    is installed; using one without it raises an ImportError that says so)."""
+    return sorted(set(globals()) | set(__all__))

@@ -1,7 +1,9 @@
 r"""Explaining assertions for users' own test suites (no ``hypothesis`` needed).
 
 Each raises ``AssertionError`` with a message that explains the failure: the worst batch row, the
-numbers on both sides and the tolerance.
+numbers on both sides and the tolerance. A NaN or inf (in the field, its Jacobian, the density or
+the expected value, even in one row) is a failure, never a pass: it is checked before any
+tolerance test, since a comparison with NaN is False.
 
 - :func:`assert_theorem3`: :math:`\tfrac{d}{dt}\psi_t(x_0) = u_t(\psi_t(x_0)|x_1)` for a path;
 - :func:`assert_generates`: the continuity equation (log form) for a density ``log_prob`` and a
@@ -19,6 +21,9 @@ Theory sections cited here (pages under ``docs/theory/``):
 from __future__ import annotations
 
 import math
+import os
+import sys
+import time
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -26,7 +31,7 @@ import torch
 from torch import Tensor
 
 from cnftools._checks import as_time, check_batched, check_tolerance, quiet_jvp
-from cnftools._ode import SolverConfig
+from cnftools._ode import SolverConfig, SolverError
 from cnftools.continuity import continuity_terms
 from cnftools.divergences import divergence as exact_divergence
 from cnftools.divergences import jacobian
@@ -83,6 +88,9 @@ def assert_theorem3(
     t = torch.as_tensor(t, dtype=x1.dtype, device=x1.device).expand(x1.shape[0]).clone()
     psi, dpsi = quiet_jvp(lambda s: path.flow_map(x0, s, x1), (t,), (torch.ones_like(t),))
     u = path.conditional_velocity(psi, t, x1)
+    _require_finite(f"ψ_t(x0) of {path!r}", psi, t)
+    _require_finite(f"dψ_t/dt of {path!r}", dpsi, t)
+    _require_finite(f"u_t(ψ_t|x1) of {path!r}", u, t)
     scale = float(u.abs().max().clamp_min(torch.finfo(u.dtype).tiny))
     per_row = (dpsi - u).reshape(x1.shape[0], -1).abs().max(dim=1).values
     error = float(per_row.max()) / scale
@@ -100,6 +108,23 @@ def _time_batch(t: float | Tensor, x: Tensor) -> Tensor:
 
 def _row_message(row: int, t: Tensor) -> str:
     return f"row {row} (t = {float(t[row]):.6g})"
+
+
+def _require_finite(what: str, value: object, t: Tensor | None) -> None:
+    """Fail (``AssertionError``) when ``value`` has a NaN or inf, naming the rows: a comparison
+    with NaN is False, so a non-finite value must never reach a tolerance test."""
+    if not isinstance(value, Tensor) or value.dim() == 0:
+        return
+    bad = ~torch.isfinite(value.detach()).reshape(value.shape[0], -1).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        first = int(rows[0])
+        where = f"row {first}" if t is None else _row_message(first, t)
+        raise AssertionError(
+            f"{what} is not finite (NaN or inf) in {rows.numel()} of {value.shape[0]} rows, "
+            f"first at {where}: nothing can be compared there; the field (or what it is checked "
+            "against) is broken at these points"
+        )
 
 
 def jacobian_trace(v: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor) -> Tensor:
@@ -205,7 +230,10 @@ def assert_divergence_matches_jacobian(
             f"{source} has shape {tuple(got.shape)}; a divergence must have shape (B,) = "
             f"({x.shape[0]},)"
         )
+    with torch.no_grad():
+        _require_finite("the field v(x, t)", v(x, tt), tt)
     jac, trace = _full_jacobian(v, x, tt)
+    _require_finite("the field's Jacobian ∂v/∂x (from autograd)", jac, tt)
     got = got.to(trace.dtype)
     d = jac.shape[1]
     scale = torch.maximum(trace.abs(), jac.abs().amax(dim=(1, 2)) * d)
@@ -292,12 +320,22 @@ def assert_generates(
     tt = _time_batch(t, x)
     if rtol is None:
         rtol = _default_tolerance(x.dtype, 1e-9, 1e-3)
-    terms = continuity_terms(log_prob, v, x, tt, divergence=divergence)
+    try:
+        terms = continuity_terms(log_prob, v, x, tt, divergence=divergence)
+    except ValueError as error:
+        if "non-finite" not in str(error):
+            raise
+        raise AssertionError(
+            f"the continuity equation cannot be checked: {error} (at t = {float(tt[0]):.6g}); "
+            "the field or the density is broken at these points"
+        ) from error
     residual, scale = terms.residual, terms.scale
     relative = torch.where(
         scale > 0, residual.abs() / torch.where(scale > 0, scale, torch.ones_like(scale)), 0
     )
-    relative = torch.nan_to_num(relative, nan=math.inf)
+    # a NaN or inf anywhere is a failure, never a pass (a comparison with NaN is False)
+    finite = torch.isfinite(residual) & torch.isfinite(scale)
+    relative = torch.where(finite, torch.nan_to_num(relative, nan=math.inf), math.inf)
     if bool((relative > rtol).any()):
         row = int(relative.argmax())
         raise AssertionError(
@@ -308,6 +346,39 @@ def assert_generates(
             f"v·grad log p = {float(terms.transport[row]):.10g} "
             f"({int((relative > rtol).sum())} of {x.shape[0]} rows fail)"
         )
+
+
+_FAILURES: dict[str, list[float]] = {}  # test id -> [failed ODE checks, seconds spent in them]
+SHRINK_NOTICE_AFTER = 3
+"""Failures of an ODE-backed assertion within one test after which the kit says, on stderr, that
+hypothesis is shrinking (a first failure and its final replay make two even without shrinking)."""
+
+
+def _say_when_shrinking(assertion: str, seconds: float) -> None:
+    """Inside a hypothesis test, print on stderr what is happening when an ODE-backed assertion
+    keeps failing: hypothesis is shrinking the example, one ODE solve per attempt, which can take
+    minutes without a word. Printed at the third failure of the test and then every 20."""
+    try:
+        from hypothesis.control import currently_in_test_context
+    except ImportError:  # hypothesis is optional
+        return
+    if not currently_in_test_context():
+        return
+    key = os.environ.get("PYTEST_CURRENT_TEST", "").removesuffix(" (call)")
+    count, spent = _FAILURES.get(key, [0, 0.0])
+    count, spent = count + 1, spent + seconds
+    _FAILURES[key] = [count, spent]
+    if count < SHRINK_NOTICE_AFTER or (count - SHRINK_NOTICE_AFTER) % 20:
+        return
+    test = f" in {key}" if key else ""
+    print(
+        f"cnftools.testing: {assertion} has failed {count} times{test} ({spent:.1f} s of ODE "
+        "solves): hypothesis is shrinking the failing example, one solve per attempt, which can "
+        "take minutes. To get the first failure at once, decorate the test with "
+        "@cnftools.testing.quick_settings() above @given.",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _describe(options: Mapping[str, object]) -> str:
@@ -372,7 +443,11 @@ def assert_log_likelihood_close(
     Raises:
         AssertionError: naming the worst row, both log-likelihoods and their difference, the
             pieces of the computed value (:math:`\log\pi(z_0)` and :math:`\int \nabla\cdot v`), the
-            number of field evaluations and the solver settings.
+            number of field evaluations and the solver settings; also when ``expected`` is not
+            finite or the solve fails (e.g. the field returns NaN), with the solver's message.
+            Inside a hypothesis test that keeps failing here (shrinking, one ODE solve per
+            attempt), a line on stderr says so and points at :func:`quick_settings
+            <cnftools.testing.strategies.quick_settings>`, from the third failure of the test on.
 
     Example:
         >>> import torch, cnftools
@@ -414,9 +489,18 @@ def assert_log_likelihood_close(
             f"expected has shape {tuple(expected.shape)}; need one log-density per row, "
             f"shape (B,) = ({x.shape[0]},)"
         )
+    _require_finite("expected", expected[:, None], None)
+    started = time.perf_counter()
     with torch.no_grad():
         extra = {} if generator is None else {"generator": generator}
-        result = log_likelihood(v, x, prior, return_result=True, **options, **extra)
+        try:
+            result = log_likelihood(v, x, prior, return_result=True, **options, **extra)
+        except SolverError as error:
+            _say_when_shrinking("assert_log_likelihood_close", time.perf_counter() - started)
+            raise AssertionError(
+                f"the ODE log-likelihood of the field could not be computed ({_describe(options)})"
+                f": {error}"
+            ) from error
     got = result.log_prob.detach()
     expected = expected.to(device=got.device, dtype=got.dtype)
     difference = got - expected
@@ -424,6 +508,7 @@ def assert_log_likelihood_close(
     if bool((excess > 0).any()):
         row = int(excess.argmax())
         settings = _describe(options)
+        _say_when_shrinking("assert_log_likelihood_close", time.perf_counter() - started)
         raise AssertionError(
             f"log-likelihood does not match the closed form at row {row}: ODE log p_1(x) = "
             f"{float(got[row]):.10g}, expected {float(expected[row]):.10g}, |difference| = "
@@ -431,5 +516,6 @@ def assert_log_likelihood_close(
             f"{rtol:.1e}·{float(expected[row].abs()):.3g}; computed as log prior(z0) = "
             f"{float(result.log_prior[row]):.10g} minus ∫div v dt = "
             f"{float(result.divergence_integral[row]):.10g}, {result.nfe.forward} field "
-            f"evaluations ({settings}); is the prior the true p_0 of this field?"
+            f"evaluations ({settings}). Either the field is wrong (it does not carry the prior "
+            f"to this density) or the prior is not the true p_0 of this field"
         )

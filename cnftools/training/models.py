@@ -179,6 +179,11 @@ class Conditioning(nn.Module):
             "class_features": self.class_features,
         }
 
+    @property
+    def conditional(self) -> bool:
+        """Whether the field takes a condition ``y`` (``num_classes`` or ``cond_dim`` given)."""
+        return self.num_classes is not None or self.cond_dim is not None
+
     def describe(self) -> str:
         if self.num_classes is not None:
             return f", num_classes={self.num_classes}"
@@ -386,6 +391,12 @@ class MLPField(nn.Module):
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
+    @property
+    def conditional(self) -> bool:
+        """Whether this field takes labels ``y`` (built with ``num_classes=`` or ``cond_dim=``).
+        :func:`cnftools.dataset_nll` reads it to pass a labelled dataset's ``y`` or drop it."""
+        return self.conditioning.conditional
+
     def forward(self, x: Tensor, t: float | Tensor, y: Tensor | None = None) -> Tensor:
         """Evaluate :math:`v_\\theta(x, t[, y])`; ``x`` is ``(B, *event)``, the result has its shape.
 
@@ -558,6 +569,12 @@ class ConvField(nn.Module):
             nn.init.zeros_(last.bias)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether this field takes labels ``y`` (built with ``num_classes=`` or ``cond_dim=``).
+        :func:`cnftools.dataset_nll` reads it to pass a labelled dataset's ``y`` or drop it."""
+        return self.conditioning.conditional
 
     def forward(self, x: Tensor, t: float | Tensor, y: Tensor | None = None) -> Tensor:
         """Evaluate :math:`v_\\theta(x, t[, y])` on images ``x`` of shape ``(B, C, H, W)``."""
