@@ -789,26 +789,32 @@ def _to_accuracy(
     z0, x = solve.z[i0], solve.z[i1]
     certified = _certificate(log_prob.detach(), previous, fine)
     batch = start.shape[0]
+    stopped = ""
     while True:
         todo = (certified > target).nonzero().flatten()
         if todo.numel() == 0 or fine.rtol <= floor:
             break
-        fine = fine.tightened(ACCURACY_STEP, floor)
-        sub = _one_solve(
-            v,
-            start[todo],
-            prior,
-            grid,
-            strategy.subset(todo),
-            fine,
-            params,
-            reverse=reverse,
-            graph=graph,
-            nfe=nfe,
-            phase="forward",
-            context=context,
-            extras=select_extras(extras, batch, todo),
-        )
+        tighter = fine.tightened(ACCURACY_STEP, floor)
+        try:
+            sub = _one_solve(
+                v,
+                start[todo],
+                prior,
+                grid,
+                strategy.subset(todo),
+                tighter,
+                params,
+                reverse=reverse,
+                graph=graph,
+                nfe=nfe,
+                phase="forward",
+                context=context,
+                extras=select_extras(extras, batch, todo),
+            )
+        except SolverError as error:  # the rows keep the value and certificate they have
+            stopped = f"; a {tighter.rtol:g} solve failed: {error}"
+            break
+        fine = tighter
         sub_solve, sub_prior, sub_probe, sub_log_prob = sub
         sub_certified = _certificate(sub_log_prob.detach(), log_prob[todo].detach(), fine)
         certified = certified.index_copy(0, todo, sub_certified)
@@ -820,10 +826,11 @@ def _to_accuracy(
     _check_result("log p_1", log_prob, context)
     missed = certified > target
     if bool(missed.any()):
+        reason = stopped or f" at the tolerance floor {floor:g}"
         warnings.warn(
             f"{context}: accuracy={target:g} not certified for {int(missed.sum())} of {batch} rows "
-            f"at the tolerance floor {floor:g} (largest certified error "
-            f"{float(certified.max()):.3g}); see result.error_estimate",
+            f"(largest certified error {float(certified.max()):.3g}; see result.error_estimate)"
+            f"{reason}",
             RuntimeWarning,
             stacklevel=3,
         )

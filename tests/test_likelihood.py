@@ -895,3 +895,24 @@ def test_float32_accuracy_within_reach_is_met() -> None:
     )
     assert bool(((result.log_prob.double() - exact).abs() <= 1e-4).all())
     assert result.config.rtol >= 4 * torch.finfo(torch.float32).eps
+
+
+def test_accuracy_keeps_the_certificate_it_has_when_a_tighter_solve_fails(monkeypatch) -> None:
+    """A refinement round that cannot be solved (here: made to fail) leaves the rows with the value
+    and certificate of the last solve, and the warning says why they are not certified."""
+    monkeypatch.setattr("cnftools._ode.ACCURACY_PLAN", ((0.0, "dopri5", 300.0),))
+    marginal, x, exact = _gaussian_case(2, 8, seed=1)
+    calls = {"n": 0}
+    original = likelihood_module._one_solve
+
+    def failing_third(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            raise cnftools.SolverError("made to fail")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(likelihood_module, "_one_solve", failing_third)
+    with pytest.warns(RuntimeWarning, match="not certified .* solve failed: made to fail"):
+        result = cnftools.log_likelihood(_Opaque(marginal), x, accuracy=1e-9, return_result=True)
+    error = (result.log_prob - exact).abs()
+    assert bool((error <= result.error_estimate + 1e-13).all())  # still an honest certificate
