@@ -7,6 +7,7 @@ Conventions (fixed for the whole package): time runs from ``t = 0`` (noise, ``N(
 
 from cnftools import flows, interop
 from cnftools._ode import SolverConfig, SolverError
+from cnftools._version import VERSION
 from cnftools.continuity import continuity_relative_residual, continuity_residual
 from cnftools.data import Dequantization
 from cnftools.divergences import DivergenceResult, divergence, velocity_and_divergence
@@ -25,7 +26,8 @@ from cnftools.training import load_checkpoint, minibatch_ot_pairing, save_checkp
 from cnftools.training.models import ConvField, MLPField
 from cnftools.training.objectives import cfm_loss, fm_loss
 
-__version__ = "0.1.0"
+__version__ = VERSION
+
 
 __all__ = [
     "AffineGaussianPath",

@@ -139,3 +139,109 @@ def test_nll_bits_per_dim_of_continuous_data(trained, capsys):
     bpd = float(out.split("mean bits/dim ")[1].split()[0])
     assert bpd == pytest.approx(nll / (2 * np.log(2)), abs=1e-4)
     assert "(continuous density)" in out
+
+
+# --- issue 20: errors before work, damaged files, a full disk ------------------------------------
+@pytest.mark.parametrize(
+    ("hidden", "needles"),
+    [
+        ("abc", ["--hidden 'abc'", "positive integers"]),
+        ("8,0", ["--hidden '8,0'", "positive integers"]),
+        ("1000000,1000000", ["--hidden 1000000,1000000", "parameters", "GiB"]),
+    ],
+)
+def test_train_hidden_is_checked_before_anything_is_built(
+    trained, tmp_path, capsys, monkeypatch, hidden, needles
+):
+    """Today's main: a ValueError text for 'abc'; a 4 TB allocation attempted for 10**6 widths."""
+    import cnftools.cli.train as train
+
+    _, data = trained
+    built = train.MLPField
+
+    def only_on_meta(*args, **kwargs):
+        if kwargs.get("device") != "meta":
+            raise AssertionError("a model was built before --hidden was checked")
+        return built(*args, **kwargs)
+
+    monkeypatch.setattr(train, "MLPField", only_on_meta)
+    out = tmp_path / "m.pt"
+    code = main(
+        ["train", "--data", str(data), "--out", str(out), "--hidden", hidden, "--steps", "1"]
+    )
+    assert code == 2
+    _one_line_error(capsys, *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--out", "{out}", "--resume", "--overwrite"], ["--resume", "--overwrite", "contradict"]),
+        (["--resume"], ["--resume needs --out"]),
+        (["--overwrite"], ["--overwrite needs --out"]),
+    ],
+    ids=["resume-and-overwrite", "resume-without-out", "overwrite-without-out"],
+)
+def test_nll_flags_that_cannot_apply_are_refused(trained, tmp_path, capsys, flags, needles):
+    """Today's main ignored --resume with --overwrite (and both without --out) silently."""
+    ckpt, data = trained
+    out = tmp_path / "nll.parquet"
+    flags = [f.format(out=out) for f in flags]
+    code = main(["nll", "--model", str(ckpt), "--data", str(data), *flags, *SOLVER])
+    assert code == 2
+    _one_line_error(capsys, *needles)
+    assert not out.exists()
+
+
+def test_nll_out_naming_a_directory_is_not_a_resume_hint(trained, tmp_path, capsys):
+    ckpt, data = trained
+    folder = tmp_path / "results.parquet"
+    folder.mkdir()
+    code = main(["nll", "--model", str(ckpt), "--data", str(data), "--out", str(folder), *SOLVER])
+    assert code == 2
+    line = _one_line_error(capsys, "is a directory")
+    assert "resume" not in line
+
+
+def test_nll_refuses_a_checkpoint_with_a_flipped_byte(trained, tmp_path, capsys):
+    """Today's main ran on it (its weights changed by a flipped byte)."""
+    import zipfile
+
+    ckpt, data = trained
+    raw = bytearray(ckpt.read_bytes())
+    with zipfile.ZipFile(ckpt) as archive:  # a byte inside the first tensor's data
+        info = next(i for i in archive.infolist() if "/data/" in i.filename)
+    header = 30 + len(info.filename.encode()) + len(info.extra)  # local file header
+    raw[info.header_offset + header + info.compress_size // 2] ^= 0x10
+    model = tmp_path / "model.pt"
+    model.write_bytes(bytes(raw))
+    assert main(["nll", "--model", str(model), "--data", str(data), *SOLVER]) == 2
+    _one_line_error(capsys, "--model", "damaged")
+
+
+def test_train_on_a_full_disk_keeps_the_model_and_says_where(
+    trained, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    import cnftools
+    import cnftools.cli.train as train
+
+    _, data = trained
+    out = tmp_path / "m.pt"
+    real = train.save_checkpoint
+
+    def full_disk(file, *args, **kwargs):
+        if str(file) == str(out):
+            raise OSError(errno.ENOSPC, f"could not write the checkpoint {str(out)!r}: No space")
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    monkeypatch.setattr(train.tempfile, "gettempdir", lambda: str(tmp_path))
+    code = main(["train", "--data", str(data), "--out", str(out), "--hidden", "4", "--steps", "1",
+                 "--no-progress"])  # fmt: skip
+    assert code == 1
+    line = _one_line_error(capsys, "m.pt", "No space", "saved to")
+    saved = tmp_path / line.split("saved to '")[1].split("'")[0]
+    assert cnftools.load_checkpoint(saved).field.config()["hidden"] == [4]

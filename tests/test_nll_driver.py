@@ -937,3 +937,145 @@ def test_big_endian_data_gives_the_frame_of_native_data(form, tmp_path):
         swapped = tmp_path / "rows.npy"
     kw = dict(batch_size=4, **FAST)
     pd.testing.assert_frame_equal(dataset_nll(field, swapped, **kw), dataset_nll(field, x, **kw))
+
+
+# Resume never mixes two models: the issue's reproducers, through dataset_nll(resume=True)
+class _Killed(BaseException):
+    """Stands for a kill: not an Exception, so dataset_nll does not record it as a row failure."""
+
+
+def _interrupted(field, x, out, units: int, **kwargs) -> None:
+    """Run dataset_nll and stop it (as a kill would) after ``units`` units are on disk."""
+    import cnftools.nll.store as store
+
+    original = store.ChunkStore.write_unit
+    count = {"n": 0}
+
+    def write_then_stop(self, *args, **kw):
+        original(self, *args, **kw)
+        count["n"] += 1
+        if count["n"] >= units:
+            raise _Killed
+
+    store.ChunkStore.write_unit = write_then_stop
+    try:
+        with pytest.raises(_Killed):
+            dataset_nll(field, x, out=out, **{**FAST, **kwargs})
+    finally:
+        store.ChunkStore.write_unit = original
+
+
+class _ModelWithState(torch.nn.Module):
+    """A field whose numbers depend on a path, a non-buffer tensor, a private float, a list and
+    a lambda it holds (none of them parameters or buffers)."""
+
+    def __init__(self, sigma=0.1, tensor=(1.0, 1.0), private=1.0, widths=(1.0,), time=None):
+        super().__init__()
+        import cnftools
+
+        self.path = cnftools.OTPath(sigma)
+        self.frequencies = torch.tensor(tensor, dtype=torch.float64)
+        self._scale = private
+        self.widths = list(widths)
+        self.time = time if time is not None else (lambda t: t)
+
+    def forward(self, x, t):
+        s = self.path.noise_scale(t)[:, None] * self.time(t)[:, None]
+        return -x * (0.5 + s) * self.frequencies * self._scale * sum(self.widths)
+
+
+def _scaled_velocity(x, t, scale):
+    return -scale * x
+
+
+def _epsilon_model(x, tau):
+    return 0.3 * x
+
+
+def _score_model(x, tau):
+    return -x * (1.0 + tau[:, None])
+
+
+def _weighted(x, t, w):
+    return -x * (1.0 + float(w.sum()))
+
+
+def _reproducer(change: str, second: bool):
+    """The issue's cases: ``(field, extras)`` of the first run or (``second``) of the changed one."""
+    import functools
+
+    import cnftools
+
+    if change == "path":
+        return _ModelWithState(sigma=0.5 if second else 0.1), None
+    if change == "tensor":
+        return _ModelWithState(tensor=(1.0, 1.5) if second else (1.0, 1.0)), None
+    if change == "private":
+        return _ModelWithState(private=1.5 if second else 1.0), None
+    if change == "list":
+        return _ModelWithState(widths=(1.0, 0.5) if second else (1.0,)), None
+    if change == "lambda":
+        return _ModelWithState(time=(lambda t: 1 - t) if second else (lambda t: t)), None
+    if change == "partial":
+        return functools.partial(_scaled_velocity, scale=2.0 if second else 1.0), None
+    if change == "as-velocity-path":
+        path = cnftools.VPPath(0.1, 19.0 if second else 20.0)
+        return cnftools.as_velocity(_epsilon_model, path, prediction="epsilon", t_max=0.99), None
+    if change == "as-velocity-time":
+        time = (lambda t: 0.5 * (1 - t)) if second else (lambda t: 1 - t)
+        field = cnftools.as_velocity(
+            _score_model, cnftools.VPPath(), prediction="score", time=time, t_max=0.99
+        )
+        return field, None
+    assert change == "numpy-extras"
+    w = np.zeros(1500)
+    if second:
+        w[1000] = 1e-3  # beyond a truncated repr of the array
+    return _weighted, {"w": Shared(w)}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "path", "tensor", "private", "list", "lambda", "partial", "as-velocity-path",
+        "as-velocity-time", "numpy-extras",
+    ],
+)  # fmt: skip
+def test_resume_refuses_a_changed_model_the_fingerprint_did_not_see(tmp_path, change):
+    """Today's main resumed each of these and returned 30 of 40 rows from the old model."""
+    from cnftools.nll import ResumeError
+
+    _, x = make_case(40)
+    out = tmp_path / "nll.parquet"
+    first, extras_1 = _reproducer(change, second=False)
+    second, extras_2 = _reproducer(change, second=True)
+    # the change matters: the two models give other numbers
+    a = dataset_nll(first, x[:4], extras=extras_1, **FAST)
+    b = dataset_nll(second, x[:4], extras=extras_2, **FAST)
+    assert not np.allclose(a["log_prob"], b["log_prob"], rtol=0, atol=1e-9)
+    _interrupted(first, x, out, 1, batch_size=10, extras=extras_1)
+    with pytest.raises(ResumeError, match="other settings, field or prior"):
+        dataset_nll(second, x, batch_size=10, out=out, resume=True, extras=extras_2, **FAST)
+    # the same model, built again: it resumes, and its numbers are one run's
+    again, extras_3 = _reproducer(change, second=False)
+    resumed = dataset_nll(again, x, batch_size=10, out=out, resume=True, extras=extras_3, **FAST)
+    assert resumed.attrs["summary"]["rows_computed"] == 30
+    whole = dataset_nll(first, x, batch_size=10, extras=extras_1, **FAST)
+    pd.testing.assert_frame_equal(resumed, whole, check_exact=True)
+
+
+def test_an_unreadable_field_refuses_resume_and_names_the_part(tmp_path):
+    field, x = make_case(20)
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.source = (i for i in range(3))  # a generator: its state cannot be read
+
+        def forward(self, x, t):
+            return field(x, t)
+
+    with pytest.raises(ValueError, match=r"v\.source is a builtins\.generator.*run_id="):
+        dataset_nll(Holder(), x, out=tmp_path / "nll.parquet", resume=True, **FAST)
+    frame = dataset_nll(Holder(), x, out=tmp_path / "nll.parquet", resume=True, run_id="r1", **FAST)
+    assert len(frame) == 20

@@ -188,6 +188,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
 
     device = check_device(args.device) if args.device else None
+    for flag in ("resume", "overwrite", "keep_chunks"):
+        if getattr(args, flag) and args.out is None:
+            name = "--" + flag.replace("_", "-")
+            raise UsageError(f"{name} needs --out FILE.parquet (without it nothing is stored)")
+    if args.resume and args.overwrite:
+        raise UsageError(
+            "--resume and --overwrite contradict each other: --resume continues the run at "
+            "--out, --overwrite discards it; give one"
+        )
     if args.out is not None:
         check_writable(args.out)
     started = _init_distributed()

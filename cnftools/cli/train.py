@@ -8,7 +8,10 @@ It fits an :class:`~cnftools.MLPField` (class-conditional with ``--conditional``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,7 +32,11 @@ from cnftools.nll.distributed import threads
 from cnftools.paths import OTPath, VEPath, VPPath
 from cnftools.training import MLPField, save_checkpoint, train_cfm
 
-__all__ = ["HELP", "add_arguments", "run"]
+__all__ = ["HELP", "MAX_PARAMETERS", "add_arguments", "run"]
+
+MAX_PARAMETERS = 2**30
+"""Most parameters ``cnftools train`` builds where the available memory cannot be read (where it
+can, the model, its gradients, Adam's two moments and the activations must fit in it)."""
 
 HELP = (
     "train an MLP velocity field by conditional flow matching on a data file or built-in dataset "
@@ -59,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--hidden",
         default="256,256,256",
         metavar="W,W,...",
-        help="hidden layer widths (default 256,256,256)",
+        help="hidden layer widths, comma-separated positive integers (default 256,256,256); "
+        "a model that does not fit in the available memory is refused before it is built",
     )
     p.add_argument("--activation", default="silu", help="silu (default), softplus, tanh or gelu")
     p.add_argument(
@@ -95,9 +103,83 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
 
 
+def parse_hidden(text: str) -> tuple[int, ...]:
+    """``--hidden W,W,...``: positive integer widths (empty: no hidden layer), or a UsageError."""
+    parts = [part.strip() for part in text.split(",")]
+    if text.strip() == "":
+        return ()
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise UsageError(
+            f"--hidden {text!r}: expected comma-separated positive integers (layer widths), "
+            "e.g. 256,256,256"
+        )
+    return tuple(int(part) for part in parts)
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated now on ``device`` (``None`` where it cannot be read)."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # pragma: no cover - needs a GPU
+            return None
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    if not found:  # no /proc (macOS): the free pages; none on Windows
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            found.append(int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")))
+    try:  # a container's own limit (cgroup v2), below the machine's
+        with open("/sys/fs/cgroup/memory.max") as handle:
+            limit = handle.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as handle:
+            used = int(handle.read().strip())
+        if limit.isdigit():
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _check_model_size(field_args: dict, batch_size: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model that cannot fit: its parameters are counted
+    on the ``meta`` device (no memory), then the model, its gradients, Adam's two moments and a
+    batch's activations are compared with the memory available (or :data:`MAX_PARAMETERS`)."""
+    dtype = field_args["dtype"]
+    with torch.device("meta"):
+        skeleton = MLPField(**{**field_args, "device": "meta"})
+    parameters = sum(p.numel() for p in skeleton.parameters())
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    widths = sum(field_args["hidden"]) + 2 * skeleton.dim
+    need = (4 * parameters + 4 * batch_size * widths) * itemsize
+    available = _available_memory(device)
+    hidden = ",".join(str(w) for w in field_args["hidden"])
+    if available is None:
+        if parameters > MAX_PARAMETERS:
+            raise UsageError(
+                f"--hidden {hidden}: the model would have {parameters:,} parameters, more than "
+                f"the {MAX_PARAMETERS:,} cnftools train builds when the available memory cannot "
+                "be read; choose smaller widths"
+            )
+        return
+    if need > available:
+        raise UsageError(
+            f"--hidden {hidden}: the model would have {parameters:,} parameters and training it "
+            f"needs about {need / 2**30:,.1f} GiB (weights, gradients, Adam's moments, "
+            f"activations) but {available / 2**30:,.1f} GiB are available on {device}; choose "
+            "smaller widths"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
 
     device = check_device(args.device or "cpu")
+    args.hidden = parse_hidden(args.hidden) if isinstance(args.hidden, str) else args.hidden
     check_writable(args.out)  # before any training: a run must not end in an unwritable path
     try:
         with threads(thread_count(args, device)):
@@ -136,17 +218,17 @@ def _train(args: argparse.Namespace) -> int:
         path = VEPath(**kw)
     else:
         path = VPPath()
-    hidden = tuple(int(w) for w in args.hidden.split(",") if w)
     event = tuple(rows.shape[1:])
-    field = MLPField(
-        event[0] if len(event) == 1 else event,
-        hidden,
-        activation=args.activation,
-        time_embedding=args.time_embedding,
-        num_classes=None if labels is None else int(labels.max()) + 1,
-        device=device,
-        dtype=dtype,
-    )
+    field_args = {
+        "dim": event[0] if len(event) == 1 else event,
+        "hidden": args.hidden,
+        "activation": args.activation,
+        "time_embedding": args.time_embedding,
+        "num_classes": None if labels is None else int(labels.max()) + 1,
+        "dtype": dtype,
+    }
+    _check_model_size(field_args, min(args.batch_size, rows.shape[0]), device)
+    field = MLPField(**field_args, device=device)
     if levels is not None:
         x = rows.to(device)
         centered = args.centered
@@ -185,9 +267,27 @@ def _train(args: argparse.Namespace) -> int:
         "conditional": "digit labels" if labels is not None else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(args.out, field, path=path, extra=extra)
+    try:
+        save_checkpoint(args.out, field, path=path, extra=extra)
+    except OSError as error:  # a full disk: keep the trained model somewhere if at all possible
+        return _save_elsewhere(error, field, path, extra)
     print(
         f"trained {args.steps} steps in {result.seconds:.1f} s, loss (last 50) "
         f"{extra['final_loss']:.4g}; checkpoint written to {args.out}"
     )
     return 0
+
+
+def _save_elsewhere(error: OSError, field: MLPField, path: object, extra: dict) -> int:
+    """The checkpoint could not be written at ``--out``: try the temporary folder, and say where
+    the model (and the previous checkpoint) are. Exit status 1."""
+    fallback = Path(tempfile.gettempdir()) / f"cnftools-train-{os.getpid()}.pt"
+    try:
+        save_checkpoint(fallback, field, path=path, extra=extra)  # type: ignore[arg-type]
+    except OSError as second:
+        where = f"it could not be saved to {os.fspath(fallback)!r} either ({second.strerror}): "
+        where += "the trained model is lost"
+    else:
+        where = f"the trained model was saved to {os.fspath(fallback)!r} instead"
+    print(f"cnftools train: error: {error}; {where}", file=sys.stderr)
+    return 1

@@ -15,7 +15,6 @@ References:
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import math
 import os
@@ -136,23 +135,25 @@ def _split_extras(
     return per_row, shared
 
 
-def _array_digest(value: np.ndarray) -> str:
-    h = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
-    h.update(np.ascontiguousarray(value).tobytes())
-    return h.hexdigest()
-
-
-def _extras_identity(row_extras: dict[str, Tensor], constant: dict[str, Any]) -> str:
-    """Content of ``extras=`` for the run's identity (tensors and arrays hashed whole)."""
+def _extras_identity(
+    row_extras: dict[str, Tensor], constant: dict[str, Any], need: bool
+) -> dict[str, str]:
+    """Content of ``extras=`` for the run's identity: per-row tensors hashed whole, constants by
+    :func:`~cnftools.nll.fingerprint.fingerprint` (arrays of any size by every byte)."""
     parts = {k: "per-row " + tensor_digest(val) for k, val in row_extras.items()}
     for key, val in constant.items():
-        if isinstance(val, Tensor):
-            parts[key] = tensor_digest(val)
-        elif isinstance(val, np.ndarray) and val.dtype != object:
-            parts[key] = _array_digest(val)
-        else:
-            parts[key] = repr(val)
-    return settings_key(parts)
+        try:
+            parts[key] = fingerprint(val, name=f"extras[{key!r}]")
+        except Unfingerprintable as error:
+            if need:
+                raise ValueError(
+                    f"resume=True cannot check that extras[{key!r}] is the one of the run it "
+                    f"continues: {error}. Pass "
+                    "run_id='a name you change whenever the model or extras change' (--run-id), "
+                    "or run without resume"
+                ) from error
+            parts[key] = "unfingerprintable"
+    return {"extras": settings_key(parts)}
 
 
 def _check_labels(
@@ -295,22 +296,92 @@ def _infer_dtype(first: Tensor, v: object, deq: Dequantization | None) -> torch.
     return torch.get_default_dtype()
 
 
-def _identity(v: object, prior: object, run_id: str | None, need: bool) -> dict[str, str]:
-    """Fingerprints of the field and the prior, or the user's ``run_id``."""
+def _code_versions() -> dict[str, str]:
+    """Versions of the library code the run executes (identified by name in fingerprints)."""
+    import platform
+
+    import numpy
+
+    from cnftools._version import VERSION
+
+    return {
+        "cnftools": VERSION,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _identity(v: object, prior: object, run_id: str | None, need: bool) -> dict[str, Any]:
+    """Fingerprints of the field and the prior, or the user's ``run_id``; the code versions."""
     if run_id is not None:
         if not isinstance(run_id, str) or not run_id:
             raise TypeError(f"run_id must be a non-empty string, got {run_id!r}")
-        return {"run_id": run_id}
+        return {"run_id": run_id, "code": _code_versions()}
     try:
-        return {"field": fingerprint(v), "prior": fingerprint(prior)}
+        identity = {"field": fingerprint(v), "prior": fingerprint(prior, name="prior")}
     except Unfingerprintable as error:
         if not need:
-            return {"field": "unfingerprintable"}
+            return {"field": "unfingerprintable", "code": _code_versions()}
         raise ValueError(
             f"resume=True cannot check that the field and prior are the ones of the run it "
-            f"continues: {error}. Pass run_id='a name you change whenever the model changes' "
-            "(--run-id), or wrap the function in an nn.Module, or run without resume"
+            f"continues, because a part of them cannot be read: {error}. Pass run_id='a name "
+            "you change whenever the model changes' (--run-id), or run without resume"
         ) from error
+    return {**identity, "code": _code_versions()}
+
+
+def _option_identity(value: object) -> str:
+    """A ``solver_options`` value in the run's identity: plain values by ``repr``, others by
+    content (a ``repr`` can truncate or hide state)."""
+    if value is None or type(value) in (bool, int, float, str):
+        return repr(value)
+    try:
+        return f"fingerprint:{fingerprint(value)}"
+    except Unfingerprintable as error:
+        raise ValueError(f"solver_options: {error}") from error
+
+
+def _check_out(
+    out: str | os.PathLike[str] | None, resume: bool, overwrite: bool, keep_chunks: bool
+) -> Path | None:
+    """``out=`` and the flags that need it, before any work."""
+    if out is None:
+        for flag, given in (
+            ("resume", resume), ("overwrite", overwrite), ("keep_chunks", keep_chunks)
+        ):  # fmt: skip
+            if given:
+                raise ValueError(
+                    f"{flag}=True needs out= (the .parquet file of the run): without out nothing "
+                    "is stored, so there is nothing to resume, overwrite or keep"
+                )
+        return None
+    if not isinstance(out, str | os.PathLike):
+        raise TypeError(f"out must be a path to a .parquet file, got {type(out).__name__}")
+    if resume and overwrite:
+        raise ValueError(
+            "resume=True (--resume) and overwrite=True (--overwrite) contradict each other: "
+            "resume continues the run at out, overwrite discards it; give one"
+        )
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(
+            f"out {os.fspath(path)!r} is a directory; give a .parquet file name (e.g. "
+            f"{os.fspath(path / 'nll.parquet')!r})"
+        )
+    chunks = path.with_name(path.name + ".chunks")
+    if chunks.exists() and not chunks.is_dir():
+        raise ValueError(
+            f"{os.fspath(chunks)!r}, where the chunks of out go, is a file, not a directory "
+            "cnftools made; move it away or choose another out"
+        )
+    lock = path.with_name(path.name + ".lock")
+    if lock.is_dir():
+        raise ValueError(
+            f"{os.fspath(lock)!r}, the lock file of out, is a directory; move it away or choose "
+            "another out"
+        )
+    return path
 
 
 _SET_BY_DATASET_NLL = {
@@ -438,13 +509,16 @@ def dataset_nll(
         out: a ``.parquet`` file for the result; chunks go to ``out + ".chunks/"`` as they finish
             and ``out + ".lock"`` keeps a second process away.
         resume: continue a run killed or stopped earlier; its field, prior, data and settings are
-            checked by content (docs/guarantees.md). When there is none, start one.
-        overwrite: discard an existing ``out`` and its chunk directory instead of failing.
-        keep_chunks: keep the chunk directory after the final file is written.
+            checked by content (docs/guarantees.md). When there is none, start one. Needs
+            ``out``; contradicts ``overwrite``.
+        overwrite: discard an existing ``out`` and its chunk directory instead of failing. Needs
+            ``out``.
+        keep_chunks: keep the chunk directory after the final file is written. Needs ``out``.
         progress: a tqdm bar (rows, rows/s) on rank 0; default: on when stderr is a terminal.
         run_id: the identity of the field and prior for ``resume``, instead of their content
-            fingerprint: needed when ``v`` is (or holds) a plain function or lambda, whose code
-            cannot be compared. Change it whenever the model changes.
+            fingerprint (:func:`cnftools.nll.fingerprint`): needed when a part of ``v`` cannot
+            be read (a generator, a file handle; the error names it). Change it whenever the
+            model changes.
         num_threads: torch threads for the run, restored afterwards (default on CPU:
             :func:`cnftools.nll.distributed.choose_threads`, the idle cores of this process's
             share of the machine; elsewhere unchanged).
@@ -563,6 +637,7 @@ def dataset_nll(
         device = check_device("device", device)
     if not callable(v):
         raise TypeError(f"v must be a callable velocity field v(x, t), got {type(v).__name__}")
+    out_path = _check_out(out, resume, overwrite, keep_chunks)
     rank, world = dist.rank_and_world()
     rows = read_rows(data, columns)
     row_extras, constant_extras = _split_extras(extras, rows.n)
@@ -579,8 +654,9 @@ def dataset_nll(
             "batch)"
         )
     device = device if device is not None else dist.default_device(first, v, world)
-    identity = _identity(v, prior, run_id, need=out is not None and resume)
-    identity["extras"] = _extras_identity(row_extras, constant_extras)
+    need = out_path is not None and resume and run_id is None
+    identity = _identity(v, prior, run_id, need=need)
+    identity.update(_extras_identity(row_extras, constant_extras, need))
     count = num_threads if num_threads is not None else dist.choose_threads(device)
     with dist.threads(count):
         field = _prepare_field(v, device, dtype)
@@ -601,14 +677,14 @@ def dataset_nll(
             "solver": {k: val for k, val in asdict(solver).items() if k != "adjoint"},
             "dequantization": None if dequantization is None else asdict(dequantization),
             "dtype": str(dtype).replace("torch.", ""),
-            "solver_options": {str(k): repr(val) for k, val in sorted(passed.items())},
+            "solver_options": {str(k): _option_identity(val) for k, val in sorted(passed.items())},
         }  # fmt: skip
         job = Job(field, rows, settings, run, rank, world, progress)
         job.bpd_dims = bpd_dims
-        if out is None:
+        if out_path is None:
             return job.run(None, start_time, keep_chunks)
-        lock = RunLock(Path(out))
-        store = ChunkStore(Path(out), run, settings_key(run))
+        lock = RunLock(out_path)
+        store = ChunkStore(out_path, run, settings_key(run))
         try:
             if rank == 0:
                 error = None

@@ -100,7 +100,7 @@ class Job:
     def _round(self, store, round_: int, needed) -> list[pd.DataFrame]:
         done: set[tuple[int, int]] = set()
         if store is not None and self.rank == 0:
-            done = store.finished_units()
+            done = store.finished_units(round_)
         done = dist.broadcast(done, self.world)
         bar = self._bar(round_, needed)
         frames, missing, error = [], 0, None
@@ -256,13 +256,23 @@ class Job:
     def _finished(self, store: ChunkStore, start_time: float) -> pd.DataFrame:
         """A finished run: check the data against the stored hashes, return the stored frame."""
         stored = self.final_meta.get("data", []) if self.final_meta else []
-        got = [batch.digest() for batch in self.rows.batches(self.s.batch_size)]
+        got, rows = [], 0
+        for batch in self.rows.batches(self.s.batch_size):
+            got.append(batch.digest())
+            rows += batch.size
         if got != stored:
             raise ResumeError(
                 f"{os.fspath(store.out)!r} holds a finished run on other data (the content hash "
                 "of the rows differs); pass overwrite=True to compute it again"
             )
         frame = store.read_final()
+        index = frame["index"].to_numpy() if "index" in frame else np.array([], np.int64)
+        if len(frame) != rows or not np.array_equal(index, np.arange(rows)):
+            raise ResumeError(
+                f"{os.fspath(store.out)!r} holds {len(frame)} rows for {rows} data rows (rows "
+                "missing, repeated or out of order): it cannot be the finished result of this "
+                "run; pass overwrite=True (--overwrite) to compute it again"
+            )
         if self.s.dequantization is None:  # bits/dim of continuous data: as asked this time
             frame = with_bpd(frame, self.bpd_dims)
         frame.attrs["run"] = self._run_attrs(frame, start_time, 0)

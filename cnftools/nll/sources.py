@@ -9,8 +9,13 @@ values are passed whole), and never holds more than one batch at a time. Two kin
   ``Dataset``): the number of rows :math:`N` is known and a batch that is not needed is not read;
 * streams (a ``DataLoader`` or an ``IterableDataset``): rows are read in the iteration order,
   re-iterated from the start on every pass (so the order must be deterministic for a resume; the
-  content hash of every unit is checked, see docs/guarantees.md), and :math:`N` is known only at
-  the end of the first pass.
+  content hash of every unit is checked, see docs/guarantees.md). A row is identified by its
+  *position* in a pass, never by its content: the source first reads the stream once to the end
+  and counts its rows (:attr:`RowSource.counted`), and every later pass must yield exactly that
+  many rows, starting again from the first. A one-shot iterator (its second pass yields nothing,
+  or continues where the first stopped) is refused, whatever its rows hold — 100 identical rows
+  cannot be mistaken for a restart. :math:`N` (:attr:`RowSource.n`) is set at the end of the
+  first computing pass.
 
 Peak memory of a pass is :math:`O(\text{batch\_size} + \text{the loader's batch})` rows, whatever
 :math:`N` (tested by counting live rows in tests/nll/test_sources.py).
@@ -226,6 +231,7 @@ class RowSource:
     ) -> None:
         self.event, self.n, self._get, self._stream, self.what = event, n, get, stream, what
         self.streaming = stream is not None
+        self.counted: int | None = n  # rows of a stream, counted by a first full pass
         self.first_digest: str | None = None
         self.row_extras: dict[str, Tensor] = {}
         self.item_extras = True  # False: the (x, y) items' y is not for the field (dropped)
@@ -281,9 +287,16 @@ class RowSource:
         xs: list[Tensor] = []
         extras: list[dict[str, Tensor]] = []
         held = start = b = 0
+        expected = self.n if self.n is not None else self.counted
         for x, extra in self._stream():
             if start == held == 0 and x.shape[0]:
                 self._check_restarted(x[:1])
+            if expected is not None and start + held + x.shape[0] > expected:
+                raise ValueError(
+                    f"{self.what} yielded more than {expected} rows on this pass, and {expected} "
+                    "on the first: a stream must yield the same rows in the same order on every "
+                    "pass"
+                )
             self._check_item_rows(x, extra, start + held)
             while x.shape[0]:
                 take = min(batch_size - held, x.shape[0])
@@ -297,10 +310,18 @@ class RowSource:
         if held:
             yield self._joined(b, start, xs, extras)
             start += held
-        if self.n is not None and self.n != start:
+        if expected is not None and expected != start:
+            restarted = (
+                " (it did not start again from its first row: a one-shot iterator?)"
+                if start < expected
+                else ""
+            )
             raise ValueError(
-                f"{self.what} yielded {start} rows on this pass and {self.n} on the first: a "
-                "stream must yield the same rows in the same order on every pass"
+                f"{self.what} yielded {start} rows on this pass and {expected} on the first"
+                f"{restarted}: dataset_nll reads a stream several times (to count it, a trial "
+                "row, the rows, resume, probe rounds); a stream must yield the same rows in the "
+                "same order on every pass: pass a re-iterable dataset with a fixed order, or a "
+                "tensor"
             )
         self.n = start
 
@@ -354,6 +375,13 @@ class RowSource:
         for batch in self.batches(count):
             assert batch.x is not None
             return batch
+        if self.streaming:
+            raise ValueError(
+                f"{self.what} yielded no rows on its second pass after {self.counted} on the "
+                "first: it did not start again from its first row (a one-shot iterator?). "
+                "dataset_nll reads a stream several times (to count it, a trial row, the rows, "
+                "resume, probe rounds); pass a re-iterable dataset with a fixed order, or a tensor"
+            )
         raise ValueError(f"{self.what} has no rows")  # pragma: no cover - checked on creation
 
     def read_all(self) -> Tensor:
@@ -439,11 +467,23 @@ def _from_stream(data: object, what: str) -> RowSource:
                 x, extras = x[None], {k: v[None] for k, v in extras.items()}
             yield _check_rows(x, what), extras
 
+    # The first pass reads the stream to the end and counts its rows (holding one item at a
+    # time): every later pass is checked against that count, so a one-shot iterator can never
+    # pass for a restarted one, whatever its rows hold.
+    source: RowSource | None = None
+    count = 0
     for x, _ in stream():
-        source = RowSource(tuple(x.shape[1:]), None, stream=stream, what=what)
-        source.first_digest = tensor_digest(x[:1])
-        return source
-    raise ValueError(f"{what} (a {type(data).__name__}) yielded no rows")
+        if source is None:
+            if not x.shape[0]:
+                continue
+            source = RowSource(tuple(x.shape[1:]), None, stream=stream, what=what)
+            source.first_digest = tensor_digest(x[:1])
+        source._checked(x, count)
+        count += x.shape[0]
+    if source is None:
+        raise ValueError(f"{what} (a {type(data).__name__}) yielded no rows")
+    source.counted = count
+    return source
 
 
 def _from_path(path: Path, columns: Sequence[str] | None, what: str) -> RowSource:

@@ -1,11 +1,18 @@
-r"""Checkpoints of trained fields: atomic, loadable with ``weights_only=True``, checked on load.
+r"""Checkpoints of trained fields: atomic, checksummed, loadable with ``weights_only=True``.
 
 Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`) hold only tensors and plain Python
 values — the ``state_dict``, the model's ``config()`` dict and the path's description — and are
 read back with ``torch.load(weights_only=True)``: no pickled code is ever executed. A save is
 atomic (a temporary file in the same directory, flushed and fsynced, then renamed over the
-target), so a process killed mid-save leaves the previous checkpoint intact; a load checks the
-file, its keys and the model's configuration against the stored shapes before building anything.
+target), so a process killed mid-save leaves the previous checkpoint intact; a failed save (a full
+disk) removes its temporary file and says that the previous checkpoint is unchanged. Temporary
+files of saves that were killed are removed by the next save to the same file.
+
+Every checkpoint carries a SHA-256 **checksum** of its whole content (every tensor's dtype, shape
+and bytes, every plain value), verified on load together with the CRC32 of every member of the
+zip archive ``torch.save`` writes: a flipped byte is refused, never loaded. A load checks the
+file, its keys and the model's configuration (bounded: layer count, widths, parameter count)
+against the stored shapes before building anything.
 
 References:
     PyTorch, Saving and loading models (``torch.save``, ``torch.load(weights_only=True)``).
@@ -14,9 +21,13 @@ References:
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import math
 import os
 import pickle
+import re
+import socket
 import uuid
 import zipfile
 from collections.abc import Mapping
@@ -48,7 +59,13 @@ REBUILDABLE: dict[str, type[MLPField] | type[ConvField]] = {
 """Model classes :func:`load_checkpoint` rebuilds from their stored ``config()`` (no ``field=``)."""
 
 CHECKPOINT_FORMAT = "cnftools.checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+"""2: with a ``checksum`` entry (version 1 files, without one, still load: their zip CRCs are
+verified)."""
+
+MAX_LAYERS = 1024
+"""Most hidden layers a stored config may ask for (a crafted ``hidden=[1] * 200000`` is refused
+before anything is built)."""
 
 
 def describe_path(path: GaussianPath | None) -> dict[str, Any] | None:
@@ -131,10 +148,13 @@ def _to_plain(name: str, value: object) -> object:
                 f"{name} is a tensor subclass {type(value).__name__}; store a plain tensor"
             )
         return value
+    if isinstance(value, np.generic | np.ndarray):
+        _check_numpy_kind(name, value)
     if isinstance(value, np.generic) and not isinstance(value, np.void | np.object_):
         return value.item()
     if isinstance(value, np.ndarray) and value.dtype != object:
-        return torch.from_numpy(np.array(value, copy=True))
+        native = value.astype(value.dtype.newbyteorder("="), copy=True)  # big-endian: exact
+        return torch.from_numpy(native)
     if type(value) in (list, tuple):
         items = [_to_plain(f"{name}[{i}]", item) for i, item in enumerate(value)]  # type: ignore[attr-defined]
         return items if type(value) is list else tuple(items)
@@ -150,6 +170,63 @@ def _to_plain(name: str, value: object) -> object:
         "bools, None, lists, tuples and dicts (NumPy scalars and arrays are converted; for a "
         "DataFrame use DataFrame.to_dict('list'))"
     )
+
+
+def _check_numpy_kind(name: str, value: np.generic | np.ndarray) -> None:
+    """Refuse NumPy values a checkpoint cannot give back exactly (refused at save, not at load)."""
+    kind = value.dtype.kind
+    what = "array" if isinstance(value, np.ndarray) else "scalar"
+    if kind in "mM":
+        raise TypeError(
+            f"{name} is a NumPy {value.dtype} {what}: a checkpoint cannot give it back exactly "
+            "(datetime64[ns] would load as an int, others as datetime objects that "
+            "weights_only=True refuses); store str(value) (ISO 8601) or value.astype('int64') "
+            "with its unit"
+        )
+    if value.dtype in (np.longdouble, np.clongdouble) and value.dtype.itemsize > 8 * (
+        1 + (kind == "c")
+    ):
+        raise TypeError(
+            f"{name} is a NumPy {value.dtype} {what}, more precise than a float64: a checkpoint "
+            "cannot give it back exactly; store str(value), or float(value) if float64 suffices"
+        )
+    if isinstance(value, np.ndarray) and kind in "USV":
+        raise TypeError(
+            f"{name} is a NumPy array of dtype {value.dtype} (text, bytes or records): a "
+            "checkpoint holds tensors of numbers; store value.tolist()"
+        )
+
+
+def _payload_checksum(payload: Mapping[str, Any]) -> str:
+    """SHA-256 of a payload's content, its ``checksum`` entry left out (see the module
+    docstring): the same for the file written and the file read back on any device."""
+    h = hashlib.sha256()
+    _digest(h, {k: v for k, v in payload.items() if k != "checksum"})
+    return h.hexdigest()
+
+
+def _digest(h: Any, value: object) -> None:
+    def put(tag: str, data: bytes = b"") -> None:
+        h.update(f"{tag}:{len(data)}:".encode())
+        h.update(data)
+
+    if isinstance(value, Tensor):
+        flat = value.detach().to("cpu").contiguous().reshape(-1)
+        put("tensor", f"{flat.dtype}{tuple(value.shape)}".encode())
+        put("bytes", flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    elif isinstance(value, dict):
+        put("dict", str(len(value)).encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+            _digest(h, key)
+            _digest(h, value[key])
+    elif isinstance(value, list | tuple):
+        put(type(value).__name__, str(len(value)).encode())
+        for item in value:
+            _digest(h, item)
+    elif isinstance(value, bytes):
+        put("bytes", value)
+    else:  # None, bool, int, float, complex, str, torch.dtype: by exact repr
+        put(type(value).__name__, repr(value).encode())
 
 
 def _fsync_directory(directory: str) -> None:
@@ -169,32 +246,84 @@ def _fsync_directory(directory: str) -> None:
         os.close(handle)
 
 
+_TEMPORARY = re.compile(r"\.(?P<base>.+)\.(?P<host>[^/]+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp")
+
+
+def _temporary_name(base: str) -> str:
+    """``.BASE.HOST.PID.RANDOM.tmp``: whose it is, so that leftovers can be told from live saves."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+    return f".{base}.{host}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _remove_leftovers(directory: str, base: str) -> None:
+    """Remove temporary files of earlier saves of ``base`` whose writer is gone: names of exactly
+    this module's form, written on this host by a process that no longer runs."""
+    host = _temporary_name(base).split(".")[-4]
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        match = _TEMPORARY.fullmatch(name)
+        if not match or match["base"] != base or match["host"] != host:
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and not _alive(pid):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
 def _write_atomically(payload: dict[str, Any], file: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temporary file next to ``file``, fsync it, rename it over ``file``.
 
     A reader (or a process restarted after a crash) sees either the previous file or the complete
     new one, never a partial write: ``os.replace`` is atomic on POSIX and Windows within one
-    directory. A killed process can leave a ``.<name>.<pid>.<random>.tmp`` file behind.
+    directory. A failed write (``OSError``: a full disk) removes the temporary file and raises an
+    ``OSError`` (same ``errno``) saying that the previous file is unchanged. A killed process can
+    leave a ``.<name>.<host>.<pid>.<random>.tmp`` file behind: the next save removes it.
     """
     target = os.path.abspath(os.fspath(file))
     directory, base = os.path.split(target)
     if os.path.isdir(target):
         raise IsADirectoryError(f"checkpoint file {os.fspath(file)!r} is a directory")
-    temporary = os.path.join(directory, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    # os.open with mode 0o666 lets the umask decide the permissions, as for a plain open().
-    handle = os.open(
-        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
-    )
+    _remove_leftovers(directory, base)
+    temporary = os.path.join(directory, _temporary_name(base))
+    previous = os.path.exists(target)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+        # os.open with mode 0o666 lets the umask decide the permissions, as for a plain open().
+        handle = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+        )
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                torch.save(payload, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    except OSError as error:
+        kept = (
+            f"the previous checkpoint {target!r} is unchanged"
+            if previous
+            else f"no file was written at {target!r}"
+        )
+        reason = error.strerror or str(error) or type(error).__name__
+        raise OSError(
+            error.errno or errno.EIO, f"could not write the checkpoint {target!r}: {reason}; {kept}"
+        ) from error
     _fsync_directory(directory)
 
 
@@ -256,23 +385,66 @@ def save_checkpoint(
         "extra": extra,
         "optimizer": None if optimizer is None else _to_plain("optimizer", optimizer.state_dict()),
     }
+    payload["checksum"] = _payload_checksum(payload)
     _write_atomically(payload, file)
+
+
+def _check_map_location(map_location: object) -> None:
+    """A ``map_location`` naming a device this machine lacks: say so, before reading."""
+    if map_location is None or callable(map_location) or isinstance(map_location, dict):
+        return
+    try:
+        device = torch.device(map_location)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"map_location={map_location!r} is not a device ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"map_location={map_location!r}: CUDA is not available on this machine (torch "
+            f"{torch.__version__}); load with map_location='cpu'"
+        )
+
+
+def _is_zipfile(name: str) -> bool:
+    try:
+        return zipfile.is_zipfile(name)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):  # a damaged end record
+        return False
+
+
+def _check_archive(name: str) -> None:
+    """Verify the CRC32 of every member of the zip archive ``torch.save`` wrote."""
+    try:
+        with zipfile.ZipFile(name) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"checkpoint {name!r} is damaged: its zip archive cannot be read ({error}); use an "
+            "earlier checkpoint or save again"
+        ) from None
+    if bad is not None:
+        raise ValueError(
+            f"checkpoint {name!r} is damaged: member {bad!r} of its zip archive fails its CRC32 "
+            "or header check (a changed byte); use an earlier checkpoint or save again"
+        )
 
 
 def _read_payload(file: str | os.PathLike[str], map_location: object) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with every way a file can be unreadable named."""
     name = os.fspath(file)
+    _check_map_location(map_location)
     if os.path.isfile(name) and os.path.getsize(name) == 0:
         raise ValueError(
             f"checkpoint {name!r} is empty (0 bytes): the save that wrote it was interrupted; "
             "use an earlier checkpoint or save again"
         )
-    if os.path.isfile(name) and not zipfile.is_zipfile(name):
+    if os.path.isfile(name) and not _is_zipfile(name):
         raise ValueError(
             f"checkpoint {name!r} is truncated or not a torch.save file (no complete zip archive, "
             "which torch.save writes): the save that wrote it may have been interrupted, or the "
             "file is something else; use an earlier checkpoint or save again"
         )
+    if os.path.isfile(name):
+        _check_archive(name)
     try:
         payload = torch.load(name, map_location=map_location, weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
@@ -284,14 +456,25 @@ def _read_payload(file: str | os.PathLike[str], map_location: object) -> dict[st
             f"cnftools.save_checkpoint? ({str(error).splitlines()[0]})"
         ) from error
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        first = str(error).splitlines()[0] if str(error) else repr(error)
+        if "cuda" in first.lower() and not torch.cuda.is_available():
+            raise ValueError(
+                f"checkpoint {name!r} holds CUDA tensors and CUDA is not available on this "
+                "machine; load with map_location='cpu'"
+            ) from error
         raise ValueError(
-            f"checkpoint {name!r} is truncated or not a torch.save file (the save that wrote it "
-            f"may have been interrupted): {str(error).splitlines()[0] if str(error) else error!r}"
+            f"checkpoint {name!r} is damaged, truncated or not a torch.save file (the save that "
+            f"wrote it may have been interrupted): {first}"
         ) from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{name!r} is not a cnftools checkpoint (no format={CHECKPOINT_FORMAT!r})")
-    if payload.get("version") != CHECKPOINT_VERSION:
+    if payload.get("version") not in (1, CHECKPOINT_VERSION):
         raise ValueError(f"{name!r}: unsupported checkpoint version {payload.get('version')!r}")
+    if payload["version"] >= 2 and payload.get("checksum") != _payload_checksum(payload):
+        raise ValueError(
+            f"checkpoint {name!r} is damaged: its content does not match its checksum (a changed "
+            "byte, or an edited file); use an earlier checkpoint or save again"
+        )
     expected = {
         "model": dict,
         "state_dict": dict,
@@ -329,6 +512,20 @@ def _check_config_against_state(
     stored tensors'. A corrupt config (``hidden=[10**6, 10**6]``, 4 TB) is refused here.
     """
     stored_elements = sum(value.numel() for value in state.values())
+    hidden = config.get("hidden", ())
+    if isinstance(hidden, list | tuple):
+        if len(hidden) > MAX_LAYERS or len(hidden) > len(state):
+            raise ValueError(
+                f"checkpoint {name!r}: the stored {cls.__name__} config asks for {len(hidden)} "
+                f"hidden layers, but the file holds {len(state)} weight tensors (and at most "
+                f"{MAX_LAYERS} layers are accepted); the file is corrupt or was edited"
+            )
+        for width in hidden:
+            if isinstance(width, int) and not isinstance(width, bool) and width > stored_elements:
+                raise ValueError(
+                    f"checkpoint {name!r}: config hidden width {width} exceeds every stored "
+                    f"weight ({stored_elements} numbers); the file is corrupt or was edited"
+                )
     features = config.get("time_features")
     if isinstance(features, int) and not isinstance(features, bool) and features > stored_elements:
         raise ValueError(

@@ -1,0 +1,5 @@
+"""The package version (one place; ``pyproject.toml`` carries the same string)."""
+
+__all__ = ["VERSION"]
+
+VERSION = "0.1.0"
