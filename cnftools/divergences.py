@@ -421,12 +421,13 @@ class DivergenceStrategy:
         return out
 
     def _fall_back(self, v: VelocityField, error: RuntimeError) -> None:
-        warnings.warn(
-            f"batched divergence failed for field {field_name(v)} ({error}); "
-            "using the loop of single backward passes from now on",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        if _first_fallback(v):  # once per field, not once per solve
+            warnings.warn(
+                f"batched divergence failed for field {field_name(v)} ({error}); "
+                "using the loop of single backward passes from now on",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.vmap_failed = True
 
     def __call__(
@@ -565,6 +566,22 @@ class DivergenceStrategy:
                 self.measured_chunk = best
                 _remember_chunk(v, key, best)
         return total.unsqueeze(1)
+
+
+_FELL_BACK: weakref.WeakSet = weakref.WeakSet()
+"""Fields (a bound method's object) whose batched divergence failed and was warned about."""
+
+
+def _first_fallback(v: object) -> bool:
+    """Whether this is the first batched-divergence failure of field ``v`` (remembered weakly)."""
+    key = getattr(v, "__self__", v)
+    try:
+        if key in _FELL_BACK:
+            return False
+        _FELL_BACK.add(key)
+    except TypeError:  # not weak-referenceable or not hashable: warn every time
+        pass
+    return True
 
 
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -21,8 +21,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from cnftools._resources import HeapTrimmer
 from cnftools.nll import distributed as dist
-from cnftools.nll.frames import combine, plan_rounds, summarize
+from cnftools.nll.frames import combine_units, plan_rounds, summarize
 from cnftools.nll.sources import Batch, RowSource
 from cnftools.nll.store import ChunkStore, ResumeError
 from cnftools.nll.units import Settings, compute_unit
@@ -54,6 +55,7 @@ class Job:
         self.computed = 0
         self.first_error: BaseException | None = None
         self.digests: dict[int, str] = {}
+        self.trim_heap = HeapTrimmer()  # keeps a long stream's resident memory flat
 
     def run(self, store: ChunkStore | None, start_time: float, keep_chunks: bool):
         complete = dist.broadcast(self.final_meta is not None, self.world)
@@ -88,6 +90,7 @@ class Job:
                 torch.distributed.barrier()
             return None
         frame = self._merge(units, hutchinson)
+        units.clear()  # the merged frame holds every row now
         self._report_failures(frame)
         result = self._finish(frame, store, start_time, computed, keep_chunks)
         if self.world > 1:
@@ -140,6 +143,7 @@ class Job:
                     store.write_unit(*unit, digest, frame)
                 frames.append(frame)
                 self.computed += len(frame)
+                self.trim_heap()
                 if bar is not None:
                     bar.update(len(frame) * self.world)
         except Exception as exc:  # every rank must reach the gather below
@@ -179,8 +183,8 @@ class Job:
     # -- the end ---------------------------------------------------------------------------
     def _merge(self, units: list[pd.DataFrame], hutchinson: bool) -> pd.DataFrame:
         assert self.rows.n is not None
-        frame = combine(
-            pd.concat(units, ignore_index=True),
+        frame = combine_units(
+            units,
             math.prod(self.rows.event),
             self.s.dequantization,
             hutchinson,
