@@ -68,6 +68,7 @@ from cnftools._ode import (
     integrate,
     resolve_config,
 )
+from cnftools._resources import with_thread_policy
 from cnftools.divergences import DivergenceStrategy
 from cnftools.fields import (
     VelocityField,
@@ -727,6 +728,7 @@ def _to_accuracy(
     )
 
 
+@with_thread_policy
 def log_likelihood(
     v: VelocityField,
     x: Tensor,
@@ -873,6 +875,7 @@ def log_likelihood(
     return result if return_result else result.log_prob
 
 
+@with_thread_policy
 def sample_with_log_prob(
     v: VelocityField,
     n: int | None = None,
@@ -1003,6 +1006,7 @@ def sample_with_log_prob(
     return result if return_result else (result.x, result.log_prob)
 
 
+@with_thread_policy
 def sample(
     v: VelocityField,
     x0: Tensor,

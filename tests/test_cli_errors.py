@@ -117,3 +117,17 @@ def test_nll_threads_flag(trained, capsys):
     assert torch.get_num_threads() == before  # restored after the call
     assert main(["nll", "--model", str(ckpt), "--data", str(data), "--threads", "0", *SOLVER]) == 2
     _one_line_error(capsys, "--threads")
+
+
+@pytest.mark.parametrize("command", ["nll", "train", "validate"])
+def test_threads_beyond_the_machine_are_a_usage_error(trained, tmp_path, capsys, command):
+    """Issue 20 item 11: --threads 100000 crashed nll with a segmentation fault; every command
+    now refuses more threads than usable cores before any work, naming the flag."""
+    ckpt, data = trained
+    args = {
+        "nll": ["nll", "--model", str(ckpt), "--data", str(data), *SOLVER],
+        "train": ["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--steps", "1"],
+        "validate": ["validate", "--only", "theorem3"],
+    }[command]
+    assert main([*args, "--threads", "100000"]) == 2
+    _one_line_error(capsys, "--threads", "from 1 to")

@@ -18,7 +18,7 @@ from cnftools.nll.baselines import gaussian_baseline_nll, histogram_baseline_nll
 from cnftools.nll.driver import dataset_nll
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint
 from cnftools.nll.frames import summarize
-from cnftools.nll.job import RowsFailedError
+from cnftools.nll.job import RowsFailedError, RunInterrupted
 from cnftools.nll.sources import Batch, RowSource, read_rows
 from cnftools.nll.store import ResumeError
 
@@ -28,6 +28,7 @@ __all__ = [
     "ResumeError",
     "RowSource",
     "RowsFailedError",
+    "RunInterrupted",
     "Unfingerprintable",
     "dataset_nll",
     "fingerprint",

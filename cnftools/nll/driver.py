@@ -30,11 +30,12 @@ from torch import Tensor, nn
 
 from cnftools._checks import check_int
 from cnftools._ode import SolverConfig, resolve_config
+from cnftools._resources import check_threads, entry_threads
 from cnftools.data import Dequantization
 from cnftools.fields import accepts_keyword, check_extras
 from cnftools.nll import distributed as dist
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint, settings_key
-from cnftools.nll.job import Job
+from cnftools.nll.job import Job, RunInterrupted
 from cnftools.nll.sources import read_rows, tensor_digest
 from cnftools.nll.store import ChunkStore, RunLock
 from cnftools.nll.units import Settings
@@ -259,9 +260,10 @@ def dataset_nll(
         run_id: the identity of the field and prior for ``resume``, instead of their content
             fingerprint: needed when ``v`` is (or holds) a plain function or lambda, whose code
             cannot be compared. Change it whenever the model changes.
-        num_threads: torch threads for the run, restored afterwards (default on CPU:
-            :func:`cnftools.nll.distributed.choose_threads`, the idle cores of this process's
-            share of the machine; elsewhere unchanged).
+        num_threads: torch threads for the run, from 1 to the cores this process may use,
+            restored afterwards. Default: cnftools' thread policy (an enclosing
+            ``cnftools.threads(n)`` block, else ``CNFTOOLS_THREADS``, else on the CPU the idle
+            cores of this process's share of the machine; docs/guide/likelihood.md#threads).
         extras: keyword arguments of a conditional field, ``v(x, t, **extras)``. A tensor whose
             first dimension is the number of rows ``N`` is per row: sliced with every batch (and
             shard), part of each batch's content hash. Anything else is passed as is and is part
@@ -311,7 +313,7 @@ def dataset_nll(
     n_probes = check_int("n_probes", n_probes, low=1)
     max_probes = check_int("max_probes", max_probes, low=1)
     if num_threads is not None:
-        num_threads = check_int("num_threads", num_threads, low=1)
+        num_threads = check_threads("num_threads", num_threads)
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
     hutchinson = divergence == "hutchinson"
@@ -359,8 +361,7 @@ def dataset_nll(
     device = torch.device(device) if device is not None else dist.default_device(first, v, world)
     identity = _identity(v, prior, run_id, need=out is not None and resume)
     identity["extras"] = _extras_identity(row_extras, constant_extras)
-    count = num_threads if num_threads is not None else dist.choose_threads(device)
-    with dist.threads(count):
+    with entry_threads(device, num_threads):
         field = _prepare_field(v, device, dtype)
         settings = Settings(
             batch_size, divergence, n_probes, seed, solver, dequantization,
@@ -380,7 +381,10 @@ def dataset_nll(
         }  # fmt: skip
         job = Job(field, rows, settings, run, rank, world, progress)
         if out is None:
-            return job.run(None, start_time, keep_chunks)
+            try:
+                return job.run(None, start_time, keep_chunks)
+            except KeyboardInterrupt:
+                raise RunInterrupted(0, rows.n, None) from None
         lock = RunLock(Path(out))
         store = ChunkStore(Path(out), run, settings_key(run))
         try:
@@ -397,9 +401,12 @@ def dataset_nll(
             if error is not None:
                 raise error
             return job.run(store, start_time, keep_chunks)
-        except BaseException:
+        except BaseException as error:
             if rank == 0 and store.created:
                 store.discard_if_empty()
+            if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
+                lock.release()  # first: the message below tells the user to run again
+                raise RunInterrupted(job.kept, rows.n, Path(out)) from None
             raise
         finally:
             lock.release()

@@ -28,11 +28,35 @@ from cnftools.nll.sources import Batch, RowSource
 from cnftools.nll.store import ChunkStore, ResumeError
 from cnftools.nll.units import Settings, compute_unit
 
-__all__ = ["Job", "RowsFailedError"]
+__all__ = ["Job", "RowsFailedError", "RunInterrupted"]
 
 
 class RowsFailedError(RuntimeError):
     """Every row of a :func:`~cnftools.dataset_nll` run failed (the first error is chained)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A :func:`~cnftools.dataset_nll` run stopped by Ctrl-C (``SIGINT``), after its lock was
+    released: still a ``KeyboardInterrupt``, and it says what was kept.
+
+    Attributes:
+        kept: rows whose values are in the chunk store (``out``'s ``.chunks/``), which
+            ``resume=True`` does not compute again; 0 without ``out``.
+        rows: the number of rows, ``None`` for a stream not yet read to the end.
+        out: the run's ``out`` file, ``None`` when it had none.
+    """
+
+    def __init__(self, kept: int, rows: int | None, out: os.PathLike[str] | None) -> None:
+        self.kept, self.rows, self.out = kept, rows, out
+        of = "" if rows is None else f" of {rows}"
+        if out is None:
+            text = "dataset_nll interrupted; nothing was kept (run with out= to make it resumable)"
+        else:
+            text = (
+                f"dataset_nll interrupted; {kept}{of} rows are kept in "
+                f"{os.fspath(out)!r}'s chunks: call it again with resume=True to continue"
+            )
+        super().__init__(text)
 
 
 class Job:
@@ -55,6 +79,7 @@ class Job:
         self.computed = 0
         self.first_error: BaseException | None = None
         self.digests: dict[int, str] = {}
+        self.kept = 0  # rows of the first round in the chunk store (read back or written)
         self.trim_heap = HeapTrimmer()  # keeps a long stream's resident memory flat
 
     def run(self, store: ChunkStore | None, start_time: float, keep_chunks: bool):
@@ -119,6 +144,7 @@ class Job:
                     if self.rank == 0:
                         digest = self._digest(batch)
                         frames.append(store.read_unit(*unit, digest, batch.start + rows))
+                        self.kept += len(rows) if round_ == 0 else 0
                     if bar is not None:
                         bar.update(len(rows))
                     continue
@@ -141,6 +167,8 @@ class Job:
                     self.first_error = err
                 if store is not None:
                     store.write_unit(*unit, digest, frame)
+                    ok = round_ == 0 and bool((frame["status"] == "ok").all())
+                    self.kept += len(frame) if ok else 0  # a unit with a failure is redone
                 frames.append(frame)
                 self.computed += len(frame)
                 self.trim_heap()

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cnftools._checks import check_batched, check_int, check_same_shape
+from cnftools._resources import with_thread_policy
 from cnftools.fields import Extras, check_extras, select_extras
 from cnftools.paths import GaussianPath
 from cnftools.training.objectives import cfm_loss
@@ -176,6 +177,7 @@ def _paired_within_labels(x0: Tensor, x1: Tensor, extras: dict) -> Tensor:
     return paired
 
 
+@with_thread_policy
 def train_cfm(
     field: nn.Module,
     path: GaussianPath,
