@@ -401,10 +401,10 @@ def dataset_nll(
             if error is not None:
                 raise error
             return job.run(store, start_time, keep_chunks)
-        except BaseException as error:
+        except BaseException as stop:
             if rank == 0 and store.created:
                 store.discard_if_empty()
-            if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
+            if isinstance(stop, KeyboardInterrupt) and not isinstance(stop, RunInterrupted):
                 lock.release()  # first: the message below tells the user to run again
                 raise RunInterrupted(job.kept, rows.n, Path(out)) from None
             raise

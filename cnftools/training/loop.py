@@ -218,6 +218,10 @@ def train_cfm(
     conditions admit no such groups and refuse ``minibatch_ot=True``. A sampler gives
     conditioning by returning ``(x1, extras)`` instead of ``x1``.
 
+    Threads: cnftools' thread policy (docs/guide/likelihood.md#threads): a ``cnftools.threads(n)``
+    block, else ``CNFTOOLS_THREADS``, else the idle cores of the machine (1 when it is busy);
+    the caller's torch thread count is restored afterwards.
+
     Args:
         field: an ``nn.Module`` with ``forward(x, t)`` (e.g. :class:`~cnftools.MLPField`); it is
             moved to ``device``/``dtype`` when those are given, and trained in place.
