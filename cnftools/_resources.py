@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import math
 import os
@@ -211,12 +210,9 @@ def with_thread_policy(func: F) -> F:
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or ``None`` where the C library has none (macOS, musl, Windows)."""
-    name = ctypes.util.find_library("c")
-    if name is None:  # pragma: no cover
-        return None
     try:
-        func = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # pragma: no cover
+        func = ctypes.CDLL(None).malloc_trim  # the symbols already loaded, libc among them
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - not glibc
         return None
     func.argtypes = [ctypes.c_size_t]
     func.restype = ctypes.c_int
