@@ -73,3 +73,38 @@ def test_stream_peak_memory_does_not_grow_with_the_rows():
     the growth (the result itself is about 50 bytes a row, 3 MB here)."""
     small, large = _peak_growth(10_000), _peak_growth(60_000)
     assert large < 2 * small, (small, large)
+
+
+def test_an_interrupted_run_releases_its_lock_and_counts_the_rows_kept(tmp_path):
+    """Ctrl-C in the third batch (a field that raises KeyboardInterrupt there): RunInterrupted, a
+    KeyboardInterrupt, says 8 of 12 rows are kept (two finished batches of 4), the lock file is
+    gone, and resume=True computes the rest with no stale-lock warning."""
+    import warnings
+
+    import torch
+
+    import cnftools
+    from cnftools.nll import RunInterrupted
+
+    calls = {"batches": set()}
+
+    class Stop(torch.nn.Module):
+        def forward(self, x, t):
+            calls["batches"].add(round(float(x[0, 0]), 6))
+            if len(calls["batches"]) > 2 and calls.get("stop", True):
+                raise KeyboardInterrupt
+            return -x
+
+    x = torch.arange(24, dtype=torch.float64).reshape(12, 2)
+    out = tmp_path / "r.parquet"
+    kw = dict(batch_size=4, method="euler", steps=1, progress=False, out=out, run_id="stop")
+    field = Stop()
+    with pytest.raises(RunInterrupted, match="8 of 12 rows are kept") as info:
+        cnftools.dataset_nll(field, x, **kw)
+    assert isinstance(info.value, KeyboardInterrupt) and info.value.kept == 8
+    assert not (tmp_path / "r.parquet.lock").exists()
+    calls["stop"] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame = cnftools.dataset_nll(field, x, resume=True, **kw)
+    assert len(frame) == 12 and bool((frame["status"] == "ok").all())

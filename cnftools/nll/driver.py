@@ -406,7 +406,7 @@ def dataset_nll(
                 store.discard_if_empty()
             if isinstance(stop, KeyboardInterrupt) and not isinstance(stop, RunInterrupted):
                 lock.release()  # first: the message below tells the user to run again
-                raise RunInterrupted(job.kept, rows.n, Path(out)) from None
+                raise RunInterrupted(job.kept_rows(store), rows.n, Path(out)) from None
             raise
         finally:
             lock.release()

@@ -79,7 +79,6 @@ class Job:
         self.computed = 0
         self.first_error: BaseException | None = None
         self.digests: dict[int, str] = {}
-        self.kept = 0  # rows of the first round in the chunk store (read back or written)
         self.trim_heap = HeapTrimmer()  # keeps a long stream's resident memory flat
 
     def run(self, store: ChunkStore | None, start_time: float, keep_chunks: bool):
@@ -144,7 +143,6 @@ class Job:
                     if self.rank == 0:
                         digest = self._digest(batch)
                         frames.append(store.read_unit(*unit, digest, batch.start + rows))
-                        self.kept += len(rows) if round_ == 0 else 0
                     if bar is not None:
                         bar.update(len(rows))
                     continue
@@ -167,8 +165,6 @@ class Job:
                     self.first_error = err
                 if store is not None:
                     store.write_unit(*unit, digest, frame)
-                    ok = round_ == 0 and bool((frame["status"] == "ok").all())
-                    self.kept += len(frame) if ok else 0  # a unit with a failure is redone
                 frames.append(frame)
                 self.computed += len(frame)
                 self.trim_heap()
@@ -187,6 +183,15 @@ class Job:
         if first is not None:
             raise first
         return [f for part, _ in gathered for f in part] if self.rank == 0 else []
+
+    def kept_rows(self, store: ChunkStore) -> int:
+        """Rows whose first-round units are finished in ``store`` (what a resume will not redo)."""
+        try:
+            done = store.finished_units()
+        except Exception:  # a damaged file: resume will say which; nothing can be promised here
+            return 0
+        n, size = self.rows.n, self.s.batch_size
+        return sum(size if n is None else min(size, n - b * size) for b, r in done if r == 0)
 
     def _digest(self, batch: Batch) -> str:
         """The batch's content hash; the same batch must hash alike on every pass."""
