@@ -90,7 +90,7 @@ def test_an_interrupted_run_releases_its_lock_and_counts_the_rows_kept(tmp_path)
 
     class Stop(torch.nn.Module):
         def forward(self, x, t):
-            calls["batches"].add(round(float(x[0, 0]), 6))
+            calls["batches"].add(round(float(x[0, 0].detach()), 6))
             if len(calls["batches"]) > 2 and calls.get("stop", True):
                 raise KeyboardInterrupt
             return -x
