@@ -126,7 +126,7 @@ def test_log_likelihood_of_a_score_model_matches_the_closed_form():
         ({"prediction": "noise"}, ValueError, "prediction must be one of"),
         ({"prediction": "epsilon"}, TypeError, "needs the path"),
         ({"prediction": "score", "path": "VP"}, TypeError, "AffineGaussianPath"),
-        ({"time": 1.0}, TypeError, "time must be None or a callable"),
+        ({"time": 1.0}, TypeError, "time must be None, a callable of t or .scalar."),
         ({"argument_order": "t x"}, ValueError, "argument_order must be one of"),
         ({"t_max": 1.5}, ValueError, r"t_max must lie in \(0, 1\]"),
         ({"t_max": "1"}, TypeError, "t_max must be None or a real number"),
