@@ -7,6 +7,7 @@ Conventions (fixed for the whole package): time runs from ``t = 0`` (noise, ``N(
 
 from cnftools import flows, interop
 from cnftools._ode import SolverConfig, SolverError
+from cnftools._resources import threads
 from cnftools._version import VERSION
 from cnftools.continuity import continuity_relative_residual, continuity_residual
 from cnftools.data import Dequantization
@@ -62,6 +63,7 @@ __all__ = [
     "sample_with_log_prob",
     "save_checkpoint",
     "summarize",
+    "threads",
     "train_cfm",
     "velocity_and_divergence",
 ]

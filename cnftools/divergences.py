@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -415,12 +416,13 @@ class DivergenceStrategy:
         return out
 
     def _fall_back(self, v: VelocityField, error: RuntimeError) -> None:
-        warnings.warn(
-            f"batched divergence failed for field {field_name(v)} ({error}); "
-            "using the loop of single backward passes from now on",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        if _first_fallback(v):  # once per field, not once per solve
+            warnings.warn(
+                f"batched divergence failed for field {field_name(v)} ({error}); "
+                "using the loop of single backward passes from now on",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.vmap_failed = True
 
     def __call__(
@@ -499,6 +501,22 @@ class DivergenceStrategy:
                 return _exact_loop(v, y, x, create_graph).unsqueeze(1)
         chunk = max(1, min(dim, max(rows // batch, MIN_CHUNK)))
         return _exact_batched(v, y, x, create_graph, chunk, self._bases).unsqueeze(1)
+
+
+_FELL_BACK: weakref.WeakSet = weakref.WeakSet()
+"""Fields (a bound method's object) whose batched divergence failed and was warned about."""
+
+
+def _first_fallback(v: object) -> bool:
+    """Whether this is the first batched-divergence failure of field ``v`` (remembered weakly)."""
+    key = getattr(v, "__self__", v)
+    try:
+        if key in _FELL_BACK:
+            return False
+        _FELL_BACK.add(key)
+    except TypeError:  # not weak-referenceable or not hashable: warn every time
+        pass
+    return True
 
 
 @dataclass(frozen=True)

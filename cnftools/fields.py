@@ -47,6 +47,7 @@ __all__ = [
     "check_output_like",
     "closed_form_divergence",
     "field_name",
+    "is_shape_error",
     "required_keywords",
     "select_extras",
     "takes_labels",
@@ -126,9 +127,25 @@ _SHAPE_ERROR = re.compile(
 
 CONVENTION_HINT = (
     "cnftools calls the field as v(x, t, **extras) with x of shape (B, *event) and t of shape "
-    "(B,) (one time per sample); torchdiffeq's f(t, x) argument order is a common mistake"
+    "(B,) (one time per sample); a model called as f(t, x) (torchdiffeq, torchdyn, torchcfm) or "
+    "one that takes a single scalar time (torchcfm's torch_wrapper does t.repeat(x.shape[0])) "
+    'is wrapped by cnftools.as_velocity(model, argument_order="t,x", time="scalar")'
 )
 """The hint added to a shape or broadcast error raised inside a field call."""
+
+
+def is_shape_error(error: BaseException) -> bool:
+    """Whether ``error`` looks like a shape or broadcast mismatch raised inside a field or model
+    (a ``RuntimeError`` whose text says so; not one raised under ``vmap``).
+
+    Example:
+        >>> is_shape_error(RuntimeError("Sizes of tensors must match except in dimension 1"))
+        True
+    """
+    text = str(error)
+    return (
+        isinstance(error, RuntimeError) and bool(_SHAPE_ERROR.search(text)) and "vmap" not in text
+    )
 
 
 def select_extras(extras: Extras | None, batch: int, rows: Tensor | slice | None = None) -> dict:
@@ -259,8 +276,8 @@ def call_checked(
     try:
         out = v(x, t, **extras) if extras else v(x, t)
     except RuntimeError as error:
-        if not _SHAPE_ERROR.search(str(error)) or "vmap" in str(error):
-            raise
+        if not is_shape_error(error) or "\nHint: " in str(error):
+            raise  # not a shape error, or one that already says what to do
         raise RuntimeError(
             f"calling velocity field {field_name(v)} failed: {error}\nHint: {CONVENTION_HINT}; "
             f"here x has shape {tuple(x.shape)} and t shape {tuple(t.shape)}"

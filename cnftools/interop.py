@@ -34,15 +34,17 @@ import torch
 from torch import Tensor, nn
 
 from cnftools._checks import as_time, check_batched, check_int, check_real
-from cnftools.fields import check_output_like, field_name
+from cnftools.fields import check_output_like, field_name, is_shape_error, select_extras
 from cnftools.paths import AffineGaussianPath, VPPath
 
-__all__ = ["PREDICTIONS", "PredictionField", "as_velocity", "from_diffusers"]
+__all__ = ["PREDICTIONS", "SCALAR_TIME", "PredictionField", "as_velocity", "from_diffusers"]
 
 PREDICTIONS = ("velocity", "epsilon", "data", "score")
 """What a model may predict: the velocity itself, the noise, the clean data or the score."""
 
 _ARGUMENT_ORDERS = ("x,t", "t,x")
+SCALAR_TIME = "scalar"
+"""``as_velocity(..., time="scalar")``: the model takes one 0-dim time for the whole batch."""
 _DIFFUSERS_PREDICTIONS = {"epsilon": "epsilon", "sample": "data", "v_prediction": "data"}
 
 
@@ -52,8 +54,10 @@ class PredictionField(nn.Module):
     Built by :func:`as_velocity`; see there for the arguments. ``forward(x, t, **extras)`` calls
     the model as ``model(x, time(t'), **extras)`` (or ``model(time(t'), x, **extras)``) with
     :math:`t' = \min(t, t_{\max})` and converts its prediction with the path's
-    ``velocity_from_*`` method at :math:`t'`. A model that is an ``nn.Module`` is registered as a
-    submodule, so ``.parameters()``, ``.to()`` and ``.eval()`` reach it.
+    ``velocity_from_*`` method at :math:`t'`. With ``time="scalar"`` the model gets one 0-dim
+    time per call instead: once for a batch whose rows share their time, else once per distinct
+    time (once per row where ``t`` requires a gradient). A model that is an ``nn.Module`` is
+    registered as a submodule, so ``.parameters()``, ``.to()`` and ``.eval()`` reach it.
     """
 
     def __init__(
@@ -61,7 +65,7 @@ class PredictionField(nn.Module):
         model: Callable[..., Any],
         path: AffineGaussianPath | None,
         prediction: str,
-        time: Callable[[Tensor], Tensor] | None,
+        time: Callable[[Tensor], Tensor] | str | None,
         argument_order: str,
         t_max: float | None,
     ) -> None:
@@ -79,11 +83,10 @@ class PredictionField(nn.Module):
         t = as_time(t, x)
         if self.t_max is not None:
             t = torch.clamp(t, max=self.t_max)
-        model_time = t if self.time is None else self.time(t)
-        if self.argument_order == "x,t":
-            out = self.model(x, model_time, **extras)
+        if self.time == SCALAR_TIME:
+            out = self._call_scalar_time(x, t, extras)
         else:
-            out = self.model(model_time, x, **extras)
+            out = self._call(x, t if self.time is None else self.time(t), extras)
         out = _check_prediction(self.model, self.prediction, out, x)
         if self.prediction == "velocity":
             return out
@@ -91,10 +94,57 @@ class PredictionField(nn.Module):
         convert = getattr(self.path, f"velocity_from_{self.prediction}")
         return convert(out, x, t)
 
+    def _call(self, x: Tensor, model_time: Tensor, extras: dict[str, Any]) -> Any:
+        try:
+            if self.argument_order == "x,t":
+                return self.model(x, model_time, **extras)
+            return self.model(model_time, x, **extras)
+        except RuntimeError as error:
+            if self.time == SCALAR_TIME or model_time.dim() == 0 or not is_shape_error(error):
+                raise
+            order = (
+                "if it is called as model(t, x) (torchdiffeq, torchdyn, torchcfm) pass "
+                'argument_order="t,x"; '
+                if self.argument_order == "x,t"
+                else ""
+            )
+            raise RuntimeError(
+                f"model {field_name(self.model)} failed when called as "
+                f"{'model(x, time(t))' if self.argument_order == 'x,t' else 'model(time(t), x)'} "
+                f"with x of shape "
+                f"{tuple(x.shape)} and time(t) of shape {tuple(model_time.shape)} (one time per "
+                f"row): {error}\nHint: {order}if the model takes one scalar time for the whole "
+                "batch (torchcfm's torch_wrapper does t.repeat(x.shape[0]); torchdyn and "
+                'torchdiffeq-style f(t, x) models too), pass time="scalar" to as_velocity'
+            ) from error
+
+    def _call_scalar_time(self, x: Tensor, t: Tensor, extras: dict[str, Any]) -> Tensor:
+        """The model on one 0-dim time per call: once when every row has the same time (always
+        so inside an ODE solve, where ``t`` is one time expanded), else once per distinct time,
+        or once per row where ``t`` requires a gradient (each row's own time then gets its own
+        derivative)."""
+        batch = x.shape[0]
+        if batch <= 1 or t.stride(0) == 0:  # one time expanded to the batch: no host sync
+            return self._call(x, t[0], extras)
+        if t.requires_grad:
+            groups = list(torch.arange(batch, device=t.device)[:, None])
+        else:
+            if bool((t == t[0]).all()):
+                return self._call(x, t[0], extras)
+            _, inverse = torch.unique(t, return_inverse=True)
+            groups = [(inverse == k).nonzero().squeeze(1) for k in range(int(inverse.max()) + 1)]
+        outs = []
+        for rows in groups:
+            part = self._call(x[rows], t[rows[0]], select_extras(extras, batch, rows))
+            outs.append(_check_prediction(self.model, self.prediction, part, x[rows]))
+        position = torch.cat(groups)
+        return torch.cat(outs)[torch.argsort(position)]
+
     def extra_repr(self) -> str:
+        time = ", time='scalar'" if self.time == SCALAR_TIME else ""
         return (
             f"prediction={self.prediction!r}, path={self.path!r}, "
-            f"argument_order={self.argument_order!r}, t_max={self.t_max}"
+            f"argument_order={self.argument_order!r}{time}, t_max={self.t_max}"
         )
 
 
@@ -113,7 +163,7 @@ def as_velocity(
     path: AffineGaussianPath | None = None,
     *,
     prediction: str = "velocity",
-    time: Callable[[Tensor], Tensor] | None = None,
+    time: Callable[[Tensor], Tensor] | str | None = None,
     argument_order: str = "x,t",
     t_max: float | None = None,
 ) -> PredictionField:
@@ -142,8 +192,17 @@ def as_velocity(
         time: maps cnftools' time ``t`` (shape ``(B,)``, 0 = noise, 1 = data) to the model's time
             input, e.g. ``lambda t: 1 - t`` for a diffusion time :math:`\tau` or
             ``lambda t: 999 * (1 - t)`` for a DDPM timestep label. ``None`` passes ``t``.
+            ``"scalar"``: the model takes one 0-dim time for the whole batch, as torchdiffeq,
+            torchdyn and torchcfm models do (torchcfm's ``torch_wrapper`` computes
+            ``t.repeat(x.shape[0])``), in cnftools' time convention (0 = noise, the one of
+            torchcfm and flow_matching). Inside an ODE solve every row has the same time and the
+            model is called once; for a batch of different times (training, or
+            :func:`cnftools.divergence` at per-row ``t``) it is called once per distinct time,
+            with that time's rows (and their per-row extras), or once per row when ``t``
+            requires a gradient. For a scalar model on another time scale, wrap it:
+            ``lambda t, x: model(1 - t, x)``.
         argument_order: ``"x,t"`` calls ``model(x, time(t))``; ``"t,x"`` calls
-            ``model(time(t), x)`` (torchdiffeq / torchcfm style).
+            ``model(time(t), x)`` (torchdiffeq / torchdyn / torchcfm style).
         t_max: if given, the model and the conversion are evaluated at :math:`\min(t, t_{\max})`:
             the field is frozen on :math:`[t_{\max}, 1]`. Needed where a conversion is singular
             at :math:`t = 1` (noise prediction on VP, where :math:`s_1 = 0`); without it such a
@@ -155,8 +214,10 @@ def as_velocity(
     Raises:
         TypeError: ``model`` or ``time`` is not callable, or ``path`` is not an
             :class:`~cnftools.AffineGaussianPath` where one is needed.
-        ValueError: an unknown ``prediction`` or ``argument_order``, or ``t_max`` outside
-            ``(0, 1]``.
+        ValueError: an unknown ``prediction``, ``argument_order`` or ``time`` string, or
+            ``t_max`` outside ``(0, 1]``.
+        RuntimeError: (when the field is called) a model that fails on a ``(B,)`` time with a
+            shape error; the message points at ``argument_order`` and ``time="scalar"``.
 
     Example:
         >>> import torch, cnftools
@@ -166,6 +227,14 @@ def as_velocity(
         >>> x = torch.randn(4, 2, dtype=torch.float64)
         >>> bool(torch.allclose(v(x, 0.3), torch.zeros_like(x)))  # N(0, I) stays put on VP
         True
+
+        A model that takes one scalar time, called as ``f(t, x)`` (torchdiffeq / torchcfm style):
+
+        >>> f = lambda t, x: -x + t.repeat(x.shape[0])[:, None]
+        >>> v = cnftools.as_velocity(f, argument_order="t,x", time="scalar")
+        >>> v(torch.zeros(2, 1), torch.tensor([0.25, 0.5]))
+        tensor([[0.2500],
+                [0.5000]])
 
     References:
         Song et al. (2021), arXiv:2011.13456, eq. (13); Lipman et al., Flow Matching Guide and
@@ -181,8 +250,16 @@ def as_velocity(
             f"AffineGaussianPath (OTPath, VEPath, VPPath or your own), got "
             f"{type(path).__name__}"
         )
-    if time is not None and not callable(time):
-        raise TypeError(f"time must be None or a callable of t, got {type(time).__name__}")
+    if isinstance(time, str):
+        if time != SCALAR_TIME:
+            raise ValueError(
+                f"time must be None, a callable of t or {SCALAR_TIME!r} (a model that takes one "
+                f"scalar time), got {time!r}"
+            )
+    elif time is not None and not callable(time):
+        raise TypeError(
+            f"time must be None, a callable of t or {SCALAR_TIME!r}, got {type(time).__name__}"
+        )
     if argument_order not in _ARGUMENT_ORDERS:
         raise ValueError(
             f"argument_order must be one of {_ARGUMENT_ORDERS}, got {argument_order!r}"

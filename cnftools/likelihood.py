@@ -74,6 +74,7 @@ from cnftools._ode import (
     resolve_config,
 )
 from cnftools._progress import reporter, reporting
+from cnftools._resources import with_thread_policy
 from cnftools.divergences import DivergenceStrategy
 from cnftools.fields import (
     VelocityField,
@@ -853,6 +854,7 @@ def _to_accuracy(
     )
 
 
+@with_thread_policy
 def log_likelihood(
     v: VelocityField,
     x: Tensor,
@@ -1002,6 +1004,7 @@ def log_likelihood(
     return result if return_result else result.log_prob
 
 
+@with_thread_policy
 def sample_with_log_prob(
     v: VelocityField,
     n: int | None = None,
@@ -1134,6 +1137,7 @@ def sample_with_log_prob(
     return result if return_result else (result.x, result.log_prob)
 
 
+@with_thread_policy
 def sample(
     v: VelocityField,
     x0: Tensor,

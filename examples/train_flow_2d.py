@@ -1,8 +1,11 @@
-"""Train a RealNVP-style flow on two moons by maximum likelihood (theory §2), in about 10 s on CPU.
+"""Train a RealNVP-style flow on two moons by maximum likelihood (theory §2), printing its run time.
 
 The flow alternates affine couplings with learnable LU-parametrised linear maps over a standard
 normal base; the loss is the NLL L(D) = −mean log p(x), with log p from
 torch.distributions.TransformedDistribution and the exact log-determinants of cnftools.flows.
+
+The last line says how long the 500 steps took: 8.1 s measured on one thread of a 2-core CPU
+busy with other jobs (load average 3); expect it to vary with the machine and its load.
 
 Run:
     python examples/train_flow_2d.py                 # prints the NLL as it falls

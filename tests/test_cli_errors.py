@@ -245,3 +245,17 @@ def test_train_on_a_full_disk_keeps_the_model_and_says_where(
     line = _one_line_error(capsys, "m.pt", "No space", "saved to")
     saved = tmp_path / line.split("saved to '")[1].split("'")[0]
     assert cnftools.load_checkpoint(saved).field.config()["hidden"] == [4]
+
+
+@pytest.mark.parametrize("command", ["nll", "train", "validate"])
+def test_threads_beyond_the_machine_are_a_usage_error(trained, tmp_path, capsys, command):
+    """Issue 20 item 11: --threads 100000 crashed nll with a segmentation fault; every command
+    now refuses more threads than usable cores before any work, naming the flag."""
+    ckpt, data = trained
+    args = {
+        "nll": ["nll", "--model", str(ckpt), "--data", str(data), *SOLVER],
+        "train": ["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--steps", "1"],
+        "validate": ["validate", "--only", "theorem3"],
+    }[command]
+    assert main([*args, "--threads", "100000"]) == 2
+    _one_line_error(capsys, "--threads", "from 1 to")

@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -217,3 +223,37 @@ def test_train_refuses_flags_that_do_not_apply(tmp_path, capsys, flags, message)
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_ctrl_c_releases_the_lock_says_what_was_kept_and_how_to_continue(trained, tmp_path):
+    """Issue 21 item 5: SIGINT to a running `cnftools nll` (a subprocess) exits 130 with two lines
+    (no traceback) naming the rows kept and the exact command to continue; the lock is gone, and
+    that command finishes the run without a stale-lock warning."""
+    ckpt, data = trained
+    rows = tmp_path / "rows.npy"
+    np.save(rows, np.tile(np.load(data), (20, 1)))  # enough 10-row units to interrupt midway
+    out = tmp_path / "r.parquet"
+    args = ["nll", "--model", str(ckpt), "--data", str(rows), "--out", str(out),
+            "--batch-size", "10", *SOLVER, "--threads", "1", "--no-progress"]  # fmt: skip
+    cmd = [sys.executable, "-m", "cnftools"]
+    proc = subprocess.Popen([*cmd, *args], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    chunks = tmp_path / "r.parquet.chunks"
+    deadline = time.monotonic() + 120
+    while not list(chunks.glob("unit-*.parquet")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no unit written in 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2, err
+    kept = re.search(r"interrupted; (\d+) of (\d+) rows kept in .*r\.parquet\.chunks/", err)
+    assert kept is not None, err
+    n_rows = int(kept.group(2))
+    assert n_rows == np.load(rows).shape[0] and 10 <= int(kept.group(1)) < n_rows, err
+    assert not (tmp_path / "r.parquet.lock").exists()
+    again = shlex.split(err.strip().splitlines()[1])
+    assert again == ["cnftools", *args, "--resume"]
+    done = subprocess.run([*cmd, *again[1:]], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "stale lock" not in done.stderr
+    assert len(pd.read_parquet(out)) == n_rows

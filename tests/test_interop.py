@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 
 import pytest
 import torch
@@ -125,7 +126,7 @@ def test_log_likelihood_of_a_score_model_matches_the_closed_form():
         ({"prediction": "noise"}, ValueError, "prediction must be one of"),
         ({"prediction": "epsilon"}, TypeError, "needs the path"),
         ({"prediction": "score", "path": "VP"}, TypeError, "AffineGaussianPath"),
-        ({"time": 1.0}, TypeError, "time must be None or a callable"),
+        ({"time": 1.0}, TypeError, "time must be None, a callable of t or .scalar."),
         ({"argument_order": "t x"}, ValueError, "argument_order must be one of"),
         ({"t_max": 1.5}, ValueError, r"t_max must lie in \(0, 1\]"),
         ({"t_max": "1"}, TypeError, "t_max must be None or a real number"),
@@ -335,8 +336,9 @@ def test_tiny_class_conditional_unet_log_likelihood():
 
 def test_tiny_unet_exact_divergence_falls_back_to_the_loop():
     """Batched VJPs fail inside a diffusers UNet ("NYI: querying is_contiguous inside of vmap");
-    the exact divergence falls back to the loop of d backward passes, loudly, and gives the loop's
-    numbers exactly; the likelihood solve with the exact divergence then runs to a finite value."""
+    the exact divergence falls back to the loop of d backward passes, loudly (once per field, not
+    once per call), and gives the loop's numbers exactly; the likelihood solve with the exact
+    divergence then runs to a finite value."""
     diffusers = pytest.importorskip("diffusers")
     field, _ = from_diffusers(_tiny_unet(), diffusers.DDPMScheduler())
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -344,6 +346,166 @@ def test_tiny_unet_exact_divergence_falls_back_to_the_loop():
         auto = cnftools.divergence(field, x, 0.5)
     loop = cnftools.divergence(field, x, 0.5, strategy="loop")
     torch.testing.assert_close(auto, loop, rtol=0, atol=0)
-    with pytest.warns(RuntimeWarning, match="batched divergence failed"), torch.no_grad():
-        log_p = cnftools.log_likelihood(field, x, method="rk4", steps=2)
+    with warnings.catch_warnings():  # warned once per field (issue 21): not again per call
+        warnings.simplefilter("error", RuntimeWarning)
+        with torch.no_grad():
+            log_p = cnftools.log_likelihood(field, x, method="rk4", steps=2)
+            cnftools.log_likelihood(field, x, method="rk4", steps=2)
     assert log_p.shape == (2,) and bool(torch.isfinite(log_p).all())
+    other, _ = from_diffusers(_tiny_unet(), diffusers.DDPMScheduler())
+    with pytest.warns(RuntimeWarning, match="batched divergence failed"):
+        cnftools.divergence(other, x, 0.5)  # another field warns once for itself
+
+
+# --- models that take one scalar time (torchcfm, torchdyn, torchdiffeq style) ------------------
+
+
+class _ScalarTimeWrapper(nn.Module):
+    """torchcfm's ``torch_wrapper`` convention: ``forward(t, x)`` with a 0-dim ``t``, appended to
+    every row by ``t.repeat(x.shape[0])``; ``label`` (optional) is a per-row extra."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.calls: list[tuple[int, ...]] = []
+
+    def forward(self, t, x, label=None):
+        self.calls.append(tuple(t.shape))
+        out = self.net(torch.cat([x, t.repeat(x.shape[0])[:, None]], 1))
+        return out if label is None else out * label[:, None]
+
+
+def _time_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+
+
+def _batch_time_field(net):
+    """The same network called with one time per row: the reference for the scalar route."""
+    return lambda x, t, label=None: (
+        net(torch.cat([x, t[:, None]], 1)) * (1 if label is None else label[:, None])
+    )
+
+
+def test_scalar_time_model_log_likelihood_equals_the_per_row_field():
+    """torchcfm-style wrapper through as_velocity(time="scalar"): the model sees 0-dim times only,
+    and log p equals the per-row field's exactly (the same arithmetic on the same numbers, so
+    tolerance 0)."""
+    net = _time_net()
+    model = _ScalarTimeWrapper(net)
+    v = as_velocity(model, argument_order="t,x", time="scalar")
+    x = _draw((50, 2), 1)
+    got = cnftools.log_likelihood(v, x, method="rk4", steps=8)
+    expected = cnftools.log_likelihood(_batch_time_field(net), x, method="rk4", steps=8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert set(model.calls) == {()}
+
+
+def test_scalar_time_model_is_called_once_per_distinct_time_with_its_rows_and_extras():
+    """Rows at different times (a training batch): one call per distinct time, each with that
+    time's rows and per-row extras. The output equals the per-row field's to 1e-14 absolute
+    (values O(1)): the matrix products run on fewer rows, and BLAS may round those differently
+    (1 ulp measured)."""
+    net = _time_net()
+    model = _ScalarTimeWrapper(net)
+    v = as_velocity(model, argument_order="t,x", time="scalar")
+    x = _draw((6, 2), 2)
+    t = torch.tensor([0.5, 0.1, 0.5, 0.9, 0.1, 0.5], dtype=F64)
+    label = torch.arange(1.0, 7.0, dtype=F64)
+    got = v(x, t, label=label)
+    torch.testing.assert_close(got, _batch_time_field(net)(x, t, label), rtol=0, atol=1e-14)
+    assert len(model.calls) == 3
+
+
+def test_scalar_time_gradient_in_t_is_per_row():
+    """With t requiring a gradient each row gets its own time (one call per row), so
+    d(sum v)/dt_i is row i's own derivative, equal to the per-row field's to 1e-14 absolute
+    (one-row products may round differently in BLAS, see above)."""
+    net = _time_net()
+    v = as_velocity(_ScalarTimeWrapper(net), argument_order="t,x", time="scalar")
+    x = _draw((4, 2), 3)
+    t = torch.full((4,), 0.3, dtype=F64, requires_grad=True)
+    (got,) = torch.autograd.grad(v(x, t).sum(), t)
+    t_ref = t.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(_batch_time_field(net)(x, t_ref).sum(), t_ref)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("argument_order", "match"),
+    [
+        ("t,x", r'one scalar time.*pass time="scalar"'),
+        ("x,t", r'argument_order="t,x".*time="scalar"'),
+    ],
+)
+def test_a_scalar_time_model_given_a_batch_time_gets_a_hint_naming_time_scalar(
+    argument_order, match
+):
+    """The reproducer of issue 21: a (B,) time makes torchcfm's wrapper build B*B rows. The error
+    names the model and points at time="scalar" (and at the argument order where that is wrong),
+    without the generic field hint on top."""
+    model = _ScalarTimeWrapper(_time_net())
+    if argument_order == "x,t":
+        xt = model
+        model = lambda x, t: xt(t, x)  # noqa: E731 - a scalar model that is called as (x, t)
+    v = as_velocity(model, argument_order=argument_order)
+    with pytest.raises(RuntimeError, match=match) as info:
+        cnftools.log_likelihood(v, _draw((20, 2), 4), method="euler", steps=1)
+    assert str(info.value).count("Hint:") == 1
+
+
+def test_the_field_hint_names_as_velocity_time_scalar():
+    """A scalar-time model passed as a field directly: the generic hint names the wrapper call."""
+    model = _ScalarTimeWrapper(_time_net())
+    with pytest.raises(
+        RuntimeError, match=r'as_velocity\(model, argument_order="t,x", time="scalar"\)'
+    ):
+        cnftools.log_likelihood(model, _draw((5, 2), 5), method="euler", steps=1)
+
+
+@pytest.mark.parametrize(
+    ("time", "error", "match"),
+    [
+        ("scalars", ValueError, "time must be None, a callable of t or 'scalar'"),
+        (3, TypeError, "time must be"),
+    ],
+)
+def test_as_velocity_refuses_an_unknown_time(time, error, match):
+    with pytest.raises(error, match=match):
+        as_velocity(lambda x, t: x, time=time)
+
+
+def test_real_torchcfm_wrapper_runs_through_time_scalar():
+    """torchcfm's own torch_wrapper (optional dependency): log p equals the per-row field's
+    exactly (tolerance 0: the same arithmetic)."""
+    utils = pytest.importorskip("torchcfm.utils")
+    net = _time_net()
+    v = as_velocity(utils.torch_wrapper(net), argument_order="t,x", time="scalar")
+    x = _draw((30, 2), 6)
+    got = cnftools.log_likelihood(v, x, method="rk4", steps=4)
+    expected = cnftools.log_likelihood(_batch_time_field(net), x, method="rk4", steps=4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_real_flow_matching_model_wrapper_runs_as_a_field():
+    """Meta flow_matching's ModelWrapper (optional dependency) is forward(x, t, **extras): with a
+    model that takes (B,) times it is a field as it is; with one written for flow_matching's
+    ODESolver (a 0-dim t) it runs through time="scalar". Both equal the per-row field exactly."""
+    model_wrapper = pytest.importorskip("flow_matching.utils.model_wrapper")
+    net = _time_net()
+
+    class Batched(model_wrapper.ModelWrapper):
+        def forward(self, x, t, **extras):
+            return self.model(torch.cat([x, t.reshape(-1, 1).expand(x.shape[0], 1)], 1))
+
+    class Scalar(model_wrapper.ModelWrapper):
+        def forward(self, x, t, **extras):
+            return self.model(torch.cat([x, t.expand(x.shape[0], 1)], 1))
+
+    x = _draw((30, 2), 7)
+    expected = cnftools.log_likelihood(_batch_time_field(net), x, method="rk4", steps=4)
+    batched = cnftools.log_likelihood(as_velocity(Batched(net)), x, method="rk4", steps=4)
+    scalar = as_velocity(Scalar(net), time="scalar")
+    torch.testing.assert_close(batched, expected, rtol=0, atol=0)
+    got = cnftools.log_likelihood(scalar, x, method="rk4", steps=4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cnftools._resources import check_threads
 from cnftools.data import (
     DIGITS_LEVELS,
     checkerboard,
@@ -20,7 +21,6 @@ from cnftools.data import (
     two_moons,
 )
 from cnftools.nll import read_rows
-from cnftools.nll.distributed import choose_threads
 
 __all__ = [
     "DATASETS",
@@ -28,6 +28,7 @@ __all__ = [
     "UsageError",
     "add_common_arguments",
     "add_data_arguments",
+    "add_threads_argument",
     "builtin_dataset",
     "check_device",
     "check_writable",
@@ -182,14 +183,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         help="float64 or float32 (train default: float32; nll default: the model's own dtype)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="torch threads on the CPU (default: the idle cores of this process's share of the "
-        "machine, from the load average; 1 on a busy machine)",
-    )
+    add_threads_argument(p)
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -198,8 +192,23 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def thread_count(args: argparse.Namespace, device: torch.device) -> int:
+def thread_count(args: argparse.Namespace) -> int | None:
+    """``--threads`` checked (1 to the usable cores), or ``None``: cnftools' thread policy."""
+    if args.threads is None:
+        return None
+    try:
+        return check_threads("--threads", args.threads)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
 
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    return args.threads if args.threads is not None else choose_threads(device)
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads, 1 to the CPU cores this process may use (default: "
+        "$CNFTOOLS_THREADS, else the idle cores of this process's share of the machine, from "
+        "the load average; 1 on a busy machine)",
+    )

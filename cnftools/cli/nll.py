@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from cnftools.data import Dequantization
 from cnftools.nll import (
     PerRow,
     RowsFailedError,
+    RunInterrupted,
     dataset_nll,
     gaussian_baseline_nll,
     histogram_baseline_nll,
@@ -207,9 +209,33 @@ def run(args: argparse.Namespace) -> int:
     except RowsFailedError as error:  # every row failed: a result, not a usage error
         print(f"cnftools nll: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as error:  # Ctrl-C: the lock is released, finished rows are kept
+        print(_interrupted(args, error), file=sys.stderr)
+        return 130
     finally:
         if started:
             torch.distributed.destroy_process_group()
+
+
+def _interrupted(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
+    """What an interrupted run kept, and the exact command that continues it."""
+    if args.out is None:
+        return (
+            "cnftools nll: interrupted; nothing was kept (without --out nothing is written): "
+            "run with --out FILE.parquet to make a run resumable"
+        )
+    kept = ""
+    if isinstance(error, RunInterrupted):
+        of = "" if error.rows is None else f" of {error.rows}"
+        kept = f"{error.kept}{of} rows "
+    again = [a for a in getattr(args, "argv", []) if a != "--overwrite"]
+    if "--resume" not in again:
+        again.append("--resume")
+    chunks = args.out.with_name(args.out.name + ".chunks")
+    return (
+        f"cnftools nll: interrupted; {kept}kept in {os.fspath(chunks)}/ (the lock is released); "
+        f"continue with:\n  {shlex.join(['cnftools', *again])}"
+    )
 
 
 def _init_distributed() -> bool:
@@ -313,7 +339,7 @@ def _nll(args: argparse.Namespace, device: torch.device | None) -> int:
         keep_chunks=args.keep_chunks,
         progress=args.progress,
         run_id=args.run_id,
-        num_threads=thread_count(args, device or torch.device("cpu")),
+        num_threads=thread_count(args),
         bpd_dims=args.bpd_dims,
     )
     if frame is None:  # a rank other than 0 under torchrun

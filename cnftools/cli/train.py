@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from cnftools._resources import entry_threads
 from cnftools.cli.common import (
     DTYPES,
     UsageError,
@@ -28,7 +29,6 @@ from cnftools.cli.common import (
     thread_count,
 )
 from cnftools.data import dequantize
-from cnftools.nll.distributed import threads
 from cnftools.paths import OTPath, VEPath, VPPath
 from cnftools.training import MLPField, save_checkpoint, train_cfm
 
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     args.hidden = parse_hidden(args.hidden) if isinstance(args.hidden, str) else args.hidden
     check_writable(args.out)  # before any training: a run must not end in an unwritable path
     try:
-        with threads(thread_count(args, device)):
+        with entry_threads(device, thread_count(args)):
             return _train(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import torch
 
-from cnftools.cli.common import DTYPES, UsageError, check_device, check_writable
+from cnftools._resources import entry_threads
+from cnftools.cli.common import (
+    DTYPES,
+    UsageError,
+    add_threads_argument,
+    check_device,
+    check_writable,
+    thread_count,
+)
 from cnftools.validation import Context, Run, discover, run_experiments, write_report
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -54,9 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+
+    with entry_threads(args.device, thread_count(args)):
+        return _validate(args)
+
+
+def _validate(args: argparse.Namespace) -> int:
 
     experiments = discover()
     if args.list:

@@ -19,7 +19,7 @@ from cnftools.nll.baselines import gaussian_baseline_nll, histogram_baseline_nll
 from cnftools.nll.driver import dataset_nll
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint
 from cnftools.nll.frames import summarize
-from cnftools.nll.job import RowsFailedError
+from cnftools.nll.job import RowsFailedError, RunInterrupted
 from cnftools.nll.sources import Batch, PerRow, RowSource, Shared, read_rows
 from cnftools.nll.store import ResumeError
 
@@ -30,6 +30,7 @@ __all__ = [
     "ResumeError",
     "RowSource",
     "RowsFailedError",
+    "RunInterrupted",
     "Shared",
     "Unfingerprintable",
     "dataset_nll",

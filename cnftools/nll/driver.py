@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from cnftools._checks import SUPPORTED_DTYPES, check_device, check_int
 from cnftools._ode import SolverConfig, resolve_config
+from cnftools._resources import check_threads, entry_threads
 from cnftools.data import Dequantization
 from cnftools.fields import (
     check_extras,
@@ -43,7 +44,7 @@ from cnftools.fields import (
 from cnftools.likelihood import log_likelihood
 from cnftools.nll import distributed as dist
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint, settings_key
-from cnftools.nll.job import Job
+from cnftools.nll.job import Job, RunInterrupted
 from cnftools.nll.sources import Batch, PerRow, RowSource, Shared, read_rows, tensor_digest
 from cnftools.nll.store import ChunkStore, RunLock
 from cnftools.nll.units import Settings
@@ -519,9 +520,10 @@ def dataset_nll(
             fingerprint (:func:`cnftools.nll.fingerprint`): needed when a part of ``v`` cannot
             be read (a generator, a file handle; the error names it). Change it whenever the
             model changes.
-        num_threads: torch threads for the run, restored afterwards (default on CPU:
-            :func:`cnftools.nll.distributed.choose_threads`, the idle cores of this process's
-            share of the machine; elsewhere unchanged).
+        num_threads: torch threads for the run, from 1 to the cores this process may use,
+            restored afterwards. Default: cnftools' thread policy (an enclosing
+            ``cnftools.threads(n)`` block, else ``CNFTOOLS_THREADS``, else on the CPU the idle
+            cores of this process's share of the machine; docs/guide/likelihood.md#threads).
         extras: keyword arguments of a conditional field, ``v(x, t, **extras)``. A tensor or
             array must say how it is used: :class:`~cnftools.nll.PerRow` ``(y)`` gives data row
             ``i`` the value ``y[i]`` (``N`` rows, checked; sliced with every batch and shard,
@@ -593,7 +595,7 @@ def dataset_nll(
     n_probes = check_int("n_probes", n_probes, low=1)
     max_probes = check_int("max_probes", max_probes, low=1)
     if num_threads is not None:
-        num_threads = check_int("num_threads", num_threads, low=1)
+        num_threads = check_threads("num_threads", num_threads)
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
     hutchinson = divergence == "hutchinson"
@@ -657,8 +659,7 @@ def dataset_nll(
     need = out_path is not None and resume and run_id is None
     identity = _identity(v, prior, run_id, need=need)
     identity.update(_extras_identity(row_extras, constant_extras, need))
-    count = num_threads if num_threads is not None else dist.choose_threads(device)
-    with dist.threads(count):
+    with entry_threads(device, num_threads):
         field = _prepare_field(v, device, dtype)
         if constant_extras:
             field = _SharedBound(field, constant_extras)
@@ -682,7 +683,10 @@ def dataset_nll(
         job = Job(field, rows, settings, run, rank, world, progress)
         job.bpd_dims = bpd_dims
         if out_path is None:
-            return job.run(None, start_time, keep_chunks)
+            try:
+                return job.run(None, start_time, keep_chunks)
+            except KeyboardInterrupt:
+                raise RunInterrupted(0, rows.n, None) from None
         lock = RunLock(out_path)
         store = ChunkStore(out_path, run, settings_key(run))
         try:
@@ -699,9 +703,12 @@ def dataset_nll(
             if error is not None:
                 raise error
             return job.run(store, start_time, keep_chunks)
-        except BaseException:
+        except BaseException as stop:
             if rank == 0 and store.created:
                 store.discard_if_empty()
+            if isinstance(stop, KeyboardInterrupt) and not isinstance(stop, RunInterrupted):
+                lock.release()  # first: the message below tells the user to run again
+                raise RunInterrupted(job.kept_rows(store), rows.n, Path(out)) from None
             raise
         finally:
             lock.release()

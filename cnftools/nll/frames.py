@@ -23,7 +23,7 @@ import pandas as pd
 
 from cnftools.data import Dequantization
 
-__all__ = ["combine", "plan_rounds", "summarize", "with_bpd"]
+__all__ = ["combine", "combine_units", "plan_rounds", "summarize", "with_bpd"]
 
 
 def with_bpd(frame: pd.DataFrame, dims: int | None) -> pd.DataFrame:
@@ -73,6 +73,48 @@ def combine(
         frame["rounds"] = rounds.to_numpy(dtype=np.int64)
     frame["status"] = any_error.to_numpy().astype(str)
     return frame
+
+
+def combine_units(
+    units: list[pd.DataFrame],
+    dim: int,
+    deq: Dequantization | None,
+    hutchinson: bool,
+    bpd_dims: int | None = None,
+) -> pd.DataFrame:
+    """:func:`combine` of a list of unit frames, without its sort and group-by when every row has
+    one round (no ``target_stderr``): the columns are joined and, if needed, put in index order,
+    so a long stream's merge holds little more than the result itself (the general path holds
+    several copies of every row). The same frame as ``combine(pd.concat(units), ...)``."""
+    if not units or any(bool((u["round"].to_numpy() != 0).any()) for u in units):
+        return combine(pd.concat(units, ignore_index=True), dim, deq, hutchinson, bpd_dims)
+    index = np.concatenate([u["index"].to_numpy(dtype=np.int64) for u in units])
+    order = None if bool((np.diff(index) > 0).all()) else np.argsort(index, kind="stable")
+
+    def column(name: str, dtype: type) -> np.ndarray:
+        values = np.concatenate([u[name].to_numpy(dtype=dtype) for u in units])
+        return values if order is None else values[order]
+
+    status = pd.concat([u["status"] for u in units], ignore_index=True)
+    if order is not None:
+        index = index[order]
+        status = status.iloc[order].reset_index(drop=True)
+    bad = (status != "ok").to_numpy(dtype=bool)
+    frame = pd.DataFrame({"index": index})
+    lp = column("log_prob", np.float64)
+    lp[bad] = np.nan
+    frame["log_prob"] = lp
+    frame["nll"] = -lp
+    if deq is not None:
+        frame["bpd"] = -lp / (dim * math.log(2.0))
+    frame["nfe"] = column("nfe", np.int64)
+    if hutchinson:
+        variance = column("variance", np.float64)
+        variance[bad] = np.nan
+        frame["stderr"] = np.sqrt(variance)
+        frame["rounds"] = np.ones(len(frame), dtype=np.int64)
+    frame["status"] = status.astype(str)
+    return frame if deq is not None else with_bpd(frame, bpd_dims)
 
 
 def probe_stderr(units: pd.DataFrame) -> tuple[float, pd.Series, pd.Series, pd.Series]:

@@ -22,17 +22,42 @@ import torch
 from tqdm.auto import tqdm
 
 from cnftools._progress import reporting, reporting_to
+from cnftools._resources import HeapTrimmer
 from cnftools.nll import distributed as dist
-from cnftools.nll.frames import combine, plan_rounds, summarize, with_bpd
+from cnftools.nll.frames import combine_units, plan_rounds, summarize, with_bpd
 from cnftools.nll.sources import Batch, RowSource
 from cnftools.nll.store import ChunkStore, ResumeError
 from cnftools.nll.units import Settings, compute_unit
 
-__all__ = ["Job", "RowsFailedError"]
+__all__ = ["Job", "RowsFailedError", "RunInterrupted"]
 
 
 class RowsFailedError(RuntimeError):
     """Every row of a :func:`~cnftools.dataset_nll` run failed (the first error is chained)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A :func:`~cnftools.dataset_nll` run stopped by Ctrl-C (``SIGINT``), after its lock was
+    released: still a ``KeyboardInterrupt``, and it says what was kept.
+
+    Attributes:
+        kept: rows whose values are in the chunk store (``out``'s ``.chunks/``), which
+            ``resume=True`` does not compute again; 0 without ``out``.
+        rows: the number of rows, ``None`` for a stream not yet read to the end.
+        out: the run's ``out`` file, ``None`` when it had none.
+    """
+
+    def __init__(self, kept: int, rows: int | None, out: os.PathLike[str] | None) -> None:
+        self.kept, self.rows, self.out = kept, rows, out
+        of = "" if rows is None else f" of {rows}"
+        if out is None:
+            text = "dataset_nll interrupted; nothing was kept (run with out= to make it resumable)"
+        else:
+            text = (
+                f"dataset_nll interrupted; {kept}{of} rows are kept in "
+                f"{os.fspath(out)!r}'s chunks: call it again with resume=True to continue"
+            )
+        super().__init__(text)
 
 
 class Job:
@@ -56,6 +81,7 @@ class Job:
         self.first_error: BaseException | None = None
         self.digests: dict[int, str] = {}
         self.bpd_dims: int | None = None  # bits/dim of continuous data (not part of the identity)
+        self.trim_heap = HeapTrimmer()  # keeps a long stream's resident memory flat
 
     def run(self, store: ChunkStore | None, start_time: float, keep_chunks: bool):
         complete = dist.broadcast(self.final_meta is not None, self.world)
@@ -90,6 +116,7 @@ class Job:
                 torch.distributed.barrier()
             return None
         frame = self._merge(units, hutchinson)
+        units.clear()  # the merged frame holds every row now
         self._report_failures(frame)
         result = self._finish(frame, store, start_time, computed, keep_chunks)
         if self.world > 1:
@@ -145,6 +172,7 @@ class Job:
                     store.write_unit(*unit, digest, frame)
                 frames.append(frame)
                 self.computed += len(frame)
+                self.trim_heap()
                 if bar is not None:
                     bar.update(len(frame) * self.world)
         except Exception as exc:  # every rank must reach the gather below
@@ -160,6 +188,15 @@ class Job:
         if first is not None:
             raise first
         return [f for part, _ in gathered for f in part] if self.rank == 0 else []
+
+    def kept_rows(self, store: ChunkStore) -> int:
+        """Rows whose first-round units are finished in ``store`` (what a resume will not redo)."""
+        try:
+            done = store.finished_units()
+        except Exception:  # a damaged file: resume will say which; nothing can be promised here
+            return 0
+        n, size = self.rows.n, self.s.batch_size
+        return sum(size if n is None else min(size, n - b * size) for b, r in done if r == 0)
 
     def _digest(self, batch: Batch) -> str:
         """The batch's content hash; the same batch must hash alike on every pass."""
@@ -184,8 +221,8 @@ class Job:
     # -- the end ---------------------------------------------------------------------------
     def _merge(self, units: list[pd.DataFrame], hutchinson: bool) -> pd.DataFrame:
         assert self.rows.n is not None
-        frame = combine(
-            pd.concat(units, ignore_index=True),
+        frame = combine_units(
+            units,
             math.prod(self.rows.event),
             self.s.dequantization,
             hutchinson,

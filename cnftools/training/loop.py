@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cnftools._checks import check_batched, check_int, check_same_shape
+from cnftools._resources import with_thread_policy
 from cnftools.fields import Extras, check_extras, select_extras
 from cnftools.paths import GaussianPath
 from cnftools.training.objectives import cfm_loss
@@ -176,6 +177,7 @@ def _paired_within_labels(x0: Tensor, x1: Tensor, extras: dict) -> Tensor:
     return paired
 
 
+@with_thread_policy
 def train_cfm(
     field: nn.Module,
     path: GaussianPath,
@@ -215,6 +217,10 @@ def train_cfm(
     conditional flows would start from the wrong distribution. Continuous (floating) per-row
     conditions admit no such groups and refuse ``minibatch_ot=True``. A sampler gives
     conditioning by returning ``(x1, extras)`` instead of ``x1``.
+
+    Threads: cnftools' thread policy (docs/guide/likelihood.md#threads): a ``cnftools.threads(n)``
+    block, else ``CNFTOOLS_THREADS``, else the idle cores of the machine (1 when it is busy);
+    the caller's torch thread count is restored afterwards.
 
     Args:
         field: an ``nn.Module`` with ``forward(x, t)`` (e.g. :class:`~cnftools.MLPField`); it is
