@@ -428,7 +428,7 @@ def _solve_adaptive(
             finishing = landed & (target == last)
             attempts = torch.where(landed, 0, attempts + 1)
             stuck = (t_new == t) & finite & moving
-            summary = torch.stack(
+            counts = torch.stack(
                 [
                     (~finite).sum(),
                     (attempts > max_steps).sum(),
@@ -437,15 +437,17 @@ def _solve_adaptive(
                     (landed & (target < last)).sum(),
                 ]
             )
-            reached = t.min() if direction > 0 else t.max()
-        n_bad, n_over, n_stuck, n_done, n_mid = summary.tolist()  # the step's one host sync
+            earliest = t.min() if direction > 0 else t.max()
+            summary = torch.cat([counts.to(torch.float64), earliest.reshape(1).to(torch.float64)])
+        *numbers, reached = summary.tolist()  # the step's one host sync
+        n_bad, n_over, n_stuck, n_done, n_mid = (int(n) for n in numbers)
         if n_bad:
-            raise _explain(rows, ~finite, inputs, stages, float(reached))
+            raise _explain(rows, ~finite, inputs, stages, reached)
         if n_over:
             over = rows[attempts > max_steps]
             raise StepFailure("max_steps", f"more than max_steps={max_steps} steps", over)
         if n_stuck:
-            where = f"underflow in the step size near t = {float(reached):.6g}"
+            where = f"underflow in the step size near t = {reached:.6g}"
             raise StepFailure("underflow", where, rows[stuck])
         if record is not None:
             landed_at = torch.where(landed, target, -1)
@@ -485,7 +487,7 @@ def _solve_adaptive(
         if fresh_first and not (n_done and compact):
             k_first = torch.where(keep, f(t, y, all_rows), k_first)
         if on_step is not None:
-            on_step(float(reached))
+            on_step(reached)
     return _assemble(y0, len(times), pieces)
 
 
