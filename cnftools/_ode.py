@@ -419,6 +419,7 @@ def integrate(
     context: str = "ODE solve",
     progress: Progress | None = None,
     compact: bool = True,
+    shared_steps: bool = False,
 ) -> Tensor:
     r"""Integrate :math:`dy/dt = f(t, y)` from ``times[0]`` through ``times[1:]``, row by row.
 
@@ -442,6 +443,7 @@ def integrate(
         progress: called after every step with the time reached and the evaluations so far.
         compact: let finished rows leave the evaluated batch (``False``: ``f`` always gets every
             row, for dynamics that cannot be evaluated on part of the batch).
+        shared_steps: one step for the whole batch (for dynamics that take one time for all rows).
 
     Returns:
         The states at ``times``, shape ``(len(times), B, n)``.
@@ -480,6 +482,7 @@ def integrate(
             on_step=on_step,
             record=record,
             compact=compact,
+            shared_steps=shared_steps,
         )
 
     wants_replay = (

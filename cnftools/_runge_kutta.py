@@ -217,13 +217,17 @@ def _initial_step(
     longest: Tensor,
     direction: float,
     rows: Tensor,
+    shared: bool = False,
 ) -> Tensor:
-    """Hairer's starting step per row (Solving ODEs I, §II.4), never past the first output."""
+    """Hairer's starting step per row (Solving ODEs I, §II.4), never past the first output
+    (``shared``: the smallest for every row, the probe included)."""
     with torch.no_grad():
         scale = atol + rtol * y.abs()
         d0, d1 = norm(y / scale), norm(f0 / scale)
         h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
         h0 = torch.minimum(h0, longest)
+        if shared:
+            h0 = h0.min().expand(h0.shape[0])
     if not bool(torch.isfinite(h0).all()):
         bad = ~torch.isfinite(h0)
         raise _explain(rows, bad, [y], [f0], float(t[0]))
@@ -259,6 +263,7 @@ def solve(
     on_step: Callable[[float], None] | None = None,
     record: StepRecord | None = None,
     compact: bool = True,
+    shared_steps: bool = False,
 ) -> Tensor:
     """Integrate ``dy/dt = f(t, y)`` from ``times[0]`` through ``times[1:]``, row by row.
 
@@ -280,6 +285,9 @@ def solve(
         compact: let finished rows leave the evaluated batch (``f`` is then called on the rows
             still moving); ``False`` keeps every row in every call, finished rows frozen, for
             dynamics that can only be evaluated on the whole batch. The results are the same.
+        shared_steps: one step for the whole batch (the smallest any row proposes, accepted when
+            every row accepts it), for dynamics that take one time for all rows; every row still
+            meets the tolerance, but a row's steps then depend on its batch.
 
     Returns:
         The states at ``times``, shape ``(len(times), B, n)`` (``times[0]``: ``y0``).
@@ -313,6 +321,7 @@ def solve(
             first_step,
             (on_step, record),
             compact,
+            shared_steps,
         )
     if steps_per_unit is None:
         raise ValueError(f"the fixed-grid method {method!r} needs steps_per_unit=")
@@ -380,6 +389,7 @@ def _solve_adaptive(
     first_step: float | None,
     hooks: tuple[Callable[[float], None] | None, StepRecord | None],
     compact: bool,
+    shared_steps: bool,
 ) -> Tensor:
     rtol, atol = tolerances
     on_step, record = hooks
@@ -403,10 +413,23 @@ def _solve_adaptive(
         longest = (targets[1] - targets[0]).abs().expand(batch)
     if first_step is None:
         h = _initial_step(
-            f, t, y, k_first, tableau.order, rtol, atol, norm, longest, direction, rows
+            f,
+            t,
+            y,
+            k_first,
+            tableau.order,
+            rtol,
+            atol,
+            norm,
+            longest,
+            direction,
+            rows,
+            shared_steps,
         )
     else:
         h = torch.minimum(torch.full_like(t, abs(first_step)), longest)
+    if shared_steps:
+        h = h.min().expand(batch)
     fresh_first = not tableau.first_same_as_last
     all_rows: Tensor | None = None  # ``rows`` passed to f: None while every row is evaluated
     while True:
@@ -424,6 +447,8 @@ def _solve_adaptive(
             ratio = torch.where(moving, norm(error / scale), 0.0)
             finite = torch.isfinite(ratio)
             accepted = (ratio <= 1.0) & finite & moving
+            if shared_steps:  # the batch's one step stands or falls with its worst row
+                accepted = accepted.all().expand(accepted.shape[0]) & moving
             landed = accepted & lands
             finishing = landed & (target == last)
             attempts = torch.where(landed, 0, attempts + 1)
@@ -457,6 +482,8 @@ def _solve_adaptive(
                 step, ratio, previous, accepted, first, tableau.order
             )
             h = torch.where(landed, torch.maximum(h, proposal), proposal)
+            if shared_steps:
+                h = h.min().expand(h.shape[0])
             first = torch.zeros_like(first)
             keep = accepted.unsqueeze(1)
         t = torch.where(accepted, t_new, t)

@@ -50,6 +50,7 @@ __all__ = [
     "is_shape_error",
     "required_keywords",
     "select_extras",
+    "shares_time",
     "takes_labels",
 ]
 
@@ -333,6 +334,18 @@ def check_output_like(
             "(e.g. module.to(x.dtype)) so no precision is lost silently"
         )
     raise ValueError(f"{who} returned a tensor on {out.device}, x is on {x.device}")
+
+
+def shares_time(v: object) -> bool:
+    """Whether the field takes one time for its whole batch (a ``shares_time`` attribute that is
+    ``True``, as ``as_velocity(..., time="scalar")`` fields have): the engine then gives the batch's
+    rows one shared step instead of a step each.
+
+    Example:
+        >>> shares_time(lambda x, t: -x)
+        False
+    """
+    return getattr(v, "shares_time", False) is True
 
 
 def closed_form_divergence(v: object) -> Divergence | None:

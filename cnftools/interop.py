@@ -94,6 +94,13 @@ class PredictionField(nn.Module):
         convert = getattr(self.path, f"velocity_from_{self.prediction}")
         return convert(out, x, t)
 
+    @property
+    def shares_time(self) -> bool:
+        """True with ``time="scalar"``: an ODE solve then gives all rows one shared step, so the
+        model is called once per evaluation (with per-row steps every row would have its own
+        time, and the model would be called once per row)."""
+        return self.time == SCALAR_TIME
+
     def _call(self, x: Tensor, model_time: Tensor, extras: dict[str, Any]) -> Any:
         try:
             if self.argument_order == "x,t":
@@ -195,8 +202,9 @@ def as_velocity(
             ``"scalar"``: the model takes one 0-dim time for the whole batch, as torchdiffeq,
             torchdyn and torchcfm models do (torchcfm's ``torch_wrapper`` computes
             ``t.repeat(x.shape[0])``), in cnftools' time convention (0 = noise, the one of
-            torchcfm and flow_matching). Inside an ODE solve every row has the same time and the
-            model is called once; for a batch of different times (training, or
+            torchcfm and flow_matching). An ODE solve then gives the batch's rows one shared step
+            (``shares_time``), so every row has the same time and the model is called once per
+            evaluation (the rows' steps, and so their numbers, then depend on the batch); for a batch of different times (training, or
             :func:`cnftools.divergence` at per-row ``t``) it is called once per distinct time,
             with that time's rows (and their per-row extras), or once per row when ``t``
             requires a gradient. For a scalar model on another time scale, wrap it:

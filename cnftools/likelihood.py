@@ -83,6 +83,7 @@ from cnftools.fields import (
     check_extras,
     closed_form_divergence,
     select_extras,
+    shares_time,
 )
 
 __all__ = [
@@ -460,6 +461,7 @@ def _augmented_solve(
     y0 = torch.cat([start.reshape(batch, d), start.new_zeros(batch, columns)], dim=1)
     f = _augmented(v, start, strategy, extras)
     compact = _rows_stand_alone(v, start.detach(), float(grid[0]), extras, context)
+    shared = shares_time(v)  # a model of one time per batch: the rows share their steps
     progress = reporter(context, float(grid[0]), float(grid[-1]))
     if graph:
         solution = integrate(
@@ -473,6 +475,7 @@ def _augmented_solve(
             phase=phase,
             context=context,
             compact=compact,
+            shared_steps=shared,
             progress=progress,
         )
     else:
@@ -487,6 +490,7 @@ def _augmented_solve(
                 phase=phase,
                 context=context,
                 compact=compact,
+                shared_steps=shared,
                 progress=progress,
             )
     z = solution[:, :, :d].reshape(len(grid), batch, *event)

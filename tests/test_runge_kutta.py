@@ -364,3 +364,23 @@ def test_fixed_grid_gradients_and_outputs() -> None:
     grad_y0, grad_c = torch.autograd.grad(states[-1].sum(), (y0, c))
     assert float(grad_y0) == pytest.approx(math.exp(0.8), rel=1e-9)
     assert float(grad_c) == pytest.approx(1.5 * math.exp(0.8), rel=1e-9)
+
+
+def test_shared_steps_give_every_row_one_time_and_the_tolerance() -> None:
+    """shared_steps (for models of one time per batch): every call sees one time for all rows,
+    the stiff row's steps are everyone's, and every row meets the tolerance (100 x tol)."""
+    rates = torch.tensor([[1.0], [30.0]], dtype=F64)
+    inner = _stiff_rows(rates)
+    times_seen: list[int] = []
+
+    def f(t: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        times_seen.append(len(set(t.tolist())))
+        return inner(t, y, rows)
+
+    y0 = torch.zeros(2, 1, dtype=F64)
+    out = solve(
+        f, y0, [0.0, 1.0], "dopri5", rtol=1e-8, atol=1e-8, norm=row_norm(1), shared_steps=True
+    )
+    assert set(times_seen) == {1}
+    alone = solve(inner, y0, [0.0, 1.0], "dopri5", rtol=1e-10, atol=1e-10, norm=row_norm(1))
+    assert float((out[-1] - alone[-1]).abs().max()) <= 100 * 1e-8
