@@ -770,9 +770,10 @@ class _Opaque(torch.nn.Module):
 
 
 @pytest.mark.parametrize("accuracy", [1e-4, 1e-7, 1e-9])
-def test_accuracy_is_met_and_certified(accuracy: float) -> None:
-    """Against the closed form: the true error is below the target and below the certified error
-    (the certificate is an upper bound); the certified error itself meets the target."""
+def test_accuracy_is_met_and_estimated(accuracy: float) -> None:
+    """Against the closed form, on a smooth Gaussian case: the true error is below the target and
+    below the reported estimate; the estimate itself meets the target. (The estimate is not a
+    guaranteed bound: benchmarks/accuracy_bound.py counts how often it is exceeded elsewhere.)"""
     marginal, x, exact = _gaussian_case(4, 6)
     result = cnftools.log_likelihood(_Opaque(marginal), x, accuracy=accuracy, return_result=True)
     error = (result.log_prob - exact).abs()
@@ -875,8 +876,8 @@ def _never_called(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     ("dtype", "keywords", "match"),
     [
         (torch.float64, {"accuracy": 1e-6, "divergence": "hutchinson"}, "Hutchinson probes"),
-        (torch.float32, {"accuracy": 1e-7}, "below what torch.float32 can certify"),
-        (torch.float64, {"accuracy": 1e-15}, "below what torch.float64 can certify"),
+        (torch.float32, {"accuracy": 1e-7}, "below what torch.float32 can reach"),
+        (torch.float64, {"accuracy": 1e-15}, "below what torch.float64 can reach"),
         (torch.float64, {"rtol": 1e-20, "atol": 1e-20}, "below torch.float64's rounding"),
         (torch.float32, {"rtol": 1e-12, "atol": 1e-12}, "or float64 data"),
     ],
@@ -913,7 +914,7 @@ def test_accuracy_keeps_the_certificate_it_has_when_a_tighter_solve_fails(monkey
         return original(*args, **kwargs)
 
     monkeypatch.setattr(likelihood_module, "_one_solve", failing_third)
-    with pytest.warns(RuntimeWarning, match="not certified .* solve failed: made to fail"):
+    with pytest.warns(RuntimeWarning, match="not reached .* solve failed: made to fail"):
         result = cnftools.log_likelihood(_Opaque(marginal), x, accuracy=1e-9, return_result=True)
     error = (result.log_prob - exact).abs()
     assert bool((error <= result.error_estimate + 1e-13).all())  # still an honest certificate
