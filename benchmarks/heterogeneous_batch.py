@@ -148,7 +148,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     q, x, exact = mixture_case(args.rows)
     libs = runners(q, x)
-    tols = [10 ** (-4 - i / args.per_decade) for i in range(5 * args.per_decade + 1)]
+    tols = [10 ** (-4 - i / args.per_decade) for i in range(8 * args.per_decade + 1)]
     best: dict[str, tuple[float, float, int, int]] = {}
     for _ in range(args.rounds):
         for tol in tols:

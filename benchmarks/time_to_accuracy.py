@@ -13,6 +13,8 @@ its own adaptive dopri5, with tolerances rtol = atol = tol swept 1e-3 ... 1e-11:
 - flow_matching 1.0.10: ``ODESolver.compute_likelihood(exact_divergence=True)``;
 - zuko: ``FreeFormJacobianTransform(exact=True).inv.call_and_ladj`` (its own Dormand-Prince);
 - torchdyn 1.0.6: ``NeuralODE`` on the augmented state [x, log-det] with ``autograd_trace``;
+- torchode 1.0.1: per-row dopri5 with its PID controller, the exact divergence in batched chunks
+  of 16 VJPs (``torchode_runner``);
 - cnftools: ``log_likelihood`` (default dopri5), the same with ``method="dopri8"``, and the
   accuracy knob ``log_likelihood(v, x, accuracy=target)`` (its self-check's cost included).
 
@@ -384,7 +386,7 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, device {device}; peers: "
         f"flow_matching={'yes' if ODESolver else 'no'}, zuko={'yes' if zuko else 'no'}, "
-        f"torchdyn={'yes' if NeuralODE else 'no'}"
+        f"torchdyn={'yes' if NeuralODE else 'no'}, torchode={'yes' if torchode else 'no'}"
     )
     for d in dims:
         report(d, args.batch, sweep(d, args.batch, tols, rounds, device))
