@@ -85,6 +85,20 @@ class Stream(torch.utils.data.IterableDataset):
         yield from self.x
 
 
+# adaptive dopri5 with the exact (autograd) divergence of an MLPField: every row on its own steps,
+# so a row's value does not depend on the shard or batch it is solved in (to rounding)
+ADAPTIVE: dict[str, Any] = {"batch_size": 7, "rtol": 1e-8, "atol": 1e-8, "progress": False}
+
+
+def make_mlp(n: int = 40) -> tuple[Any, torch.Tensor]:
+    """A seeded MLPField and ``n`` rows (the adaptive engine case)."""
+    import cnftools
+
+    torch.manual_seed(0)
+    field = cnftools.MLPField(2, hidden=[16, 16]).double()
+    return field, torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
 def main(out_dir: str, source: str = "tensor") -> None:
     import torch.distributed as dist
 
@@ -93,9 +107,11 @@ def main(out_dir: str, source: str = "tensor") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        field, x = make_case()
+        adaptive = source == "adaptive"
+        field, x = make_mlp() if adaptive else make_case()
         data = Stream(x) if source == "stream" else x
-        frame = cnftools.dataset_nll(field, data, out=Path(out_dir) / "nll.parquet", **SETTINGS)
+        settings = ADAPTIVE if adaptive else SETTINGS
+        frame = cnftools.dataset_nll(field, data, out=Path(out_dir) / "nll.parquet", **settings)
         rank = dist.get_rank()
         if rank == 0:
             assert frame is not None

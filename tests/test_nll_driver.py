@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _dist_worker import SETTINGS, SlowField, make_case, make_mixture
+from _dist_worker import ADAPTIVE, SETTINGS, SlowField, make_case, make_mixture, make_mlp
 
 from cnftools import SolverConfig
 from cnftools.nll import Dequantization, PerRow, Shared, dataset_nll, summarize
@@ -408,6 +408,24 @@ def test_two_gloo_processes_equal_one(tmp_path, source):
     pd.testing.assert_frame_equal(two, one, check_exact=True)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "nll.parquet"), one, check_exact=True)
     assert not (tmp_path / "nll.parquet.chunks").exists()
+
+
+def test_two_gloo_processes_equal_one_with_rows_on_their_own_adaptive_steps(tmp_path):
+    """The engine issue's requirement: with an adaptive solver and an autograd divergence, a
+    row's log-likelihood under torchrun with 2 ranks (batches of 7) equals one process with one
+    batch of 40 to 1e-12 relative (each row on its own steps; only the field's products on
+    batches of other sizes round differently)."""
+    field, x = make_mlp()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(TESTS / "_dist_worker.py"), str(tmp_path), "adaptive",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = pd.read_parquet(tmp_path / "frame.parquet")["log_prob"].to_numpy()
+    one = dataset_nll(field, x, **{**ADAPTIVE, "batch_size": 40})["log_prob"].to_numpy()
+    np.testing.assert_allclose(two, one, rtol=1e-12, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------
