@@ -41,10 +41,31 @@ __all__ = [
     "check_threads",
     "choose_threads",
     "entry_threads",
+    "process_alive",
     "threads",
     "usable_cores",
     "with_thread_policy",
 ]
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (this process counts; a pid we may not signal
+    counts as alive). Used to tell a dead writer's leftovers (locks, temporary files).
+
+    Example:
+        >>> process_alive(os.getpid())
+        True
+    """
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
 
 THREADS_ENV = "CNFTOOLS_THREADS"
 """Environment variable giving the torch thread count of every cnftools call (an integer >= 1)."""

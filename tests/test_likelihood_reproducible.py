@@ -143,17 +143,9 @@ def test_a_checkpoint_loaded_field_gives_the_same_bits(tmp_path: Path) -> None:
 
 def test_a_diffusers_unet_gives_the_same_bits() -> None:
     diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    ).double()
+    from test_interop import _tiny_unet  # the one tiny random UNet of the tests
+
+    unet = _tiny_unet()
     field, _ = cnftools.interop.from_diffusers(unet, diffusers.DDPMScheduler())
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
     first = cnftools.log_likelihood(field, x, method="rk4", steps=2)

@@ -44,6 +44,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cnftools._resources import process_alive
+
 __all__ = [
     "FORMAT",
     "ChunkStore",
@@ -141,20 +143,10 @@ def leftover_temporaries(path: Path) -> list[Path]:
     found = []
     for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         match = pattern.fullmatch(candidate.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             found.append(candidate)
     return found
 
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
     return True
 
 
@@ -304,7 +296,7 @@ class RunLock:
                 f"the lock {where!r} is held by {owner!r}, a process on another host; cnftools "
                 "cannot see whether it still runs: delete the lock file by hand once it is gone"
             )
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
             raise FileExistsError(
                 self._held_message(owner) + " (or delete the lock file if that process is not "
                 "a cnftools run)"

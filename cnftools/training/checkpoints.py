@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cnftools._resources import process_alive
 from cnftools.paths import GaussianPath, OTPath, VEPath, VPPath
 from cnftools.training.models import ConvField, MLPField
 
@@ -254,14 +255,6 @@ def _temporary_name(base: str) -> str:
     host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
     return f".{base}.{host}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
     return True
 
 
@@ -278,7 +271,7 @@ def _remove_leftovers(directory: str, base: str) -> None:
         if not match or match["base"] != base or match["host"] != host:
             continue
         pid = int(match["pid"])
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not process_alive(pid):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, name))
 
