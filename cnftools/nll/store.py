@@ -208,7 +208,12 @@ def read_checked(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
             f"{os.fspath(path)!r} was not written by this version of cnftools.dataset_nll (no "
             f"{FORMAT!r} metadata); move it away or pass overwrite=True"
         )
-    if not isinstance(meta.get("checksum"), str) or meta["checksum"] != table_checksum(table, meta):
+    try:
+        checksum = table_checksum(table, meta)
+    except Exception as error:  # a damaged schema (a column name that is not UTF-8, ...)
+        text = str(error).splitlines()[0][:200] if str(error) else ""
+        raise _damaged(path, f"unreadable: {type(error).__name__}: {text}") from error
+    if not isinstance(meta.get("checksum"), str) or meta["checksum"] != checksum:
         raise _damaged(path, "its content does not match its checksum")
     if meta.get("rows") != table.num_rows:
         raise _damaged(
