@@ -524,8 +524,9 @@ class _Walker:
             self.put("class-body", _qualified(klass))
             for key, value in sorted(vars(klass).items()):
                 dunder = key.startswith("__") and key.endswith("__")
-                if key.startswith("_abc_") or "cache" in key.lower():
-                    continue
+                code = callable(value) or isinstance(value, staticmethod | classmethod | property)
+                if key.startswith("_abc_") or ("cache" in key.lower() and not code):
+                    continue  # memoised values; a method named *cache* is code, walked
                 if dunder and not isinstance(
                     value, types.FunctionType | staticmethod | classmethod | property
                 ):
