@@ -597,6 +597,40 @@ def test_numpy_values_that_cannot_come_back_exactly_are_refused_at_save(tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def _deep_list(levels: int) -> list:
+    root: list = []
+    inner = root
+    for _ in range(levels):
+        inner.append([])
+        inner = inner[0]
+    return root
+
+
+def _self_referencing_list() -> list:
+    value: list = [1.0]
+    value.append(value)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: np.ma.masked_array([1.0, 2.0], mask=[False, True]), "masked array"),
+        (lambda: torch.eye(2).to_sparse(), "layout"),
+        (_self_referencing_list, "nested deeper"),
+        (lambda: _deep_list(5000), "nested deeper"),
+    ],
+    ids=["masked array", "sparse tensor", "self-referencing list", "5000 levels"],
+)
+def test_extras_that_would_not_come_back_are_refused_at_save_naming_them(tmp_path, make, match):
+    """Today's main dropped a masked array's mask silently, and raised a raw RuntimeError
+    (sparse tensor) or RecursionError (a list holding itself, deep nesting) at save."""
+    file = tmp_path / "v.pt"
+    with pytest.raises(TypeError, match=rf"extra\['t'\].* {match}"):
+        cnftools.save_checkpoint(file, make_field(), extra={"t": make()})
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_big_endian_array_round_trips_exactly(tmp_path):
     value = np.array([1.0, -2.5, 1e-300], dtype=">f8")
     file = tmp_path / "v.pt"

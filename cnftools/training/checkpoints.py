@@ -132,7 +132,11 @@ class Checkpoint:
 _PLAIN_SCALARS = (bool, int, float, str)
 
 
-def _to_plain(name: str, value: object) -> object:
+_MAX_NESTING = 100
+"""Deepest nesting of lists, tuples and dicts that :func:`_to_plain` stores."""
+
+
+def _to_plain(name: str, value: object, depth: int = 0) -> object:
     """``value`` as something ``torch.load(weights_only=True)`` reads back, or a ``TypeError``.
 
     NumPy scalars become Python numbers and NumPy arrays become tensors (both are common in
@@ -140,6 +144,11 @@ def _to_plain(name: str, value: object) -> object:
     to load). Anything else that is not a tensor, a plain scalar, ``None``, a ``torch.dtype``,
     a list, a tuple or a dict with ``str``/``int`` keys is refused here, at save time.
     """
+    if depth > _MAX_NESTING:  # a container that holds itself, or one absurdly deep
+        raise TypeError(
+            f"{name} is nested deeper than {_MAX_NESTING} levels (a list or dict that contains "
+            "itself?); checkpoints hold plain, finite nesting"
+        )
     if value is None or type(value) in _PLAIN_SCALARS or isinstance(value, torch.dtype):
         return value
     if isinstance(value, Tensor):
@@ -147,7 +156,17 @@ def _to_plain(name: str, value: object) -> object:
             raise TypeError(
                 f"{name} is a tensor subclass {type(value).__name__}; store a plain tensor"
             )
+        if value.layout != torch.strided:
+            raise TypeError(
+                f"{name} is a tensor of layout {value.layout}; store value.to_dense() (a "
+                "checkpoint holds strided tensors)"
+            )
         return value
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a NumPy masked array: its mask would be lost; store value.filled(...) "
+            "and value.mask (np.ma.getmaskarray(value)) as two arrays"
+        )
     if isinstance(value, np.generic | np.ndarray):
         _check_numpy_kind(name, value)
     if isinstance(value, np.generic) and not isinstance(value, np.void | np.object_):
@@ -156,14 +175,14 @@ def _to_plain(name: str, value: object) -> object:
         native = value.astype(value.dtype.newbyteorder("="), copy=True)  # big-endian: exact
         return torch.from_numpy(native)
     if type(value) in (list, tuple):
-        items = [_to_plain(f"{name}[{i}]", item) for i, item in enumerate(value)]  # type: ignore[attr-defined]
+        items = [_to_plain(f"{name}[{i}]", item, depth + 1) for i, item in enumerate(value)]  # type: ignore[attr-defined]
         return items if type(value) is list else tuple(items)
     if type(value) is dict:
         out = {}
         for key, item in value.items():  # type: ignore[attr-defined]
             if type(key) not in (str, int):
                 raise TypeError(f"{name} has a key of type {type(key).__name__}; use str keys")
-            out[key] = _to_plain(f"{name}[{key!r}]", item)
+            out[key] = _to_plain(f"{name}[{key!r}]", item, depth + 1)
         return out
     raise TypeError(
         f"{name} is a {type(value).__name__}: checkpoints hold only tensors, numbers, strings, "
