@@ -639,6 +639,24 @@ def test_a_big_endian_array_round_trips_exactly(tmp_path):
     assert loaded.dtype == torch.float64 and loaded.tolist() == value.tolist()
 
 
+@pytest.mark.parametrize(
+    "description",
+    [
+        {"kind": "ot", "sigma_min": float("nan")},
+        {"kind": "ot", "sigma_min": 5.0},
+        {"kind": "ot", "sigma_min": 0.1, "foo": 1},
+        {"kind": "evil", "sigma_min": 0.1},
+    ],
+    ids=["nan", "out of range", "unknown argument", "unknown kind"],
+)
+def test_a_crafted_path_description_is_refused_naming_the_file(tmp_path, description):
+    """Today's main raised the path's own error (a raw TypeError for an unknown argument), without
+    the file's name, and only after building the model."""
+    file = _edited(tmp_path, lambda payload: payload.update({"path": description}))
+    with pytest.raises(ValueError, match=r"good\.pt.*path description"):
+        cnftools.load_checkpoint(file)
+
+
 @pytest.mark.parametrize("layers", [200_000, 20_000])
 def test_a_crafted_layer_count_is_refused_at_once(tmp_path, layers):
     """Today's main: hidden=[1]*200000 still not refused after 120 s (20,000 layers: 13.7 s)."""

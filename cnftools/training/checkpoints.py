@@ -603,6 +603,13 @@ def load_checkpoint(
             config, or a non-MLPField model without ``field=``.
     """
     payload = _read_payload(file, map_location)
+    try:  # before anything is built
+        path = path_from_description(payload["path"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"checkpoint {os.fspath(file)!r}: the stored path description {payload['path']!r} "
+            f"is invalid ({error}); the file was not written by save_checkpoint as it is"
+        ) from error
     model = payload["model"]
     state = payload["state_dict"]
     if field is None:
@@ -627,7 +634,7 @@ def load_checkpoint(
         field.to(map_location)
     return Checkpoint(
         field=field,
-        path=path_from_description(payload["path"]),
+        path=path,
         path_description=payload["path"],
         extra=payload["extra"],
         optimizer_state=payload["optimizer"],
