@@ -533,11 +533,21 @@ def _rows_stand_alone(
         if v in _MIXING_WARNED:
             return False
         _MIXING_WARNED.add(v)
+    batched = sorted(
+        k for k, e in extras.items() if isinstance(e, Tensor) and e.dim() >= 1 and len(e) == batch
+    )
+    shared = (
+        f"; or extras {batched} (first dimension {batch}, the batch's) are not per row: a tensor "
+        "extra with one entry per row is split with the rows, so a table shared by every row "
+        "must not have B rows (pass it in a closure or as a module attribute)"
+        if batched
+        else ""
+    )
     warnings.warn(
         f"{context}: the field gives a row another velocity in its batch than alone (relative "
         f"difference {gap:.2g}): its rows are not independent (batch statistics such as BatchNorm "
         "in training mode, or attention across the batch), so each row's result depends on the "
-        "rest of its batch; call model.eval() or make the field act row by row",
+        f"rest of its batch; call model.eval() or make the field act row by row{shared}",
         RuntimeWarning,
         stacklevel=5,
     )
