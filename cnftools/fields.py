@@ -279,9 +279,20 @@ def call_checked(
     except RuntimeError as error:
         if not is_shape_error(error) or "\nHint: " in str(error):
             raise  # not a shape error, or one that already says what to do
+        rows = [
+            f"extras[{k!r}] has {e.shape[0]} rows"
+            for k, e in (extras or {}).items()
+            if isinstance(e, Tensor) and e.dim() >= 1 and e.shape[0] != x.shape[0]
+        ]
+        labels = (
+            f"{', '.join(rows)} for the {x.shape[0]} rows of x: a per-row extra (a label, a "
+            "condition) needs one entry per row; "
+            if rows
+            else ""
+        )
         raise RuntimeError(
-            f"calling velocity field {field_name(v)} failed: {error}\nHint: {CONVENTION_HINT}; "
-            f"here x has shape {tuple(x.shape)} and t shape {tuple(t.shape)}"
+            f"calling velocity field {field_name(v)} failed: {error}\nHint: {labels}"
+            f"{CONVENTION_HINT}; here x has shape {tuple(x.shape)} and t shape {tuple(t.shape)}"
         ) from error
     return _checked_output(v, x, out)
 
