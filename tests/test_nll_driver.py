@@ -1079,3 +1079,22 @@ def test_an_unreadable_field_refuses_resume_and_names_the_part(tmp_path):
         dataset_nll(Holder(), x, out=tmp_path / "nll.parquet", resume=True, **FAST)
     frame = dataset_nll(Holder(), x, out=tmp_path / "nll.parquet", resume=True, run_id="r1", **FAST)
     assert len(frame) == 20
+
+
+def test_the_caller_s_module_keeps_its_train_mode():
+    """dataset_nll evaluates a module in eval mode; today's main left the caller's module (not
+    copied when already on the run's device and dtype) in eval mode afterwards, so a training
+    loop that computes a validation NLL went on with dropout and batch statistics off. Its mode,
+    and every submodule's, is restored, also when the run fails."""
+    from cnftools import MLPField
+
+    field = MLPField(2, hidden=[8]).double()
+    field.train()
+    field.net[0].eval()  # a mixed state is restored as it was
+    x = torch.randn(10, 2, dtype=torch.float64)
+    dataset_nll(field, x, progress=False)
+    assert field.training and not field.net[0].training
+    assert all(m.training for m in field.modules() if m is not field.net[0])
+    with pytest.raises((TypeError, ValueError), match="prior"):
+        dataset_nll(field, x, progress=False, prior=torch.distributions.Normal(0.0, 1.0))
+    assert field.training and not field.net[0].training

@@ -14,13 +14,14 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,18 @@ def _prepare_field(v: object, device: torch.device, dtype: torch.dtype) -> Calla
             v = copy.deepcopy(v).to(device=device, dtype=dtype)  # leave the caller's module alone
         v.eval()
     return v  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _modes_restored(v: object) -> Iterator[None]:
+    """Restore the train/eval mode of every submodule of a caller's ``nn.Module`` on exit: a run
+    evaluates the field in eval mode, and must not leave the caller's module switched."""
+    modes = [(m, m.training) for m in v.modules()] if isinstance(v, nn.Module) else []
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class _SharedBound:
@@ -659,7 +672,7 @@ def dataset_nll(
     need = out_path is not None and resume and run_id is None
     identity = _identity(v, prior, run_id, need=need)
     identity.update(_extras_identity(row_extras, constant_extras, need))
-    with entry_threads(device, num_threads):
+    with entry_threads(device, num_threads), _modes_restored(v):
         field = _prepare_field(v, device, dtype)
         if constant_extras:
             field = _SharedBound(field, constant_extras)
