@@ -1098,3 +1098,13 @@ def test_the_caller_s_module_keeps_its_train_mode():
     with pytest.raises((TypeError, ValueError), match="prior"):
         dataset_nll(field, x, progress=False, prior=torch.distributions.Normal(0.0, 1.0))
     assert field.training and not field.net[0].training
+
+
+def test_a_field_closing_over_per_row_values_is_told_to_use_per_row_extras():
+    """A field that closes over a tensor of N per-row values returns N rows for a trial batch of
+    one: today's main asked whether the data's dimension was the field's, pointing away from the
+    closure; the error names the row counts and PerRow."""
+    x = torch.randn(12, 2, dtype=torch.float64)
+    scale = torch.linspace(0.5, 2.0, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"12 rows for 1; .*PerRow"):
+        dataset_nll(lambda x, t: -x * scale[:, None], x, progress=False)

@@ -286,6 +286,14 @@ def _trial_call(
         ) from error
     if not isinstance(out, Tensor) or out.shape != x.shape:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        if isinstance(out, Tensor) and out.dim() == x.dim() and out.shape[1:] == x.shape[1:]:
+            raise ValueError(  # the event is right, the row count is not
+                f"the field v maps data rows of shape {tuple(x.shape)} to {shape}: {out.shape[0]} "
+                f"rows for {x.shape[0]}; does it read a tensor of {out.shape[0]} rows that is "
+                "not sliced with the batch (a closure over per-row values, or a Shared extra)? "
+                "dataset_nll calls the field on batches of rows: pass per-row values as "
+                "extras={'name': cnftools.nll.PerRow(values)} and take them as a keyword argument"
+            )
         raise ValueError(
             f"the field v maps data rows of shape {tuple(x.shape)} to {shape}; it must return the "
             f"input's shape (is the data's dimension {event} the one the field was built for?)"
