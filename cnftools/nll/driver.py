@@ -497,8 +497,11 @@ def dataset_nll(
             held whole; re-read from the start on resume), or a path to a ``.npy``, ``.csv`` or
             ``.parquet`` file (see :func:`cnftools.nll.read_rows`).
         columns: column names, for a DataFrame or a ``.csv``/``.parquet`` file.
-        batch_size: rows per ODE solve. Results depend on it (an adaptive solver steps a batch
-            together), so resume and multi-process runs keep it.
+        batch_size: rows per ODE solve. With ``divergence="exact"`` a row's value does not
+            depend on it (every row is solved on its own steps; equal to ~1e-12 relative in
+            float64, docs/guarantees.md), except for a field of one time per batch
+            (``as_velocity(..., time="scalar")``); Hutchinson probes are drawn per batch, so
+            those values do. Resume and multi-process runs keep it.
         prior: the base density :math:`p_0` (default :math:`\mathcal N(0, I)`), passed on to
             ``log_likelihood``.
         divergence: ``"exact"`` or ``"hutchinson"``.
