@@ -543,6 +543,17 @@ def test_an_empty_lock_file_is_taken_over(tmp_path):
     assert len(frame) == 10 and not (tmp_path / "nll.parquet.lock").exists()
 
 
+@pytest.mark.parametrize("content", [b"\x00\xff garbage\n", b"\xff\xfe\xfd", b"pid host extra"])
+def test_a_lock_file_of_unreadable_content_is_refused_as_such(tmp_path, content):
+    """Today's main called the writer of a garbage lock file "a process on another host"."""
+    field, x = make_case(10)
+    out = tmp_path / "nll.parquet"
+    (tmp_path / "nll.parquet.lock").write_bytes(content)
+    with pytest.raises(FileExistsError, match="not the 'PID HOST' a cnftools run writes") as info:
+        dataset_nll(field, x, batch_size=5, out=out, **FAST)
+    assert "another host" not in str(info.value)
+
+
 _HOLD_SCRIPT = """
 import sys, time
 from pathlib import Path

@@ -304,6 +304,12 @@ class RunLock:
             )
             return
         pid, _, host = owner.partition(" ")
+        if not pid.isdigit() or " " in host or not host.isprintable():  # not a cnftools lock
+            raise FileExistsError(
+                f"the lock {where!r} holds {owner!r}, not the 'PID HOST' a cnftools run writes: "
+                "cnftools cannot tell whether the run that made it still writes; delete the lock "
+                "file by hand once no run writes this out"
+            )
         if host != socket.gethostname():
             raise FileExistsError(
                 f"the lock {where!r} is held by {owner!r}, a process on another host; cnftools "
