@@ -255,7 +255,13 @@ def check_extras(extras: object) -> dict:
     """
     if extras is None:
         return {}
-    if not isinstance(extras, Mapping) or not all(isinstance(k, str) for k in extras):
+    if isinstance(extras, Mapping) and not all(isinstance(k, str) for k in extras):
+        bad = next(k for k in extras if not isinstance(k, str))
+        raise TypeError(
+            f"extras keys are the field's keyword names, strings; got the key {bad!r} "
+            f"({type(bad).__name__})"
+        )
+    if not isinstance(extras, Mapping):
         raise TypeError(
             f"extras must be a dict of keyword arguments for the field, v(x, t, **extras); "
             f"got {type(extras).__name__}"

@@ -148,3 +148,11 @@ def test_a_label_of_the_wrong_length_is_named_in_the_hint() -> None:
 
     with pytest.raises(RuntimeError, match=r"Hint: extras\['y'\] has 8 rows for the 9 rows of x"):
         call_field(field, x, 0.5, {"y": y[:-1]})
+
+
+def test_a_non_string_extras_key_is_named() -> None:
+    """Today's main said "extras must be a dict ... got dict" for {1: ...}."""
+    from cnftools.fields import check_extras
+
+    with pytest.raises(TypeError, match=r"got the key 1 \(int\)"):
+        check_extras({1: torch.zeros(2)})
