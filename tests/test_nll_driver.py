@@ -1108,3 +1108,13 @@ def test_a_field_closing_over_per_row_values_is_told_to_use_per_row_extras():
     scale = torch.linspace(0.5, 2.0, 12, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"12 rows for 1; .*PerRow"):
         dataset_nll(lambda x, t: -x * scale[:, None], x, progress=False)
+
+
+def test_labels_of_the_items_under_another_name_are_named():
+    """A dataset of (x, y) items and a field whose label argument is called ``label``: today's
+    main said the data gives no such argument and suggested extras=, not that the items' labels
+    arrive as ``y``."""
+    x = torch.randn(6, 2, dtype=torch.float64)
+    items = torch.utils.data.TensorDataset(x, torch.arange(6) % 2)
+    with pytest.raises(ValueError, match=r"\['label'\]; the data's items carry \['y'\]"):
+        dataset_nll(lambda x, t, label: -x * (1 + label[:, None]), items, progress=False)

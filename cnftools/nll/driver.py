@@ -189,6 +189,13 @@ def _check_labels(
             "cnftools.nll.PerRow(labels)}"
         )
     missing = [k for k in required_keywords(v) if k not in given]
+    if missing and item_keys:  # the items carry labels, under another name
+        raise ValueError(
+            f"v ({field_name(v)}) requires the keyword argument(s) {missing}; the data's items "
+            f"carry {item_keys}, passed under that name: name the field's label argument "
+            f"{item_keys[0]!r} (e.g. lambda x, t, {item_keys[0]}: v(x, t, {missing[0]}="
+            f"{item_keys[0]})), or pass extras={{{missing[0]!r}: cnftools.nll.PerRow(labels)}}"
+        )
     if missing:
         raise ValueError(
             f"v ({field_name(v)}) requires the keyword argument(s) {missing}, which neither the "
