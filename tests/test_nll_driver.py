@@ -1118,3 +1118,27 @@ def test_labels_of_the_items_under_another_name_are_named():
     items = torch.utils.data.TensorDataset(x, torch.arange(6) % 2)
     with pytest.raises(ValueError, match=r"\['label'\]; the data's items carry \['y'\]"):
         dataset_nll(lambda x, t, label: -x * (1 + label[:, None]), items, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"config": SolverConfig(accuracy=1e-3), "divergence": "hutchinson"}, "Hutchinson"),
+        ({"config": SolverConfig(accuracy=1e-12), "dtype": torch.float32}, "below what"),
+        ({"rtol": 1e-20, "atol": 1e-20}, "below torch.float64's rounding"),
+    ],
+    ids=["accuracy with hutchinson", "accuracy below float32", "tolerances below float64"],
+)
+def test_what_log_likelihood_refuses_is_refused_before_any_row(kwargs, match):
+    """Today's main passed these to every row's log_likelihood, which refused each: the run
+    ended in RowsFailedError after the per-row retries instead of one ValueError."""
+    calls = {"n": 0}
+
+    def field(x, t):
+        calls["n"] += 1
+        return -x
+
+    x = torch.randn(12, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        dataset_nll(field, x, batch_size=4, progress=False, **kwargs)
+    assert calls["n"] == 0
