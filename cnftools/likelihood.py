@@ -1022,7 +1022,6 @@ def log_likelihood(
     return result if return_result else result.log_prob
 
 
-@with_thread_policy
 def _check_draw_options(
     z0: Tensor,
     given_z0: bool,
@@ -1056,6 +1055,7 @@ def _check_draw_options(
         )
 
 
+@with_thread_policy
 def sample_with_log_prob(
     v: VelocityField,
     n: int | None = None,
