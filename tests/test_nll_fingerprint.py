@@ -494,3 +494,12 @@ def test_a_method_named_like_a_cache_is_part_of_the_class_s_fingerprint():
     finally:
         Field._cached_scale = original
     assert fingerprint(field) == before
+
+
+def test_a_masked_array_s_mask_is_part_of_its_fingerprint():
+    """Today's main hashed a masked array's data only: masking an element (a Shared extra a
+    field reads with its mask) left the fingerprint unchanged."""
+    values = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, False, False])
+    before = fingerprint(values)
+    values.mask[1] = True
+    assert fingerprint(values) != before

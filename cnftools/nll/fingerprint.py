@@ -429,6 +429,9 @@ class _Walker:
             known = self.digests[id(a)] = h.hexdigest()
             self.keep.append(a)
         self.put("ndarray", known)
+        if isinstance(a, np.ma.MaskedArray):  # the mask and fill value are content too
+            self.walk(np.ma.getmaskarray(a).view(np.ndarray), f"{where}.mask", depth + 1)
+            self.walk(a.fill_value, f"{where}.fill_value", depth + 1)
 
     # -- containers ------------------------------------------------------------------------
     def mapping(self, d: dict, where: str, depth: int) -> None:
