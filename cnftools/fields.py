@@ -255,7 +255,13 @@ def check_extras(extras: object) -> dict:
     """
     if extras is None:
         return {}
-    if not isinstance(extras, Mapping) or not all(isinstance(k, str) for k in extras):
+    if isinstance(extras, Mapping) and not all(isinstance(k, str) for k in extras):
+        bad = next(k for k in extras if not isinstance(k, str))
+        raise TypeError(
+            f"extras keys are the field's keyword names, strings; got the key {bad!r} "
+            f"({type(bad).__name__})"
+        )
+    if not isinstance(extras, Mapping):
         raise TypeError(
             f"extras must be a dict of keyword arguments for the field, v(x, t, **extras); "
             f"got {type(extras).__name__}"
@@ -279,9 +285,20 @@ def call_checked(
     except RuntimeError as error:
         if not is_shape_error(error) or "\nHint: " in str(error):
             raise  # not a shape error, or one that already says what to do
+        rows = [
+            f"extras[{k!r}] has {e.shape[0]} rows"
+            for k, e in (extras or {}).items()
+            if isinstance(e, Tensor) and e.dim() >= 1 and e.shape[0] != x.shape[0]
+        ]
+        labels = (
+            f"{', '.join(rows)} for the {x.shape[0]} rows of x: a per-row extra (a label, a "
+            "condition) needs one entry per row; "
+            if rows
+            else ""
+        )
         raise RuntimeError(
-            f"calling velocity field {field_name(v)} failed: {error}\nHint: {CONVENTION_HINT}; "
-            f"here x has shape {tuple(x.shape)} and t shape {tuple(t.shape)}"
+            f"calling velocity field {field_name(v)} failed: {error}\nHint: {labels}"
+            f"{CONVENTION_HINT}; here x has shape {tuple(x.shape)} and t shape {tuple(t.shape)}"
         ) from error
     return _checked_output(v, x, out)
 

@@ -106,8 +106,21 @@ class PredictionField(nn.Module):
             if self.argument_order == "x,t":
                 return self.model(x, model_time, **extras)
             return self.model(model_time, x, **extras)
-        except RuntimeError as error:
-            if self.time == SCALAR_TIME or model_time.dim() == 0 or not is_shape_error(error):
+        except (RuntimeError, IndexError) as error:
+            shape_error = isinstance(error, IndexError) or is_shape_error(error)
+            if self.time == SCALAR_TIME and self.argument_order == "x,t" and shape_error:
+                raise type(error)(
+                    f"model {field_name(self.model)} failed when called as model(x, t) with x of "
+                    f"shape {tuple(x.shape)} and one 0-dim time (time='scalar'): {error}\nHint: "
+                    "if it is called as model(t, x) (torchdiffeq, torchdyn, torchcfm's "
+                    'torch_wrapper) pass argument_order="t,x" to as_velocity'
+                ) from error
+            if (
+                isinstance(error, IndexError)
+                or self.time == SCALAR_TIME
+                or model_time.dim() == 0
+                or not shape_error
+            ):
                 raise
             order = (
                 "if it is called as model(t, x) (torchdiffeq, torchdyn, torchcfm) pass "

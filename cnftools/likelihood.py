@@ -533,11 +533,21 @@ def _rows_stand_alone(
         if v in _MIXING_WARNED:
             return False
         _MIXING_WARNED.add(v)
+    batched = sorted(
+        k for k, e in extras.items() if isinstance(e, Tensor) and e.dim() >= 1 and len(e) == batch
+    )
+    shared = (
+        f"; or extras {batched} (first dimension {batch}, the batch's) are not per row: a tensor "
+        "extra with one entry per row is split with the rows, so a table shared by every row "
+        "must not have B rows (pass it in a closure or as a module attribute)"
+        if batched
+        else ""
+    )
     warnings.warn(
         f"{context}: the field gives a row another velocity in its batch than alone (relative "
         f"difference {gap:.2g}): its rows are not independent (batch statistics such as BatchNorm "
         "in training mode, or attention across the batch), so each row's result depends on the "
-        "rest of its batch; call model.eval() or make the field act row by row",
+        f"rest of its batch; call model.eval() or make the field act row by row{shared}",
         RuntimeWarning,
         stacklevel=5,
     )
@@ -1012,6 +1022,39 @@ def log_likelihood(
     return result if return_result else result.log_prob
 
 
+def _check_draw_options(
+    z0: Tensor,
+    given_z0: bool,
+    prior: Distribution | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    event_shape: Sequence[int] | None,
+) -> None:
+    """``dtype``, ``device`` and ``event_shape`` set the standard-normal draws only: given with
+    ``z0`` or a ``prior`` they must agree with those draws, never be ignored silently."""
+    if not given_z0 and prior is None:
+        return
+    source = "z0" if given_z0 else "prior.sample()"
+    fix = "convert z0" if given_z0 else "build the prior in the dtype and on the device you want"
+    if dtype is not None and dtype != z0.dtype:
+        raise ValueError(
+            f"dtype={dtype} but {source} is {z0.dtype}: dtype= sets the standard-normal draws "
+            f"only; {fix}, or drop dtype="
+        )
+    if device is not None:
+        want = torch.device(device)
+        if want.type != z0.device.type or (want.index is not None and want != z0.device):
+            raise ValueError(
+                f"device={device!r} but {source} is on {z0.device}: device= sets the "
+                f"standard-normal draws only; {fix}, or drop device="
+            )
+    if event_shape is not None and tuple(event_shape) != tuple(z0.shape[1:]):
+        raise ValueError(
+            f"event_shape={tuple(event_shape)} but {source} has event shape "
+            f"{tuple(z0.shape[1:])}: event_shape= is for the standard-normal prior only; drop it"
+        )
+
+
 @with_thread_policy
 def sample_with_log_prob(
     v: VelocityField,
@@ -1083,6 +1126,7 @@ def sample_with_log_prob(
         Chen et al. (2018), arXiv:1806.07366, §4.
     """
     check_callable(v)
+    given_z0 = z0 is not None
     if z0 is not None:
         if n is not None:
             raise ValueError("give either n or z0, not both")
@@ -1109,6 +1153,7 @@ def sample_with_log_prob(
             if z0.shape != (n, *event):
                 raise ValueError(f"prior.sample((n,)) returned shape {tuple(z0.shape)}")
         z0 = check_batched("z0", z0)
+    _check_draw_options(z0, given_z0, prior_, dtype, device, event_shape)
     _probe_prior(prior_, z0)
     extras_ = check_extras(extras)
     strategy = _divergence_strategy(v, z0, divergence, n_probes, noise, None, generator)

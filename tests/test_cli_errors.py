@@ -259,3 +259,13 @@ def test_threads_beyond_the_machine_are_a_usage_error(trained, tmp_path, capsys,
     }[command]
     assert main([*args, "--threads", "100000"]) == 2
     _one_line_error(capsys, "--threads", "from 1 to")
+
+
+@pytest.mark.parametrize("value", ["abc", "100000"])
+def test_a_bad_cnftools_threads_is_one_line_in_validate(capsys, monkeypatch, value):
+    """Today's main: `CNFTOOLS_THREADS=abc cnftools validate` printed a traceback (exit 1) where
+    `cnftools nll` and `train` print one line and exit 2."""
+    monkeypatch.setenv("CNFTOOLS_THREADS", value)
+    assert main(["validate", "--list"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "CNFTOOLS_THREADS" in err

@@ -225,6 +225,29 @@ def test_train_refuses_flags_that_do_not_apply(tmp_path, capsys, flags, message)
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_ctrl_c_before_the_run_begins_does_not_claim_kept_rows(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """Today's main, interrupted while loading the checkpoint, said that rows were "kept in
+    r.parquet.chunks/" (no such folder existed) and to continue with --resume."""
+    import cnftools.cli.nll as cli_nll
+
+    ckpt, data = trained
+    out = tmp_path / "r.parquet"
+    args = ["nll", "--model", str(ckpt), "--data", str(data), "--out", str(out), *SOLVER,
+            "--no-progress"]  # fmt: skip
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_nll, "load_checkpoint", interrupted)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "nothing was kept" in err and "chunks" not in err, err
+    assert shlex.split(err.strip().splitlines()[1]) == ["cnftools", *args]
+    assert not (tmp_path / "r.parquet.chunks").exists()
+
+
 def test_ctrl_c_releases_the_lock_says_what_was_kept_and_how_to_continue(trained, tmp_path):
     """Issue 21 item 5: SIGINT to a running `cnftools nll` (a subprocess) exits 130 with two lines
     (no traceback) naming the rows kept and the exact command to continue; the lock is gone, and

@@ -134,3 +134,25 @@ def test_extras_are_passed_as_keywords_and_sliced_with_the_batch() -> None:
         call_field(conditional, torch.zeros(4, 2), 0.5, [label])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="must not contain 'x' or 't'"):
         call_field(conditional, torch.zeros(4, 2), 0.5, {"t": 1.0})
+
+
+def test_a_label_of_the_wrong_length_is_named_in_the_hint() -> None:
+    """Issue 21 item 2 through log_likelihood (every field call): extras={"y": y[:-1]} failed with a
+    hint about the argument order and scalar times only; the hint names the extra and both
+    counts first."""
+    x = torch.randn(9, 2, dtype=torch.float64)
+    y = torch.arange(9)
+
+    def field(x, t, y):
+        return -x * (1 + y[:, None].to(x.dtype))
+
+    with pytest.raises(RuntimeError, match=r"Hint: extras\['y'\] has 8 rows for the 9 rows of x"):
+        call_field(field, x, 0.5, {"y": y[:-1]})
+
+
+def test_a_non_string_extras_key_is_named() -> None:
+    """Today's main said "extras must be a dict ... got dict" for {1: ...}."""
+    from cnftools.fields import check_extras
+
+    with pytest.raises(TypeError, match=r"got the key 1 \(int\)"):
+        check_extras({1: torch.zeros(2)})

@@ -454,6 +454,16 @@ def test_a_scalar_time_model_given_a_batch_time_gets_a_hint_naming_time_scalar(
     assert str(info.value).count("Hint:") == 1
 
 
+def test_time_scalar_without_argument_order_t_x_gets_a_hint_naming_it():
+    """torchcfm's wrapper with time="scalar" but the default argument order: the wrapper gets the
+    0-dim time as x. Today's main raised a bare IndexError ("tuple index out of range") from
+    inside the wrapper; the error now names the call and argument_order="t,x"."""
+    v = as_velocity(_ScalarTimeWrapper(_time_net()), time="scalar")
+    with pytest.raises(IndexError, match=r'argument_order="t,x"') as info:
+        cnftools.log_likelihood(v, _draw((6, 2), 4), method="euler", steps=1)
+    assert str(info.value).count("Hint:") == 1
+
+
 def test_the_field_hint_names_as_velocity_time_scalar():
     """A scalar-time model passed as a field directly: the generic hint names the wrapper call."""
     model = _ScalarTimeWrapper(_time_net())

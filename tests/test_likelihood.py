@@ -918,3 +918,35 @@ def test_accuracy_keeps_the_certificate_it_has_when_a_tighter_solve_fails(monkey
         result = cnftools.log_likelihood(_Opaque(marginal), x, accuracy=1e-9, return_result=True)
     error = (result.log_prob - exact).abs()
     assert bool((error <= result.error_estimate + 1e-13).all())  # still an honest certificate
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n": 3, "prior": "f32", "dtype": torch.float64}, r"dtype=torch.float64 but prior"),
+        ({"n": 3, "prior": "f64", "event_shape": (3,)}, r"event_shape=\(3,\) but prior"),
+        ({"z0": "f32", "dtype": torch.float64}, r"dtype=torch.float64 but z0"),
+        ({"z0": "f32", "event_shape": (5,)}, r"event_shape=\(5,\) but z0"),
+    ],
+    ids=["prior dtype", "prior event_shape", "z0 dtype", "z0 event_shape"],
+)
+def test_sample_with_log_prob_never_ignores_dtype_or_event_shape(kwargs, match) -> None:
+    """Today's main returned float32 samples for dtype=torch.float64 with a float32 prior (and
+    ignored event_shape= likewise): they set the standard-normal draws only, so with a prior or
+    z0 they must agree or be refused."""
+    dist = torch.distributions
+    priors = {
+        "f32": dist.MultivariateNormal(torch.zeros(2), torch.eye(2)),
+        "f64": dist.MultivariateNormal(torch.zeros(2, dtype=torch.float64), torch.eye(2).double()),
+    }
+    kwargs = dict(kwargs)
+    if "prior" in kwargs:
+        kwargs["prior"] = priors[kwargs["prior"]]
+    if "z0" in kwargs:
+        kwargs["z0"] = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=match):
+        cnftools.sample_with_log_prob(lambda x, t: -x, **kwargs)
+    agreeing = cnftools.sample_with_log_prob(
+        lambda x, t: -x, z0=torch.zeros(3, 2), dtype=torch.float32, event_shape=(2,)
+    )
+    assert agreeing[0].dtype == torch.float32

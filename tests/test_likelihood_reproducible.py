@@ -234,6 +234,22 @@ def test_no_module_imports_torchdiffeq_or_private_names() -> None:
     assert not offenders, offenders
 
 
+def test_a_shared_table_of_b_rows_is_named_in_the_mixing_warning() -> None:
+    """A lookup table passed in ``extras=`` that happens to have B rows is split with the rows
+    (the documented rule), so the field's rows look mixed. Today's main warned only of BatchNorm
+    or attention; the warning names the extra. The result is still the whole table's."""
+    table = torch.rand(5, 2, dtype=F64) + 0.5
+    x = _data(5)
+
+    def field(x: torch.Tensor, t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return -x * table.mean()
+
+    with pytest.warns(RuntimeWarning, match=r"extras \['table'\] .*not per row"):
+        got = cnftools.log_likelihood(field, x, extras={"table": table})
+    expected = cnftools.log_likelihood(lambda x, t: -x * table.mean(), x)
+    assert torch.equal(got, expected)
+
+
 def test_a_field_that_mixes_rows_is_solved_whole_and_named() -> None:
     """A field whose rows change with their neighbours (BatchNorm in training mode) cannot have
     finished rows leave its batch: the solve keeps every row and warns that the result depends on

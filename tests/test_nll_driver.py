@@ -1097,3 +1097,66 @@ def test_an_unreadable_field_refuses_resume_and_names_the_part(tmp_path):
         dataset_nll(Holder(), x, out=tmp_path / "nll.parquet", resume=True, **FAST)
     frame = dataset_nll(Holder(), x, out=tmp_path / "nll.parquet", resume=True, run_id="r1", **FAST)
     assert len(frame) == 20
+
+
+def test_the_caller_s_module_keeps_its_train_mode():
+    """dataset_nll evaluates a module in eval mode; today's main left the caller's module (not
+    copied when already on the run's device and dtype) in eval mode afterwards, so a training
+    loop that computes a validation NLL went on with dropout and batch statistics off. Its mode,
+    and every submodule's, is restored, also when the run fails."""
+    from cnftools import MLPField
+
+    field = MLPField(2, hidden=[8]).double()
+    field.train()
+    field.net[0].eval()  # a mixed state is restored as it was
+    x = torch.randn(10, 2, dtype=torch.float64)
+    dataset_nll(field, x, progress=False)
+    assert field.training and not field.net[0].training
+    assert all(m.training for m in field.modules() if m is not field.net[0])
+    with pytest.raises((TypeError, ValueError), match="prior"):
+        dataset_nll(field, x, progress=False, prior=torch.distributions.Normal(0.0, 1.0))
+    assert field.training and not field.net[0].training
+
+
+def test_a_field_closing_over_per_row_values_is_told_to_use_per_row_extras():
+    """A field that closes over a tensor of N per-row values returns N rows for a trial batch of
+    one: today's main asked whether the data's dimension was the field's, pointing away from the
+    closure; the error names the row counts and PerRow."""
+    x = torch.randn(12, 2, dtype=torch.float64)
+    scale = torch.linspace(0.5, 2.0, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"12 rows for 1; .*PerRow"):
+        dataset_nll(lambda x, t: -x * scale[:, None], x, progress=False)
+
+
+def test_labels_of_the_items_under_another_name_are_named():
+    """A dataset of (x, y) items and a field whose label argument is called ``label``: today's
+    main said the data gives no such argument and suggested extras=, not that the items' labels
+    arrive as ``y``."""
+    x = torch.randn(6, 2, dtype=torch.float64)
+    items = torch.utils.data.TensorDataset(x, torch.arange(6) % 2)
+    with pytest.raises(ValueError, match=r"\['label'\]; the data's items carry \['y'\]"):
+        dataset_nll(lambda x, t, label: -x * (1 + label[:, None]), items, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"config": SolverConfig(accuracy=1e-3), "divergence": "hutchinson"}, "Hutchinson"),
+        ({"config": SolverConfig(accuracy=1e-12), "dtype": torch.float32}, "below what"),
+        ({"rtol": 1e-20, "atol": 1e-20}, "below torch.float64's rounding"),
+    ],
+    ids=["accuracy with hutchinson", "accuracy below float32", "tolerances below float64"],
+)
+def test_what_log_likelihood_refuses_is_refused_before_any_row(kwargs, match):
+    """Today's main passed these to every row's log_likelihood, which refused each: the run
+    ended in RowsFailedError after the per-row retries instead of one ValueError."""
+    calls = {"n": 0}
+
+    def field(x, t):
+        calls["n"] += 1
+        return -x
+
+    x = torch.randn(12, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        dataset_nll(field, x, batch_size=4, progress=False, **kwargs)
+    assert calls["n"] == 0

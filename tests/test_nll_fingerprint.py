@@ -472,3 +472,34 @@ def test_an_attribute_of_a_user_module_that_a_function_reads_is_seen():
         assert fingerprint(_reads_a_module_attribute) != before
     finally:
         _user_module.scale = 1.0
+
+
+def test_a_method_named_like_a_cache_is_part_of_the_class_s_fingerprint():
+    """Today's main skipped every class member whose name contains "cache", methods included:
+    editing ``_cached_scale`` (or a global it reads) resumed with the old model's numbers."""
+
+    class Field(torch.nn.Module):
+        def _cached_scale(self):
+            return 0.5
+
+        def forward(self, x, t):
+            return -x * self._cached_scale()
+
+    field = Field()
+    before = fingerprint(field)
+    original = Field._cached_scale
+    Field._cached_scale = lambda self: 1.0
+    try:
+        assert fingerprint(field) != before
+    finally:
+        Field._cached_scale = original
+    assert fingerprint(field) == before
+
+
+def test_a_masked_array_s_mask_is_part_of_its_fingerprint():
+    """Today's main hashed a masked array's data only: masking an element (a Shared extra a
+    field reads with its mask) left the fingerprint unchanged."""
+    values = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, False, False])
+    before = fingerprint(values)
+    values.mask[1] = True
+    assert fingerprint(values) != before

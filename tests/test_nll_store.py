@@ -335,6 +335,54 @@ def test_a_flipped_byte_in_the_final_file_is_refused_or_harmless(tmp_path):
     assert refused >= 30
 
 
+def _non_utf8_name_positions(path) -> list[int]:
+    """Positions of the first byte of every stored copy of the column name ``nfe`` in a file."""
+    data = path.read_bytes()
+    return [i for i in range(len(data)) if data.startswith(b"nfe", i)]
+
+
+def test_a_column_name_damaged_to_invalid_utf8_is_a_damaged_file(tmp_path):
+    """A byte of a column name flipped to one that is not UTF-8 raised a raw UnicodeDecodeError
+    from the checksum's reading of the schema: a unit file is computed again, the final file is
+    refused, both naming the file."""
+    import shutil
+
+    field, x = make_case(20)
+    clean = dataset_nll(field, x, batch_size=10, **FAST)
+    pristine = tmp_path / "pristine"
+    _interrupted_run(field, x, pristine / "nll.parquet", 1, batch_size=10)
+    unit = "unit-b00000000-r000.parquet"
+    positions = _non_utf8_name_positions(_chunks(pristine / "nll.parquet") / unit)
+    assert positions
+    for i, position in enumerate(positions):
+        out = tmp_path / f"run{i}" / "nll.parquet"
+        shutil.copytree(_chunks(pristine / "nll.parquet"), _chunks(out))
+        path = _chunks(out) / unit
+        data = bytearray(path.read_bytes())
+        data[position] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            resumed = dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+        pd.testing.assert_frame_equal(resumed, clean, check_exact=True)
+    out = tmp_path / "final" / "nll.parquet"
+    dataset_nll(field, x, batch_size=10, out=out, **FAST)
+    original = out.read_bytes()
+    refused = 0
+    for position in _non_utf8_name_positions(out):
+        data = bytearray(original)
+        data[position] ^= 0xFF
+        out.write_bytes(bytes(data))
+        try:
+            again = dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+        except ResumeError as error:
+            assert "nll.parquet" in str(error)
+            refused += 1
+            continue
+        pd.testing.assert_frame_equal(again, clean, check_exact=True)
+    assert refused >= 1
+
+
 @pytest.mark.parametrize("checksum", ["kept", "recomputed"])
 def test_a_final_file_with_rows_removed_never_resumes_to_fewer_rows(tmp_path, checksum):
     """Today's main resumed a final file with 10 of 40 rows removed (metadata intact) to 30 rows."""
@@ -493,6 +541,17 @@ def test_an_empty_lock_file_is_taken_over(tmp_path):
     with pytest.warns(RuntimeWarning, match="stale lock.*empty"):
         frame = dataset_nll(field, x, batch_size=5, out=out, **FAST)
     assert len(frame) == 10 and not (tmp_path / "nll.parquet.lock").exists()
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff garbage\n", b"\xff\xfe\xfd", b"pid host extra"])
+def test_a_lock_file_of_unreadable_content_is_refused_as_such(tmp_path, content):
+    """Today's main called the writer of a garbage lock file "a process on another host"."""
+    field, x = make_case(10)
+    out = tmp_path / "nll.parquet"
+    (tmp_path / "nll.parquet.lock").write_bytes(content)
+    with pytest.raises(FileExistsError, match="not the 'PID HOST' a cnftools run writes") as info:
+        dataset_nll(field, x, batch_size=5, out=out, **FAST)
+    assert "another host" not in str(info.value)
 
 
 _HOLD_SCRIPT = """

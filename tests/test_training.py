@@ -597,12 +597,64 @@ def test_numpy_values_that_cannot_come_back_exactly_are_refused_at_save(tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def _deep_list(levels: int) -> list:
+    root: list = []
+    inner = root
+    for _ in range(levels):
+        inner.append([])
+        inner = inner[0]
+    return root
+
+
+def _self_referencing_list() -> list:
+    value: list = [1.0]
+    value.append(value)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: np.ma.masked_array([1.0, 2.0], mask=[False, True]), "masked array"),
+        (lambda: torch.eye(2).to_sparse(), "layout"),
+        (_self_referencing_list, "nested deeper"),
+        (lambda: _deep_list(5000), "nested deeper"),
+    ],
+    ids=["masked array", "sparse tensor", "self-referencing list", "5000 levels"],
+)
+def test_extras_that_would_not_come_back_are_refused_at_save_naming_them(tmp_path, make, match):
+    """Today's main dropped a masked array's mask silently, and raised a raw RuntimeError
+    (sparse tensor) or RecursionError (a list holding itself, deep nesting) at save."""
+    file = tmp_path / "v.pt"
+    with pytest.raises(TypeError, match=rf"extra\['t'\].* {match}"):
+        cnftools.save_checkpoint(file, make_field(), extra={"t": make()})
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_big_endian_array_round_trips_exactly(tmp_path):
     value = np.array([1.0, -2.5, 1e-300], dtype=">f8")
     file = tmp_path / "v.pt"
     cnftools.save_checkpoint(file, make_field(), extra={"a": value})
     loaded = cnftools.load_checkpoint(file).extra["a"]
     assert loaded.dtype == torch.float64 and loaded.tolist() == value.tolist()
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        {"kind": "ot", "sigma_min": float("nan")},
+        {"kind": "ot", "sigma_min": 5.0},
+        {"kind": "ot", "sigma_min": 0.1, "foo": 1},
+        {"kind": "evil", "sigma_min": 0.1},
+    ],
+    ids=["nan", "out of range", "unknown argument", "unknown kind"],
+)
+def test_a_crafted_path_description_is_refused_naming_the_file(tmp_path, description):
+    """Today's main raised the path's own error (a raw TypeError for an unknown argument), without
+    the file's name, and only after building the model."""
+    file = _edited(tmp_path, lambda payload: payload.update({"path": description}))
+    with pytest.raises(ValueError, match=r"good\.pt.*path description"):
+        cnftools.load_checkpoint(file)
 
 
 @pytest.mark.parametrize("layers", [200_000, 20_000])

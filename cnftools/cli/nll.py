@@ -224,6 +224,13 @@ def _interrupted(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
             "cnftools nll: interrupted; nothing was kept (without --out nothing is written): "
             "run with --out FILE.parquet to make a run resumable"
         )
+    chunks = args.out.with_name(args.out.name + ".chunks")
+    if not isinstance(error, RunInterrupted) and not chunks.is_dir():
+        # stopped before the run began (loading the model or the data): nothing is stored
+        return (
+            "cnftools nll: interrupted before any row was computed; nothing was kept; run it "
+            f"again with:\n  {shlex.join(['cnftools', *getattr(args, 'argv', [])])}"
+        )
     kept = ""
     if isinstance(error, RunInterrupted):
         of = "" if error.rows is None else f" of {error.rows}"
@@ -231,7 +238,6 @@ def _interrupted(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
     again = [a for a in getattr(args, "argv", []) if a != "--overwrite"]
     if "--resume" not in again:
         again.append("--resume")
-    chunks = args.out.with_name(args.out.name + ".chunks")
     return (
         f"cnftools nll: interrupted; {kept}kept in {os.fspath(chunks)}/ (the lock is released); "
         f"continue with:\n  {shlex.join(['cnftools', *again])}"

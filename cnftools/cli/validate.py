@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
-    with entry_threads(args.device, thread_count(args)):
+    with contextlib.ExitStack() as stack:
+        try:  # a bad CNFTOOLS_THREADS is a usage error, as in `cnftools nll` and `train`
+            stack.enter_context(entry_threads(args.device, thread_count(args)))
+        except (TypeError, ValueError) as error:
+            raise UsageError(str(error)) from None
         return _validate(args)
 
 

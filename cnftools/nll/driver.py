@@ -14,13 +14,14 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from cnftools.fields import (
     required_keywords,
     takes_labels,
 )
-from cnftools.likelihood import log_likelihood
+from cnftools.likelihood import _check_reach, log_likelihood
 from cnftools.nll import distributed as dist
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint, settings_key
 from cnftools.nll.job import Job, RunInterrupted
@@ -61,6 +62,18 @@ def _prepare_field(v: object, device: torch.device, dtype: torch.dtype) -> Calla
             v = copy.deepcopy(v).to(device=device, dtype=dtype)  # leave the caller's module alone
         v.eval()
     return v  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _modes_restored(v: object) -> Iterator[None]:
+    """Restore the train/eval mode of every submodule of a caller's ``nn.Module`` on exit: a run
+    evaluates the field in eval mode, and must not leave the caller's module switched."""
+    modes = [(m, m.training) for m in v.modules()] if isinstance(v, nn.Module) else []
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class _SharedBound:
@@ -176,6 +189,13 @@ def _check_labels(
             "cnftools.nll.PerRow(labels)}"
         )
     missing = [k for k in required_keywords(v) if k not in given]
+    if missing and item_keys:  # the items carry labels, under another name
+        raise ValueError(
+            f"v ({field_name(v)}) requires the keyword argument(s) {missing}; the data's items "
+            f"carry {item_keys}, passed under that name: name the field's label argument "
+            f"{item_keys[0]!r} (e.g. lambda x, t, {item_keys[0]}: v(x, t, {missing[0]}="
+            f"{item_keys[0]})), or pass extras={{{missing[0]!r}: cnftools.nll.PerRow(labels)}}"
+        )
     if missing:
         raise ValueError(
             f"v ({field_name(v)}) requires the keyword argument(s) {missing}, which neither the "
@@ -273,6 +293,14 @@ def _trial_call(
         ) from error
     if not isinstance(out, Tensor) or out.shape != x.shape:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        if isinstance(out, Tensor) and out.dim() == x.dim() and out.shape[1:] == x.shape[1:]:
+            raise ValueError(  # the event is right, the row count is not
+                f"the field v maps data rows of shape {tuple(x.shape)} to {shape}: {out.shape[0]} "
+                f"rows for {x.shape[0]}; does it read a tensor of {out.shape[0]} rows that is "
+                "not sliced with the batch (a closure over per-row values, or a Shared extra)? "
+                "dataset_nll calls the field on batches of rows: pass per-row values as "
+                "extras={'name': cnftools.nll.PerRow(values)} and take them as a keyword argument"
+            )
         raise ValueError(
             f"the field v maps data rows of shape {tuple(x.shape)} to {shape}; it must return the "
             f"input's shape (is the data's dimension {event} the one the field was built for?)"
@@ -476,8 +504,11 @@ def dataset_nll(
             held whole; re-read from the start on resume), or a path to a ``.npy``, ``.csv`` or
             ``.parquet`` file (see :func:`cnftools.nll.read_rows`).
         columns: column names, for a DataFrame or a ``.csv``/``.parquet`` file.
-        batch_size: rows per ODE solve. Results depend on it (an adaptive solver steps a batch
-            together), so resume and multi-process runs keep it.
+        batch_size: rows per ODE solve. With ``divergence="exact"`` a row's value does not
+            depend on it (every row is solved on its own steps; equal to ~1e-12 relative in
+            float64, docs/guarantees.md), except for a field of one time per batch
+            (``as_velocity(..., time="scalar")``); Hutchinson probes are drawn per batch, so
+            those values do. Resume and multi-process runs keep it.
         prior: the base density :math:`p_0` (default :math:`\mathcal N(0, I)`), passed on to
             ``log_likelihood``.
         divergence: ``"exact"`` or ``"hutchinson"``.
@@ -656,10 +687,15 @@ def dataset_nll(
             "batch)"
         )
     device = device if device is not None else dist.default_device(first, v, world)
+    # what log_likelihood would refuse for every row (accuracy= with Hutchinson or below the
+    # dtype's reach, tolerances below its rounding): refused once, before any work
+    solver_keywords = ("method", "rtol", "atol", "step_size", "steps", "adjoint", "accuracy")
+    effective = resolve_config(solver, **{k: passed[k] for k in solver_keywords if k in passed})
+    _check_reach(effective, dtype, divergence)
     need = out_path is not None and resume and run_id is None
     identity = _identity(v, prior, run_id, need=need)
     identity.update(_extras_identity(row_extras, constant_extras, need))
-    with entry_threads(device, num_threads):
+    with entry_threads(device, num_threads), _modes_restored(v):
         field = _prepare_field(v, device, dtype)
         if constant_extras:
             field = _SharedBound(field, constant_extras)

@@ -429,6 +429,9 @@ class _Walker:
             known = self.digests[id(a)] = h.hexdigest()
             self.keep.append(a)
         self.put("ndarray", known)
+        if isinstance(a, np.ma.MaskedArray):  # the mask and fill value are content too
+            self.walk(np.ma.getmaskarray(a).view(np.ndarray), f"{where}.mask", depth + 1)
+            self.walk(a.fill_value, f"{where}.fill_value", depth + 1)
 
     # -- containers ------------------------------------------------------------------------
     def mapping(self, d: dict, where: str, depth: int) -> None:
@@ -524,8 +527,9 @@ class _Walker:
             self.put("class-body", _qualified(klass))
             for key, value in sorted(vars(klass).items()):
                 dunder = key.startswith("__") and key.endswith("__")
-                if key.startswith("_abc_") or "cache" in key.lower():
-                    continue
+                code = callable(value) or isinstance(value, staticmethod | classmethod | property)
+                if key.startswith("_abc_") or ("cache" in key.lower() and not code):
+                    continue  # memoised values; a method named *cache* is code, walked
                 if dunder and not isinstance(
                     value, types.FunctionType | staticmethod | classmethod | property
                 ):

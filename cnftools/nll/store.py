@@ -200,7 +200,12 @@ def read_checked(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
             f"{os.fspath(path)!r} was not written by this version of cnftools.dataset_nll (no "
             f"{FORMAT!r} metadata); move it away or pass overwrite=True"
         )
-    if not isinstance(meta.get("checksum"), str) or meta["checksum"] != table_checksum(table, meta):
+    try:
+        checksum = table_checksum(table, meta)
+    except Exception as error:  # a damaged schema (a column name that is not UTF-8, ...)
+        text = str(error).splitlines()[0][:200] if str(error) else ""
+        raise _damaged(path, f"unreadable: {type(error).__name__}: {text}") from error
+    if not isinstance(meta.get("checksum"), str) or meta["checksum"] != checksum:
         raise _damaged(path, "its content does not match its checksum")
     if meta.get("rows") != table.num_rows:
         raise _damaged(
@@ -291,6 +296,12 @@ class RunLock:
             )
             return
         pid, _, host = owner.partition(" ")
+        if not pid.isdigit() or " " in host or not host.isprintable():  # not a cnftools lock
+            raise FileExistsError(
+                f"the lock {where!r} holds {owner!r}, not the 'PID HOST' a cnftools run writes: "
+                "cnftools cannot tell whether the run that made it still writes; delete the lock "
+                "file by hand once no run writes this out"
+            )
         if host != socket.gethostname():
             raise FileExistsError(
                 f"the lock {where!r} is held by {owner!r}, a process on another host; cnftools "

@@ -133,7 +133,11 @@ class Checkpoint:
 _PLAIN_SCALARS = (bool, int, float, str)
 
 
-def _to_plain(name: str, value: object) -> object:
+_MAX_NESTING = 100
+"""Deepest nesting of lists, tuples and dicts that :func:`_to_plain` stores."""
+
+
+def _to_plain(name: str, value: object, depth: int = 0) -> object:
     """``value`` as something ``torch.load(weights_only=True)`` reads back, or a ``TypeError``.
 
     NumPy scalars become Python numbers and NumPy arrays become tensors (both are common in
@@ -141,6 +145,11 @@ def _to_plain(name: str, value: object) -> object:
     to load). Anything else that is not a tensor, a plain scalar, ``None``, a ``torch.dtype``,
     a list, a tuple or a dict with ``str``/``int`` keys is refused here, at save time.
     """
+    if depth > _MAX_NESTING:  # a container that holds itself, or one absurdly deep
+        raise TypeError(
+            f"{name} is nested deeper than {_MAX_NESTING} levels (a list or dict that contains "
+            "itself?); checkpoints hold plain, finite nesting"
+        )
     if value is None or type(value) in _PLAIN_SCALARS or isinstance(value, torch.dtype):
         return value
     if isinstance(value, Tensor):
@@ -148,7 +157,17 @@ def _to_plain(name: str, value: object) -> object:
             raise TypeError(
                 f"{name} is a tensor subclass {type(value).__name__}; store a plain tensor"
             )
+        if value.layout != torch.strided:
+            raise TypeError(
+                f"{name} is a tensor of layout {value.layout}; store value.to_dense() (a "
+                "checkpoint holds strided tensors)"
+            )
         return value
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a NumPy masked array: its mask would be lost; store value.filled(...) "
+            "and value.mask (np.ma.getmaskarray(value)) as two arrays"
+        )
     if isinstance(value, np.generic | np.ndarray):
         _check_numpy_kind(name, value)
     if isinstance(value, np.generic) and not isinstance(value, np.void | np.object_):
@@ -157,14 +176,14 @@ def _to_plain(name: str, value: object) -> object:
         native = value.astype(value.dtype.newbyteorder("="), copy=True)  # big-endian: exact
         return torch.from_numpy(native)
     if type(value) in (list, tuple):
-        items = [_to_plain(f"{name}[{i}]", item) for i, item in enumerate(value)]  # type: ignore[attr-defined]
+        items = [_to_plain(f"{name}[{i}]", item, depth + 1) for i, item in enumerate(value)]  # type: ignore[attr-defined]
         return items if type(value) is list else tuple(items)
     if type(value) is dict:
         out = {}
         for key, item in value.items():  # type: ignore[attr-defined]
             if type(key) not in (str, int):
                 raise TypeError(f"{name} has a key of type {type(key).__name__}; use str keys")
-            out[key] = _to_plain(f"{name}[{key!r}]", item)
+            out[key] = _to_plain(f"{name}[{key!r}]", item, depth + 1)
         return out
     raise TypeError(
         f"{name} is a {type(value).__name__}: checkpoints hold only tensors, numbers, strings, "
@@ -577,6 +596,13 @@ def load_checkpoint(
             config, or a non-MLPField model without ``field=``.
     """
     payload = _read_payload(file, map_location)
+    try:  # before anything is built
+        path = path_from_description(payload["path"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"checkpoint {os.fspath(file)!r}: the stored path description {payload['path']!r} "
+            f"is invalid ({error}); the file was not written by save_checkpoint as it is"
+        ) from error
     model = payload["model"]
     state = payload["state_dict"]
     if field is None:
@@ -601,7 +627,7 @@ def load_checkpoint(
         field.to(map_location)
     return Checkpoint(
         field=field,
-        path=path_from_description(payload["path"]),
+        path=path,
         path_description=payload["path"],
         extra=payload["extra"],
         optimizer_state=payload["optimizer"],
