@@ -49,6 +49,7 @@ __all__ = [
     "TOLERANCE_FLOOR",
     "SolverConfig",
     "SolverError",
+    "check_reach",
     "integrate",
     "resolve_config",
 ]
@@ -306,6 +307,41 @@ class SolverConfig:
         """Adaptive tolerances divided by ``factor`` (not below ``floor``)."""
         return self.replace(
             rtol=max(self.rtol / factor, floor), atol=max(self.atol / factor, floor)
+        )
+
+
+def check_reach(config: SolverConfig, dtype: torch.dtype, divergence: str) -> None:
+    """Refuse, before any work, what the dtype or the divergence cannot deliver.
+
+    - Tolerances below the dtype's rounding: a step is accepted when its error is at most
+      ``atol + rtol |y|``; below about ``4 eps`` (``eps``: the dtype's machine epsilon) for
+      ``|y| ~ 1`` no step size meets that, and the solve would shrink its steps until
+      ``max_steps`` (``rtol = atol = 1e-20`` in float64 ran 62 s before failing).
+    - ``accuracy=`` controls the solver's error. With Hutchinson's estimator the error against
+      the exact log-density is dominated by the probes' noise, which no tolerance reduces; and
+      below ``100 eps`` nats (float32: 1.2e-5) the dtype's rounding over a solve of ~100 steps
+      is of the order of the target.
+    """
+    eps = torch.finfo(dtype).eps
+    if config.accuracy is not None:
+        if divergence == "hutchinson":
+            raise ValueError(
+                "accuracy= controls the ODE solver's error, not the Hutchinson probes' noise "
+                "(which no tolerance reduces): use divergence='exact', or set rtol/atol and read "
+                "the probes' standard error in result.stderr"
+            )
+        if config.accuracy < 100 * eps:
+            raise ValueError(
+                f"accuracy={config.accuracy:g} nats is below what {dtype} can reach "
+                f"(100 x its machine epsilon = {100 * eps:.2g}): use float64 data, or accuracy >= "
+                f"{100 * eps:.2g}"
+            )
+        return
+    if config.is_adaptive and config.rtol + config.atol < 4 * eps:
+        raise ValueError(
+            f"rtol={config.rtol:g} and atol={config.atol:g} are below {dtype}'s rounding (machine "
+            f"epsilon {eps:.2g}): no step size can meet them; use rtol + atol >= {4 * eps:.2g}"
+            + (" or float64 data" if dtype != torch.float64 else "")
         )
 
 

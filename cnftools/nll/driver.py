@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from cnftools._checks import SUPPORTED_DTYPES, check_device, check_int
-from cnftools._ode import SolverConfig, resolve_config
+from cnftools._ode import SolverConfig, check_reach, resolve_config
 from cnftools._resources import check_threads, entry_threads
 from cnftools.data import Dequantization
 from cnftools.fields import (
@@ -42,7 +42,7 @@ from cnftools.fields import (
     required_keywords,
     takes_labels,
 )
-from cnftools.likelihood import _check_reach, log_likelihood
+from cnftools.likelihood import log_likelihood
 from cnftools.nll import distributed as dist
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint, settings_key
 from cnftools.nll.job import Job, RunInterrupted
@@ -691,7 +691,7 @@ def dataset_nll(
     # dtype's reach, tolerances below its rounding): refused once, before any work
     solver_keywords = ("method", "rtol", "atol", "step_size", "steps", "adjoint", "accuracy")
     effective = resolve_config(solver, **{k: passed[k] for k in solver_keywords if k in passed})
-    _check_reach(effective, dtype, divergence)
+    check_reach(effective, dtype, divergence)
     need = out_path is not None and resume and run_id is None
     identity = _identity(v, prior, run_id, need=need)
     identity.update(_extras_identity(row_extras, constant_extras, need))
