@@ -91,6 +91,7 @@ from cnftools.fields import (
 __all__ = [
     "LikelihoodResult",
     "SampleResult",
+    "check_prior",
     "log_likelihood",
     "sample",
     "sample_with_log_prob",
@@ -159,45 +160,59 @@ class SampleResult:
 # Argument handling
 
 
-def _check_prior(prior: object, event: tuple[int, ...]) -> Distribution | None:
+def check_prior(
+    prior: object,
+    event: tuple[int, ...],
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> Distribution | None:
+    """The prior, checked before any solve: ``None`` or a ``Distribution`` with the data's event
+    shape and an empty batch shape; with ``dtype`` and ``device``, one cheap draw checks that it
+    samples there and that ``log_prob`` of one point is a ``(1,)`` tensor of that dtype (the one
+    prior check of :func:`log_likelihood`, :func:`sample_with_log_prob` and ``dataset_nll``).
+
+    Example:
+        >>> check_prior(None, (2,)) is None
+        True
+    """
     if prior is None:
         return None
     if not isinstance(prior, Distribution):
         raise TypeError(
-            f"prior must be None (standard normal) or a torch.distributions.Distribution, "
-            f"got {type(prior).__name__}"
+            f"prior must be None (the standard normal N(0, I)) or a "
+            f"torch.distributions.Distribution with event_shape {event}, got "
+            f"{type(prior).__name__} {prior!r:.40}"
         )
-    if tuple(prior.event_shape) != event:
+    if tuple(prior.event_shape) != event or tuple(prior.batch_shape) != ():
         hint = ""
         if tuple(prior.batch_shape) + tuple(prior.event_shape) == event:
             n = len(event) - len(prior.event_shape)
             hint = f"; wrap it as torch.distributions.Independent(prior, {n})"
         raise ValueError(
-            f"prior must have event_shape {event} (the data's event shape), so that log_prob maps "
-            f"(B, *event) to (B,); got event_shape {tuple(prior.event_shape)} and batch_shape "
-            f"{tuple(prior.batch_shape)}{hint}"
+            f"prior must have event_shape {event} (the data's event shape, so that log_prob maps "
+            f"(B, *event) to (B,)) and batch_shape (); got event_shape "
+            f"{tuple(prior.event_shape)} and batch_shape {tuple(prior.batch_shape)}{hint}"
         )
-    if tuple(prior.batch_shape) != ():
-        raise ValueError(f"prior must have batch_shape (), got {tuple(prior.batch_shape)}")
-    return prior
-
-
-def _probe_prior(prior: Distribution | None, like: Tensor) -> None:
-    """Check the prior's dtype and device against the data before any solve (one cheap draw)."""
-    if prior is None:
-        return
+    if dtype is None:
+        return prior
     try:
         with torch.no_grad():
-            draw = prior.sample()
-    except NotImplementedError:  # a prior without sampling: its log_prob is checked after the solve
-        return
-    if draw.dtype != like.dtype:
+            draw = prior.sample((1,))
+    except NotImplementedError:  # a prior without sampling: its log_prob is checked after solving
+        return prior
+    if draw.dtype != dtype:
         raise TypeError(
-            f"prior must be built in the data's dtype {like.dtype}, but it samples {draw.dtype} "
-            f"(torch would silently promote its log_prob); move it with the data's dtype"
+            f"prior samples {draw.dtype}, but the computation runs in {dtype}: the prior must be "
+            f"built in the data's dtype {dtype} (torch would silently promote its log_prob)"
         )
-    if draw.device != like.device:
-        raise ValueError(f"prior lives on {draw.device} but the data are on {like.device}")
+    if device is not None and draw.device != device:
+        raise ValueError(f"prior lives on {draw.device} but the data are on {device}")
+    with torch.no_grad():
+        out = prior.log_prob(draw)
+    if not isinstance(out, Tensor) or out.shape != (1,) or out.dtype != dtype:
+        got = (out.dtype, tuple(out.shape)) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"prior.log_prob of one point must be a (1,) tensor of {dtype}, got {got}")
+    return prior
 
 
 def _prior_log_prob(prior: Distribution | None, z: Tensor) -> Tensor:
@@ -956,8 +971,7 @@ def log_likelihood(
     """
     check_callable(v)
     x = check_batched("x", x)
-    prior_ = _check_prior(prior, tuple(x.shape[1:]))
-    _probe_prior(prior_, x)
+    prior_ = check_prior(prior, tuple(x.shape[1:]), x.dtype, x.device)
     extras_ = check_extras(extras)
     strategy = _divergence_strategy(v, x, divergence, n_probes, noise, probes, generator)
     config_ = resolve_config(
@@ -1116,7 +1130,7 @@ def sample_with_log_prob(
             if not isinstance(prior, Distribution):
                 raise TypeError("prior must be None or a torch.distributions.Distribution")
             event = tuple(prior.event_shape)
-    prior_ = _check_prior(prior, event)
+    prior_ = check_prior(prior, event)
     if z0 is None:
         assert n is not None
         if prior_ is None:
@@ -1128,7 +1142,7 @@ def sample_with_log_prob(
                 raise ValueError(f"prior.sample((n,)) returned shape {tuple(z0.shape)}")
         z0 = check_batched("z0", z0)
     _check_draw_options(z0, given_z0, prior_, dtype, device, event_shape)
-    _probe_prior(prior_, z0)
+    check_prior(prior_, event, z0.dtype, z0.device)
     extras_ = check_extras(extras)
     strategy = _divergence_strategy(v, z0, divergence, n_probes, noise, None, generator)
     config_ = resolve_config(

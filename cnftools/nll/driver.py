@@ -42,7 +42,7 @@ from cnftools.fields import (
     required_keywords,
     takes_labels,
 )
-from cnftools.likelihood import log_likelihood
+from cnftools.likelihood import check_prior, log_likelihood
 from cnftools.nll import distributed as dist
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint, settings_key
 from cnftools.nll.job import Job, RunInterrupted
@@ -204,50 +204,6 @@ def _check_labels(
             "a dataset of (x, y) items"
         )
     return first
-
-
-def _check_prior(prior: object, event: tuple[int, ...], s: Settings) -> None:
-    """The prior, checked before any solve: a ``Distribution`` over the data's event shape whose
-    draws and ``log_prob`` have the computation's dtype and device."""
-    if prior is None:
-        return
-    if not isinstance(prior, torch.distributions.Distribution):
-        raise TypeError(
-            f"prior must be None (the standard normal N(0, I)) or a "
-            f"torch.distributions.Distribution with event_shape {event}, got "
-            f"{type(prior).__name__} {prior!r:.40}"
-        )
-    if tuple(prior.event_shape) != event or tuple(prior.batch_shape) != ():
-        hint = ""
-        if tuple(prior.batch_shape) + tuple(prior.event_shape) == event:
-            hint = (
-                f"; wrap it as torch.distributions.Independent(prior, "
-                f"{len(event) - len(prior.event_shape)})"
-            )
-        raise ValueError(
-            f"prior must have event_shape {event} (the data's event shape) and batch_shape (), "
-            f"got event_shape {tuple(prior.event_shape)} and batch_shape "
-            f"{tuple(prior.batch_shape)}{hint}"
-        )
-    try:
-        with torch.no_grad():
-            draw = prior.sample((1,))
-    except NotImplementedError:  # a prior without sampling: its log_prob is checked per row
-        return
-    if draw.dtype != s.dtype:
-        raise TypeError(
-            f"prior samples {draw.dtype} but the run computes in {s.dtype}: build the prior in "
-            f"{s.dtype} (its log_prob would otherwise be promoted or fail)"
-        )
-    if draw.device != s.device:
-        raise ValueError(f"prior lives on {draw.device} but the run computes on {s.device}")
-    with torch.no_grad():
-        out = prior.log_prob(draw)
-    if not isinstance(out, Tensor) or out.shape != (1,) or out.dtype != s.dtype:
-        got = (out.dtype, tuple(out.shape)) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"prior.log_prob of one point must be a ({1},) tensor of {s.dtype}, got {got}"
-        )
 
 
 def _trial_call(
@@ -703,7 +659,7 @@ def dataset_nll(
             batch_size, divergence, n_probes, seed, solver, dequantization,
             passed, prior, device, dtype,
         )  # fmt: skip
-        _check_prior(prior, rows.event, settings)
+        check_prior(prior, rows.event, settings.dtype, settings.device)
         _trial_call(field, first, settings, rows.event, first_batch.extras)
         del first, first_batch
         run = {
