@@ -12,6 +12,7 @@ from cnftools._version import VERSION
 from cnftools.continuity import continuity_relative_residual, continuity_residual
 from cnftools.data import Dequantization
 from cnftools.divergences import DivergenceResult, divergence, velocity_and_divergence
+from cnftools.estimators import ClosedForm, Exact, Hutchinson
 from cnftools.interop import as_velocity
 from cnftools.likelihood import (
     LikelihoodResult,
@@ -32,11 +33,14 @@ __version__ = VERSION
 
 __all__ = [
     "AffineGaussianPath",
+    "ClosedForm",
     "ConvField",
     "Dequantization",
     "DivergenceResult",
+    "Exact",
     "GaussianMarginal",
     "GaussianPath",
+    "Hutchinson",
     "LikelihoodResult",
     "MLPField",
     "MixtureMarginal",

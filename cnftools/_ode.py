@@ -27,7 +27,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -132,8 +131,8 @@ class SolverConfig:
     r"""How to integrate an ODE: method, tolerances or grid, gradient mode. Validated on construction.
 
     Fixed-grid methods (``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``) take a uniform grid
-    of ``steps`` steps on :math:`[0, 1]` (or ``step_size``, rounded to the nearest grid dividing the
-    interval into equal steps); requested output times are added to that grid, never interpolated.
+    of ``steps`` steps on :math:`[0, 1]`; requested output times are added to that grid, never
+    interpolated (so ``times=`` off the grid changes the steps, and the final value, slightly).
     Adaptive methods (``dopri5``, ``dopri8``, ``bosh3``, ``adaptive_heun``, ``fehlberg2``) accept a
     step when the error estimate :math:`e` satisfies
     :math:`\| e / (\mathrm{atol} + \mathrm{rtol}\,|y|) \| \le 1`.
@@ -148,8 +147,7 @@ class SolverConfig:
         method: one of :data:`FIXED_GRID_METHODS` or :data:`ADAPTIVE_METHODS`.
         rtol: relative tolerance (adaptive methods).
         atol: absolute tolerance (adaptive methods).
-        step_size: fixed-grid step (fixed-grid methods; exclusive with ``steps``).
-        steps: number of fixed-grid steps on :math:`[0, 1]` (fixed-grid methods).
+        steps: number of uniform steps on :math:`[0, 1]` (fixed-grid methods; required there).
         adjoint: differentiate by checkpointed replay (:mod:`cnftools._adjoint`): the forward
             solve keeps one state per step instead of every step's graph, and the backward pass
             recomputes one step at a time. The forward numbers and the steps are those of
@@ -160,11 +158,14 @@ class SolverConfig:
         first_step: initial step of an adaptive method (default: chosen automatically).
         accuracy: the target absolute error (nats) of each row's log-density. When set, the
             likelihood engine chooses method and tolerances itself (:meth:`accuracy_plan`) and
-            ignores ``method``, ``rtol``, ``atol``, ``steps`` and ``step_size``.
+            ignores ``method``, ``rtol``, ``atol`` and ``steps``.
+        error_estimate: also solve with :meth:`refined` and report each row's difference
+            (``result.error_estimate`` of :func:`cnftools.log_likelihood`); the likelihood
+            functions only.
 
-    **Keywords as sugar.** The public entry points take ``config=`` and the flat keywords
-    ``method``, ``rtol``, ``atol``, ``steps``, ``step_size``, ``adjoint`` and ``accuracy``, merged
-    over ``config`` by one rule (:func:`resolve_config`).
+    **Keywords as sugar.** The public entry points take ``config=`` and the keywords ``method``,
+    ``rtol`` and ``atol`` (and, for the likelihood, ``accuracy``), merged over ``config`` by one
+    rule (:func:`resolve_config`).
 
     Raises:
         ValueError: for an unknown method, a fixed-grid method without a grid, a grid for
@@ -185,12 +186,12 @@ class SolverConfig:
     method: str = "dopri5"
     rtol: float = 1e-5
     atol: float = 1e-5
-    step_size: float | None = None
     steps: int | None = None
     adjoint: bool = False
     max_steps: int = 100_000
     first_step: float | None = None
     accuracy: float | None = None
+    error_estimate: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in _ALL_METHODS:
@@ -203,25 +204,18 @@ class SolverConfig:
         if self.is_adaptive:
             if self.rtol == 0 and self.atol == 0:
                 raise ValueError("rtol and atol cannot both be 0 for an adaptive method")
-            if self.step_size is not None or self.steps is not None:
+            if self.steps is not None:
                 raise ValueError(
-                    f"step_size/steps apply to fixed-grid methods {sorted(FIXED_GRID_METHODS)}; "
+                    f"steps applies to fixed-grid methods {sorted(FIXED_GRID_METHODS)}; "
                     f"{self.method!r} is adaptive: control it with rtol/atol"
                 )
         else:
-            if (self.step_size is None) == (self.steps is None):
+            if self.steps is None:
                 raise ValueError(
-                    f"the fixed-grid method {self.method!r} needs exactly one of step_size "
-                    f"(e.g. 0.05) or steps (e.g. 20); got step_size={self.step_size}, "
-                    f"steps={self.steps}"
+                    f"the fixed-grid method {self.method!r} needs steps (e.g. steps=20: a "
+                    "uniform grid of 20 steps on [0, 1])"
                 )
-            if self.step_size is not None:
-                step = _check_tolerance("step_size", self.step_size)
-                if not 0 < step <= 1:
-                    raise ValueError(f"step_size must lie in (0, 1], got {step}")
-            if self.steps is not None and (
-                isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
-            ):
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
                 raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
         if not isinstance(self.adjoint, bool):
             raise TypeError(f"adjoint must be a bool, got {type(self.adjoint).__name__}")
@@ -233,13 +227,14 @@ class SolverConfig:
             raise ValueError("first_step must be > 0")
         if self.accuracy is not None and not _check_tolerance("accuracy", self.accuracy) > 0:
             raise ValueError("accuracy must be > 0 (nats)")
-        n_grid = self.n_steps
-        if n_grid is not None and n_grid > self.max_steps:
-            given = f"step_size={self.step_size}" if self.steps is None else f"steps={self.steps}"
+        if not isinstance(self.error_estimate, bool):
+            raise TypeError(
+                f"error_estimate must be a bool, got {type(self.error_estimate).__name__}"
+            )
+        if self.steps is not None and self.steps > self.max_steps:
             raise ValueError(
-                f"{given} makes a fixed grid of {n_grid} steps on [0, 1], more than "
-                f"max_steps={self.max_steps}; use a larger step_size (fewer steps) or raise "
-                "max_steps if you mean it"
+                f"steps={self.steps} is more than max_steps={self.max_steps}; use fewer steps or "
+                "raise max_steps if you mean it"
             )
 
     @property
@@ -252,18 +247,6 @@ class SolverConfig:
         """The method's order of convergence."""
         return _ALL_METHODS[self.method]
 
-    @property
-    def n_steps(self) -> int | None:
-        """Number of uniform steps on :math:`[0, 1]` of a fixed-grid method (``None`` if adaptive)."""
-        if self.is_adaptive:
-            return None
-        if self.steps is not None:
-            return self.steps
-        assert self.step_size is not None
-        ratio = 1.0 / self.step_size
-        nearest = round(ratio)
-        return max(1, nearest if abs(ratio - nearest) < 1e-9 * ratio else math.ceil(ratio))
-
     def replace(self, **changes: object) -> SolverConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -275,9 +258,9 @@ class SolverConfig:
         """
         if self.is_adaptive:
             return self.replace(rtol=max(self.rtol / 100, 1e-14), atol=max(self.atol / 100, 1e-14))
-        n = self.n_steps
+        n = self.steps
         assert n is not None
-        return self.replace(step_size=None, steps=2 * n, max_steps=max(self.max_steps, 2 * n))
+        return self.replace(steps=2 * n, max_steps=max(self.max_steps, 2 * n))
 
     def accuracy_plan(self) -> SolverConfig:
         """The first solve of ``accuracy=``: method and tolerance from :data:`ACCURACY_PLAN`,
@@ -300,7 +283,6 @@ class SolverConfig:
             rtol=tol * ACCURACY_RTOL_SHARE,
             atol=tol,
             steps=None,
-            step_size=None,
         )
 
     def tightened(self, factor: float, floor: float = TOLERANCE_FLOOR) -> SolverConfig:
@@ -310,7 +292,7 @@ class SolverConfig:
         )
 
 
-def check_reach(config: SolverConfig, dtype: torch.dtype, divergence: str) -> None:
+def check_reach(config: SolverConfig, dtype: torch.dtype, hutchinson: bool = False) -> None:
     """Refuse, before any work, what the dtype or the divergence cannot deliver.
 
     - Tolerances below the dtype's rounding: a step is accepted when its error is at most
@@ -324,11 +306,12 @@ def check_reach(config: SolverConfig, dtype: torch.dtype, divergence: str) -> No
     """
     eps = torch.finfo(dtype).eps
     if config.accuracy is not None:
-        if divergence == "hutchinson":
+        if hutchinson:
             raise ValueError(
                 "accuracy= controls the ODE solver's error, not the Hutchinson probes' noise "
-                "(which no tolerance reduces): use divergence='exact', or set rtol/atol and read "
-                "the probes' standard error in result.stderr"
+                "(which no tolerance reduces): use an exact estimator (estimator=None or "
+                "cnftools.Exact()), or set rtol/atol and read the probes' standard error in "
+                "result.stderr"
             )
         if config.accuracy < 100 * eps:
             raise ValueError(
@@ -351,67 +334,53 @@ def resolve_config(
     method: str | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-    step_size: float | None = None,
-    steps: int | None = None,
-    adjoint: bool | None = None,
     accuracy: float | None = None,
 ) -> SolverConfig:
     """The one merge rule of the solver keywords (thin sugar) over a :class:`SolverConfig`.
 
-    Every public entry point that takes solver keywords (:func:`cnftools.log_likelihood`,
-    :func:`cnftools.sample_with_log_prob`, :func:`cnftools.sample`, :func:`cnftools.dataset_nll`)
-    merges them here, and nowhere else:
+    Every public entry point that solves an ODE (:func:`cnftools.log_likelihood`,
+    :func:`cnftools.sample_with_log_prob`, :func:`cnftools.sample`, :func:`cnftools.dataset_nll`,
+    the ``cnftools nll`` command) merges its keywords here, and nowhere else:
 
     1. Start from ``config`` (the defaults of :class:`SolverConfig` when ``None``).
     2. A keyword given (not ``None``) replaces the config's field of the same name; a keyword
        left at ``None`` keeps the config's value.
-    3. The grid is one setting: giving ``steps`` or ``step_size`` replaces the config's grid (the
-       other of the two is cleared).
-    4. An adaptive ``method`` keyword drops the config's grid (an adaptive method has none).
-    5. ``accuracy`` chooses method and tolerances itself: it cannot be given together with the
-       ``method``, ``rtol``, ``atol``, ``step_size`` or ``steps`` keywords.
+    3. An adaptive ``method`` keyword drops the config's grid (an adaptive method has none); a
+       fixed-grid method needs its ``steps`` in the config.
+    4. ``accuracy`` chooses method and tolerances itself: it cannot be given together with the
+       ``method``, ``rtol`` or ``atol`` keywords.
 
-    The result is validated like any :class:`SolverConfig`: a grid with an adaptive method (e.g.
-    ``steps=`` on the default ``dopri5``), or a fixed-grid method without a grid, is an error.
+    Everything else (``steps``, ``adjoint``, ``max_steps``, ``first_step``, ``error_estimate``)
+    is said in the config only. The result is validated like any :class:`SolverConfig`.
 
     Raises:
         TypeError: ``config`` is not a :class:`SolverConfig`.
-        ValueError: the clash of rule 5, or a merged configuration that is not valid.
+        ValueError: the clash of rule 4, or a merged configuration that is not valid.
 
     Example:
         >>> base = SolverConfig("rk4", steps=8)
-        >>> resolve_config(base, steps=16).steps
-        16
         >>> resolve_config(base, method="dopri5", rtol=1e-8).steps is None
         True
+        >>> resolve_config(None, accuracy=1e-6).accuracy
+        1e-06
     """
     if config is not None and not isinstance(config, SolverConfig):
-        raise TypeError(f"config must be a SolverConfig, got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a cnftools.SolverConfig, got {type(config).__name__} (build one: "
+            "SolverConfig(method=..., rtol=..., steps=..., adjoint=...))"
+        )
     base = config if config is not None else SolverConfig()
-    if accuracy is not None:
-        given = {"method": method, "rtol": rtol, "atol": atol, "step_size": step_size}
-        given["steps"] = steps
-        clash = [name for name, value in given.items() if value is not None]
-        if clash:
-            raise ValueError(
-                f"accuracy= chooses the method and tolerances itself; do not also give {clash}"
-            )
-    keywords = {
-        "method": method,
-        "rtol": rtol,
-        "atol": atol,
-        "step_size": step_size,
-        "steps": steps,
-        "adjoint": adjoint,
-        "accuracy": accuracy,
-    }
+    keywords = {"method": method, "rtol": rtol, "atol": atol, "accuracy": accuracy}
     changes: dict[str, object] = {k: v for k, v in keywords.items() if v is not None}
+    if accuracy is not None and len(changes) > 1:
+        clash = sorted(set(changes) - {"accuracy"})
+        raise ValueError(
+            f"accuracy= chooses the method and tolerances itself; do not also give {clash}"
+        )
     if not changes:
         return base
-    if step_size is not None or steps is not None:  # rule 3: the grid is one setting
-        changes["step_size"], changes["steps"] = step_size, steps
-    elif method is not None and method in ADAPTIVE_METHODS:  # rule 4
-        changes["step_size"] = changes["steps"] = None
+    if method is not None and method in ADAPTIVE_METHODS:  # rule 3
+        changes["steps"] = None
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -511,7 +480,7 @@ def integrate(
             rtol=config.rtol,
             atol=config.atol,
             norm=row_norm(n_point),
-            steps_per_unit=config.n_steps,
+            steps_per_unit=config.steps,
             max_steps=config.max_steps,
             first_step=config.first_step,
             on_evaluation=count,

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from cnftools import divergences
 from cnftools._checks import as_time, check_batched, check_finite
-from cnftools.fields import VelocityField, call_checked, closed_form_divergence, field_name
+from cnftools.estimators import Estimator, Exact, check_estimator
+from cnftools.fields import VelocityField, call_checked, check_callable
 
 __all__ = [
     "ContinuityTerms",
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 LogProb = Callable[[Tensor, Tensor], Tensor]
-DivergenceChoice = str | Callable[[Tensor, Tensor], Tensor]
+_EXACT = Exact()
 
 
 class ContinuityTerms(NamedTuple):
@@ -70,31 +71,14 @@ class ContinuityTerms(NamedTuple):
         return self.time_derivative.abs() + self.divergence.abs() + self.transport.abs()
 
 
-def _divergence_of(choice: DivergenceChoice, v: VelocityField, x: Tensor, t: Tensor) -> Tensor:
-    if callable(choice):
-        div = choice(x, t)
-        name = "divergence callable"
-    elif choice in ("exact", "loop"):
-        return divergences.divergence(v, x, t, choice)
-    elif choice == "closed_form":
-        closed = closed_form_divergence(v)
-        if closed is None:
-            raise ValueError(
-                f"divergence='closed_form' but field {field_name(v)} has no divergence(x, t) "
-                "method; use divergence='exact'"
-            )
-        with torch.no_grad():
-            div = closed(x, t)
-        name = f"{field_name(v)} closed-form divergence"
-    else:
-        raise ValueError(
-            "divergence must be 'exact', 'loop', 'closed_form' or a callable(x, t) -> (B,), "
-            f"got {choice!r}"
+def _divergence_of(estimator: object, v: VelocityField, x: Tensor, t: Tensor) -> Tensor:
+    if estimator is None:
+        raise TypeError(
+            "estimator must be a divergence spec; the continuity checks take no None (their "
+            "default, Exact(), checks the field rather than its closed form): pass "
+            "cnftools.Exact(), cnftools.Hutchinson(...) or cnftools.ClosedForm()"
         )
-    if not isinstance(div, Tensor) or div.shape != (x.shape[0],):
-        shape = tuple(div.shape) if isinstance(div, Tensor) else type(div).__name__
-        raise ValueError(f"{name} must return shape (B,) = ({x.shape[0]},), got {shape}")
-    return div.detach()
+    return divergences.divergence(v, x, t, check_estimator(estimator)).detach()
 
 
 def continuity_terms(
@@ -103,7 +87,7 @@ def continuity_terms(
     x: Tensor,
     t: float | Tensor,
     *,
-    divergence: DivergenceChoice = "exact",
+    estimator: Estimator = _EXACT,
 ) -> ContinuityTerms:
     r"""The three terms of :math:`r = \partial_t \log p + \nabla\cdot v + v\cdot\nabla_x \log p`.
 
@@ -113,18 +97,18 @@ def continuity_terms(
         v: velocity field ``v(x, t)``.
         x: points, shape ``(B, *event)``.
         t: a float, a 0-dim tensor or a ``(B,)`` tensor in :math:`[0, 1]`.
-        divergence: how :math:`\nabla\cdot v` is computed: ``"exact"`` (autograd, default: an
-            independent check of the field), ``"loop"`` (the plain autograd loop),
-            ``"closed_form"`` (the field's own ``divergence`` method, see
-            :func:`cnftools.fields.closed_form_divergence`) or a callable ``(x, t) -> (B,)``.
+        estimator: how :math:`\nabla\cdot v` is computed (:mod:`cnftools.estimators`):
+            ``Exact()`` (autograd, default: an independent check of the field, whatever closed
+            form it offers), ``Exact("loop")`` (the plain autograd loop), ``ClosedForm()`` (the
+            field's own ``divergence(x, t)``, see :func:`cnftools.fields.closed_form_divergence`)
+            or ``Hutchinson(...)`` (a stochastic residual).
 
     Returns:
         :class:`ContinuityTerms` (detached tensors of shape ``(B,)``).
     """
     if not callable(log_prob):
         raise TypeError(f"log_prob must be callable log_prob(x, t), got {type(log_prob).__name__}")
-    if not callable(v):
-        raise TypeError(f"the velocity field must be callable v(x, t), got {type(v).__name__}")
+    check_callable(v)
     x = check_batched("x", x)
     tb = as_time(t, x)
     with torch.enable_grad():
@@ -147,7 +131,7 @@ def continuity_terms(
     grad_t = torch.zeros_like(tb) if grad_t is None else grad_t.detach()
     with torch.no_grad():
         velocity = call_checked(v, x, tb)
-    div = _divergence_of(divergence, v, x, tb)
+    div = _divergence_of(estimator, v, x, tb)
     transport = (velocity * grad_x).reshape(x.shape[0], -1).sum(dim=1)
     # A residual computed from non-finite terms would be NaN, not a verdict: name the rows.
     for name, term in (
@@ -166,7 +150,7 @@ def continuity_residual(
     x: Tensor,
     t: float | Tensor,
     *,
-    divergence: DivergenceChoice = "exact",
+    estimator: Estimator = _EXACT,
 ) -> Tensor:
     r"""The log-form continuity residual, per sample.
 
@@ -197,7 +181,7 @@ def continuity_residual(
     References:
         Lipman et al. (2022), arXiv:2210.02747, eq. (4).
     """
-    return continuity_terms(log_prob, v, x, t, divergence=divergence).residual
+    return continuity_terms(log_prob, v, x, t, estimator=estimator).residual
 
 
 def continuity_relative_residual(
@@ -206,7 +190,7 @@ def continuity_relative_residual(
     x: Tensor,
     t: float | Tensor,
     *,
-    divergence: DivergenceChoice = "exact",
+    estimator: Estimator = _EXACT,
 ) -> Tensor:
     r"""The residual relative to the size of its terms, per sample.
 
@@ -235,7 +219,7 @@ def continuity_relative_residual(
         >>> bool(rel.max() > 1e-3)
         True
     """
-    terms = continuity_terms(log_prob, v, x, t, divergence=divergence)
+    terms = continuity_terms(log_prob, v, x, t, estimator=estimator)
     scale = terms.scale
     ratio = terms.residual.abs() / torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.where(scale > 0, ratio, torch.zeros_like(ratio))

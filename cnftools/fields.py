@@ -111,8 +111,7 @@ def call_field(
         tensor([[0.5000, 0.5000, 0.5000],
                 [0.5000, 0.5000, 0.5000]])
     """
-    if not callable(v):
-        raise TypeError(f"the velocity field must be callable v(x, t), got {type(v).__name__}")
+    check_callable(v)
     x = check_batched("x", x)
     return call_checked(v, x, as_time(t, x), check_extras(extras))
 

@@ -519,7 +519,9 @@ class EulerStep(ModuleTransform):
         max_iter: int = 500,
     ) -> None:
         if not callable(v):
-            raise TypeError(f"v must be a callable v(x, t), got {type(v).__name__}")
+            raise TypeError(
+                f"v must be a velocity field, a callable v(x, t); got {type(v).__name__}"
+            )
         t = _real("t", t)
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"t must lie in [0, 1], got {t}")

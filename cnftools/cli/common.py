@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cnftools._ode import ADAPTIVE_METHODS, FIXED_GRID_METHODS, SolverConfig
 from cnftools._resources import check_threads
 from cnftools.data import (
     DIGITS_LEVELS,
@@ -212,3 +213,54 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
         "$CNFTOOLS_THREADS, else the idle cores of this process's share of the machine, from "
         "the load average; 1 on a busy machine)",
     )
+
+
+def add_solver_arguments(p: argparse.ArgumentParser) -> None:
+    """The solver flags, one per :class:`~cnftools.SolverConfig` setting a run may change; their
+    defaults are the config's own (never restated here)."""
+    defaults = SolverConfig()
+    group = p.add_argument_group("ODE solver (cnftools.SolverConfig)")
+    group.add_argument(
+        "--method",
+        default=defaults.method,
+        help=f"solver: adaptive {sorted(ADAPTIVE_METHODS)} or fixed-grid "
+        f"{sorted(FIXED_GRID_METHODS)} (with --steps); default {defaults.method}",
+    )
+    group.add_argument(
+        "--rtol", type=float, default=defaults.rtol, help=f"relative tolerance ({defaults.rtol:g})"
+    )
+    group.add_argument(
+        "--atol", type=float, default=defaults.atol, help=f"absolute tolerance ({defaults.atol:g})"
+    )
+    group.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of uniform steps of a fixed-grid --method (e.g. --method rk4 --steps 50)",
+    )
+    group.add_argument(
+        "--accuracy",
+        type=float,
+        default=None,
+        metavar="NATS",
+        help="ask for nats: each row's target error; the solver chooses method and tolerances "
+        "(instead of --method/--rtol/--atol; an estimate, docs/benchmarks.md)",
+    )
+
+
+def solver_config(args: argparse.Namespace) -> SolverConfig:
+    """The :class:`~cnftools.SolverConfig` of the solver flags (a ``ValueError`` for a bad
+    combination, e.g. a fixed-grid method without ``--steps``)."""
+    if args.accuracy is not None:
+        defaults = SolverConfig()
+        changed = [
+            f"--{name}"
+            for name in ("method", "rtol", "atol")
+            if getattr(args, name) != getattr(defaults, name)
+        ]
+        if changed or args.steps is not None:
+            given = changed + (["--steps"] if args.steps is not None else [])
+            raise ValueError(f"--accuracy chooses the solver itself; drop {', '.join(given)}")
+        return SolverConfig(accuracy=args.accuracy)
+    return SolverConfig(args.method, rtol=args.rtol, atol=args.atol, steps=args.steps)

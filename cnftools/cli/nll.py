@@ -21,15 +21,21 @@ from cnftools.cli.common import (
     UsageError,
     add_common_arguments,
     add_data_arguments,
+    add_solver_arguments,
     builtin_dataset,
     check_device,
     check_writable,
     digits_split_labels,
     load_rows,
+    solver_config,
     thread_count,
 )
 from cnftools.data import Dequantization
+from cnftools.estimators import Hutchinson
 from cnftools.nll import (
+    DataOptions,
+    Execution,
+    Output,
     PerRow,
     RowsFailedError,
     RunInterrupted,
@@ -83,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--divergence",
         choices=("exact", "hutchinson"),
         default="exact",
-        help="divergence (default exact)",
+        help="divergence: exact (default; the field's closed form if it has one) or hutchinson",
     )
     p.add_argument(
         "--probes",
@@ -103,36 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1024,
         help="cap on probes per row for --target-stderr (default 1024)",
     )
-    p.add_argument(
-        "--method",
-        default="dopri5",
-        help="ODE solver: dopri5 (default), dopri8, bosh3, rk4, euler, ...",
-    )
-    p.add_argument(
-        "--rtol",
-        type=float,
-        default=1e-5,
-        help="relative tolerance, adaptive solvers (default 1e-5)",
-    )
-    p.add_argument(
-        "--atol",
-        type=float,
-        default=1e-5,
-        help="absolute tolerance, adaptive solvers (default 1e-5)",
-    )
-    p.add_argument(
-        "--step-size",
-        type=float,
-        default=None,
-        help="step of a fixed-grid solver (e.g. 0.02 with rk4)",
-    )
-    p.add_argument(
-        "--solver-steps",
-        type=int,
-        default=None,
-        metavar="N",
-        help="number of steps of a fixed-grid solver (instead of --step-size)",
-    )
+    add_solver_arguments(p)
     p.add_argument(
         "--dequantize",
         type=int,
@@ -324,29 +301,20 @@ def _nll(args: argparse.Namespace, device: torch.device | None) -> int:
     frame = dataset_nll(
         field,
         rows,
-        extras=extras,
-        batch_size=args.batch_size,
-        divergence=args.divergence,
-        n_probes=args.probes,
-        seed=args.seed,
-        target_stderr=args.target_stderr,
-        max_probes=args.max_probes,
-        method=args.method,
-        rtol=args.rtol,
-        atol=args.atol,
-        step_size=args.step_size,
-        steps=args.solver_steps,
-        dequantization=deq,
-        device=device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-        out=args.out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        keep_chunks=args.keep_chunks,
-        progress=args.progress,
-        run_id=args.run_id,
-        num_threads=thread_count(args),
-        bpd_dims=args.bpd_dims,
+        estimator=Hutchinson(args.probes) if args.divergence == "hutchinson" else None,
+        config=solver_config(args),
+        data_options=DataOptions(extras=extras, dequantization=deq, bpd_dims=args.bpd_dims),
+        output=None if args.out is None else _output(args),
+        execution=Execution(
+            batch_size=args.batch_size,
+            device=device,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            num_threads=thread_count(args),
+            progress=args.progress,
+            seed=args.seed,
+            target_stderr=args.target_stderr,
+            max_probes=args.max_probes,
+        ),
     )
     if frame is None:  # a rank other than 0 under torchrun
         return 0
@@ -358,6 +326,16 @@ def _nll(args: argparse.Namespace, device: torch.device | None) -> int:
     else:
         _print_summary(summary, deq, args.out)
     return 0 if summary["failures"] == 0 else 1
+
+
+def _output(args: argparse.Namespace) -> Output:
+    return Output(
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        keep_chunks=args.keep_chunks,
+        run_id=args.run_id,
+    )
 
 
 def _baselines(args: argparse.Namespace, test: torch.Tensor, deq: object) -> dict[str, float]:

@@ -8,6 +8,8 @@
 * :mod:`cnftools.nll.store` — the chunk store: atomic files, the lock, resume checks;
 * :mod:`cnftools.nll.distributed` — ranks, gather, devices, thread count;
 * :mod:`cnftools.nll.frames` — the result frame, :func:`summarize`, the probe-round plan;
+* :mod:`cnftools.nll.options` — :class:`DataOptions`, :class:`Output`, :class:`Execution`, the
+  option groups of :func:`dataset_nll`;
 * :mod:`cnftools.nll.driver` — :func:`dataset_nll`;
 * :mod:`cnftools.nll.baselines` — Gaussian and histogram baselines on the dequantized scale.
 
@@ -20,12 +22,16 @@ from cnftools.nll.driver import dataset_nll
 from cnftools.nll.fingerprint import Unfingerprintable, fingerprint
 from cnftools.nll.frames import summarize
 from cnftools.nll.job import RowsFailedError, RunInterrupted
+from cnftools.nll.options import DataOptions, Execution, Output
 from cnftools.nll.sources import Batch, PerRow, RowSource, Shared, read_rows
 from cnftools.nll.store import ResumeError
 
 __all__ = [
     "Batch",
+    "DataOptions",
     "Dequantization",
+    "Execution",
+    "Output",
     "PerRow",
     "ResumeError",
     "RowSource",

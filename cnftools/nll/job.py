@@ -87,7 +87,7 @@ class Job:
         complete = dist.broadcast(self.final_meta is not None, self.world)
         if complete:
             return self._finished(store, start_time) if self.rank == 0 else None
-        hutchinson = self.s.divergence == "hutchinson"
+        hutchinson = self.s.hutchinson
         target = self.run_meta["target_stderr"]
         max_rounds = max(1, self.run_meta["max_probes"] // self.s.n_probes) if target else 1
         units: list[pd.DataFrame] = []

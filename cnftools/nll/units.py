@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from cnftools.data import (
     dequantize,
     importance_weighted_log_mean,
 )
+from cnftools.estimators import Estimator, Hutchinson
 from cnftools.likelihood import log_likelihood
 
 __all__ = ["MAX_ERROR_TEXT", "Settings", "compute_unit", "unit_seed"]
@@ -47,16 +49,23 @@ class Settings:
     """What every unit of a run shares."""
 
     batch_size: int
-    divergence: str
-    n_probes: int
+    estimator: Estimator | None  # a Hutchinson spec here has no generator and no probes
     seed: int
     config: SolverConfig
     dequantization: Dequantization | None
-    solver_kwargs: dict[str, Any]
     prior: object
     device: torch.device
     dtype: torch.dtype
     extras: dict[str, Any] = field(default_factory=dict)  # constant extras (not per row)
+
+    @property
+    def hutchinson(self) -> bool:
+        return isinstance(self.estimator, Hutchinson)
+
+    @property
+    def n_probes(self) -> int:
+        """Hutchinson probes per solve (1 for an exact divergence)."""
+        return self.estimator.n_probes if isinstance(self.estimator, Hutchinson) else 1
 
 
 def unit_seed(*parts: int) -> int:
@@ -73,12 +82,12 @@ def _solve(
     extras: Mapping[str, Any],
 ):
     """One solve through :func:`cnftools.likelihood.log_likelihood`: ``(log_prob, nfe, stderr)``."""
-    kwargs: dict[str, Any] = dict(s.solver_kwargs)
-    if s.divergence == "hutchinson":
-        kwargs.update(divergence="hutchinson", n_probes=s.n_probes, generator=generator)
+    estimator = s.estimator
+    if isinstance(estimator, Hutchinson):  # the unit's own generator draws its probes
+        estimator = dataclasses.replace(estimator, generator=generator)
     with torch.no_grad():  # no graph through the solver: only the divergence needs autograd
         result = log_likelihood(
-            v, y, s.prior, config=s.config, return_result=True, extras=extras or None, **kwargs
+            v, y, s.prior, estimator=estimator, config=s.config, extras=extras or None
         )
     stderr = result.stderr
     return (
@@ -236,7 +245,7 @@ def compute_unit(
 
 
 def _probe_generator(s: Settings, batch: int, round_: int, row: int | None = None):
-    if s.divergence != "hutchinson":
+    if not s.hutchinson:
         return None
     parts = (s.seed, batch, round_, 0) if row is None else (s.seed, batch, round_, 2, row)
     return torch.Generator(device=s.device).manual_seed(unit_seed(*parts))

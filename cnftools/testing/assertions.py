@@ -24,17 +24,17 @@ import math
 import os
 import sys
 import time
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from cnftools._checks import as_time, check_batched, check_tolerance, quiet_jvp
-from cnftools._ode import SolverConfig, SolverError
+from cnftools._ode import SolverConfig, SolverError, resolve_config
 from cnftools.continuity import continuity_terms
 from cnftools.divergences import divergence as exact_divergence
 from cnftools.divergences import jacobian
+from cnftools.estimators import Estimator, Exact, Hutchinson, check_estimator
 from cnftools.fields import closed_form_divergence
 from cnftools.likelihood import log_likelihood
 from cnftools.paths import GaussianPath
@@ -252,6 +252,9 @@ def assert_divergence_matches_jacobian(
         )
 
 
+_EXACT = Exact()
+
+
 def _default_divergence(
     v: Callable[[Tensor, Tensor], Tensor],
 ) -> tuple[Callable[[Tensor, Tensor], Tensor], str]:
@@ -269,7 +272,7 @@ def assert_generates(
     t: float | Tensor,
     *,
     rtol: float | None = None,
-    divergence: str | Callable[[Tensor, Tensor], Tensor] = "exact",
+    estimator: Estimator = _EXACT,
 ) -> None:
     r"""Assert that ``v`` generates the density path ``log_prob``: the continuity equation holds.
 
@@ -293,9 +296,9 @@ def assert_generates(
         rtol: tolerance on the relative residual (default 1e-9 in float64, 1e-3 in float32: the
             closed-form cases reach about 1e-14 and 1e-6, and a wrong field gives order one; the
             margin covers fields whose terms nearly cancel). A finite number ``>= 0``.
-        divergence: how :math:`\nabla\cdot v` is computed: ``"exact"`` (autograd, default; an
-            independent check of the field), ``"closed_form"`` (the field's own ``divergence``) or
-            a callable ``(x, t) -> (B,)``; see :func:`cnftools.continuity.continuity_terms`.
+        estimator: how :math:`\nabla\cdot v` is computed: ``Exact()`` (autograd, default; an
+            independent check of the field) or ``ClosedForm()`` (the field's own ``divergence``);
+            see :func:`cnftools.continuity.continuity_terms`.
 
     Raises:
         AssertionError: naming the worst row, its time, the residual, the relative residual, the
@@ -321,7 +324,7 @@ def assert_generates(
     if rtol is None:
         rtol = _default_tolerance(x.dtype, 1e-9, 1e-3)
     try:
-        terms = continuity_terms(log_prob, v, x, tt, divergence=divergence)
+        terms = continuity_terms(log_prob, v, x, tt, estimator=estimator)
     except ValueError as error:
         if "non-finite" not in str(error):
             raise
@@ -381,19 +384,18 @@ def _say_when_shrinking(assertion: str, seconds: float) -> None:
     )
 
 
-def _describe(options: Mapping[str, object]) -> str:
+def _describe(config: SolverConfig, estimator: Estimator | None) -> str:
     """The solver settings of a failure message: ``dopri5, rtol=1e-09, atol=1e-09``."""
-    config = options.get("config")
-    if not isinstance(config, SolverConfig):  # the deprecated solver= dict
-        return ", ".join(f"{k}={val!r}" for k, val in options.items())
     if config.accuracy is not None:
         text = f"accuracy={config.accuracy:g}"
     elif config.is_adaptive:
         text = f"{config.method}, rtol={config.rtol:g}, atol={config.atol:g}"
     else:
-        text = f"{config.method}, {config.n_steps} steps"
-    if options.get("divergence") == "hutchinson":
-        text += f", hutchinson with {options.get('n_probes')} probes"
+        text = f"{config.method}, {config.steps} steps"
+    if isinstance(estimator, Hutchinson):
+        text += f", Hutchinson with {estimator.n_probes} probes"
+    elif estimator is not None:
+        text += f", {estimator!r}"
     return text
 
 
@@ -406,10 +408,7 @@ def assert_log_likelihood_close(
     atol: float | None = None,
     rtol: float = 0.0,
     config: SolverConfig | None = None,
-    divergence: str = "exact",
-    n_probes: int = 1,
-    generator: torch.Generator | None = None,
-    solver: Mapping[str, object] | None = None,
+    estimator: Estimator | None = None,
 ) -> None:
     r"""Assert that the ODE log-likelihood of ``v`` matches a closed form.
 
@@ -432,13 +431,9 @@ def assert_log_likelihood_close(
         config: the solver settings, a :class:`~cnftools.SolverConfig`. Default
             ``SolverConfig(rtol=1e-9, atol=1e-9)`` in float64 and ``SolverConfig(rtol=1e-6,
             atol=1e-6)`` in float32 (dopri5).
-        divergence: ``"exact"`` or ``"hutchinson"`` (as in ``log_likelihood``).
-        n_probes: Hutchinson probes (as in ``log_likelihood``).
-        generator: random generator for the Hutchinson probes (the default, exact divergence
-            draws nothing), so that a failure message can be reproduced exactly.
-        solver: deprecated (works with a ``DeprecationWarning``; goes in the next release): a dict
-            of ``log_likelihood`` keywords. Pass ``config=SolverConfig(...)`` for the solver
-            settings and ``divergence=``/``n_probes=`` for the divergence instead.
+        estimator: the divergence spec, as in ``log_likelihood`` (default: the field's closed
+            form if it offers one, else exact). Give a ``Hutchinson`` a ``generator`` so that a
+            failure can be reproduced exactly.
 
     Raises:
         AssertionError: naming the worst row, both log-likelihoods and their difference, the
@@ -463,24 +458,11 @@ def assert_log_likelihood_close(
     x = check_batched("x", x)
     if atol is None:
         atol = _default_tolerance(x.dtype, 1e-6, 1e-3)
-    if config is not None and not isinstance(config, SolverConfig):
-        raise TypeError(f"config must be a SolverConfig, got {type(config).__name__}")
-    if solver is not None:
-        if config is not None:
-            raise ValueError("give config= (a SolverConfig) alone; solver= is deprecated")
-        warnings.warn(
-            "assert_log_likelihood_close(solver={...}) is deprecated and will be removed in the "
-            "next release: pass config=SolverConfig(...) for the solver settings (method, rtol, "
-            "atol, steps, ...) and divergence=/n_probes= for the divergence",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        options = dict(solver)
-    else:
-        if config is None:
-            tight = _default_tolerance(x.dtype, 1e-9, 1e-6)
-            config = SolverConfig(rtol=tight, atol=tight)
-        options = {"config": config, "divergence": divergence, "n_probes": n_probes}
+    if config is None:
+        tight = _default_tolerance(x.dtype, 1e-9, 1e-6)
+        config = SolverConfig(rtol=tight, atol=tight)
+    config = resolve_config(config)
+    estimator = check_estimator(estimator)
     if callable(expected):
         expected = expected(x)
     expected = torch.as_tensor(expected).detach()
@@ -492,13 +474,12 @@ def assert_log_likelihood_close(
     _require_finite("expected", expected[:, None], None)
     started = time.perf_counter()
     with torch.no_grad():
-        extra = {} if generator is None else {"generator": generator}
         try:
-            result = log_likelihood(v, x, prior, return_result=True, **options, **extra)
+            result = log_likelihood(v, x, prior, estimator=estimator, config=config)
         except SolverError as error:
             _say_when_shrinking("assert_log_likelihood_close", time.perf_counter() - started)
             raise AssertionError(
-                f"the ODE log-likelihood of the field could not be computed ({_describe(options)})"
+                f"the ODE log-likelihood of the field could not be computed ({_describe(config, estimator)})"
                 f": {error}"
             ) from error
     got = result.log_prob.detach()
@@ -507,7 +488,7 @@ def assert_log_likelihood_close(
     excess = torch.nan_to_num(difference.abs() - (atol + rtol * expected.abs()), nan=math.inf)
     if bool((excess > 0).any()):
         row = int(excess.argmax())
-        settings = _describe(options)
+        settings = _describe(config, estimator)
         _say_when_shrinking("assert_log_likelihood_close", time.perf_counter() - started)
         raise AssertionError(
             f"log-likelihood does not match the closed form at row {row}: ODE log p_1(x) = "
