@@ -285,7 +285,7 @@ def _likelihood_rows(ctx: Context) -> Iterator[Check]:
     models["VE score (as_velocity), gaussian d=3"] = (ve_field, ve_marginal, ve_path)
     for i, (subject, (field, marginal, path)) in enumerate(models.items()):
         x = marginal.sample(8, 1.0, ctx.generator(1340 + i))
-        result = cnftools.log_likelihood(field, x, marginal.prior(), return_result=True, **solver)
+        result = cnftools.log_likelihood(field, x, marginal.prior(), **solver)
         bpd = -result.log_prob / (d * math.log(2))
         expected = -marginal.log_prob(x, 1.0) / (d * math.log(2))
         yield Check(
@@ -302,7 +302,7 @@ def _likelihood_rows(ctx: Context) -> Iterator[Check]:
     wrong = _ExactDDPMModel(marginal, path, "epsilon", reverse_time=True)
     field, _ = from_diffusers(wrong, _scheduler("epsilon"))
     x = marginal.sample(8, 1.0, ctx.generator(1339))
-    log_prob = cnftools.log_likelihood(field, x, marginal.prior(), **solver)
+    log_prob = cnftools.log_likelihood(field, x, marginal.prior(), **solver).log_prob
     bpd = -log_prob / (d * math.log(2))
     expected = -marginal.log_prob(x, 1.0) / (d * math.log(2))
     yield Check(

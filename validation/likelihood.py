@@ -82,9 +82,7 @@ def run(ctx: Context) -> Iterator[Check]:
         marginal = DATA_CASES[data].marginal(_PATHS[path_name](), dtype=dt, device=dev)
         x = marginal.sample(8, 1.0, ctx.generator(i))
         times = [0.25, 0.5, 0.75] if i == 0 else None
-        result = cnftools.log_likelihood(
-            marginal, x, marginal.prior(), times=times, return_result=True, **solver
-        )
+        result = cnftools.log_likelihood(marginal, x, marginal.prior(), times=times, **solver)
         error = float((result.log_prob - marginal.log_prob(x, 1.0)).abs().max())
         yield Check(
             "§3",
@@ -113,7 +111,7 @@ def run(ctx: Context) -> Iterator[Check]:
     # Negative control: VE's p_0 is N(m, S + 25 I), not N(0, I).
     marginal = DATA_CASES["gaussian d=3"].marginal(_PATHS["VE(0.1, 5)"](), dtype=dt, device=dev)
     x = marginal.sample(8, 1.0, ctx.generator(100))
-    result = cnftools.log_likelihood(marginal, x, return_result=True, **solver)
+    result = cnftools.log_likelihood(marginal, x, **solver)
     yield Check(
         "§9",
         "standard prior instead of the true p_0 misses log p_1 (negative control)",
@@ -146,9 +144,8 @@ def _adjoint_check(ctx: Context) -> Check:
     for adjoint in (False, True):
         x = x0.clone().requires_grad_(True)
         v.zero_grad()
-        result = cnftools.log_likelihood(
-            v, x, rtol=tol, atol=tol, adjoint=adjoint, return_result=True
-        )
+        config = cnftools.SolverConfig(rtol=tol, atol=tol, adjoint=adjoint)
+        result = cnftools.log_likelihood(v, x, config=config)
         result.log_prob.sum().backward()
         grads.append(torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in v.parameters()]))
         nfes.append(result.nfe)
@@ -171,7 +168,7 @@ def _hard_field_check(ctx: Context) -> Check:
     marginal = cnftools.MixtureMarginal(cnftools.OTPath(sigma), points)
     x = marginal.sample(8, 1.0, gen)
     tol = 1e-10 if ctx.dtype == torch.float64 else 1e-6
-    result = cnftools.log_likelihood(marginal, x, rtol=tol, atol=tol, return_result=True)
+    result = cnftools.log_likelihood(marginal, x, rtol=tol, atol=tol)
     sq = ((x[:, None, :] - points[None]) ** 2).sum(-1)
     expected = (
         torch.logsumexp(-0.5 * sq / sigma**2, dim=1)
@@ -193,16 +190,13 @@ def _hutchinson_check(ctx: Context) -> Check:
     x = torch.randn(6, 3, generator=ctx.generator(400), dtype=ctx.dtype, device=ctx.device)
     tol = ctx.tolerance(1e-9, 1e-6)  # float32: tolerances below ~5e-7 cannot be met
     with torch.no_grad():
-        exact = cnftools.log_likelihood(v, x, rtol=tol, atol=tol)
+        exact = cnftools.log_likelihood(v, x, rtol=tol, atol=tol).log_prob
         result = cnftools.log_likelihood(
             v,
             x,
             rtol=tol,
             atol=tol,
-            divergence="hutchinson",
-            n_probes=64,
-            generator=ctx.generator(401),
-            return_result=True,
+            estimator=cnftools.Hutchinson(64, generator=ctx.generator(401)),
         )
     z = float(((result.log_prob - exact).abs() / result.stderr).max())
     return Check(
@@ -231,10 +225,11 @@ def _figure(ctx: Context) -> None:
     steps = [4, 8, 16, 32, 64, 128]
     adaptive, fixed = [], []
     for tol in rtols:
-        r = cnftools.log_likelihood(marginal, x, prior, rtol=tol, atol=tol, return_result=True)
+        r = cnftools.log_likelihood(marginal, x, prior, rtol=tol, atol=tol)
         adaptive.append((float((r.log_prob - exact).abs().max()), r.nfe.forward))
     for n in steps:
-        lp = cnftools.log_likelihood(marginal, x, prior, method="rk4", steps=n)
+        grid = cnftools.SolverConfig("rk4", steps=n)
+        lp = cnftools.log_likelihood(marginal, x, prior, config=grid).log_prob
         fixed.append(float((lp - exact).abs().max()))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     axes[0].loglog(rtols, [e for e, _ in adaptive], "o-", label="dopri5")
@@ -277,7 +272,6 @@ def _figure_density_evolution(ctx: Context) -> None:
                 times=times,
                 rtol=ctx.tolerance(1e-8, 1e-6),
                 atol=ctx.tolerance(1e-8, 1e-6),
-                return_result=True,
             )
         for j, t in enumerate(times):
             density = marginal.log_prob(grid, t).exp().cpu().double().numpy()

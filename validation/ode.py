@@ -151,11 +151,13 @@ def _rows_alone(ctx: Context) -> Check:
     marginal = cnftools.GaussianMarginal(cnftools.OTPath(0.1), mean, cov)
     x = marginal.sample(64, 1.0, generator)
     tol = ctx.tolerance(1e-8, 1e-5)
-    batch = cnftools.log_likelihood(marginal, x, marginal.prior(), rtol=tol, atol=tol)
+    batch = cnftools.log_likelihood(marginal, x, marginal.prior(), rtol=tol, atol=tol).log_prob
     rows = [0, 17, 63]
     alone = torch.cat(
         [
-            cnftools.log_likelihood(marginal, x[i : i + 1], marginal.prior(), rtol=tol, atol=tol)
+            cnftools.log_likelihood(
+                marginal, x[i : i + 1], marginal.prior(), rtol=tol, atol=tol
+            ).log_prob
             for i in rows
         ]
     )
@@ -178,7 +180,8 @@ def _adjoint(ctx: Context) -> Check:
     grads = []
     for adjoint in (False, True):
         field.zero_grad()
-        loss = cnftools.log_likelihood(field, x, rtol=tol, atol=tol, adjoint=adjoint, grad=True)
+        config = SolverConfig(rtol=tol, atol=tol, adjoint=adjoint)
+        loss = cnftools.log_likelihood(field, x, config=config, grad=True).log_prob
         loss.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in field.parameters()]))
     error = float((grads[1] - grads[0]).abs().max() / grads[0].abs().max())

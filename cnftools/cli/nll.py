@@ -68,6 +68,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="checkpoint from `cnftools train` (loaded with weights_only=True)",
     )
     add_data_arguments(p, "test")
+    _add_output_arguments(p)
+    _add_run_arguments(p)
+    add_solver_arguments(p)
+    _add_scale_arguments(p)
+    p.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (NaN written as null)"
+    )
+    add_common_arguments(p)
+
+
+def _add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the rows go and how a run resumes (cnftools.nll.Output)."""
     p.add_argument(
         "--out",
         type=Path,
@@ -84,7 +96,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-chunks", action="store_true", help="keep FILE.parquet.chunks/ after finishing"
     )
-    p.add_argument("--batch-size", type=int, default=256, help="rows per ODE solve (default 256)")
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="identity of the model for --resume instead of its content fingerprint (rarely "
+        "needed: a checkpoint's weights are fingerprinted)",
+    )
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Batch size and the divergence (defaults from cnftools.nll.Execution)."""
+    defaults = Execution()
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help=f"rows per ODE solve (default {defaults.batch_size})",
+    )
     p.add_argument(
         "--divergence",
         choices=("exact", "hutchinson"),
@@ -106,10 +134,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-probes",
         type=int,
-        default=1024,
-        help="cap on probes per row for --target-stderr (default 1024)",
+        default=defaults.max_probes,
+        help=f"cap on probes per row for --target-stderr (default {defaults.max_probes})",
     )
-    add_solver_arguments(p)
+
+
+def _add_scale_arguments(p: argparse.ArgumentParser) -> None:
+    """Dequantization, bits per dimension and the baselines."""
     p.add_argument(
         "--dequantize",
         type=int,
@@ -152,16 +183,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="training rows for --baselines",
     )
-    p.add_argument(
-        "--json", action="store_true", help="print the summary as JSON (NaN written as null)"
-    )
-    p.add_argument(
-        "--run-id",
-        default=None,
-        help="identity of the model for --resume instead of its content fingerprint (rarely "
-        "needed: a checkpoint's weights are fingerprinted)",
-    )
-    add_common_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

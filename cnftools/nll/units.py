@@ -155,50 +155,22 @@ def compute_unit(
     status = np.array(["ok"] * n, dtype=object)
     first_error: BaseException | None = None
     x = x.to(s.device)
-    deq = s.dequantization
-    finite = torch.isfinite(x.to(torch.float64)).reshape(n, -1).all(dim=1)
-    status[~finite.cpu().numpy()] = "error: non-finite input (NaN or inf)"
-    if deq is not None:
-        bad = ((x < 0) | (x > deq.levels - 1) | (x != torch.round(x))).reshape(n, -1).any(dim=1)
-        valid = finite & ~bad
-        status[(finite & bad).cpu().numpy()] = (
-            f"error: not an integer in 0..{deq.levels - 1} (dequantization)"
-        )
-    else:
-        x = x.to(s.dtype)
-        valid = finite
+    valid, ys, log_det = _inputs(x, s, batch, status)
     keep = valid.cpu().numpy()
-    xs = x[valid]
-    log_det = 0.0
-    if deq is None:
-        ys = [xs]
-    else:
-        log_det = dequantization_log_det(math.prod(x.shape[1:]), deq.levels, centered=deq.centered)
-        # the noise depends on (seed, batch) only and is drawn for the batch's valid rows, so a
-        # probe round that computes a subset of them reuses each row's own noise
-        noise = torch.Generator(device=s.device).manual_seed(unit_seed(s.seed, batch, 0, 1))
-        ys = (
-            [
-                dequantize(xs, deq.levels, noise, centered=deq.centered, dtype=s.dtype)
-                for _ in range(deq.samples)
-            ]
-            if xs.shape[0]
-            else []
-        )
     wanted = np.zeros(n, dtype=bool)
     wanted[rows] = True
     position = np.cumsum(keep) - 1  # row i of the batch is row position[i] of xs
     todo = np.flatnonzero(keep & wanted)
     if todo.size:
-        pick = torch.as_tensor(position[todo], device=s.device)
-        gen = _probe_generator(s, batch, round_)
         valid_extras = {k: val.to(s.device)[valid] for k, val in (extras or {}).items()}
 
-        def extras_of(index: Tensor) -> dict[str, Any]:
-            return {**s.extras, **{k: val[index] for k, val in valid_extras.items()}}
+        def solve(index: np.ndarray, generator) -> tuple[Tensor, int, Tensor | None]:
+            pick = torch.as_tensor(position[index], device=s.device)
+            extras_ = {**s.extras, **{k: val[pick] for k, val in valid_extras.items()}}
+            return _value(v, [y[pick] for y in ys], log_det, s, generator, extras_)
 
         try:
-            lp, used, var = _value(v, [y[pick] for y in ys], log_det, s, gen, extras_of(pick))
+            lp, used, var = solve(todo, _probe_generator(s, batch, round_))
             log_prob[todo] = lp.to("cpu", torch.float64).numpy()
             if var is not None:
                 variance[todo] = var.to("cpu", torch.float64).numpy()
@@ -208,16 +180,8 @@ def compute_unit(
             if todo.size == 1:
                 status[todo] = _error_text(error)
             for i in todo if todo.size > 1 else ():  # one bad row must not fail its neighbours
-                one = torch.as_tensor(position[i : i + 1], device=s.device)
                 try:
-                    lp, used, var = _value(
-                        v,
-                        [y[one] for y in ys],
-                        log_det,
-                        s,
-                        _probe_generator(s, batch, round_, i),
-                        extras_of(one),
-                    )
+                    lp, used, var = solve(np.array([i]), _probe_generator(s, batch, round_, i))
                 except Exception as row_error:
                     status[i] = _error_text(row_error)
                     continue
@@ -242,6 +206,39 @@ def compute_unit(
     if first_error is None and (frame["status"] != "ok").any():
         first_error = ValueError(frame.loc[frame["status"] != "ok", "status"].iloc[0])
     return frame, first_error
+
+
+def _inputs(
+    x: Tensor, s: Settings, batch: int, status: np.ndarray
+) -> tuple[Tensor, list[Tensor], float]:
+    """The batch's valid rows (finite; integers in range with dequantization), marking the others'
+    ``status``; the solver inputs (``K`` dequantized copies, or the rows) and the log-determinant."""
+    n = x.shape[0]
+    deq = s.dequantization
+    finite = torch.isfinite(x.to(torch.float64)).reshape(n, -1).all(dim=1)
+    status[~finite.cpu().numpy()] = "error: non-finite input (NaN or inf)"
+    if deq is None:
+        x = x.to(s.dtype)
+        return finite, [x[finite]], 0.0
+    bad = ((x < 0) | (x > deq.levels - 1) | (x != torch.round(x))).reshape(n, -1).any(dim=1)
+    valid = finite & ~bad
+    status[(finite & bad).cpu().numpy()] = (
+        f"error: not an integer in 0..{deq.levels - 1} (dequantization)"
+    )
+    xs = x[valid]
+    log_det = dequantization_log_det(math.prod(x.shape[1:]), deq.levels, centered=deq.centered)
+    # the noise depends on (seed, batch) only and is drawn for the batch's valid rows, so a
+    # probe round that computes a subset of them reuses each row's own noise
+    noise = torch.Generator(device=s.device).manual_seed(unit_seed(s.seed, batch, 0, 1))
+    ys = (
+        [
+            dequantize(xs, deq.levels, noise, centered=deq.centered, dtype=s.dtype)
+            for _ in range(deq.samples)
+        ]
+        if xs.shape[0]
+        else []
+    )
+    return valid, ys, log_det
 
 
 def _probe_generator(s: Settings, batch: int, round_: int, row: int | None = None):
