@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import torch
 from torch import Tensor
@@ -45,9 +46,11 @@ __all__ = [
     "ADAPTIVE_METHODS",
     "FIXED_GRID_METHODS",
     "NFE",
+    "SOLVER_KEYWORDS",
     "TOLERANCE_FLOOR",
     "SolverConfig",
     "SolverError",
+    "SolverKeywords",
     "check_reach",
     "integrate",
     "resolve_config",
@@ -328,13 +331,24 @@ def check_reach(config: SolverConfig, dtype: torch.dtype, hutchinson: bool = Fal
         )
 
 
+class SolverKeywords(TypedDict, total=False):
+    """The keyword sugar of every solving entry point (``**solver``), merged over ``config=`` by
+    :func:`resolve_config`: the same four names everywhere. Everything else is said in the
+    :class:`SolverConfig` (``steps``, ``adjoint``, ``max_steps``, ``first_step``,
+    ``error_estimate``)."""
+
+    method: str
+    rtol: float
+    atol: float
+    accuracy: float
+
+
+SOLVER_KEYWORDS = tuple(SolverKeywords.__annotations__)
+"""The names of :class:`SolverKeywords`, in order."""
+
+
 def resolve_config(
-    config: SolverConfig | None = None,
-    *,
-    method: str | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    accuracy: float | None = None,
+    config: SolverConfig | None = None, /, **keywords: Unpack[SolverKeywords]
 ) -> SolverConfig:
     """The one merge rule of the solver keywords (thin sugar) over a :class:`SolverConfig`.
 
@@ -369,9 +383,23 @@ def resolve_config(
             f"config must be a cnftools.SolverConfig, got {type(config).__name__} (build one: "
             "SolverConfig(method=..., rtol=..., steps=..., adjoint=...))"
         )
+    unknown = sorted(set(keywords) - set(SOLVER_KEYWORDS))
+    if unknown:
+        fields = {f.name for f in dataclasses.fields(SolverConfig)}
+        in_config = [name for name in unknown if name in fields]
+        hint = (
+            f"; {in_config} {'is a setting' if len(in_config) == 1 else 'are settings'} of the "
+            f"config: pass config=SolverConfig(..., {in_config[0]}=...)"
+            if in_config
+            else ""
+        )
+        raise TypeError(
+            f"unexpected keyword argument(s) {unknown}: the solver keywords are "
+            f"{list(SOLVER_KEYWORDS)}{hint}"
+        )
     base = config if config is not None else SolverConfig()
-    keywords = {"method": method, "rtol": rtol, "atol": atol, "accuracy": accuracy}
     changes: dict[str, object] = {k: v for k, v in keywords.items() if v is not None}
+    method, accuracy = keywords.get("method"), keywords.get("accuracy")
     if accuracy is not None and len(changes) > 1:
         clash = sorted(set(changes) - {"accuracy"})
         raise ValueError(

@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from numbers import Real
+from typing import Unpack
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +77,7 @@ from cnftools._likelihood_engine import (
     time_grid,
     wants_graph,
 )
-from cnftools._ode import NFE, SolverConfig, check_reach, resolve_config
+from cnftools._ode import NFE, SolverConfig, SolverKeywords, check_reach, resolve_config
 from cnftools._progress import reporting
 from cnftools._resources import with_thread_policy
 from cnftools.estimators import Estimator, Hutchinson, check_estimator
@@ -255,14 +256,11 @@ def log_likelihood(
     *,
     estimator: Estimator | None = None,
     config: SolverConfig | None = None,
-    method: str | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    accuracy: float | None = None,
     times: Sequence[float] | Tensor | None = None,
     grad: bool | None = None,
     extras: Mapping[str, object] | None = None,
     progress: bool | None = None,
+    **solver: Unpack[SolverKeywords],
 ) -> LikelihoodResult:
     r"""The exact log-likelihood :math:`\log p_1(x)` of a continuous normalizing flow (theory §3).
 
@@ -287,10 +285,10 @@ def log_likelihood(
         config: a :class:`~cnftools.SolverConfig`, the one carrier of solver settings (method,
             tolerances, ``steps`` of a fixed grid, ``adjoint``, ``max_steps``,
             ``error_estimate``, ``accuracy``).
-        method: sugar for ``config.method`` (an adaptive method drops the config's grid).
-        rtol: sugar for ``config.rtol``.
-        atol: sugar for ``config.atol``.
-        accuracy: ask for nats, get nats: the target absolute error of each row's
+        **solver: keyword sugar over ``config`` (:class:`~cnftools._ode.SolverKeywords`, the same
+            four names in every entry point, merged by one rule): ``method``, ``rtol``, ``atol``
+            (an adaptive ``method`` drops the config's grid) and ``accuracy``, which asks for
+            nats and gets nats: the target absolute error of each row's
             :math:`\log p_1(x)` (e.g. ``1e-6``). The engine then chooses method and tolerance
             (:meth:`SolverConfig.accuracy_plan`), checks itself with a second, tighter solve,
             solves again only the rows whose estimated error is above the target, and reports
@@ -339,9 +337,8 @@ def log_likelihood(
     x = check_batched("x", x)
     prior_ = check_prior(prior, tuple(x.shape[1:]), x.dtype, x.device)
     extras_ = check_extras(extras)
-    keywords = {"method": method, "rtol": rtol, "atol": atol, "accuracy": accuracy}
     spec, config_, times_, grad_, progress_ = _likelihood_options(
-        estimator, config, keywords, x, times, grad, progress
+        estimator, config, solver, x, times, grad, progress
     )
     problem = _problem(v, x, prior_, spec, reverse=True, context="log_likelihood", extras=extras_)
     return _run(problem, config_, grad_, times_, progress_)
@@ -355,13 +352,11 @@ def sample_with_log_prob(
     *,
     estimator: Estimator | None = None,
     config: SolverConfig | None = None,
-    method: str | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
     times: Sequence[float] | Tensor | None = None,
     grad: bool | None = None,
     extras: Mapping[str, object] | None = None,
     progress: bool | None = None,
+    **solver: Unpack[SolverKeywords],
 ) -> LikelihoodResult:
     r"""Samples :math:`x_1` and their log-density :math:`\log p_1(x_1)` in one forward solve.
 
@@ -375,10 +370,11 @@ def sample_with_log_prob(
             normal, or ``prior.sample((n,))``): you choose the generator, dtype and device.
         prior: :math:`\pi`, the density ``z0`` was drawn from; ``None`` for
             :math:`\mathcal N(0, I)`.
-        estimator, config, method, rtol, atol, times, progress: as in :func:`log_likelihood`
-            (no ``accuracy=``: the error of a sample's log-density is the solve's).
+        estimator, config, times, progress: as in :func:`log_likelihood`.
         grad: as in :func:`log_likelihood` (asked for when ``z0.requires_grad``).
         extras: as in :func:`log_likelihood` (rows follow the samples).
+        **solver: ``method``, ``rtol``, ``atol`` as in :func:`log_likelihood` (``accuracy`` is
+            refused: the error of a sample's log-density is the solve's).
 
     Returns:
         A :class:`LikelihoodResult`: ``x`` the samples ``(B, *event)``, ``log_prob`` their
@@ -403,12 +399,14 @@ def sample_with_log_prob(
     z0 = check_batched("z0", z0)
     prior_ = check_prior(prior, tuple(z0.shape[1:]), z0.dtype, z0.device)
     extras_ = check_extras(extras)
-    keywords = {"method": method, "rtol": rtol, "atol": atol}
     spec, config_, times_, grad_, progress_ = _likelihood_options(
-        estimator, config, keywords, z0, times, grad, progress
+        estimator, config, solver, z0, times, grad, progress
     )
     if config_.accuracy is not None:
-        raise ValueError("accuracy applies to log_likelihood only")
+        raise ValueError(
+            "accuracy= applies to log_likelihood and dataset_nll only (a sample's log-density "
+            "error is the solve's): set rtol/atol"
+        )
     problem = _problem(
         v, z0, prior_, spec, reverse=False, context="sample_with_log_prob", extras=extras_
     )
@@ -421,24 +419,23 @@ def sample(
     x0: Tensor,
     *,
     config: SolverConfig | None = None,
-    method: str | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
     times: Sequence[float] | Tensor | None = None,
     grad: bool | None = None,
     extras: Mapping[str, object] | None = None,
     progress: bool | None = None,
+    **solver: Unpack[SolverKeywords],
 ) -> SampleResult:
     r"""Integrate :math:`dz/dt = v(z, t)` from :math:`z_0 = x_0` at :math:`t = 0` to :math:`t = 1`.
 
     Args:
         v: the velocity field.
         x0: starting points (noise), shape ``(B, *event)``.
-        config, method, rtol, atol, progress: as in :func:`log_likelihood`.
+        config, progress: as in :func:`log_likelihood`.
         times: times in :math:`[0, 1]` at which to record the trajectory :math:`z_t`:
             ``result.trajectory``, shape ``(T, B, *event)`` in the order given.
         grad: as in :func:`log_likelihood` (asked for when ``x0.requires_grad``).
         extras: as in :func:`log_likelihood`.
+        **solver: ``method``, ``rtol``, ``atol`` as in :func:`log_likelihood`.
 
     Returns:
         A :class:`SampleResult`: ``x`` (:math:`z_1`, ``(B, *event)``), the evaluations, and the
@@ -461,9 +458,12 @@ def sample(
     check_callable(v)
     x0 = check_batched("x0", x0)
     extras_ = check_extras(extras)
-    config_ = resolve_config(config, method=method, rtol=rtol, atol=atol)
+    config_ = resolve_config(config, **solver)
     if config_.accuracy is not None or config_.error_estimate:
-        raise ValueError("accuracy and error_estimate apply to the likelihood functions only")
+        raise ValueError(
+            "accuracy= and error_estimate apply to the likelihood functions only; sample() "
+            "integrates the points alone"
+        )
     check_reach(config_, x0.dtype)
     times_ = _check_times(times, x0)
     params, known = _field_params(v)

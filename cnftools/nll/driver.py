@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from cnftools._checks import SUPPORTED_DTYPES
-from cnftools._ode import SolverConfig, check_reach, resolve_config
+from cnftools._ode import SolverConfig, SolverKeywords, check_reach, resolve_config
 from cnftools._resources import entry_threads
 from cnftools.data import Dequantization
 from cnftools.estimators import ClosedForm, Estimator, Exact, Hutchinson, check_estimator
@@ -420,13 +420,10 @@ def dataset_nll(
     *,
     estimator: Estimator | None = None,
     config: SolverConfig | None = None,
-    method: str | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    accuracy: float | None = None,
     data_options: DataOptions | None = None,
     output: Output | None = None,
     execution: Execution | None = None,
+    **solver: Unpack[SolverKeywords],
 ) -> pd.DataFrame | None:
     r"""Per-row log-likelihood of a dataset under a CNF, as a DataFrame.
 
@@ -452,15 +449,16 @@ def dataset_nll(
         estimator: the divergence spec, as in :func:`cnftools.log_likelihood`; a
             ``Hutchinson(n_probes, noise)`` takes no generator or probes here (each unit draws
             its own from ``Execution.seed``); ``n_probes >= 2`` gives a per-row ``stderr``.
-        config, method, rtol, atol, accuracy: the solver settings, as in
-            :func:`cnftools.log_likelihood` (one :class:`~cnftools.SolverConfig`, the keywords
-            sugar over it).
+        config: the solver settings, one :class:`~cnftools.SolverConfig`, as in
+            :func:`cnftools.log_likelihood`.
         data_options: a :class:`~cnftools.nll.DataOptions`: columns, per-row extras (labels),
             dequantization, bits per dim.
         output: an :class:`~cnftools.nll.Output`: the ``.parquet`` file, resume, overwrite, kept
             chunks, run id. ``None``: nothing is stored, the frame is returned.
         execution: an :class:`~cnftools.nll.Execution`: batch size, device, dtype, threads,
             progress, seed, Hutchinson probe rounds.
+        **solver: ``method``, ``rtol``, ``atol``, ``accuracy``: keyword sugar over ``config``, as
+            in :func:`cnftools.log_likelihood`.
 
     Labels of a dataset: a dataset (or loader) of ``(x, y)`` items gives ``y`` per row, passed
     as ``v(x, t, y=...)`` when the field takes labels and dropped when it does not
@@ -517,12 +515,12 @@ def dataset_nll(
     out = _option(output, Output, "output")
     run_options = _option(execution, Execution, "execution")
     _check_run_options(spec, run_options)
-    solver = resolve_config(config, method=method, rtol=rtol, atol=atol, accuracy=accuracy)
+    solver_config = resolve_config(config, **solver)
     out_path = out.checked_path() if out is not None else None
     ready = _prepare(v, data, options, run_options)
     # what log_likelihood would refuse for every row (accuracy= with Hutchinson or below the
     # dtype's reach, tolerances below its rounding): refused once, before any work
-    check_reach(solver, ready.dtype, hutchinson=isinstance(spec, Hutchinson))
+    check_reach(solver_config, ready.dtype, hutchinson=isinstance(spec, Hutchinson))
     run_id = None if out is None else out.run_id
     need = out is not None and out.resume and run_id is None
     identity = _identity(v, prior, run_id, need=need)
@@ -533,7 +531,7 @@ def dataset_nll(
             field = _SharedBound(field, ready.constant_extras)
         deq = options.dequantization
         settings = Settings(
-            run_options.batch_size, spec, run_options.seed, solver, deq, prior, ready.device,
+            run_options.batch_size, spec, run_options.seed, solver_config, deq, prior, ready.device,
             ready.dtype,
         )  # fmt: skip
         check_prior(prior, ready.rows.event, settings.dtype, settings.device)
@@ -545,7 +543,7 @@ def dataset_nll(
             "batch_size": run_options.batch_size, **_estimator_identity(spec),
             "seed": run_options.seed, "target_stderr": run_options.target_stderr,
             "max_probes": run_options.max_probes if run_options.target_stderr else None,
-            "solver": {k: val for k, val in asdict(solver).items() if k != "adjoint"},
+            "solver": {k: val for k, val in asdict(solver_config).items() if k != "adjoint"},
             "dequantization": None if deq is None else asdict(deq),
             "dtype": str(ready.dtype).replace("torch.", ""),
         }  # fmt: skip
