@@ -302,3 +302,51 @@ def test_size_checker_measures_bodies_without_docstrings(tmp_path):
         f"def g():\n{body[: -len('    x80 = 80') - 1]}"
     )
     assert dict(_function_lengths(file)) == {"A.f": 81, "g": 80}
+
+
+# --- public signatures ---------------------------------------------------------------------------
+
+MAX_PUBLIC_PARAMETERS = 12
+"""Issue 19: no public function takes more than about 12 parameters (options travel in small
+config objects: SolverConfig, the divergence specs, dataset_nll's option groups)."""
+
+
+def _public_callables() -> Iterator[tuple[str, object]]:
+    """(qualified name, object) of every function and class a public ``__all__`` exports."""
+    import importlib
+    import inspect
+
+    for module_name, file in _files():
+        if module_name.endswith("__main__") or any(p.startswith("_") for p in module_name.split(".")):
+            continue
+        module = importlib.import_module(module_name)
+        for name in getattr(module, "__all__", []):
+            value = getattr(module, name)
+            if inspect.isfunction(value) or inspect.isclass(value):
+                yield f"{module_name}.{name}", value
+
+
+def _parameter_count(value: object) -> int:
+    import inspect
+
+    try:
+        return len(inspect.signature(value).parameters)
+    except (TypeError, ValueError):  # builtins and classes without a readable signature
+        return 0
+
+
+def test_public_functions_take_few_parameters():
+    """Every public function and class constructor takes at most MAX_PUBLIC_PARAMETERS."""
+    wide = {
+        name: _parameter_count(value)
+        for name, value in _public_callables()
+        if _parameter_count(value) > MAX_PUBLIC_PARAMETERS
+    }
+    assert wide == {}, "group these options into a config object"
+
+
+def test_parameter_counter_sees_a_wide_function():
+    """Negative control: a function of 13 parameters is counted as 13."""
+    namespace: dict = {}
+    exec("def wide(" + ", ".join(f"a{i}" for i in range(13)) + "): pass", namespace)
+    assert _parameter_count(namespace["wide"]) == 13
