@@ -35,8 +35,6 @@ SIZE_ALLOWED: dict[str, str] = {
     "cnftools/nll/fingerprint.py": "the object walk grew with issue 20's coverage; split by kind next",
     "cnftools/nll/fingerprint.py::_Walker.walk": "one dispatch over every kind of readable object",
     "cnftools/training/checkpoints.py": "checksums and config bounds (issue 20); file format apart next",
-    "cnftools/flows.py": "not yet split (issue 19 item 5): discrete flows and EulerStep together",
-    "cnftools/data.py": "not yet split (issue 19 item 5): toy data, digits and dequantization",
     "cnftools/training/models.py": "not yet split (issue 19 item 5): MLPField and ConvField",
     "cnftools/likelihood.py::_likelihood": "being split by the lead (issue 19)",
     "cnftools/_runge_kutta.py::_solve_adaptive": (
