@@ -54,14 +54,12 @@ from cnftools._checks import check_batched, check_finite, check_floating, check_
 from cnftools._dequantization import (
     Dequantization,
     bits_per_dim,
+    check_integer_data,
     dequantization_log_det,
     dequantize,
     dequantized_nll,
     importance_weighted_log_mean,
     quantize,
-)
-from cnftools._dequantization import (
-    check_integer_data as check_integer_data,  # not in __all__; cnftools.nll.baselines uses it
 )
 from cnftools._digits import DIGITS_LEVELS, load_digit_labels, load_digits
 from cnftools.marginals import MixtureMarginal
@@ -74,6 +72,7 @@ __all__ = [
     "Spirals",
     "TwoMoons",
     "bits_per_dim",
+    "check_integer_data",
     "checkerboard",
     "dequantization_log_det",
     "dequantize",
