@@ -47,11 +47,6 @@ SIZE_ALLOWED: dict[str, str] = {
     "cnftools/training/loop.py::train_cfm": "being regrouped (issue 19: at most ~10 parameters)",
     "cnftools/cli/nll.py::add_arguments": "one argparse declaration per flag; shrinks with item 1",
     "cnftools/cli/train.py::_train": "shrinks when train_cfm takes grouped options (issue 19)",
-    "validation/bits_per_dim.py::run": "existing experiment, not yet split into steps",
-    "validation/divergence.py::run": "existing experiment, not yet split into steps",
-    "validation/flows.py::run": "existing experiment, not yet split into steps",
-    "validation/ot_vs_diffusion.py::run": "existing experiment, not yet split into steps",
-    "validation/theorem2.py::run": "existing experiment, not yet split into steps",
 }
 
 
