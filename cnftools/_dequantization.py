@@ -237,7 +237,7 @@ def dequantized_nll(
 
 
 def importance_weighted_log_mean(terms: Tensor) -> Tensor:
-    r""":math:`\log rac1K \sum_{k=1}^K e^{\ell_k}` over the first dimension of ``terms``
+    r""":math:`\log \frac1K \sum_{k=1}^K e^{\ell_k}` over the first dimension of ``terms``
     (``(K, B)`` -> ``(B,)``): the importance-weighted dequantization bound from the ``K``
     per-sample log-likelihoods :math:`\ell_k`, computed stably (log-sum-exp). The one
     implementation used by :func:`dequantized_nll`, the dataset NLL and the baselines.
