@@ -36,3 +36,14 @@ torch.set_num_threads(1)
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     """Both floating dtypes; tolerances are chosen per dtype inside each test."""
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored afterwards: for files of tiny tensors, where on a
+    shared, loaded CPU two threads oversubscribe it (measured 15–20× slower per Euler step). Use it
+    as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

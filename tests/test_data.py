@@ -1,10 +1,12 @@
-"""Datasets with known densities, the digits, dequantization and bits/dim (theory §10, §12).
+"""Datasets with known densities (theory §10), and cnftools.data as the user-facing module.
+
+The digits and dequantization are tested in ``tests/test_digits.py`` and
+``tests/test_dequantization.py``; here, that :mod:`cnftools.data` re-exports them.
 
 Theory sections cited here (pages under ``docs/theory/``):
 
 - §9: ``docs/theory/marginals.md#gaussian-data``
 - §10: ``docs/theory/marginals.md#mixtures-and-empirical-data``
-- §12: ``docs/theory/bits-per-dim.md#bits-per-dimension``
 """
 
 from __future__ import annotations
@@ -15,19 +17,13 @@ import pytest
 import torch
 
 import cnftools
+from cnftools import _dequantization, _digits
 from cnftools.data import (
-    DIGITS_LEVELS,
     Checkerboard,
     GaussianMixture,
-    bits_per_dim,
     checkerboard,
-    dequantization_log_det,
-    dequantize,
-    dequantized_nll,
     eight_gaussians,
     gaussian_mixture,
-    load_digits,
-    quantize,
     spirals,
     two_moons,
 )
@@ -125,74 +121,6 @@ def test_every_toy_dataset_has_one_shape_of_api(dataset, dtype):
         sampler.sample(0)
 
 
-def test_digits():
-    pytest.importorskip("sklearn")
-    x = load_digits()
-    assert x.shape == (1797, 64) and x.dtype == torch.long
-    assert int(x.min()) == 0 and int(x.max()) == DIGITS_LEVELS - 1
-    assert load_digits(images=True).shape == (1797, 1, 8, 8)
-
-
-# ---------------------------------------------------------------------------------------------
-# Dequantization and bits/dim.
-@pytest.mark.parametrize("centered", [False, True])
-def test_dequantize_range_and_inverse(centered, dtype):
-    x = torch.randint(0, 17, (500, 64), generator=gen(5))
-    y = dequantize(x, 17, gen(6), centered=centered, dtype=dtype)
-    low = -1.0 if centered else 0.0
-    assert y.dtype == dtype and float(y.min()) >= low and float(y.max()) < 1.0
-    assert torch.equal(quantize(y, 17, centered=centered), x)
-
-
-@pytest.mark.parametrize(("centered", "scale"), [(False, 1.0), (True, 2.0)])
-def test_uniform_model_gives_log2_levels(centered, scale):
-    # a model uniform on the cube [0,1)^D (or [-1,1)^D): NLL_y = D log(scale)
-    levels, dim = 17, 64
-    nll_y = dim * math.log(scale)
-    # exactly log2 L up to the roundoff of a few logs: 1e-14
-    assert math.isclose(
-        bits_per_dim(nll_y, dim, levels, centered=centered), math.log2(levels), rel_tol=1e-14
-    )
-    assert math.isclose(
-        dequantization_log_det(dim, levels, centered=centered), dim * math.log(scale / levels)
-    )
-
-
-def test_bits_per_dim_theory_values():
-    # theory §12: y = x'/256 -> + 8; y = 2x'/256 - 1 -> + 7 (nll 0)
-    assert math.isclose(bits_per_dim(0.0, 3072, 256), 8.0, rel_tol=1e-15)
-    assert math.isclose(bits_per_dim(0.0, 3072, 256, centered=True), 7.0, rel_tol=1e-15)
-    t = bits_per_dim(torch.tensor([0.0, 10 * math.log(2)], dtype=F64), 10)
-    torch.testing.assert_close(t, torch.tensor([0.0, 1.0], dtype=F64), rtol=1e-15, atol=0)
-
-
-@pytest.mark.parametrize("samples", [1, 4])
-def test_dequantized_nll_uniform_model(samples):
-    # the uniform model on the unit cube has p_Y = 1: NLL_x = -D log(1/L) = D log L for any K
-    x = torch.randint(0, 17, (8, 64), generator=gen(7))
-
-    def uniform(y):
-        return torch.zeros(y.shape[0], dtype=y.dtype)
-
-    nll = dequantized_nll(uniform, x, 17, samples=samples, generator=gen(8), dtype=F64)
-    expected = torch.full((8,), 64 * math.log(17), dtype=F64)
-    torch.testing.assert_close(nll, expected, rtol=1e-14, atol=0)  # roundoff of logsumexp
-    torch.testing.assert_close(
-        bits_per_dim(nll, 64), torch.full((8,), math.log2(17), dtype=F64), rtol=1e-14, atol=0
-    )
-
-
-def test_dequantize_errors():
-    with pytest.raises(ValueError, match=r"0\.\.16"):
-        dequantize(torch.tensor([[17]]), 17)
-    with pytest.raises(ValueError, match="integer values"):
-        dequantize(torch.tensor([[0.5]]), 17)
-    with pytest.raises(ValueError, match="levels must be an int >= 2"):
-        dequantize(torch.tensor([[0]]), 1)
-    with pytest.raises(ValueError, match="dim must be an int >= 1"):
-        bits_per_dim(1.0, 0)
-
-
 @pytest.mark.parametrize(
     ("build", "error", "message"),
     [
@@ -226,27 +154,6 @@ def test_mixture_parameters_are_validated(build, error, message):
         build()
 
 
-def test_quantize_refuses_non_finite_values():
-    with pytest.raises(ValueError, match="y has non-finite values"):
-        quantize(torch.tensor([[float("nan"), 0.5]]), 17)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
-    [
-        ({"levels": 1}, ValueError, "levels must be an int >= 2"),
-        ({"levels": True}, ValueError, "levels must be an int >= 2"),
-        ({"levels": 4, "samples": 0}, ValueError, "samples must be an int >= 1"),
-        ({"levels": 4, "centered": 1}, TypeError, "centered must be a bool"),
-    ],
-)
-def test_dequantization_settings_are_validated(kwargs, error, message):
-    from cnftools.data import Dequantization
-
-    with pytest.raises(error, match=f"Dequantization.{message}"):
-        Dequantization(**kwargs)
-
-
 def test_dequantization_is_the_top_level_one():
     from cnftools.data import Dequantization
 
@@ -254,9 +161,11 @@ def test_dequantization_is_the_top_level_one():
     assert cnftools.nll.Dequantization is Dequantization
 
 
-@pytest.mark.parametrize("name", ["x", "images"])
-def test_integer_data_errors_name_the_callers_argument(name):
-    from cnftools.data import check_integer_data
-
-    with pytest.raises(ValueError, match=f"^{name} must lie in 0..3"):
-        check_integer_data(name, torch.tensor([[5]]), 4)
+def test_data_re_exports_the_digits_and_dequantization():
+    """cnftools.data is the user-facing module: every name of the digits and dequantization
+    modules is listed there and is the object defined in its module (one class for isinstance
+    and pickles)."""
+    moved = {name: module for module in (_digits, _dequantization) for name in module.__all__}
+    assert set(moved) <= set(cnftools.data.__all__)
+    for name, module in moved.items():
+        assert getattr(cnftools.data, name) is getattr(module, name), name

@@ -13,7 +13,8 @@ Rows:
   the same slope for a nonlinear field against ``cnftools.log_likelihood``.
 - A negative control: dropping the log-det term is detected.
 
-The reference helpers here are also used by ``tests/test_flows.py``.
+The reference helpers here are also used by ``tests/test_flows.py`` and
+``tests/test_euler_step.py``.
 
 Theory sections cited here (pages under ``docs/theory/``):
 
@@ -139,13 +140,22 @@ def _transforms(ctx: Context, dim: int) -> dict[str, Transform]:
 
 
 def run(ctx: Context) -> Iterator[Check]:
-    kw = {"dtype": ctx.dtype, "device": ctx.device}
     g = ctx.generator(2)
     # float64: roundoff on O(1–10) log-densities (observed ~1e-15); float32: eps32 ≈ 1.2e-7 times
     # |log p| ≲ 30 and the condition numbers (≤ 4) of the maps: 1e-4.
     exact_tol = ctx.tolerance(1e-11, 1e-4)
+    yield from _affine_gaussian_rows(ctx, g, exact_tol)
+    dim = 4
+    transforms = _transforms(ctx, dim)
+    yield from _linear_gaussian_row(ctx, g, transforms["Linear"], dim, exact_tol)
+    yield from _log_det_rows(ctx, g, transforms, dim, exact_tol)
+    yield from _composed_flow_row(ctx, transforms, dim, exact_tol)
+    yield from _euler_rows(ctx)
 
-    # §1: x = a z + b, z ~ N(mu, sigma^2), against scipy.stats.norm.
+
+def _affine_gaussian_rows(ctx: Context, g: torch.Generator, exact_tol: float) -> Iterator[Check]:
+    """§1: x = a z + b, z ~ N(mu, sigma^2), against scipy.stats.norm; the log-det dropped."""
+    kw = {"dtype": ctx.dtype, "device": ctx.device}
     mu, sigma, a, b = 0.7, 1.3, -2.5, 0.4
     base = torch.distributions.Independent(
         torch.distributions.Normal(torch.full((1,), mu, **kw), torch.full((1,), sigma, **kw)), 1
@@ -191,10 +201,12 @@ def run(ctx: Context) -> Iterator[Check]:
         expect_fail=True,
     )
 
-    # §1: x = W z + b ~ N(b, W Wᵀ).
-    dim = 4
-    transforms = _transforms(ctx, dim)
-    linear = transforms["Linear"]
+
+def _linear_gaussian_row(
+    ctx: Context, g: torch.Generator, linear: Transform, dim: int, exact_tol: float
+) -> Iterator[Check]:
+    """§1: x = W z + b ~ N(b, W Wᵀ), against scipy.stats.multivariate_normal."""
+    kw = {"dtype": ctx.dtype, "device": ctx.device}
     xs = 2 * torch.randn(64, dim, generator=g, **kw)
     with torch.no_grad():
         got = Flow(standard_normal(dim, **kw), [linear]).log_prob(xs).cpu().double().numpy()
@@ -209,7 +221,16 @@ def run(ctx: Context) -> Iterator[Check]:
         "roundoff; scipy multivariate_normal",
     )
 
-    # §2: log-dets against autograd Jacobians, inverse ∘ forward.
+
+def _log_det_rows(
+    ctx: Context,
+    g: torch.Generator,
+    transforms: dict[str, Transform],
+    dim: int,
+    exact_tol: float,
+) -> Iterator[Check]:
+    """§2: every transform's log-det against the autograd Jacobian; inverse ∘ forward."""
+    kw = {"dtype": ctx.dtype, "device": ctx.device}
     z = torch.randn(16 if ctx.full else 6, dim, generator=g, **kw)
     for name, transform in transforms.items():
         with torch.no_grad():
@@ -234,7 +255,12 @@ def run(ctx: Context) -> Iterator[Check]:
             "roundoff (EulerStep: fixed point to 64 eps)",
         )
 
-    # §2: a composed flow against the sum written out.
+
+def _composed_flow_row(
+    ctx: Context, transforms: dict[str, Transform], dim: int, exact_tol: float
+) -> Iterator[Check]:
+    """§2: a composed flow's log-density against the sum written out by hand."""
+    kw = {"dtype": ctx.dtype, "device": ctx.device}
     flow = Flow(standard_normal(dim, **kw), list(transforms.values()))
     with torch.no_grad():
         x_flow = flow.sample(8)
@@ -254,8 +280,6 @@ def run(ctx: Context) -> Iterator[Check]:
         exact_tol,
         "roundoff; sum written out by hand",
     )
-
-    yield from _euler_rows(ctx)
 
 
 def _euler_rows(ctx: Context) -> Iterator[Check]:
