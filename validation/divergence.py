@@ -98,20 +98,16 @@ def _exact_rows(
     batch: int,
 ) -> Iterator[Check]:
     """Every exact strategy against the trace of the per-sample autograd Jacobian."""
-    variants = [("exact", None), ("exact", "batched"), ("exact", "loop"), ("exact", "forward")]
-    variants.append(("loop", None))
     tolerance = ctx.tolerance(1e-12, 2e-5)
-    for method, strategy in variants:
+    for strategy in ("auto", "batched", "loop", "forward"):
         worst = 0.0
         for field, x, t, jac in problems:
             trace = jac.diagonal(dim1=1, dim2=2)
-            div = cnftools.divergence(field, x, t, method, strategy=strategy)
+            div = cnftools.divergence(field, x, t, cnftools.Exact(strategy))
             worst = max(
                 worst, float(((div - trace.sum(-1)).abs() / (trace.abs().sum(-1) + 1)).max())
             )
-        label = f"method={method}" + (
-            f", strategy={strategy or 'auto'}" if method == "exact" else ""
-        )
+        label = f"Exact({strategy!r})"
         yield Check(
             "§11",
             "exact divergence vs trace of autograd Jacobian",
@@ -153,11 +149,9 @@ def _hutchinson_rows(
     field, x, t, jac = problems[2]  # event (7,)
     exact = jac.diagonal(dim1=1, dim2=2).sum(-1)
     for noise in ("rademacher", "gaussian"):
-        result = cnftools.divergence(
-            field, x, t, "hutchinson", n_probes=n_probes, noise=noise,
-            generator=ctx.generator(200), return_result=True,
-        )  # fmt: skip
-        estimate, stderr = result.value, result.stderr
+        spec = cnftools.Hutchinson(n_probes, noise, generator=ctx.generator(200))
+        result = cnftools.velocity_and_divergence(field, x, t, spec)
+        estimate, stderr = result.divergence, result.stderr
         true_stderr = (_variance(jac, noise) / n_probes).sqrt()
         yield Check(
             "§11",
@@ -179,7 +173,7 @@ def _hutchinson_rows(
         (n_probes, *x.shape), generator=ctx.generator(300), dtype=ctx.dtype, device=ctx.device
     )
     probes = 2 * probes - 1
-    biased = cnftools.divergence(field, x, t, "hutchinson", probes=probes)
+    biased = cnftools.divergence(field, x, t, cnftools.Hutchinson(probes=probes))
     true_stderr = (_variance(jac, "gaussian") / n_probes).sqrt()
     yield Check(
         "§11",
@@ -191,8 +185,8 @@ def _hutchinson_rows(
         expect_fail=True,
     )
     fixed = probes[:3]
-    first = cnftools.divergence(field, x, t, "hutchinson", probes=fixed)
-    second = cnftools.divergence(field, x, t, "hutchinson", probes=fixed)
+    first = cnftools.divergence(field, x, t, cnftools.Hutchinson(probes=fixed))
+    second = cnftools.divergence(field, x, t, cnftools.Hutchinson(probes=fixed))
     yield Check(
         "§11",
         "fixed probes reproduce",
@@ -211,7 +205,11 @@ def _figure_cost(ctx: Context) -> None:
     plt = pyplot()
 
     dims, batch = [2, 8, 32, 128], 64
-    methods = {"exact (auto)": "exact", "plain loop": "loop", "Hutchinson K=1": "hutchinson"}
+    methods = {
+        "exact (auto)": cnftools.Exact(),
+        "plain loop": cnftools.Exact("loop"),
+        "Hutchinson K=1": cnftools.Hutchinson(),
+    }
     timings: dict[str, list[float]] = {name: [] for name in methods}
     for d in dims:
         torch.manual_seed(ctx.seed)

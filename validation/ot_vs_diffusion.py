@@ -69,11 +69,11 @@ def _exact_field_stats(
     marginal = target.marginal(path)
     n = 512 if ctx.full else 128
     z0 = marginal.sample(n, 0.0, generator=ctx.generator(85))
-    result = sample(marginal, z0, method="dopri5", rtol=1e-5, atol=1e-5, return_result=True)
+    result = sample(marginal, z0, method="dopri5", rtol=1e-5, atol=1e-5)
     grid = torch.linspace(0.0, 1.0, 201, dtype=ctx.dtype, device=ctx.device)
     tight = 1e-10 if ctx.dtype == torch.float64 else 1e-6
     trajectory = sample(
-        marginal, z0, method="dopri5", rtol=tight, atol=tight, times=grid, return_result=True
+        marginal, z0, method="dopri5", rtol=tight, atol=tight, times=grid
     ).trajectory
     # Length-weighted straightness Σ chord / Σ length: a mean of per-trajectory ratios would be
     # dominated by the short trajectories of points that start next to where they end.
@@ -84,7 +84,7 @@ def _exact_field_stats(
     euler_steps = [4, 8, 16, 32, 64, 128] if ctx.full else [4, 16, 64]
     errors = []
     for n_steps in euler_steps:
-        end = sample(marginal, z0, method="euler", steps=n_steps)
+        end = sample(marginal, z0, config=cnftools.SolverConfig("euler", steps=n_steps)).x
         errors.append(float((end - reference).norm(dim=-1).mean()))
     return ExactFieldStats(
         result.nfe.forward, straightness, euler_steps, errors, trajectory[:, :48]
@@ -105,10 +105,8 @@ def _train_and_score(ctx: Context, path: cnftools.AffineGaussianPath) -> dict[st
     # Evaluation only: no graph through the solver (it would hold every step's activations).
     with torch.no_grad():
         z0 = prior.sample((1000,))
-        sampled = sample(field, z0, method="dopri5", rtol=1e-5, atol=1e-5, return_result=True)
-        result = log_likelihood(
-            field, test, prior, method="dopri5", rtol=1e-5, atol=1e-5, return_result=True
-        )
+        sampled = sample(field, z0, method="dopri5", rtol=1e-5, atol=1e-5)
+        result = log_likelihood(field, test, prior, method="dopri5", rtol=1e-5, atol=1e-5)
     nll = -result.log_prob
     entropy = -target.log_prob(test)
     gap = nll - entropy
@@ -307,7 +305,7 @@ def _figure_densities(ctx: Context, trained: dict[str, dict[str, float]]) -> Non
         with torch.no_grad():
             panels[f"{name} (CFM)"] = log_likelihood(
                 r["field"], grid, prior, method="dopri5", rtol=1e-5, atol=1e-5
-            )
+            ).log_prob
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
     for ax, (title, logp) in zip(axes, panels.items(), strict=True):
         image = logp.exp().reshape(64, 64).T.detach().cpu().double().numpy()
