@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import cnftools
-from cnftools.training.models import ACTIVATIONS, TIME_EMBEDDINGS, TimeEmbedding
+from cnftools.training.features import TIME_EMBEDDINGS, TimeEmbedding
+from cnftools.training.models import ACTIVATIONS
 
 F64 = torch.float64
 
@@ -17,9 +18,8 @@ F64 = torch.float64
 @pytest.mark.parametrize("embedding", TIME_EMBEDDINGS)
 def test_shapes_and_dtype(activation, embedding, dtype):
     features = 1 if embedding == "linear" else 9
-    v = cnftools.MLPField(
-        3, hidden=(16, 16), activation=activation, time_embedding=embedding, time_features=features
-    ).to(dtype)
+    time = cnftools.TimeFeatures(embedding, features)
+    v = cnftools.MLPField(3, hidden=(16, 16), activation=activation, time=time).to(dtype)
     x = torch.randn(5, 3, dtype=dtype)
     out = v(x, torch.rand(5, dtype=dtype))
     assert out.shape == (5, 3) and out.dtype == dtype
@@ -70,8 +70,10 @@ def test_non_smooth_activation_refused(bad):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="activation must be one of"):
         cnftools.MLPField(2, activation="sigmoidish")
-    with pytest.raises(ValueError, match="time_embedding must be one of"):
-        cnftools.MLPField(2, time_embedding="learned")
+    with pytest.raises(ValueError, match=r"TimeFeatures\.kind must be one of"):
+        cnftools.MLPField(2, time=cnftools.TimeFeatures("learned"))
+    with pytest.raises(TypeError, match="time must be a TimeFeatures"):
+        cnftools.MLPField(2, time="fourier")
     with pytest.raises(ValueError, match="dim must be an int >= 1"):
         cnftools.MLPField(0)
     with pytest.raises(TypeError, match="hidden must be a sequence"):
@@ -93,9 +95,7 @@ def test_config_round_trip_and_weights_only(tmp_path):
         (1, 2, 2),
         hidden=(8, 8),
         activation="softplus",
-        time_embedding="fourier",
-        time_features=7,
-        time_seed=3,
+        time=cnftools.TimeFeatures("fourier", 7, seed=3),
     ).double()
     cfg = v.config()
     torch.save({"cfg": cfg, "state": v.state_dict()}, tmp_path / "m.pt")
@@ -114,7 +114,7 @@ def test_zero_init_output():
 
 def test_sinusoidal_embedding_by_hand():
     # K = 2 frequencies: ω = (π, π·ω_max); features [t, sin ω t, cos ω t]
-    emb = TimeEmbedding("sinusoidal", 5, max_frequency=4.0).double()
+    emb = TimeEmbedding(cnftools.TimeFeatures("sinusoidal", 5, max_frequency=4.0)).double()
     t = torch.tensor([0.5], dtype=F64)
     expected = [0.5, math.sin(math.pi / 2), math.sin(2 * math.pi), math.cos(math.pi / 2), 1.0]
     # frequencies kept in float64: roundoff of sin/cos only, 1e-15

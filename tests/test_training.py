@@ -42,7 +42,14 @@ def test_history_and_loss_decreases():
     x = path.sample(t, x1, gen)
     with torch.no_grad():
         fm_before = float(cnftools.fm_loss(field, marginal, x, t))
-    result = cnftools.train_cfm(field, path, q.sample, steps=300, batch_size=128, lr=3e-3)
+    result = cnftools.train_cfm(
+        field,
+        path,
+        q.sample,
+        steps=300,
+        batches=cnftools.Batches(size=128),
+        optimization=cnftools.Optimization(lr=3e-3),
+    )
     with torch.no_grad():
         fm_after = float(cnftools.fm_loss(field, marginal, x, t))
     history = result.history
@@ -68,10 +75,7 @@ def test_deterministic_for_fixed_seed():
             cnftools.VPPath(1.0, 5.0),
             eight_gaussians().sample,
             steps=50,
-            batch_size=64,
-            seed=7,
-            t_max=0.999,
-            minibatch_ot=True,
+            batches=cnftools.Batches(size=64, seed=7, t_max=0.999, minibatch_ot=True),
         )
         runs.append(result)
     # CPU, same seed, same initial weights: bitwise identical histories and weights
@@ -83,9 +87,7 @@ def test_deterministic_for_fixed_seed():
         cnftools.VPPath(1.0, 5.0),
         eight_gaussians().sample,
         steps=5,
-        batch_size=64,
-        seed=8,
-        t_max=0.999,
+        batches=cnftools.Batches(size=64, seed=8, t_max=0.999),
     )
     assert other.history["loss"].tolist() != runs[0].history["loss"].tolist()[:5]
 
@@ -94,7 +96,8 @@ def test_deterministic_for_fixed_seed():
 def test_tensor_data_any_path_float64(path):
     data = eight_gaussians(dtype=F64).sample(100, torch.Generator().manual_seed(0))
     field = make_field(dtype=F64)
-    result = cnftools.train_cfm(field, path, data, steps=7, batch_size=32)  # 3 batches per epoch
+    # 3 batches per epoch
+    result = cnftools.train_cfm(field, path, data, steps=7, batches=cnftools.Batches(size=32))
     assert len(result.history) == 7
     assert all(p.dtype == F64 for p in field.parameters())
 
@@ -111,10 +114,8 @@ def test_callback_stops_early_and_progress_bar():
         cnftools.OTPath(0.1),
         eight_gaussians().sample,
         steps=100,
-        batch_size=16,
-        callback=callback,
-        callback_every=10,
-        progress=True,
+        batches=cnftools.Batches(size=16),
+        monitor=cnftools.Monitor(progress=True, callback=callback, every=10),
     )
     assert [s for s, _ in seen] == [10, 20]
     assert len(result.history) == 20
@@ -127,9 +128,8 @@ def test_cosine_schedule():
         cnftools.OTPath(0.1),
         eight_gaussians().sample,
         steps=10,
-        batch_size=16,
-        lr=1e-2,
-        lr_schedule="cosine",
+        batches=cnftools.Batches(size=16),
+        optimization=cnftools.Optimization(lr=1e-2, lr_schedule="cosine"),
     )
     lrs = result.history["lr"].tolist()
     # step k (1-based) uses lr 0.01 · ½(1 + cos(π (k-1)/10)): exact up to float rounding, 1e-12
@@ -143,20 +143,21 @@ def test_bad_arguments():
     data = torch.randn(10, 2)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         cnftools.train_cfm(field, path, data, steps=0)
-    with pytest.raises(ValueError, match="exceeds the 10 data points"):
-        cnftools.train_cfm(field, path, data, steps=1, batch_size=11)
+    with pytest.raises(ValueError, match=r"batches\.size=11 exceeds the 10 data points"):
+        cnftools.train_cfm(field, path, data, steps=1, batches=cnftools.Batches(size=11))
     with pytest.raises(TypeError, match="data must be a tensor"):
         cnftools.train_cfm(field, path, [1, 2], steps=1)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         cnftools.train_cfm(lambda x, t: x, path, data, steps=1)
-    with pytest.raises(ValueError, match="lr_schedule"):
-        cnftools.train_cfm(field, path, data, steps=1, batch_size=4, lr_schedule="step")
     with pytest.raises(ValueError, match="dim=2"):
-        cnftools.train_cfm(field, path, torch.randn(10, 3), steps=1, batch_size=4)
+        cnftools.train_cfm(field, path, torch.randn(10, 3), steps=1, batches=FOUR)
     with pytest.raises(ValueError, match=r"step 1: cfm_loss is non-finite"):
-        cnftools.train_cfm(NaNField(), path, data, steps=1, batch_size=4)
+        cnftools.train_cfm(NaNField(), path, data, steps=1, batches=FOUR)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        cnftools.train_cfm(nn.Sequential(), path, data, steps=1, batch_size=4)
+        cnftools.train_cfm(nn.Sequential(), path, data, steps=1, batches=FOUR)
+
+
+FOUR = cnftools.Batches(size=4)
 
 
 class NaNField(nn.Module):
@@ -201,7 +202,11 @@ def test_path_description_round_trip(path):
 def test_checkpoint_round_trip(tmp_path):
     field = make_field(dtype=F64)
     result = cnftools.train_cfm(
-        field, cnftools.OTPath(0.1), eight_gaussians(dtype=F64).sample, steps=5, batch_size=8
+        field,
+        cnftools.OTPath(0.1),
+        eight_gaussians(dtype=F64).sample,
+        steps=5,
+        batches=cnftools.Batches(size=8),
     )
     file = tmp_path / "ckpt.pt"
     extra = {"steps": 5, "history": result.history.to_dict("list"), "note": "test"}
@@ -270,10 +275,8 @@ def test_trained_model_nll_approaches_entropy():
         cnftools.OTPath(0.01),
         q.sample,
         steps=1500,
-        batch_size=256,
-        lr=5e-3,
-        lr_schedule="cosine",
-        seed=0,
+        batches=cnftools.Batches(size=256, seed=0),
+        optimization=cnftools.Optimization(lr=5e-3, lr_schedule="cosine"),
     )
     x = q.sample(500, torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -411,12 +414,12 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def _edited(tmp_path, edit) -> os.PathLike:
     """A crafted file: edited, and its checksum computed again (as a crafter could)."""
-    from cnftools.training.checkpoints import _payload_checksum
+    from cnftools.training.checkpoint_format import payload_checksum
 
     file, _ = _valid_file(tmp_path)
     payload = torch.load(file, weights_only=True)
     edit(payload)
-    payload["checksum"] = _payload_checksum(payload)
+    payload["checksum"] = payload_checksum(payload)
     torch.save(payload, file)
     return file
 
@@ -439,7 +442,10 @@ def test_missing_key_gets_a_clear_error(tmp_path, key):
         ({"hidden": [8, 8]}, "does not match the stored weights \\(missing"),
         ({"dim": 0}, "config is invalid: dim must be an int >= 1"),
         ({"dim": [2, -1]}, "config is invalid: dim \\(event shape entry\\) must be an int >= 1"),
-        ({"time_features": "13"}, "config is invalid: time_features must be an int >= 1, got '13'"),
+        (
+            {"time_features": "13"},
+            "config is invalid: TimeFeatures.features must be an int >= 1, got '13'",
+        ),
     ],
     ids=["4 TB", "float widths", "extra layer", "dim 0", "negative dim", "str"],
 )
@@ -705,13 +711,13 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_where(tmp_path, monk
 def test_leftovers_of_dead_savers_are_removed_others_kept(tmp_path):
     import socket
 
-    from cnftools.training.checkpoints import _temporary_name
+    from cnftools.training.checkpoint_format import temporary_name
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        host = _temporary_name("v.pt").split(".")[-4]
+        host = temporary_name("v.pt").split(".")[-4]
         names = {
             "dead": f".v.pt.{host}.{dead.pid}.0123456789ab.tmp",
             "live": f".v.pt.{host}.{live.pid}.0123456789ab.tmp",
