@@ -27,7 +27,7 @@ from cnftools.training import load_checkpoint, minibatch_ot_pairing, save_checkp
 from cnftools.training.features import TimeFeatures
 from cnftools.training.models import ConvField, MLPField
 from cnftools.training.objectives import cfm_loss, fm_loss
-from cnftools.training.options import Batches, Monitor, Optimization
+from cnftools.training.options import Batches, Checkpointing, Monitor, Optimization
 
 __version__ = VERSION
 
@@ -35,6 +35,7 @@ __version__ = VERSION
 __all__ = [
     "AffineGaussianPath",
     "Batches",
+    "Checkpointing",
     "ConvField",
     "Dequantization",
     "DivergenceResult",

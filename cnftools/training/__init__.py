@@ -6,7 +6,9 @@
   time-embedding and conditioning modules;
 - :mod:`~cnftools.training.loop`: :func:`train_cfm`, :func:`minibatch_ot_pairing`;
 - :mod:`~cnftools.training.options`: :func:`train_cfm`'s options, :class:`Batches`,
-  :class:`Optimization`, :class:`Monitor`;
+  :class:`Optimization`, :class:`Monitor`, :class:`Checkpointing`;
+- :mod:`~cnftools.training.draws` and :mod:`~cnftools.training.resume`: a run's minibatches and
+  its resumable state;
 - :mod:`~cnftools.training.checkpoints`: :func:`save_checkpoint`, :func:`load_checkpoint`
   (the file format itself in :mod:`~cnftools.training.checkpoint_format`).
 """
@@ -22,11 +24,12 @@ from cnftools.training.features import TimeFeatures
 from cnftools.training.loop import TrainResult, minibatch_ot_pairing, train_cfm
 from cnftools.training.models import ConvField, MLPField
 from cnftools.training.objectives import cfm_loss, fm_loss
-from cnftools.training.options import Batches, Monitor, Optimization
+from cnftools.training.options import Batches, Checkpointing, Monitor, Optimization
 
 __all__ = [
     "Batches",
     "Checkpoint",
+    "Checkpointing",
     "ConvField",
     "MLPField",
     "Monitor",

@@ -23,8 +23,7 @@ Theory sections cited here (pages under ``docs/theory/``):
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Mapping
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,14 +35,14 @@ from tqdm.auto import tqdm
 
 from cnftools._checks import check_batched, check_int, check_same_shape
 from cnftools._resources import with_thread_policy
-from cnftools.fields import Extras, check_extras, select_extras
+from cnftools.fields import Extras, check_extras
 from cnftools.paths import GaussianPath
+from cnftools.training.draws import DataSource, Draws
 from cnftools.training.objectives import cfm_loss
-from cnftools.training.options import Batches, Monitor, Optimization
+from cnftools.training.options import Batches, Checkpointing, Monitor, Optimization
+from cnftools.training.resume import Run, run_settings
 
 __all__ = ["TrainResult", "minibatch_ot_pairing", "train_cfm"]
-
-DataSource = Tensor | Callable[[int, torch.Generator], Tensor | tuple[Tensor, Mapping[str, object]]]
 
 
 @dataclass(frozen=True)
@@ -54,14 +53,18 @@ class TrainResult:
         field: the trained field (the same object that was passed in).
         history: a DataFrame with one row per step: ``step`` (1-based), ``loss`` (the minibatch
             CFM loss before that step's update), ``lr``, ``seconds`` (wall time since the start).
-        optimizer: the optimizer, e.g. to save its state for resuming.
-        seconds: total wall time.
+            A resumed run's history starts at its first step, earlier sessions included.
+        optimizer: the optimizer (its state is in the run's checkpoints, see
+            :class:`~cnftools.training.Checkpointing`).
+        seconds: total wall time of the run (earlier sessions of a resumed run included).
+        resumed_from: the step the run was resumed from (0: started afresh).
     """
 
     field: nn.Module
     history: pd.DataFrame
     optimizer: torch.optim.Optimizer
     seconds: float
+    resumed_from: int = 0
 
 
 def minibatch_ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
@@ -97,57 +100,6 @@ def minibatch_ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
     order = torch.empty(batch, dtype=torch.long)
     order[torch.as_tensor(cols)] = torch.as_tensor(rows)
     return x0[order.to(x0.device)]
-
-
-def _per_row(value: object, rows: int, device: torch.device, dtype: torch.dtype) -> object:
-    """A per-row extra (a tensor with first dimension ``rows``) moved to the training device
-    (floating ones also to the training dtype); anything else as is."""
-    if not (isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == rows):
-        return value
-    return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
-
-
-def _sampled(
-    out: object, batch_size: int, device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, dict]:
-    """Check a sampler's return, ``x1`` or ``(x1, extras)``, and move it to device/dtype."""
-    name = "data(batch_size, generator)"
-    extras: dict = {}
-    if isinstance(out, tuple):
-        if len(out) != 2 or not isinstance(out[1], Mapping):
-            raise TypeError(f"{name} must return x1 or a pair (x1, extras dict)")
-        out, extras = out[0], check_extras(out[1])
-    x1 = check_batched(name, out)
-    if x1.shape[0] != batch_size:
-        raise ValueError(f"{name} returned {x1.shape[0]} rows, expected batches.size={batch_size}")
-    extras = {k: _per_row(e, batch_size, device, dtype) for k, e in extras.items()}
-    return x1.to(device=device, dtype=dtype), extras
-
-
-def _batches(
-    data: DataSource,
-    extras: dict,
-    batch_size: int,
-    generator: torch.Generator,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> Iterator[tuple[Tensor, dict]]:
-    """Minibatches ``(x1, extras)``: epochs of a random permutation (tensor data; per-row extras
-    indexed by the same rows) or calls to a sampler."""
-    if callable(data) and not isinstance(data, Tensor):
-        while True:
-            yield _sampled(data(batch_size, generator), batch_size, device, dtype)
-    assert isinstance(data, Tensor)
-    n = data.shape[0]
-    while True:
-        perm = torch.randperm(n, generator=generator, device=generator.device)
-        for start in range(0, n - batch_size + 1, batch_size):
-            index = perm[start : start + batch_size].to(data.device)
-            rows = {
-                k: _per_row(e, batch_size, device, dtype)
-                for k, e in select_extras(extras, n, index).items()
-            }
-            yield data[index].to(device=device, dtype=dtype), rows
 
 
 def _paired_within_labels(x0: Tensor, x1: Tensor, extras: dict) -> Tensor:
@@ -192,10 +144,8 @@ def _check_inputs(
     if not isinstance(path, GaussianPath):
         raise TypeError(f"path must be a cnftools GaussianPath, got {type(path).__name__}")
     check_int("steps", steps, low=1)
-    for name, value, kind in zip(
-        ("batches", "optimization", "monitor"), options, _OPTIONS, strict=True
-    ):
-        if not isinstance(value, kind):
+    for name, value, kind in zip(_OPTION_NAMES, options, _OPTIONS, strict=True):
+        if not isinstance(value, kind) and not (kind is Checkpointing and value is None):
             raise TypeError(
                 f"{name} must be a {kind.__name__}, got {type(value).__name__}; e.g. "
                 f"{name}=cnftools.{kind.__name__}()"
@@ -226,10 +176,13 @@ def _check_inputs(
     params = [p for p in field.parameters() if p.requires_grad]
     if not params:
         raise ValueError("field has no trainable parameters")
+    if options[3] is not None:
+        options[3].check_writable()
     return params, extras
 
 
-_OPTIONS = (Batches, Optimization, Monitor)
+_OPTION_NAMES = ("batches", "optimization", "monitor", "checkpoints")
+_OPTIONS = (Batches, Optimization, Monitor, Checkpointing)
 
 
 @with_thread_policy
@@ -242,6 +195,7 @@ def train_cfm(
     batches: Batches = Batches(),
     optimization: Optimization = Optimization(),
     monitor: Monitor = Monitor(),
+    checkpoints: Checkpointing | None = None,
     extras: Extras | None = None,
 ) -> TrainResult:
     r"""Train a velocity field with conditional flow matching (theory §6).
@@ -284,6 +238,8 @@ def train_cfm(
         optimization: how the parameters are updated (:class:`~cnftools.training.Optimization`:
             optimizer, learning rate and schedule, gradient clipping).
         monitor: progress bar and callback (:class:`~cnftools.training.Monitor`).
+        checkpoints: where the run is saved every few steps and how it resumes
+            (:class:`~cnftools.training.Checkpointing`); ``None``: no checkpoints.
         extras: keyword arguments for the field, e.g. ``{"y": labels}`` with ``labels`` of shape
             ``(N,)`` for tensor ``data`` (only with tensor data; a sampler returns its own).
 
@@ -325,53 +281,74 @@ def train_cfm(
     References:
         Lipman et al. (2022), arXiv:2210.02747, Algorithm 1; Tong et al. (2023), Algorithm 2.
     """
-    options = (batches, optimization, monitor)
+    options = (batches, optimization, monitor, checkpoints)
     params, extras = _check_inputs(field, path, data, steps, options, extras)
     device, dtype = params[0].device, params[0].dtype
     opt, scheduler = optimization.build(params, steps)
     generator = torch.Generator(device=device).manual_seed(int(batches.seed))
-    draws = _batches(data, extras, batches.size, generator, device, dtype)
-    history = _History()
-    bar = tqdm(total=steps, desc="train_cfm") if monitor.progress else None
+    draws = Draws(data, extras, batches.size, generator, device, dtype)
+    settings = run_settings(steps, batches, optimization, opt, data, path)
+    run = Run(field, path, opt, scheduler, generator, draws, settings)
+    if checkpoints is not None and checkpoints.resume and os.path.exists(checkpoints.file):
+        run.restore(checkpoints.file, device)
+    resumed_from = run.step
+    bar = None
+    if monitor.progress:
+        bar = tqdm(total=steps, initial=min(run.step, steps), desc="train_cfm")
     field.train()
     try:
-        for step in range(1, steps + 1):
-            x1, batch_extras = next(draws)
-            x0 = torch.randn(x1.shape, generator=generator, dtype=dtype, device=device)
-            if batches.minibatch_ot:
-                # permutes x0 only, within groups of equal labels: (x1, extras) stay paired
-                x0 = _paired_within_labels(x0, x1, batch_extras)
-            try:
-                loss = cfm_loss(
-                    field,
-                    path,
-                    x1,
-                    None,
-                    x0,
-                    generator,
-                    t_min=batches.t_min,
-                    t_max=batches.t_max,
-                    extras=batch_extras,
-                )
-            except ValueError as error:
-                raise ValueError(f"train_cfm, step {step}: {error}") from error
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if optimization.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, optimization.max_grad_norm)
-            opt.step()
-            history.record(loss, opt)
-            if scheduler is not None:
-                scheduler.step()
-            history.tick()
-            if (step % monitor.every == 0 or step == steps) and _report(
-                step, loss, field, bar, monitor
+        while run.step < steps and not run.stopped:
+            step = run.step + 1
+            loss = _step(run, params, batches, optimization, step)
+            run.step = step
+            if step % monitor.every == 0 or step == steps:
+                run.stopped = _report(step, loss, field, bar, monitor)
+            if checkpoints is not None and (
+                step % checkpoints.every == 0 or step == steps or run.stopped
             ):
-                break
+                run.save(checkpoints.file)
     finally:
         if bar is not None:
             bar.close()
-    return TrainResult(field, history.frame(), opt, history.elapsed())
+    history = run.history
+    return TrainResult(field, history.frame(), opt, history.elapsed(), resumed_from)
+
+
+def _step(
+    run: Run, params: list, batches: Batches, optimization: Optimization, step: int
+) -> Tensor:
+    """One optimizer step of ``run``: draw, pair, loss, update, record; returns the loss."""
+    x1, extras = next(run.draws)
+    generator = run.generator
+    x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
+    if batches.minibatch_ot:
+        # permutes x0 only, within groups of equal labels: (x1, extras) stay paired
+        x0 = _paired_within_labels(x0, x1, extras)
+    try:
+        loss = cfm_loss(
+            run.field,
+            run.path,
+            x1,
+            None,
+            x0,
+            generator,
+            t_min=batches.t_min,
+            t_max=batches.t_max,
+            extras=extras,
+        )
+    except ValueError as error:
+        raise ValueError(f"train_cfm, step {step}: {error}") from error
+    opt = run.optimizer
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if optimization.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, optimization.max_grad_norm)
+    opt.step()
+    run.history.record(loss, opt)
+    if run.scheduler is not None:
+        run.scheduler.step()
+    run.history.tick()
+    return loss
 
 
 def _report(step: int, loss: Tensor, field: nn.Module, bar: Any, monitor: Monitor) -> bool:
@@ -381,33 +358,3 @@ def _report(step: int, loss: Tensor, field: nn.Module, bar: Any, monitor: Monito
         bar.set_postfix(loss=f"{value:.4g}")
         bar.update(step - bar.n)
     return monitor.callback is not None and bool(monitor.callback(step, value, field))
-
-
-class _History:
-    """The per-step records of a run: loss (kept on the device until the end), lr, wall time."""
-
-    def __init__(self) -> None:
-        self.losses: list[Tensor] = []
-        self.lrs: list[float] = []
-        self.seconds: list[float] = []
-        self.start = time.perf_counter()
-
-    def record(self, loss: Tensor, opt: torch.optim.Optimizer) -> None:
-        self.losses.append(loss.detach())
-        self.lrs.append(float(opt.param_groups[0]["lr"]))
-
-    def tick(self) -> None:
-        self.seconds.append(time.perf_counter() - self.start)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            {
-                "step": range(1, len(self.losses) + 1),
-                "loss": torch.stack(self.losses).cpu().double().numpy() if self.losses else [],
-                "lr": self.lrs,
-                "seconds": self.seconds,
-            }
-        )

@@ -4,7 +4,8 @@ r"""The options of :func:`~cnftools.training.train_cfm`, grouped in small frozen
   OT pairing, the seed of every random draw);
 - :class:`Optimization`: how the field's parameters are updated (optimizer, learning rate and its
   schedule, gradient clipping);
-- :class:`Monitor`: what the caller sees while it runs (progress bar, a callback that may stop it).
+- :class:`Monitor`: what the caller sees while it runs (progress bar, a callback that may stop it);
+- :class:`Checkpointing`: where the run's checkpoints go and how a run resumes.
 
 Each object checks its values when it is made, so a bad one raises a ``ValueError`` (or a
 ``TypeError`` for a value of the wrong kind) naming the field, what it expects and the fix, before
@@ -24,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -32,7 +34,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-__all__ = ["LR_SCHEDULES", "Batches", "Monitor", "Optimization"]
+__all__ = ["LR_SCHEDULES", "Batches", "Checkpointing", "Monitor", "Optimization"]
 
 LR_SCHEDULES = (None, "cosine")
 """The admissible :attr:`Optimization.lr_schedule` values."""
@@ -202,3 +204,58 @@ class Monitor:
                 "e.g. Monitor(callback=lambda step, loss, field: loss < 0.1)"
             )
         _int("Monitor", "every", self.every, 1, "e.g. Monitor(every=100)")
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where a run's checkpoints go and how a run resumes.
+
+    :func:`~cnftools.training.train_cfm` saves the run to ``file`` every ``every`` steps and when
+    it ends (its last step, or a callback that stops it): an ordinary cnftools checkpoint (the
+    field, the path, the optimizer; :func:`~cnftools.load_checkpoint` and ``cnftools nll
+    --model`` read it) whose ``extra["train_cfm"]`` holds the run's state (step, generator,
+    position in the data, learning-rate schedule, loss history). Saves are atomic: a run killed
+    at any moment leaves the previous checkpoint.
+
+    With ``resume=True`` and an existing ``file``, the run continues from it: on CPU the resumed
+    run draws the same batches and gives bit-identical losses and weights to a run that was
+    never interrupted. The settings must be the run's own (batches, optimization, the data's
+    shape, the path, and ``steps`` under a learning-rate schedule); a difference is refused
+    with the setting named. ``steps`` may grow for a constant learning rate. A run stopped by
+    its callback is finished: resuming it returns it as it is.
+
+    Attributes:
+        file: the checkpoint file (its folder must exist and be writable).
+        every: save every this many steps (and at the end).
+        resume: continue from ``file`` when it exists (``False``: start afresh and overwrite it).
+    """
+
+    file: str | os.PathLike[str]
+    every: int = 1000
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.file, str | os.PathLike):
+            raise TypeError(
+                f"Checkpointing.file must be a str or a path, got {type(self.file).__name__}; "
+                'e.g. Checkpointing("run.pt")'
+            )
+        _int("Checkpointing", "every", self.every, 1, 'e.g. Checkpointing("run.pt", every=500)')
+        _flag("Checkpointing", "resume", self.resume)
+
+    def check_writable(self) -> None:
+        """Refuse, before any work, a file that is a folder or whose folder cannot be written."""
+        file = os.fspath(self.file)
+        folder = os.path.dirname(os.path.abspath(file))
+        if os.path.isdir(file):
+            raise ValueError(f"Checkpointing.file {file!r} is a folder; give a file name")
+        if not os.path.isdir(folder):
+            raise ValueError(
+                f"Checkpointing.file {file!r}: its folder {folder!r} does not exist; create it "
+                "first"
+            )
+        if not os.access(folder, os.W_OK):
+            raise ValueError(
+                f"Checkpointing.file {file!r}: its folder {folder!r} is not writable; choose "
+                "another place"
+            )
