@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import itertools
+import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -743,3 +747,122 @@ def test_map_location_cuda_without_cuda_says_so(tmp_path):
     file, _ = _valid_file(tmp_path)
     with pytest.raises(ValueError, match="CUDA is not available"):
         cnftools.load_checkpoint(file, map_location="cuda")
+
+
+# --- the grouped options (issue 19) ---------------------------------------------------------------
+REFERENCE = json.loads((Path(__file__).parent / "data" / "train_reference_0_1.json").read_text())
+
+
+def _digest(module: nn.Module) -> str:
+    """SHA-256 of every state_dict entry's name and bytes (as tests/data/make_train_reference.py)."""
+    h = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _labelled_run() -> nn.Module:
+    torch.manual_seed(0)
+    field = cnftools.MLPField(2, hidden=(8,), num_classes=2).double()
+    x = torch.randn(24, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    result = cnftools.train_cfm(
+        field,
+        cnftools.OTPath(0.05),
+        x,
+        steps=6,
+        batches=cnftools.Batches(size=8, t_min=0.01, t_max=0.99, minibatch_ot=True, seed=3),
+        optimization=cnftools.Optimization(lr=1e-2, lr_schedule="cosine", max_grad_norm=0.5),
+        extras={"y": torch.arange(24) % 2},
+    )
+    return result
+
+
+def _sampler_run() -> nn.Module:
+    torch.manual_seed(0)
+    field = cnftools.MLPField(2, hidden=(8, 8)).to(F64)  # 0.1 moved it with train_cfm(dtype=)
+    sgd = cnftools.Optimization(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    return cnftools.train_cfm(
+        field,
+        cnftools.VPPath(),
+        eight_gaussians().sample,
+        steps=4,
+        batches=cnftools.Batches(size=16, seed=5, t_max=0.999),
+        optimization=sgd,
+    )
+
+
+@pytest.mark.parametrize("name", ["labelled", "sampler"])
+def test_grouped_options_reproduce_the_flat_call_bit_for_bit(name):
+    """The same run as cnftools 0.1's flat call (numbers written by 0.1's own code, see
+    tests/data/make_train_reference.py): every loss and learning rate and the final weights are
+    bit-identical on CPU in float64 (tolerance 0: the grouping moves arguments, not arithmetic)."""
+    result = {"labelled": _labelled_run, "sampler": _sampler_run}[name]()
+    expected = REFERENCE[name]
+    assert [float(v).hex() for v in result.history["loss"]] == expected["loss"]
+    assert [float(v).hex() for v in result.history["lr"]] == expected["lr"]
+    assert _digest(result.field) == expected["weights"]
+
+
+class _Untouchable(nn.Module):
+    """A field that fails the test if training starts (forward) or it is moved (to/double)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x, t):
+        raise AssertionError("training started before the options were checked")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"batches": 64}, TypeError, r"batches must be a cnftools\.Batches, got int"),
+        (
+            {"optimization": {"lr": 1e-3}},
+            TypeError,
+            r"optimization must be a cnftools\.Optimization, got dict",
+        ),
+        ({"monitor": True}, TypeError, r"monitor must be a cnftools\.Monitor, got bool"),
+        (
+            {"checkpoints": "run.pt"},
+            TypeError,
+            r"checkpoints must be a cnftools\.Checkpointing, got str",
+        ),
+        ({"steps": 0}, ValueError, "steps must be an int >= 1"),
+        ({"batches": cnftools.Batches(size=11)}, ValueError, r"batches\.size=11 exceeds the 10"),
+        (
+            {"checkpoints": cnftools.Checkpointing("no/such/folder/run.pt"), "batches": FOUR},
+            ValueError,
+            "Checkpointing.file 'no/such/folder/run.pt': its folder .* does not exist",
+        ),
+    ],
+    ids=[
+        "batches int",
+        "optimization dict",
+        "monitor bool",
+        "checkpoints str",
+        "steps",
+        "size",
+        "folder",
+    ],
+)
+def test_bad_options_are_refused_before_any_work(kwargs, error, match):
+    field = _Untouchable()
+    args = {"steps": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        cnftools.train_cfm(field, cnftools.OTPath(0.1), torch.randn(10, 2), **args)
+    assert torch.equal(field.w, torch.ones(2)) and field.w.grad is None
+
+
+def test_train_cfm_takes_few_parameters_and_no_flat_options():
+    """Issue 19: at most ~10 parameters; the 0.1 keywords are gone (a TypeError, not ignored)."""
+    parameters = inspect.signature(cnftools.train_cfm).parameters
+    assert len(parameters) <= 10
+    for old in ("batch_size", "lr", "seed", "minibatch_ot", "t_max", "device", "callback"):
+        assert old not in parameters
+    with pytest.raises(TypeError, match="batch_size"):
+        cnftools.train_cfm(
+            make_field(), cnftools.OTPath(0.1), torch.randn(8, 2), steps=1, batch_size=4
+        )

@@ -147,8 +147,8 @@ def _check_inputs(
     for name, value, kind in zip(_OPTION_NAMES, options, _OPTIONS, strict=True):
         if not isinstance(value, kind) and not (kind is Checkpointing and value is None):
             raise TypeError(
-                f"{name} must be a {kind.__name__}, got {type(value).__name__}; e.g. "
-                f"{name}=cnftools.{kind.__name__}()"
+                f"{name} must be a cnftools.{kind.__name__}, got {type(value).__name__}; e.g. "
+                f"{name}=cnftools.{kind.__name__}(...)"
             )
     batch_size = options[0].size
     extras = check_extras(extras)
