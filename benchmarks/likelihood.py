@@ -53,7 +53,8 @@ F64 = torch.float64
 
 def mlp_field(d: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return cnftools.MLPField(d, (256, 256, 256), dtype=F64, time_features=17)
+    time = cnftools.TimeFeatures(features=17)
+    return cnftools.MLPField(d, (256, 256, 256), dtype=F64, time=time)
 
 
 class _FMAdapter(nn.Module):

@@ -25,8 +25,10 @@ from cnftools.marginals import GaussianMarginal, MixtureMarginal
 from cnftools.nll import dataset_nll, summarize
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 from cnftools.training import load_checkpoint, minibatch_ot_pairing, save_checkpoint, train_cfm
+from cnftools.training.features import TimeFeatures
 from cnftools.training.models import ConvField, MLPField
 from cnftools.training.objectives import cfm_loss, fm_loss
+from cnftools.training.options import Batches, Checkpointing, Monitor, Optimization
 
 __version__ = VERSION
 
@@ -34,6 +36,8 @@ __version__ = VERSION
 __all__ = [
     "AffineGaussianPath",
     "ClosedForm",
+    "Batches",
+    "Checkpointing",
     "ConvField",
     "Dequantization",
     "DivergenceResult",
@@ -44,10 +48,13 @@ __all__ = [
     "LikelihoodResult",
     "MLPField",
     "MixtureMarginal",
+    "Monitor",
     "OTPath",
+    "Optimization",
     "SampleResult",
     "SolverConfig",
     "SolverError",
+    "TimeFeatures",
     "VEPath",
     "VPPath",
     "__version__",

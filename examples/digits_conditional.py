@@ -83,10 +83,8 @@ def train(
         cnftools.OTPath(0.0),
         sampler,
         steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        lr_schedule="cosine",
-        seed=seed,
+        batches=cnftools.Batches(size=batch_size, seed=seed),
+        optimization=cnftools.Optimization(lr=lr, lr_schedule="cosine"),
     )
 
 

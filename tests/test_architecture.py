@@ -31,14 +31,10 @@ MAX_FUNCTION_LINES = 80
 SIZE_ALLOWED: dict[str, str] = {
     "cnftools/nll/fingerprint.py": "the object walk grew with issue 20's coverage; split by kind next",
     "cnftools/nll/fingerprint.py::_Walker.walk": "one dispatch over every kind of readable object",
-    "cnftools/training/checkpoints.py": "checksums and config bounds (issue 20); file format apart next",
-    "cnftools/training/models.py": "not yet split (issue 19 item 5): MLPField and ConvField",
     "cnftools/_runge_kutta.py::_solve_adaptive": (
         "the one loop: a step's per-row bookkeeping in one place, the per-row state as locals"
         " (issue 19's pass may move it into a small state object)"
     ),
-    "cnftools/training/loop.py::train_cfm": "being regrouped (issue 19: at most ~10 parameters)",
-    "cnftools/cli/train.py::_train": "shrinks when train_cfm takes grouped options (issue 19)",
 }
 
 

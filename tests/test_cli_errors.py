@@ -269,3 +269,53 @@ def test_a_bad_cnftools_threads_is_one_line_in_validate(capsys, monkeypatch, val
     assert main(["validate", "--list"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "CNFTOOLS_THREADS" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--t-max", "1.5"], ["--batch-size/--t-max/--seed", "Batches.t_max", "t_max=1.5"]),
+        (["--batch-size", "0"], ["--batch-size/--t-max/--seed", "Batches.size", "got 0"]),
+        (["--lr", "0"], ["--lr", "Optimization.lr must be > 0"]),
+        (["--time-embedding", "learned"], ["--time-embedding", "TimeFeatures.kind", "'learned'"]),
+    ],
+    ids=["t-max", "batch-size", "lr", "time-embedding"],
+)
+def test_train_option_flags_are_checked_before_training(
+    trained, tmp_path, capsys, monkeypatch, flags, needles
+):
+    """Regression: 0.1 found a bad --t-max only at training step 1 (after building the model);
+    now the option objects refuse it, the flag named, before train_cfm is called."""
+    import cnftools.cli.train
+
+    _, data = trained
+
+    def never(*args, **kwargs):
+        raise AssertionError("training started before the flags were checked")
+
+    monkeypatch.setattr(cnftools.cli.train, "train_cfm", never)
+    out = tmp_path / "m.pt"
+    assert main(["train", "--data", str(data), "--out", str(out), "--no-progress", *flags]) == 2
+    _one_line_error(capsys, *needles)
+
+
+def test_train_flag_defaults_are_the_option_objects():
+    """The defaults of cnftools train come from Batches, Optimization, TimeFeatures and MLPField
+    (no restated numbers)."""
+    import argparse
+    import inspect
+
+    import cnftools
+    import cnftools.cli.train
+
+    parser = argparse.ArgumentParser()
+    cnftools.cli.train.add_arguments(parser)
+    args = parser.parse_args(["--out", "m.pt", "--dataset", "two_moons"])
+    field = inspect.signature(cnftools.MLPField).parameters
+    assert args.batch_size == cnftools.Batches().size
+    assert args.t_max == cnftools.Batches().t_max
+    assert args.minibatch_ot == cnftools.Batches().minibatch_ot
+    assert args.lr == cnftools.Optimization.DEFAULT_LR
+    assert args.time_embedding == cnftools.TimeFeatures().kind
+    assert args.activation == field["activation"].default
+    assert tuple(int(w) for w in args.hidden.split(",")) == field["hidden"].default

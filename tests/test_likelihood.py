@@ -39,6 +39,7 @@ import cnftools.likelihood as likelihood_module
 from cnftools import LikelihoodResult, SolverConfig, SolverError
 from cnftools._ode import ACCURACY_RTOL_SHARE
 from cnftools.cases import DATA_CASES, DataCase
+from cnftools.training.features import TimeFeatures
 from cnftools.training.models import MLPField
 
 F64 = torch.float64
@@ -142,7 +143,7 @@ def _data(case: DataCase, path: str, n: int = 6, seed: int = 0) -> torch.Tensor:
 
 def _small_mlp(d: int = 3, seed: int = 0) -> MLPField:
     torch.manual_seed(seed)
-    return MLPField(d, (16, 16), dtype=F64, time_features=5, time_max_frequency=2.0)
+    return MLPField(d, (16, 16), dtype=F64, time=TimeFeatures(features=5, max_frequency=2.0))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import cnftools
-from cnftools.training.models import ACTIVATIONS, TIME_EMBEDDINGS, TimeEmbedding
+from cnftools.training.features import TIME_EMBEDDINGS, TimeEmbedding
+from cnftools.training.models import ACTIVATIONS
 
 F64 = torch.float64
 
@@ -17,9 +22,8 @@ F64 = torch.float64
 @pytest.mark.parametrize("embedding", TIME_EMBEDDINGS)
 def test_shapes_and_dtype(activation, embedding, dtype):
     features = 1 if embedding == "linear" else 9
-    v = cnftools.MLPField(
-        3, hidden=(16, 16), activation=activation, time_embedding=embedding, time_features=features
-    ).to(dtype)
+    time = cnftools.TimeFeatures(embedding, features)
+    v = cnftools.MLPField(3, hidden=(16, 16), activation=activation, time=time).to(dtype)
     x = torch.randn(5, 3, dtype=dtype)
     out = v(x, torch.rand(5, dtype=dtype))
     assert out.shape == (5, 3) and out.dtype == dtype
@@ -70,8 +74,10 @@ def test_non_smooth_activation_refused(bad):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="activation must be one of"):
         cnftools.MLPField(2, activation="sigmoidish")
-    with pytest.raises(ValueError, match="time_embedding must be one of"):
-        cnftools.MLPField(2, time_embedding="learned")
+    with pytest.raises(ValueError, match=r"TimeFeatures\.kind must be one of"):
+        cnftools.MLPField(2, time=cnftools.TimeFeatures("learned"))
+    with pytest.raises(TypeError, match="time must be a TimeFeatures"):
+        cnftools.MLPField(2, time="fourier")
     with pytest.raises(ValueError, match="dim must be an int >= 1"):
         cnftools.MLPField(0)
     with pytest.raises(TypeError, match="hidden must be a sequence"):
@@ -93,9 +99,7 @@ def test_config_round_trip_and_weights_only(tmp_path):
         (1, 2, 2),
         hidden=(8, 8),
         activation="softplus",
-        time_embedding="fourier",
-        time_features=7,
-        time_seed=3,
+        time=cnftools.TimeFeatures("fourier", 7, seed=3),
     ).double()
     cfg = v.config()
     torch.save({"cfg": cfg, "state": v.state_dict()}, tmp_path / "m.pt")
@@ -114,7 +118,7 @@ def test_zero_init_output():
 
 def test_sinusoidal_embedding_by_hand():
     # K = 2 frequencies: ω = (π, π·ω_max); features [t, sin ω t, cos ω t]
-    emb = TimeEmbedding("sinusoidal", 5, max_frequency=4.0).double()
+    emb = TimeEmbedding(cnftools.TimeFeatures("sinusoidal", 5, max_frequency=4.0)).double()
     t = torch.tensor([0.5], dtype=F64)
     expected = [0.5, math.sin(math.pi / 2), math.sin(2 * math.pi), math.cos(math.pi / 2), 1.0]
     # frequencies kept in float64: roundoff of sin/cos only, 1e-15
@@ -252,3 +256,62 @@ def test_conv_field_refuses_bad_input():
         v(torch.zeros(2, 1, 4, 4, dtype=F64), 0.5)
     with pytest.raises(ValueError, match="smooth"):
         ConvField(1, activation="relu")
+
+
+# --- grouped time options (issue 19) and cnftools 0.1's checkpoints ------------------------------
+DATA = Path(__file__).parent / "data"
+REFERENCE = json.loads((DATA / "train_reference_0_1.json").read_text())
+
+
+def _digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every state_dict entry's name and bytes (as tests/data/make_train_reference.py)."""
+    h = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _reference_fields() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    fourier = cnftools.TimeFeatures("fourier", 7, scale=2.0, seed=3)
+    mlp = cnftools.MLPField(
+        2, (8,), time=fourier, num_classes=3, class_features=4, activation="tanh", dtype=F64
+    )
+    torch.manual_seed(0)
+    slow = cnftools.TimeFeatures(features=5, max_frequency=4.0)
+    conv = cnftools.ConvField(1, (4,), time=slow, cond_dim=2, dtype=F64)
+    return {"mlp": mlp, "conv": conv}
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_time_features_build_the_fields_of_the_flat_arguments(name):
+    """time=TimeFeatures(...) gives 0.1's flat time_* arguments' field: the same stored config
+    (so checkpoints keep their format) and bit-identical weights from the same seed (numbers
+    written by 0.1's own code, tests/data/make_train_reference.py)."""
+    field = _reference_fields()[name]
+    assert field.config() == REFERENCE[name]["config"]
+    assert _digest(field) == REFERENCE[name]["weights"]
+
+
+def test_a_checkpoint_written_by_0_1_loads():
+    """tests/data/mlpfield_written_by_0_1.pt was saved by cnftools 0.1 (format version 2): it
+    loads, rebuilt from its stored flat config, with its weights bit for bit."""
+    ckpt = cnftools.load_checkpoint(DATA / "mlpfield_written_by_0_1.pt")
+    assert ckpt.field.config() == REFERENCE["mlp"]["config"]
+    assert _digest(ckpt.field) == REFERENCE["mlp"]["weights"]
+    assert ckpt.field.time_embedding.settings == cnftools.TimeFeatures(
+        "fourier", 7, scale=2.0, seed=3
+    )
+    x = torch.randn(3, 2, dtype=F64)
+    y = torch.tensor([0, 1, 2])
+    assert torch.equal(ckpt.field(x, 0.3, y=y), _reference_fields()["mlp"](x, 0.3, y=y))
+
+
+@pytest.mark.parametrize("cls", [cnftools.MLPField, cnftools.ConvField])
+def test_fields_take_at_most_twelve_parameters_and_no_flat_time_options(cls):
+    parameters = inspect.signature(cls).parameters
+    assert len(parameters) <= 12
+    assert not [name for name in parameters if name.startswith("time_")]
+    with pytest.raises(TypeError, match="time_features"):
+        cls(2, time_features=5)

@@ -50,7 +50,7 @@ def _call(entry: str, spy: _Spy) -> None:
     elif entry == "sample_with_log_prob":
         cnftools.sample_with_log_prob(spy, z0=x, **solver)
     elif entry == "train_cfm":
-        cnftools.train_cfm(spy, cnftools.OTPath(0.1), x, steps=2, batch_size=4, progress=False)
+        cnftools.train_cfm(spy, cnftools.OTPath(0.1), x, steps=2, batches=cnftools.Batches(size=4))
     else:
         cnftools.dataset_nll(spy, x, batch_size=4, progress=False, **solver)
 

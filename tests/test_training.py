@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import itertools
+import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -42,7 +46,14 @@ def test_history_and_loss_decreases():
     x = path.sample(t, x1, gen)
     with torch.no_grad():
         fm_before = float(cnftools.fm_loss(field, marginal, x, t))
-    result = cnftools.train_cfm(field, path, q.sample, steps=300, batch_size=128, lr=3e-3)
+    result = cnftools.train_cfm(
+        field,
+        path,
+        q.sample,
+        steps=300,
+        batches=cnftools.Batches(size=128),
+        optimization=cnftools.Optimization(lr=3e-3),
+    )
     with torch.no_grad():
         fm_after = float(cnftools.fm_loss(field, marginal, x, t))
     history = result.history
@@ -68,10 +79,7 @@ def test_deterministic_for_fixed_seed():
             cnftools.VPPath(1.0, 5.0),
             eight_gaussians().sample,
             steps=50,
-            batch_size=64,
-            seed=7,
-            t_max=0.999,
-            minibatch_ot=True,
+            batches=cnftools.Batches(size=64, seed=7, t_max=0.999, minibatch_ot=True),
         )
         runs.append(result)
     # CPU, same seed, same initial weights: bitwise identical histories and weights
@@ -83,9 +91,7 @@ def test_deterministic_for_fixed_seed():
         cnftools.VPPath(1.0, 5.0),
         eight_gaussians().sample,
         steps=5,
-        batch_size=64,
-        seed=8,
-        t_max=0.999,
+        batches=cnftools.Batches(size=64, seed=8, t_max=0.999),
     )
     assert other.history["loss"].tolist() != runs[0].history["loss"].tolist()[:5]
 
@@ -94,7 +100,8 @@ def test_deterministic_for_fixed_seed():
 def test_tensor_data_any_path_float64(path):
     data = eight_gaussians(dtype=F64).sample(100, torch.Generator().manual_seed(0))
     field = make_field(dtype=F64)
-    result = cnftools.train_cfm(field, path, data, steps=7, batch_size=32)  # 3 batches per epoch
+    # 3 batches per epoch
+    result = cnftools.train_cfm(field, path, data, steps=7, batches=cnftools.Batches(size=32))
     assert len(result.history) == 7
     assert all(p.dtype == F64 for p in field.parameters())
 
@@ -111,10 +118,8 @@ def test_callback_stops_early_and_progress_bar():
         cnftools.OTPath(0.1),
         eight_gaussians().sample,
         steps=100,
-        batch_size=16,
-        callback=callback,
-        callback_every=10,
-        progress=True,
+        batches=cnftools.Batches(size=16),
+        monitor=cnftools.Monitor(progress=True, callback=callback, every=10),
     )
     assert [s for s, _ in seen] == [10, 20]
     assert len(result.history) == 20
@@ -127,9 +132,8 @@ def test_cosine_schedule():
         cnftools.OTPath(0.1),
         eight_gaussians().sample,
         steps=10,
-        batch_size=16,
-        lr=1e-2,
-        lr_schedule="cosine",
+        batches=cnftools.Batches(size=16),
+        optimization=cnftools.Optimization(lr=1e-2, lr_schedule="cosine"),
     )
     lrs = result.history["lr"].tolist()
     # step k (1-based) uses lr 0.01 · ½(1 + cos(π (k-1)/10)): exact up to float rounding, 1e-12
@@ -143,20 +147,21 @@ def test_bad_arguments():
     data = torch.randn(10, 2)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         cnftools.train_cfm(field, path, data, steps=0)
-    with pytest.raises(ValueError, match="exceeds the 10 data points"):
-        cnftools.train_cfm(field, path, data, steps=1, batch_size=11)
+    with pytest.raises(ValueError, match=r"batches\.size=11 exceeds the 10 data points"):
+        cnftools.train_cfm(field, path, data, steps=1, batches=cnftools.Batches(size=11))
     with pytest.raises(TypeError, match="data must be a tensor"):
         cnftools.train_cfm(field, path, [1, 2], steps=1)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         cnftools.train_cfm(lambda x, t: x, path, data, steps=1)
-    with pytest.raises(ValueError, match="lr_schedule"):
-        cnftools.train_cfm(field, path, data, steps=1, batch_size=4, lr_schedule="step")
     with pytest.raises(ValueError, match="dim=2"):
-        cnftools.train_cfm(field, path, torch.randn(10, 3), steps=1, batch_size=4)
+        cnftools.train_cfm(field, path, torch.randn(10, 3), steps=1, batches=FOUR)
     with pytest.raises(ValueError, match=r"step 1: cfm_loss is non-finite"):
-        cnftools.train_cfm(NaNField(), path, data, steps=1, batch_size=4)
+        cnftools.train_cfm(NaNField(), path, data, steps=1, batches=FOUR)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        cnftools.train_cfm(nn.Sequential(), path, data, steps=1, batch_size=4)
+        cnftools.train_cfm(nn.Sequential(), path, data, steps=1, batches=FOUR)
+
+
+FOUR = cnftools.Batches(size=4)
 
 
 class NaNField(nn.Module):
@@ -201,7 +206,11 @@ def test_path_description_round_trip(path):
 def test_checkpoint_round_trip(tmp_path):
     field = make_field(dtype=F64)
     result = cnftools.train_cfm(
-        field, cnftools.OTPath(0.1), eight_gaussians(dtype=F64).sample, steps=5, batch_size=8
+        field,
+        cnftools.OTPath(0.1),
+        eight_gaussians(dtype=F64).sample,
+        steps=5,
+        batches=cnftools.Batches(size=8),
     )
     file = tmp_path / "ckpt.pt"
     extra = {"steps": 5, "history": result.history.to_dict("list"), "note": "test"}
@@ -270,10 +279,8 @@ def test_trained_model_nll_approaches_entropy():
         cnftools.OTPath(0.01),
         q.sample,
         steps=1500,
-        batch_size=256,
-        lr=5e-3,
-        lr_schedule="cosine",
-        seed=0,
+        batches=cnftools.Batches(size=256, seed=0),
+        optimization=cnftools.Optimization(lr=5e-3, lr_schedule="cosine"),
     )
     x = q.sample(500, torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -411,12 +418,12 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def _edited(tmp_path, edit) -> os.PathLike:
     """A crafted file: edited, and its checksum computed again (as a crafter could)."""
-    from cnftools.training.checkpoints import _payload_checksum
+    from cnftools.training.checkpoint_format import payload_checksum
 
     file, _ = _valid_file(tmp_path)
     payload = torch.load(file, weights_only=True)
     edit(payload)
-    payload["checksum"] = _payload_checksum(payload)
+    payload["checksum"] = payload_checksum(payload)
     torch.save(payload, file)
     return file
 
@@ -439,7 +446,10 @@ def test_missing_key_gets_a_clear_error(tmp_path, key):
         ({"hidden": [8, 8]}, "does not match the stored weights \\(missing"),
         ({"dim": 0}, "config is invalid: dim must be an int >= 1"),
         ({"dim": [2, -1]}, "config is invalid: dim \\(event shape entry\\) must be an int >= 1"),
-        ({"time_features": "13"}, "config is invalid: time_features must be an int >= 1, got '13'"),
+        (
+            {"time_features": "13"},
+            "config is invalid: TimeFeatures.features must be an int >= 1, got '13'",
+        ),
     ],
     ids=["4 TB", "float widths", "extra layer", "dim 0", "negative dim", "str"],
 )
@@ -705,13 +715,13 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_where(tmp_path, monk
 def test_leftovers_of_dead_savers_are_removed_others_kept(tmp_path):
     import socket
 
-    from cnftools.training.checkpoints import _temporary_name
+    from cnftools.training.checkpoint_format import temporary_name
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        host = _temporary_name("v.pt").split(".")[-4]
+        host = temporary_name("v.pt").split(".")[-4]
         names = {
             "dead": f".v.pt.{host}.{dead.pid}.0123456789ab.tmp",
             "live": f".v.pt.{host}.{live.pid}.0123456789ab.tmp",
@@ -737,3 +747,122 @@ def test_map_location_cuda_without_cuda_says_so(tmp_path):
     file, _ = _valid_file(tmp_path)
     with pytest.raises(ValueError, match="CUDA is not available"):
         cnftools.load_checkpoint(file, map_location="cuda")
+
+
+# --- the grouped options (issue 19) ---------------------------------------------------------------
+REFERENCE = json.loads((Path(__file__).parent / "data" / "train_reference_0_1.json").read_text())
+
+
+def _digest(module: nn.Module) -> str:
+    """SHA-256 of every state_dict entry's name and bytes (as tests/data/make_train_reference.py)."""
+    h = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _labelled_run() -> nn.Module:
+    torch.manual_seed(0)
+    field = cnftools.MLPField(2, hidden=(8,), num_classes=2).double()
+    x = torch.randn(24, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    result = cnftools.train_cfm(
+        field,
+        cnftools.OTPath(0.05),
+        x,
+        steps=6,
+        batches=cnftools.Batches(size=8, t_min=0.01, t_max=0.99, minibatch_ot=True, seed=3),
+        optimization=cnftools.Optimization(lr=1e-2, lr_schedule="cosine", max_grad_norm=0.5),
+        extras={"y": torch.arange(24) % 2},
+    )
+    return result
+
+
+def _sampler_run() -> nn.Module:
+    torch.manual_seed(0)
+    field = cnftools.MLPField(2, hidden=(8, 8)).to(F64)  # 0.1 moved it with train_cfm(dtype=)
+    sgd = cnftools.Optimization(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    return cnftools.train_cfm(
+        field,
+        cnftools.VPPath(),
+        eight_gaussians().sample,
+        steps=4,
+        batches=cnftools.Batches(size=16, seed=5, t_max=0.999),
+        optimization=sgd,
+    )
+
+
+@pytest.mark.parametrize("name", ["labelled", "sampler"])
+def test_grouped_options_reproduce_the_flat_call_bit_for_bit(name):
+    """The same run as cnftools 0.1's flat call (numbers written by 0.1's own code, see
+    tests/data/make_train_reference.py): every loss and learning rate and the final weights are
+    bit-identical on CPU in float64 (tolerance 0: the grouping moves arguments, not arithmetic)."""
+    result = {"labelled": _labelled_run, "sampler": _sampler_run}[name]()
+    expected = REFERENCE[name]
+    assert [float(v).hex() for v in result.history["loss"]] == expected["loss"]
+    assert [float(v).hex() for v in result.history["lr"]] == expected["lr"]
+    assert _digest(result.field) == expected["weights"]
+
+
+class _Untouchable(nn.Module):
+    """A field that fails the test if training starts (forward) or it is moved (to/double)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x, t):
+        raise AssertionError("training started before the options were checked")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"batches": 64}, TypeError, r"batches must be a cnftools\.Batches, got int"),
+        (
+            {"optimization": {"lr": 1e-3}},
+            TypeError,
+            r"optimization must be a cnftools\.Optimization, got dict",
+        ),
+        ({"monitor": True}, TypeError, r"monitor must be a cnftools\.Monitor, got bool"),
+        (
+            {"checkpoints": "run.pt"},
+            TypeError,
+            r"checkpoints must be a cnftools\.Checkpointing, got str",
+        ),
+        ({"steps": 0}, ValueError, "steps must be an int >= 1"),
+        ({"batches": cnftools.Batches(size=11)}, ValueError, r"batches\.size=11 exceeds the 10"),
+        (
+            {"checkpoints": cnftools.Checkpointing("no/such/folder/run.pt"), "batches": FOUR},
+            ValueError,
+            "Checkpointing.file 'no/such/folder/run.pt': its folder .* does not exist",
+        ),
+    ],
+    ids=[
+        "batches int",
+        "optimization dict",
+        "monitor bool",
+        "checkpoints str",
+        "steps",
+        "size",
+        "folder",
+    ],
+)
+def test_bad_options_are_refused_before_any_work(kwargs, error, match):
+    field = _Untouchable()
+    args = {"steps": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        cnftools.train_cfm(field, cnftools.OTPath(0.1), torch.randn(10, 2), **args)
+    assert torch.equal(field.w, torch.ones(2)) and field.w.grad is None
+
+
+def test_train_cfm_takes_few_parameters_and_no_flat_options():
+    """Issue 19: at most ~10 parameters; the 0.1 keywords are gone (a TypeError, not ignored)."""
+    parameters = inspect.signature(cnftools.train_cfm).parameters
+    assert len(parameters) <= 10
+    for old in ("batch_size", "lr", "seed", "minibatch_ot", "t_max", "device", "callback"):
+        assert old not in parameters
+    with pytest.raises(TypeError, match="batch_size"):
+        cnftools.train_cfm(
+            make_field(), cnftools.OTPath(0.1), torch.randn(8, 2), steps=1, batch_size=4
+        )

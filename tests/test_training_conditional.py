@@ -70,9 +70,7 @@ def test_labels_follow_their_rows(n, batch_fraction, seed, minibatch_ot):
             data,
             extras={"y": labels},
             steps=steps,
-            batch_size=batch,
-            seed=seed,
-            minibatch_ot=minibatch_ot,
+            batches=cnftools.Batches(size=batch, seed=seed, minibatch_ot=minibatch_ot),
         )
     assert len(seen) == steps
     for x1, _, extras in seen:
@@ -94,8 +92,7 @@ def test_minibatch_ot_pairs_within_each_label(monkeypatch):
         data,
         extras={"y": labels},
         steps=3,
-        batch_size=12,
-        minibatch_ot=True,
+        batches=cnftools.Batches(size=12, minibatch_ot=True),
     )
     for x1, x0, extras in seen:
         assert torch.equal(extras["y"], x1[:, 0].long() % 2)  # pairs (x1, label) kept
@@ -120,9 +117,8 @@ def test_minibatch_ot_with_labels_learns_each_class():
         data,
         extras={"y": labels},
         steps=300,
-        batch_size=128,
-        lr=5e-3,
-        minibatch_ot=True,
+        batches=cnftools.Batches(size=128, minibatch_ot=True),
+        optimization=cnftools.Optimization(lr=5e-3),
     )
     noise = torch.randn(400, 1, generator=gen)
     for label in range(3):
@@ -160,7 +156,7 @@ def test_extras_dtypes_and_shared_values(monkeypatch):
         data,
         extras={"y": vectors, "table": shared},
         steps=2,
-        batch_size=3,
+        batches=cnftools.Batches(size=3),
     )
     for x1, _, extras in seen:
         assert x1.dtype == F64  # the field's dtype
@@ -177,7 +173,9 @@ def test_sampler_returning_extras(monkeypatch):
         return x, {"y": y}
 
     field = cnftools.MLPField(2, hidden=(8,), num_classes=2)
-    cnftools.train_cfm(field, cnftools.OTPath(0.1), sampler, steps=3, batch_size=16)
+    cnftools.train_cfm(
+        field, cnftools.OTPath(0.1), sampler, steps=3, batches=cnftools.Batches(size=16)
+    )
     assert len(seen) == 3
     for _, _, extras in seen:
         assert extras["y"].shape == (16,) and extras["y"].dtype == torch.long
@@ -193,7 +191,12 @@ def test_class_conditional_training_learns_each_class():
     data = (6.0 * labels - 3.0)[:, None] + 0.5 * torch.randn(2000, 1, generator=gen)
     field = cnftools.MLPField(1, hidden=(32, 32), num_classes=2)
     cnftools.train_cfm(
-        field, cnftools.OTPath(0.01), data, extras={"y": labels}, steps=400, batch_size=128
+        field,
+        cnftools.OTPath(0.01),
+        data,
+        extras={"y": labels},
+        steps=400,
+        batches=cnftools.Batches(size=128),
     )
     noise = torch.randn(400, 1, generator=gen)
     for label, mean in ((0, -3.0), (1, 3.0)):
@@ -207,6 +210,9 @@ def test_class_conditional_training_learns_each_class():
         assert abs(float(x1.mean()) - mean) < 0.6
 
 
+FOUR = cnftools.Batches(size=4)
+
+
 def test_conditional_training_errors():
     field = cnftools.MLPField(2, hidden=(4,), num_classes=3)
     data = torch.randn(10, 2)
@@ -217,27 +223,27 @@ def test_conditional_training_errors():
             lambda n, g: torch.randn(n, 2, generator=g),
             extras={"y": torch.zeros(10, dtype=torch.long)},
             steps=1,
-            batch_size=4,
+            batches=FOUR,
         )
     with pytest.raises(TypeError, match="extras must be a dict"):
-        cnftools.train_cfm(field, cnftools.OTPath(0.1), data, extras=[1], steps=1, batch_size=4)
+        cnftools.train_cfm(field, cnftools.OTPath(0.1), data, extras=[1], steps=1, batches=FOUR)
     with pytest.raises(ValueError, match="pass y="):  # a conditional field trained without labels
-        cnftools.train_cfm(field, cnftools.OTPath(0.1), data, steps=1, batch_size=4)
+        cnftools.train_cfm(field, cnftools.OTPath(0.1), data, steps=1, batches=FOUR)
     with pytest.raises(TypeError, match=r"pair \(x1, extras dict\)"):
         cnftools.train_cfm(
             field,
             cnftools.OTPath(0.1),
             lambda n, g: (torch.randn(n, 2), torch.zeros(n)),
             steps=1,
-            batch_size=4,
+            batches=FOUR,
         )
-    with pytest.raises(ValueError, match="returned 3 rows, expected batch_size=4"):
+    with pytest.raises(ValueError, match=r"returned 3 rows, expected batches\.size=4"):
         cnftools.train_cfm(
             field,
             cnftools.OTPath(0.1),
             lambda n, g: torch.randn(3, 2),
             steps=1,
-            batch_size=4,
+            batches=FOUR,
         )
     with pytest.raises(ValueError, match="continuous condition"):
         cnftools.train_cfm(
@@ -246,8 +252,7 @@ def test_conditional_training_errors():
             data,
             extras={"y": torch.randn(10, 1)},
             steps=1,
-            batch_size=4,
-            minibatch_ot=True,
+            batches=cnftools.Batches(size=4, minibatch_ot=True),
         )
     # labels of the wrong length are not per-row (first dimension is not N): the field refuses
     with pytest.raises(ValueError, match=r"shape \(B,\) = \(4,\)"):
@@ -257,5 +262,5 @@ def test_conditional_training_errors():
             data,
             extras={"y": torch.zeros(9, dtype=torch.long)},
             steps=1,
-            batch_size=4,
+            batches=FOUR,
         )

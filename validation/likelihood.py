@@ -32,6 +32,7 @@ import torch
 
 import cnftools
 from cnftools.cases import DATA_CASES
+from cnftools.training.features import TimeFeatures
 from cnftools.training.models import MLPField
 from cnftools.validation._figures import pyplot
 from cnftools.validation._framework import Check, Context
@@ -133,7 +134,8 @@ def run(ctx: Context) -> Iterator[Check]:
 
 def _small_mlp(ctx: Context) -> MLPField:
     torch.manual_seed(ctx.seed)
-    return MLPField(3, (16, 16), time_features=5, time_max_frequency=2.0).to(ctx.device, ctx.dtype)
+    time = TimeFeatures(features=5, max_frequency=2.0)
+    return MLPField(3, (16, 16), time=time).to(ctx.device, ctx.dtype)
 
 
 def _adjoint_check(ctx: Context) -> Check:

@@ -99,7 +99,12 @@ def _train_and_score(ctx: Context, path: cnftools.AffineGaussianPath) -> dict[st
     field = cnftools.MLPField(2, hidden=(128, 128, 128)).to(device=ctx.device, dtype=ctx.dtype)
     # Same budget for every path; t ≤ 1 − 1e-3 keeps VP's 1/(1 − t) target finite (all paths alike).
     trained = cnftools.train_cfm(
-        field, path, train, steps=3000, batch_size=256, lr=2e-3, seed=ctx.seed, t_max=1 - 1e-3
+        field,
+        path,
+        train,
+        steps=3000,
+        batches=cnftools.Batches(size=256, seed=ctx.seed, t_max=1 - 1e-3),
+        optimization=cnftools.Optimization(lr=2e-3),
     )
     prior = target.marginal(path).distribution(0.0)
     # Evaluation only: no graph through the solver (it would hold every step's activations).

@@ -50,7 +50,8 @@ def empirical_problem(
 def small_field(dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
     """A small, fixed-initialisation MLPField (tanh, so every parameter gets a gradient)."""
     torch.manual_seed(seed)
-    return cnftools.MLPField(dim, hidden=(16, 16), activation="tanh", time_features=5).to(
+    time = cnftools.TimeFeatures(features=5)
+    return cnftools.MLPField(dim, hidden=(16, 16), activation="tanh", time=time).to(
         device=device, dtype=dtype
     )
 

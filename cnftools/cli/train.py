@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -30,13 +33,29 @@ from cnftools.cli.common import (
 )
 from cnftools.data import dequantize
 from cnftools.paths import OTPath, VEPath, VPPath
-from cnftools.training import MLPField, save_checkpoint, train_cfm
+from cnftools.training import (
+    Batches,
+    MLPField,
+    Monitor,
+    Optimization,
+    TimeFeatures,
+    save_checkpoint,
+    train_cfm,
+)
 
 __all__ = ["HELP", "MAX_PARAMETERS", "add_arguments", "run"]
 
 MAX_PARAMETERS = 2**30
 """Most parameters ``cnftools train`` builds where the available memory cannot be read (where it
 can, the model, its gradients, Adam's two moments and the activations must fit in it)."""
+
+_FIELD_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(MLPField).parameters.items()
+}
+"""The defaults of :class:`~cnftools.MLPField`'s arguments (the flags take theirs from them)."""
+_BATCHES = Batches()
+T = TypeVar("T")
+_TIME = TimeFeatures()
 
 HELP = (
     "train an MLP velocity field by conditional flow matching on a data file or built-in dataset "
@@ -62,28 +81,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sigma-max", type=float, default=None, help="VE sigma_max (default: the path's own)"
     )
+    hidden = ",".join(str(width) for width in _FIELD_DEFAULTS["hidden"])
     p.add_argument(
         "--hidden",
-        default="256,256,256",
+        default=hidden,
         metavar="W,W,...",
-        help="hidden layer widths, comma-separated positive integers (default 256,256,256); "
+        help=f"hidden layer widths, comma-separated positive integers (default {hidden}); "
         "a model that does not fit in the available memory is refused before it is built",
     )
-    p.add_argument("--activation", default="silu", help="silu (default), softplus, tanh or gelu")
     p.add_argument(
-        "--time-embedding", default="sinusoidal", help="sinusoidal (default), fourier or linear"
+        "--activation",
+        default=_FIELD_DEFAULTS["activation"],
+        help=f"silu, softplus, tanh or gelu (default {_FIELD_DEFAULTS['activation']})",
+    )
+    p.add_argument(
+        "--time-embedding",
+        default=_TIME.kind,
+        help=f"sinusoidal, fourier or linear (default {_TIME.kind})",
     )
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
-    p.add_argument("--batch-size", type=int, default=256, help="examples per step (default 256)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument(
-        "--minibatch-ot", action="store_true", help="pair noise and data by exact minibatch OT"
+        "--batch-size",
+        type=int,
+        default=_BATCHES.size,
+        help=f"examples per step (default {_BATCHES.size}; at most the number of rows)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=Optimization.DEFAULT_LR,
+        help=f"Adam learning rate (default {Optimization.DEFAULT_LR:g})",
+    )
+    p.add_argument(
+        "--minibatch-ot",
+        action="store_true",
+        default=_BATCHES.minibatch_ot,
+        help="pair noise and data by exact minibatch OT",
     )
     p.add_argument(
         "--t-max",
         type=float,
-        default=1.0,
-        help="largest training time (default 1; e.g. 0.999 for vp)",
+        default=_BATCHES.t_max,
+        help=f"largest training time (default {_BATCHES.t_max:g}; e.g. 0.999 for vp)",
     )
     p.add_argument(
         "--dequantize",
@@ -189,16 +228,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-
-    # Flags that do not apply are refused, not ignored.
-    if args.path == "ot" and args.sigma_max is not None:
-        raise ValueError("--sigma-max applies to --path ve only (OT has sigma_min alone)")
-    if args.path == "vp" and (args.sigma_min is not None or args.sigma_max is not None):
-        raise ValueError(
-            "--sigma-min/--sigma-max do not apply to --path vp (beta_min=0.1, beta_max=20)"
-        )
-    if args.conditional and args.dataset != "digits":
-        raise ValueError("--conditional needs labelled data: --dataset digits")
+    _refuse_flags_that_do_not_apply(args)
     rows, levels = load_rows(args)
     labels = digits_split_labels(args.split) if args.conditional else None
     levels = args.dequantize if args.dequantize is not None else levels
@@ -207,55 +237,38 @@ def _train(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else torch.float32
     device = torch.device(args.device or "cpu")
     labels = None if labels is None else labels.to(device)
-    if args.path == "ot":
-        path = OTPath(**({} if args.sigma_min is None else {"sigma_min": args.sigma_min}))
-    elif args.path == "ve":
-        kw = {
-            k: v
-            for k, v in (("sigma_min", args.sigma_min), ("sigma_max", args.sigma_max))
-            if v is not None
-        }
-        path = VEPath(**kw)
-    else:
-        path = VPPath()
+    path = _path(args)
     event = tuple(rows.shape[1:])
     field_args = {
         "dim": event[0] if len(event) == 1 else event,
         "hidden": args.hidden,
         "activation": args.activation,
-        "time_embedding": args.time_embedding,
+        "time": _built("--time-embedding", lambda: TimeFeatures(args.time_embedding)),
         "num_classes": None if labels is None else int(labels.max()) + 1,
         "dtype": dtype,
     }
-    _check_model_size(field_args, min(args.batch_size, rows.shape[0]), device)
+    batches = _built(
+        "--batch-size/--t-max/--seed",
+        lambda: Batches(
+            size=min(args.batch_size, rows.shape[0]),
+            t_max=args.t_max,
+            minibatch_ot=args.minibatch_ot,
+            seed=args.seed,
+        ),
+    )
+    optimization = _built("--lr", lambda: Optimization(lr=args.lr))
+    _check_model_size(field_args, batches.size, device)
     field = MLPField(**field_args, device=device)
-    if levels is not None:
-        x = rows.to(device)
-        centered = args.centered
-
-        def sampler(n: int, gen: torch.Generator) -> object:
-            index = torch.randint(0, x.shape[0], (n,), generator=gen, device=gen.device)
-            index = index.to(x.device)
-            x1 = dequantize(x[index], levels, gen, centered=centered, dtype=dtype)
-            return x1 if labels is None else (x1, {"y": labels[index]})
-
-        data: object = sampler
-        extras = None
-    else:
-        data = rows.to(device=device, dtype=dtype)
-        extras = None if labels is None else {"y": labels}
+    data, extras = _data(args, rows, labels, levels, dtype, device)
     result = train_cfm(
         field,
         path,
         data,  # type: ignore[arg-type]
         steps=args.steps,
-        batch_size=min(args.batch_size, rows.shape[0]),
-        lr=args.lr,
-        seed=args.seed,
-        minibatch_ot=args.minibatch_ot,
-        t_max=args.t_max,
+        batches=batches,
+        optimization=optimization,
+        monitor=Monitor(progress=bool(_progress(args))),
         extras=extras,
-        progress=bool(args.progress if args.progress is not None else sys.stderr.isatty()),
     )
     extra = {
         "dequantization": None
@@ -276,6 +289,65 @@ def _train(args: argparse.Namespace) -> int:
         f"{extra['final_loss']:.4g}; checkpoint written to {args.out}"
     )
     return 0
+
+
+def _built(flags: str, build: Callable[[], T]) -> T:
+    """An option object built from flags; its error, if any, prefixed with the flags."""
+    try:
+        return build()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{flags}: {error}") from None
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """``--progress``/``--no-progress``, else a bar when stderr is a terminal."""
+    return bool(args.progress if args.progress is not None else sys.stderr.isatty())
+
+
+def _refuse_flags_that_do_not_apply(args: argparse.Namespace) -> None:
+    """Flags that do not apply are refused, not ignored."""
+    if args.path == "ot" and args.sigma_max is not None:
+        raise ValueError("--sigma-max applies to --path ve only (OT has sigma_min alone)")
+    if args.path == "vp" and (args.sigma_min is not None or args.sigma_max is not None):
+        raise ValueError(
+            "--sigma-min/--sigma-max do not apply to --path vp (beta_min=0.1, beta_max=20)"
+        )
+    if args.conditional and args.dataset != "digits":
+        raise ValueError("--conditional needs labelled data: --dataset digits")
+
+
+def _path(args: argparse.Namespace) -> OTPath | VEPath | VPPath:
+    """The probability path of ``--path``, with the path's own defaults for unset sigmas."""
+    if args.path == "vp":
+        return VPPath()
+    given = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max}
+    kw = {name: value for name, value in given.items() if value is not None}
+    return OTPath(**kw) if args.path == "ot" else VEPath(**kw)
+
+
+def _data(
+    args: argparse.Namespace,
+    rows: torch.Tensor,
+    labels: torch.Tensor | None,
+    levels: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[object, dict | None]:
+    """What :func:`train_cfm` trains on: the rows (and labels as extras), or a sampler that
+    dequantizes freshly drawn rows on every step."""
+    if levels is None:
+        data = rows.to(device=device, dtype=dtype)
+        return data, None if labels is None else {"y": labels}
+    x = rows.to(device)
+    centered = args.centered
+
+    def sampler(n: int, gen: torch.Generator) -> object:
+        index = torch.randint(0, x.shape[0], (n,), generator=gen, device=gen.device)
+        index = index.to(x.device)
+        x1 = dequantize(x[index], levels, gen, centered=centered, dtype=dtype)
+        return x1 if labels is None else (x1, {"y": labels[index]})
+
+    return sampler, None
 
 
 def _save_elsewhere(error: OSError, field: MLPField, path: object, extra: dict) -> int:

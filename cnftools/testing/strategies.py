@@ -25,6 +25,7 @@ from cnftools.cases import random_spd
 from cnftools.data import GaussianMixture
 from cnftools.paths import AffineGaussianPath, GaussianPath, OTPath, VEPath, VPPath
 from cnftools.testing import STRATEGIES
+from cnftools.training.features import TimeFeatures
 from cnftools.training.models import MLPField
 
 __all__ = list(STRATEGIES)  # the names cnftools.testing serves lazily from this module
@@ -326,9 +327,7 @@ def random_mlp_field(
             dim,
             hidden=tuple(hidden),
             activation=activation,
-            time_embedding="sinusoidal",
-            time_features=5,
-            time_max_frequency=2.0,
+            time=TimeFeatures("sinusoidal", 5, max_frequency=2.0),
             dtype=torch.float64,
         )
     return field.to(dtype=dtype, device=device)

@@ -3,10 +3,12 @@ r"""The conditional flow-matching training loop and minibatch-OT pairing.
 :func:`train_cfm` minimises :func:`~cnftools.training.objectives.cfm_loss` (theory §6) for any
 Gaussian path and any ``nn.Module`` field ``v(x, t)`` with Adam (or an optimizer you pass). All
 randomness (data minibatches, :math:`t`, :math:`x_0`) comes from one generator seeded with
-``seed``, so two runs from the same initial weights give identical loss histories and weights on
-CPU.
+``Batches.seed``, so two runs from the same initial weights give identical loss histories and
+weights on CPU. Its options come grouped in the small frozen objects of
+:mod:`~cnftools.training.options` (:class:`~cnftools.training.options.Batches`,
+:class:`~cnftools.training.options.Optimization`, :class:`~cnftools.training.options.Monitor`).
 
-With ``minibatch_ot=True`` each batch of noise :math:`x_0` is re-paired with the data batch
+With ``Batches(minibatch_ot=True)`` each batch of noise :math:`x_0` is re-paired with the data batch
 :math:`x_1` by an exact optimal assignment for the cost :math:`\lVert x_0^i - x_1^j\rVert^2`
 (:func:`minibatch_ot_pairing`), which straightens the learned paths (Tong et al. 2023).
 
@@ -21,10 +23,9 @@ Theory sections cited here (pages under ``docs/theory/``):
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Iterator, Mapping
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -34,16 +35,17 @@ from tqdm.auto import tqdm
 
 from cnftools._checks import check_batched, check_int, check_same_shape
 from cnftools._resources import with_thread_policy
-from cnftools.fields import Extras, check_extras, select_extras
+from cnftools.fields import Extras, check_extras
 from cnftools.paths import GaussianPath
+from cnftools.training.draws import DataSource, Draws
 from cnftools.training.objectives import cfm_loss
+from cnftools.training.options import Batches, Checkpointing, Monitor, Optimization
+from cnftools.training.resume import Run, run_settings
 
 __all__ = ["TrainResult", "minibatch_ot_pairing", "train_cfm"]
 
-DataSource = Tensor | Callable[[int, torch.Generator], Tensor | tuple[Tensor, Mapping[str, object]]]
 
-
-@dataclass
+@dataclass(frozen=True)
 class TrainResult:
     """What :func:`train_cfm` returns.
 
@@ -51,14 +53,18 @@ class TrainResult:
         field: the trained field (the same object that was passed in).
         history: a DataFrame with one row per step: ``step`` (1-based), ``loss`` (the minibatch
             CFM loss before that step's update), ``lr``, ``seconds`` (wall time since the start).
-        optimizer: the optimizer, e.g. to save its state for resuming.
-        seconds: total wall time.
+            A resumed run's history starts at its first step, earlier sessions included.
+        optimizer: the optimizer (its state is in the run's checkpoints, see
+            :class:`~cnftools.training.Checkpointing`).
+        seconds: total wall time of the run (earlier sessions of a resumed run included).
+        resumed_from: the step the run was resumed from (0: started afresh).
     """
 
     field: nn.Module
     history: pd.DataFrame
     optimizer: torch.optim.Optimizer
     seconds: float
+    resumed_from: int = 0
 
 
 def minibatch_ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
@@ -96,57 +102,6 @@ def minibatch_ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
     return x0[order.to(x0.device)]
 
 
-def _per_row(value: object, rows: int, device: torch.device, dtype: torch.dtype) -> object:
-    """A per-row extra (a tensor with first dimension ``rows``) moved to the training device
-    (floating ones also to the training dtype); anything else as is."""
-    if not (isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == rows):
-        return value
-    return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
-
-
-def _sampled(
-    out: object, batch_size: int, device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, dict]:
-    """Check a sampler's return, ``x1`` or ``(x1, extras)``, and move it to device/dtype."""
-    name = "data(batch_size, generator)"
-    extras: dict = {}
-    if isinstance(out, tuple):
-        if len(out) != 2 or not isinstance(out[1], Mapping):
-            raise TypeError(f"{name} must return x1 or a pair (x1, extras dict)")
-        out, extras = out[0], check_extras(out[1])
-    x1 = check_batched(name, out)
-    if x1.shape[0] != batch_size:
-        raise ValueError(f"{name} returned {x1.shape[0]} rows, expected batch_size={batch_size}")
-    extras = {k: _per_row(e, batch_size, device, dtype) for k, e in extras.items()}
-    return x1.to(device=device, dtype=dtype), extras
-
-
-def _batches(
-    data: DataSource,
-    extras: dict,
-    batch_size: int,
-    generator: torch.Generator,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> Iterator[tuple[Tensor, dict]]:
-    """Minibatches ``(x1, extras)``: epochs of a random permutation (tensor data; per-row extras
-    indexed by the same rows) or calls to a sampler."""
-    if callable(data) and not isinstance(data, Tensor):
-        while True:
-            yield _sampled(data(batch_size, generator), batch_size, device, dtype)
-    assert isinstance(data, Tensor)
-    n = data.shape[0]
-    while True:
-        perm = torch.randperm(n, generator=generator, device=generator.device)
-        for start in range(0, n - batch_size + 1, batch_size):
-            index = perm[start : start + batch_size].to(data.device)
-            rows = {
-                k: _per_row(e, batch_size, device, dtype)
-                for k, e in select_extras(extras, n, index).items()
-            }
-            yield data[index].to(device=device, dtype=dtype), rows
-
-
 def _paired_within_labels(x0: Tensor, x1: Tensor, extras: dict) -> Tensor:
     r"""Minibatch OT of ``x0`` to ``x1`` within each group of rows whose per-row extras agree.
 
@@ -161,10 +116,10 @@ def _paired_within_labels(x0: Tensor, x1: Tensor, extras: dict) -> Tensor:
             continue
         if value.is_floating_point() or value.is_complex():
             raise ValueError(
-                "minibatch_ot=True pairs noise with data within groups of equal labels; "
+                "Batches(minibatch_ot=True) pairs noise with data within groups of equal labels; "
                 f"extras[{key!r}] is {value.dtype} (a continuous condition), so there are no such "
                 "groups, and pairing across conditions would bias the noise each one sees: "
-                "use minibatch_ot=False"
+                "use Batches(minibatch_ot=False)"
             )
         keys.append(value.reshape(batch, -1).long())
     if not keys:
@@ -177,6 +132,59 @@ def _paired_within_labels(x0: Tensor, x1: Tensor, extras: dict) -> Tensor:
     return paired
 
 
+def _check_inputs(
+    field: object, path: object, data: object, steps: object, options: tuple, extras: object
+) -> tuple[list[nn.Parameter], Extras]:
+    """Every check of :func:`train_cfm`'s arguments, before any work; the trainable parameters
+    and the checked extras."""
+    if not isinstance(field, nn.Module):
+        raise TypeError(
+            f"field must be a torch.nn.Module with forward(x, t), got {type(field).__name__}"
+        )
+    if not isinstance(path, GaussianPath):
+        raise TypeError(f"path must be a cnftools GaussianPath, got {type(path).__name__}")
+    check_int("steps", steps, low=1)
+    for name, value, kind in zip(_OPTION_NAMES, options, _OPTIONS, strict=True):
+        if not isinstance(value, kind) and not (kind is Checkpointing and value is None):
+            raise TypeError(
+                f"{name} must be a cnftools.{kind.__name__}, got {type(value).__name__}; e.g. "
+                f"{name}=cnftools.{kind.__name__}(...)"
+            )
+    batch_size = options[0].size
+    extras = check_extras(extras)
+    if isinstance(data, Tensor):
+        check_batched("data", data)
+        if batch_size > data.shape[0]:
+            raise ValueError(
+                f"batches.size={batch_size} exceeds the {data.shape[0]} data points; "
+                "use a smaller Batches(size=...)"
+            )
+        for key, value in extras.items():
+            per_row = isinstance(value, Tensor) and value.dim() >= 1
+            if per_row and value.shape[0] == data.shape[0] and value.device != data.device:
+                raise ValueError(
+                    f"extras[{key!r}] is on {value.device} but data is on {data.device}; "
+                    "per-row extras are indexed with the data's rows: put them on one device"
+                )
+    elif not callable(data):
+        raise TypeError("data must be a tensor (N, *event) or a sampler data(n, generator)")
+    elif extras:
+        raise ValueError(
+            "extras= goes with tensor data; a sampler gives its conditioning by returning "
+            "(x1, extras) from data(n, generator)"
+        )
+    params = [p for p in field.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("field has no trainable parameters")
+    if options[3] is not None:
+        options[3].check_writable()
+    return params, extras
+
+
+_OPTION_NAMES = ("batches", "optimization", "monitor", "checkpoints")
+_OPTIONS = (Batches, Optimization, Monitor, Checkpointing)
+
+
 @with_thread_policy
 def train_cfm(
     field: nn.Module,
@@ -184,27 +192,20 @@ def train_cfm(
     data: DataSource,
     *,
     steps: int,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None = None,
-    seed: int = 0,
-    minibatch_ot: bool = False,
-    t_min: float = 0.0,
-    t_max: float = 1.0,
-    max_grad_norm: float | None = None,
-    lr_schedule: str | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    progress: bool = False,
-    callback: Callable[[int, float, nn.Module], bool | None] | None = None,
-    callback_every: int = 100,
+    batches: Batches = Batches(),
+    optimization: Optimization = Optimization(),
+    monitor: Monitor = Monitor(),
+    checkpoints: Checkpointing | None = None,
     extras: Extras | None = None,
 ) -> TrainResult:
     r"""Train a velocity field with conditional flow matching (theory §6).
 
     Each step draws a data batch :math:`x_1`, noise :math:`x_0 \sim \mathcal N(0, I)` (re-paired
-    by minibatch OT when ``minibatch_ot``), times :math:`t \sim \mathcal U[t_{\min}, t_{\max})`,
-    and takes one optimizer step on ``cfm_loss(field, path, x1, t, x0, extras=...)``.
+    by minibatch OT when ``batches.minibatch_ot``), times :math:`t \sim \mathcal U[t_{\min},
+    t_{\max})`, and takes one optimizer step on ``cfm_loss(field, path, x1, t, x0, extras=...)``.
+
+    The field trains where its parameters are, in their dtype: move it first
+    (``field.to(device, dtype)``); the batches follow it.
 
     Conditional training (class labels, context vectors; docs/guide/conditional.md): pass
     ``extras={"y": labels}`` with tensor ``data``. Every tensor in ``extras`` whose first dimension
@@ -215,16 +216,16 @@ def train_cfm(
     within groups of rows with equal labels: pairing across classes would hand each class the
     noise nearest to it, so its noise would no longer be :math:`\mathcal N(0, I)` and the learned
     conditional flows would start from the wrong distribution. Continuous (floating) per-row
-    conditions admit no such groups and refuse ``minibatch_ot=True``. A sampler gives
-    conditioning by returning ``(x1, extras)`` instead of ``x1``.
+    conditions admit no such groups and refuse minibatch OT. A sampler gives conditioning by
+    returning ``(x1, extras)`` instead of ``x1``.
 
     Threads: cnftools' thread policy (docs/guide/likelihood.md#threads): a ``cnftools.threads(n)``
     block, else ``CNFTOOLS_THREADS``, else the idle cores of the machine (1 when it is busy);
     the caller's torch thread count is restored afterwards.
 
     Args:
-        field: an ``nn.Module`` with ``forward(x, t)`` (e.g. :class:`~cnftools.MLPField`); it is
-            moved to ``device``/``dtype`` when those are given, and trained in place.
+        field: an ``nn.Module`` with ``forward(x, t)`` (e.g. :class:`~cnftools.MLPField`), trained
+            in place on its parameters' device and dtype.
         path: the conditional probability path (OT, VE, VP or user-defined).
         data: a tensor ``(N, *event)`` (shuffled into epochs without replacement; the last partial
             batch of each epoch is dropped) or a sampler ``data(n, generator) -> (n, *event)``
@@ -232,23 +233,13 @@ def train_cfm(
             per-row tensors of first dimension ``n``. Batches are moved to the field's
             device/dtype (floating extras too; integer labels keep their dtype).
         steps: number of optimizer steps.
-        batch_size: examples per step (at most ``N`` for tensor data).
-        lr: Adam learning rate (ignored when ``optimizer`` is an instance).
-        optimizer: an optimizer instance over ``field``'s parameters, or a factory
-            ``optimizer(params) -> Optimizer``; default Adam(lr).
-        seed: seeds the one generator (on the field's device) behind every random draw.
-        minibatch_ot: pair :math:`x_0` and :math:`x_1` by exact OT on each batch.
-        t_min: lower end of the time draws.
-        t_max: upper end (exclusive) of the time draws; e.g. ``1 - 1e-3`` for VP.
-        max_grad_norm: clip the gradient norm to this value (``None``: no clipping).
-        lr_schedule: ``None`` (constant) or ``"cosine"``: the learning rate of every parameter
-            group decays as :math:`\tfrac12(1 + \cos(\pi k / \text{steps}))` over the run.
-        device: where to train (default: the field's parameters' device).
-        dtype: training dtype (default: the field's parameters' dtype).
-        progress: show a tqdm progress bar with the running loss.
-        callback: ``callback(step, loss, field)`` every ``callback_every`` steps and at the last
-            step; return ``True`` to stop early.
-        callback_every: how often to call ``callback`` (and refresh the progress bar).
+        batches: what each step draws (:class:`~cnftools.training.Batches`: size, time range,
+            minibatch OT, seed).
+        optimization: how the parameters are updated (:class:`~cnftools.training.Optimization`:
+            optimizer, learning rate and schedule, gradient clipping).
+        monitor: progress bar and callback (:class:`~cnftools.training.Monitor`).
+        checkpoints: where the run is saved every few steps and how it resumes
+            (:class:`~cnftools.training.Checkpointing`); ``None``: no checkpoints.
         extras: keyword arguments for the field, e.g. ``{"y": labels}`` with ``labels`` of shape
             ``(N,)`` for tensor ``data`` (only with tensor data; a sampler returns its own).
 
@@ -265,7 +256,11 @@ def train_cfm(
         >>> _ = torch.manual_seed(0)
         >>> v = cnftools.MLPField(2, hidden=(32, 32))
         >>> result = cnftools.train_cfm(
-        ...     v, cnftools.OTPath(0.05), eight_gaussians().sample, steps=20, batch_size=64
+        ...     v,
+        ...     cnftools.OTPath(0.05),
+        ...     eight_gaussians().sample,
+        ...     steps=20,
+        ...     batches=cnftools.Batches(size=64),
         ... )
         >>> list(result.history.columns), len(result.history)
         (['step', 'loss', 'lr', 'seconds'], 20)
@@ -273,7 +268,12 @@ def train_cfm(
         >>> c = cnftools.MLPField(2, hidden=(16,), num_classes=3)
         >>> x = torch.randn(100, 2) + 3 * labels[:, None]
         >>> r = cnftools.train_cfm(
-        ...     c, cnftools.OTPath(0.05), x, extras={"y": labels}, steps=5, batch_size=20
+        ...     c,
+        ...     cnftools.OTPath(0.05),
+        ...     x,
+        ...     extras={"y": labels},
+        ...     steps=5,
+        ...     batches=cnftools.Batches(size=20),
         ... )
         >>> len(r.history)
         5
@@ -281,121 +281,80 @@ def train_cfm(
     References:
         Lipman et al. (2022), arXiv:2210.02747, Algorithm 1; Tong et al. (2023), Algorithm 2.
     """
-    if not isinstance(field, nn.Module):
-        raise TypeError(
-            f"field must be a torch.nn.Module with forward(x, t), got {type(field).__name__}"
-        )
-    if not isinstance(path, GaussianPath):
-        raise TypeError(f"path must be a cnftools GaussianPath, got {type(path).__name__}")
-    for name, value, low in (
-        ("steps", steps, 1),
-        ("batch_size", batch_size, 1),
-        ("callback_every", callback_every, 1),
-    ):
-        check_int(name, value, low=low)
-    extras = check_extras(extras)
-    if isinstance(data, Tensor):
-        check_batched("data", data)
-        if batch_size > data.shape[0]:
-            raise ValueError(f"batch_size={batch_size} exceeds the {data.shape[0]} data points")
-    elif not callable(data):
-        raise TypeError("data must be a tensor (N, *event) or a sampler data(n, generator)")
-    elif extras:
-        raise ValueError(
-            "extras= goes with tensor data; a sampler gives its conditioning by returning "
-            "(x1, extras) from data(n, generator)"
-        )
-    if isinstance(data, Tensor):
-        for key, value in extras.items():
-            per_row = isinstance(value, Tensor) and value.dim() >= 1
-            if per_row and value.shape[0] == data.shape[0] and value.device != data.device:
-                raise ValueError(
-                    f"extras[{key!r}] is on {value.device} but data is on {data.device}; "
-                    "per-row extras are indexed with the data's rows: put them on one device"
-                )
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-    params = [p for p in field.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("field has no trainable parameters")
-    if device is not None or dtype is not None:
-        field.to(device=device, dtype=dtype)
-    device = params[0].device
-    dtype = params[0].dtype
-    if optimizer is None:
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr)
-    elif isinstance(optimizer, torch.optim.Optimizer):
-        opt = optimizer
-    elif callable(optimizer):
-        opt = optimizer(params)
-    else:
-        raise TypeError("optimizer must be an Optimizer, a factory optimizer(params) or None")
-
-    if lr_schedule not in (None, "cosine"):
-        raise ValueError(f"lr_schedule must be None or 'cosine', got {lr_schedule!r}")
-    scheduler = None
-    if lr_schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
-        )
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    batches = _batches(data, extras, batch_size, generator, device, dtype)
+    options = (batches, optimization, monitor, checkpoints)
+    params, extras = _check_inputs(field, path, data, steps, options, extras)
+    device, dtype = params[0].device, params[0].dtype
+    opt, scheduler = optimization.build(params, steps)
+    generator = torch.Generator(device=device).manual_seed(int(batches.seed))
+    draws = Draws(data, extras, batches.size, generator, device, dtype)
+    settings = run_settings(steps, batches, optimization, opt, data, path)
+    run = Run(field, path, opt, scheduler, generator, draws, settings)
+    if checkpoints is not None and checkpoints.resume and os.path.exists(checkpoints.file):
+        run.restore(checkpoints.file, device)
+    resumed_from = run.step
     bar = None
-    if progress:
-        bar = tqdm(total=steps, desc="train_cfm")
-    losses: list[Tensor] = []
-    lrs: list[float] = []
-    seconds: list[float] = []
-    start = time.perf_counter()
+    if monitor.progress:
+        bar = tqdm(total=steps, initial=min(run.step, steps), desc="train_cfm")
     field.train()
     try:
-        for step in range(1, steps + 1):
-            x1, batch_extras = next(batches)
-            x0 = torch.randn(x1.shape, generator=generator, dtype=dtype, device=device)
-            if minibatch_ot:
-                # permutes x0 only, within groups of equal labels: (x1, extras) stay paired
-                x0 = _paired_within_labels(x0, x1, batch_extras)
-            try:
-                loss = cfm_loss(
-                    field,
-                    path,
-                    x1,
-                    None,
-                    x0,
-                    generator,
-                    t_min=t_min,
-                    t_max=t_max,
-                    extras=batch_extras,
-                )
-            except ValueError as error:
-                raise ValueError(f"train_cfm, step {step}: {error}") from error
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            losses.append(loss.detach())
-            lrs.append(float(opt.param_groups[0]["lr"]))
-            if scheduler is not None:
-                scheduler.step()
-            seconds.append(time.perf_counter() - start)
-            report = step % callback_every == 0 or step == steps
-            if report:
-                value = float(loss.detach())
-                if bar is not None:
-                    bar.set_postfix(loss=f"{value:.4g}")
-                    bar.update(step - bar.n)
-                if callback is not None and callback(step, value, field):
-                    break
+        while run.step < steps and not run.stopped:
+            step = run.step + 1
+            loss = _step(run, params, batches, optimization, step)
+            run.step = step
+            if step % monitor.every == 0 or step == steps:
+                run.stopped = _report(step, loss, field, bar, monitor)
+            if checkpoints is not None and (
+                step % checkpoints.every == 0 or step == steps or run.stopped
+            ):
+                run.save(checkpoints.file)
     finally:
         if bar is not None:
             bar.close()
-    history = pd.DataFrame(
-        {
-            "step": range(1, len(losses) + 1),
-            "loss": torch.stack(losses).cpu().double().numpy() if losses else [],
-            "lr": lrs,
-            "seconds": seconds,
-        }
-    )
-    return TrainResult(field, history, opt, time.perf_counter() - start)
+    history = run.history
+    return TrainResult(field, history.frame(), opt, history.elapsed(), resumed_from)
+
+
+def _step(
+    run: Run, params: list, batches: Batches, optimization: Optimization, step: int
+) -> Tensor:
+    """One optimizer step of ``run``: draw, pair, loss, update, record; returns the loss."""
+    x1, extras = next(run.draws)
+    generator = run.generator
+    x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
+    if batches.minibatch_ot:
+        # permutes x0 only, within groups of equal labels: (x1, extras) stay paired
+        x0 = _paired_within_labels(x0, x1, extras)
+    try:
+        loss = cfm_loss(
+            run.field,
+            run.path,
+            x1,
+            None,
+            x0,
+            generator,
+            t_min=batches.t_min,
+            t_max=batches.t_max,
+            extras=extras,
+        )
+    except ValueError as error:
+        raise ValueError(f"train_cfm, step {step}: {error}") from error
+    opt = run.optimizer
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if optimization.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, optimization.max_grad_norm)
+    opt.step()
+    run.history.record(loss, opt)
+    if run.scheduler is not None:
+        run.scheduler.step()
+    run.history.tick()
+    return loss
+
+
+def _report(step: int, loss: Tensor, field: nn.Module, bar: Any, monitor: Monitor) -> bool:
+    """Refresh the progress bar and call the callback; whether the callback asks to stop."""
+    value = float(loss.detach())
+    if bar is not None:
+        bar.set_postfix(loss=f"{value:.4g}")
+        bar.update(step - bar.n)
+    return monitor.callback is not None and bool(monitor.callback(step, value, field))

@@ -27,22 +27,15 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cnftools._checks import as_time, check_int
+from cnftools.training.features import Conditioning, TimeEmbedding, TimeFeatures
 
-__all__ = [
-    "ACTIVATIONS",
-    "TIME_EMBEDDINGS",
-    "Conditioning",
-    "ConvField",
-    "MLPField",
-    "TimeEmbedding",
-]
+__all__ = ["ACTIVATIONS", "ConvField", "MLPField"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
@@ -52,181 +45,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 """The admissible activations: all are smooth (infinitely differentiable)."""
 
-TIME_EMBEDDINGS = ("sinusoidal", "fourier", "linear")
-"""The admissible time embeddings of :class:`TimeEmbedding`."""
-
 _NON_SMOOTH = ("relu", "leaky_relu", "leakyrelu", "relu6", "hardtanh", "hardswish", "elu", "selu")
-
-
-class TimeEmbedding(nn.Module):
-    r"""Features of the time :math:`t`, shape ``(B,) -> (B, features)``.
-
-    * ``"sinusoidal"`` (deterministic): :math:`e(t) = [t, \sin(\omega_k t), \cos(\omega_k t)]_{k<K}`
-      with geometric frequencies :math:`\omega_k = \pi\,\omega_{\max}^{k/(K-1)}`,
-      :math:`K = \lfloor (\text{features} - 1)/2 \rfloor`, so the slowest feature varies once over
-      :math:`[0, 1]` and the fastest :math:`\omega_{\max}/2` times.
-    * ``"fourier"`` (random, Tancik et al. 2020): the same form with :math:`\omega_k \sim
-      \mathcal N(0, (2\pi\,\text{scale})^2)` drawn once from ``seed`` (reproduced from the
-      config, so they need not travel in the ``state_dict``).
-    * ``"linear"``: :math:`e(t) = [t]` (``features`` must be 1).
-
-    Args:
-        kind: one of :data:`TIME_EMBEDDINGS`.
-        features: output width (odd widths use all features; an even width leaves one zero pad).
-        max_frequency: :math:`\omega_{\max}` for ``"sinusoidal"``.
-        scale: standard deviation of the frequencies (in cycles per unit time) for ``"fourier"``.
-        seed: seed for the ``"fourier"`` frequencies.
-    """
-
-    def __init__(
-        self,
-        kind: str = "sinusoidal",
-        features: int = 13,
-        *,
-        max_frequency: float = 8.0,
-        scale: float = 1.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if kind not in TIME_EMBEDDINGS:
-            raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {kind!r}")
-        check_int("time_features", features, low=1)
-        if kind == "linear" and features != 1:
-            raise ValueError(f"time_features must be 1 for the linear embedding, got {features}")
-        if kind != "linear" and features < 3:
-            raise ValueError(f"time_features must be >= 3 for a {kind} embedding, got {features}")
-        self.kind = kind
-        self.features = features
-        n_freq = (features - 1) // 2
-        if kind == "sinusoidal":
-            if not (isinstance(max_frequency, Real) and max_frequency >= 1):
-                raise ValueError(f"time_max_frequency must be a number >= 1, got {max_frequency}")
-            exponents = torch.arange(n_freq, dtype=torch.float64) / max(n_freq - 1, 1)
-            freqs = math.pi * float(max_frequency) ** exponents
-        elif kind == "fourier":
-            if not (isinstance(scale, Real) and scale > 0):
-                raise ValueError(f"time_scale must be a number > 0, got {scale}")
-            gen = torch.Generator().manual_seed(int(seed))
-            freqs = (
-                2 * math.pi * float(scale) * torch.randn(n_freq, generator=gen, dtype=torch.float64)
-            )
-        else:
-            freqs = torch.zeros(0, dtype=torch.float64)
-        # Kept in float64 and cast on use (cached per device/dtype), not a buffer: the features are
-        # a fixed function of the constructor arguments, exact in every dtype.
-        self.frequencies = freqs
-        self._cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        self._pad = features - 1 - 2 * n_freq
-
-    def forward(self, t: Tensor) -> Tensor:
-        """Embed ``t`` of shape ``(B,)``; returns ``(B, features)`` in ``t``'s dtype."""
-        t = t.reshape(-1, 1)
-        parts = [t]
-        if self.frequencies.numel():
-            key = (t.device, t.dtype)
-            if key not in self._cache:
-                self._cache[key] = self.frequencies.to(device=t.device, dtype=t.dtype)
-            angle = t * self._cache[key]
-            parts += [torch.sin(angle), torch.cos(angle)]
-        if self._pad:
-            parts.append(torch.zeros(t.shape[0], self._pad, dtype=t.dtype, device=t.device))
-        return torch.cat(parts, dim=1)
-
-
-class Conditioning(nn.Module):
-    r"""The optional conditioning input of a field: class labels or a feature vector.
-
-    * ``num_classes=K``: ``y`` is an integer tensor ``(B,)`` of labels in ``[0, K)``, embedded by an
-      ``nn.Embedding(K, class_features)``;
-    * ``cond_dim=C``: ``y`` is a ``(B, C)`` tensor of ``x``'s dtype, used as is;
-    * neither: the field is unconditional and ``y`` must be ``None``.
-
-    ``forward(y, x)`` returns the list of feature tensors to concatenate (empty when
-    unconditional), each ``(B, features)``.
-
-    Args:
-        num_classes: number of classes, or ``None``.
-        cond_dim: width of the conditioning vector, or ``None``.
-        class_features: width of the class embedding.
-    """
-
-    def __init__(
-        self, num_classes: int | None = None, cond_dim: int | None = None, class_features: int = 16
-    ) -> None:
-        super().__init__()
-        if num_classes is not None and cond_dim is not None:
-            raise ValueError("give at most one of num_classes and cond_dim")
-        if num_classes is not None:
-            check_int("num_classes", num_classes, low=1)
-        if cond_dim is not None:
-            check_int("cond_dim", cond_dim, low=1)
-        check_int("class_features", class_features, low=1)
-        self.num_classes = num_classes
-        self.cond_dim = cond_dim
-        self.class_features = class_features
-        self.embedding = (
-            nn.Embedding(num_classes, class_features) if num_classes is not None else None
-        )
-        self.features = (
-            class_features if num_classes is not None else (cond_dim if cond_dim is not None else 0)
-        )
-
-    def config(self) -> dict[str, Any]:
-        """The arguments as plain values (for a field's ``config()``)."""
-        return {
-            "num_classes": self.num_classes,
-            "cond_dim": self.cond_dim,
-            "class_features": self.class_features,
-        }
-
-    @property
-    def conditional(self) -> bool:
-        """Whether the field takes a condition ``y`` (``num_classes`` or ``cond_dim`` given)."""
-        return self.num_classes is not None or self.cond_dim is not None
-
-    def describe(self) -> str:
-        if self.num_classes is not None:
-            return f", num_classes={self.num_classes}"
-        return f", cond_dim={self.cond_dim}" if self.cond_dim is not None else ""
-
-    def forward(self, y: Tensor | None, x: Tensor) -> list[Tensor]:
-        batch = x.shape[0]
-        if self.num_classes is None and self.cond_dim is None:
-            if y is not None:
-                raise ValueError(
-                    "this field is unconditional but got y; build it with num_classes= or cond_dim="
-                )
-            return []
-        if y is None:
-            what = (
-                f"num_classes={self.num_classes}"
-                if self.num_classes
-                else f"cond_dim={self.cond_dim}"
-            )
-            raise ValueError(f"this field is conditional ({what}): pass y=, e.g. v(x, t, y=labels)")
-        if not isinstance(y, Tensor):
-            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-        if y.device != x.device:
-            raise ValueError(f"y is on {y.device} but x is on {x.device}")
-        if self.embedding is not None:
-            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-                raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
-            if y.shape != (batch,):
-                raise ValueError(f"y must have shape (B,) = ({batch},), got {tuple(y.shape)}")
-            low, high = (int(v) for v in torch.stack(torch.aminmax(y)).tolist())
-            if low < 0 or high >= self.num_classes:
-                raise ValueError(
-                    f"class labels y must lie in [0, {self.num_classes}), got values in "
-                    f"[{low}, {high}]"
-                )
-            return [self.embedding(y).to(x.dtype)]
-        if y.shape != (batch, self.cond_dim):
-            raise ValueError(
-                f"y must have shape (B, cond_dim) = ({batch}, {self.cond_dim}), got {tuple(y.shape)}"
-            )
-        if y.dtype != x.dtype:
-            raise TypeError(f"y must have x's dtype {x.dtype}, got {y.dtype}")
-        return [y]
 
 
 def _smooth_activation(activation: str) -> str:
@@ -241,22 +60,6 @@ def _smooth_activation(activation: str) -> str:
     if key not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     return key
-
-
-def _time_embedding(
-    kind: str, features: int, max_frequency: float, scale: float, seed: int
-) -> tuple[TimeEmbedding, dict[str, Any]]:
-    """A field's :class:`TimeEmbedding` (which validates the settings) and the ``time_*`` entries
-    of its config."""
-    embedding = TimeEmbedding(kind, features, max_frequency=max_frequency, scale=scale, seed=seed)
-    config = {
-        "time_embedding": kind,
-        "time_features": int(features),
-        "time_max_frequency": float(max_frequency),
-        "time_scale": float(scale),
-        "time_seed": int(seed),
-    }
-    return embedding, config
 
 
 def _layer_stack(
@@ -284,16 +87,10 @@ class MLPField(nn.Module):
             shape itself (a tuple, e.g. ``(1, 8, 8)``); then inputs must have exactly that event
             shape.
         hidden: widths of the hidden layers (``()`` gives an affine field in ``x``).
-        time_embedding: ``"sinusoidal"`` (default), ``"fourier"`` or ``"linear"``.
         activation: ``"silu"`` (default), ``"softplus"``, ``"tanh"`` or ``"gelu"``. ReLU-like,
             non-smooth activations are refused (adaptive solvers stall on their kinks).
-        time_features: width of the time embedding.
-        time_max_frequency: largest sinusoidal frequency factor :math:`\omega_{\max}`. Faster
-            time features make :math:`v_\theta` vary faster in :math:`t` and cost adaptive solvers
-            steps: a trained 3×32 field on 2-D data needed 68 dopri5 evaluations
-            (rtol = atol = 1e-5) with the default 8, 98 with 16 and 290 with 100, at equal fit.
-        time_scale: frequency scale of the random Fourier embedding.
-        time_seed: seed of the random Fourier frequencies.
+        time: the time embedding (:class:`~cnftools.training.features.TimeFeatures`: kind,
+            width, frequencies); default sinusoidal with 13 features.
         zero_init_output: start from :math:`v_\theta \equiv 0` (last layer zeroed).
         num_classes: make the field class-conditional, :math:`v_\theta(x, t, y)` with integer
             labels :math:`y \in \{0, \dots, \text{num\_classes} - 1\}`, embedded in
@@ -335,12 +132,8 @@ class MLPField(nn.Module):
         dim: int | Sequence[int],
         hidden: Sequence[int] = (256, 256, 256),
         *,
-        time_embedding: str = "sinusoidal",
         activation: str = "silu",
-        time_features: int = 13,
-        time_max_frequency: float = 8.0,
-        time_scale: float = 1.0,
-        time_seed: int = 0,
+        time: TimeFeatures = TimeFeatures(),
         zero_init_output: bool = False,
         num_classes: int | None = None,
         cond_dim: int | None = None,
@@ -370,18 +163,16 @@ class MLPField(nn.Module):
         for width in hidden:
             check_int("hidden (layer width)", width, low=1)
         key = _smooth_activation(activation)
-        self.time_embedding, time = _time_embedding(
-            time_embedding, time_features, time_max_frequency, time_scale, time_seed
-        )
+        self.time_embedding = TimeEmbedding(time)
         self._config: dict[str, Any] = {
             "dim": list(self.event_shape) if self.event_shape is not None else self.dim,
             "hidden": [int(h) for h in hidden],
             "activation": key,
-            **time,
+            **time.config(),
             "zero_init_output": bool(zero_init_output),
             **self.conditioning.config(),
         }
-        widths = [self.dim + time_features + self.conditioning.features, *hidden, self.dim]
+        widths = [self.dim + time.features + self.conditioning.features, *hidden, self.dim]
         self.net = _layer_stack(widths, key, nn.Linear)
         if zero_init_output:
             last = self.net[-1]
@@ -443,7 +234,11 @@ class MLPField(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> MLPField:
-        """Build an untrained field from :meth:`config`'s dict; ``overrides`` (e.g. dtype) win."""
+        """Build an untrained field from :meth:`config`'s dict; ``overrides`` (e.g. dtype) win.
+
+        The ``time_*`` entries of the dict (the stored form of :class:`TimeFeatures`, the same
+        as cnftools 0.1 wrote) become the ``time=`` argument.
+        """
         if not isinstance(cfg, dict):
             raise TypeError(f"cfg must be a dict from MLPField.config(), got {type(cfg).__name__}")
         args = dict(cfg)
@@ -454,7 +249,7 @@ class MLPField(nn.Module):
         if isinstance(dim, list | tuple):
             dim = tuple(dim)
         hidden = tuple(args.pop("hidden", (256, 256, 256)))
-        return cls(dim, hidden, **args)
+        return cls(dim, hidden, time=TimeFeatures.pop_config(args), **args)
 
     def extra_repr(self) -> str:
         c = self._config
@@ -484,12 +279,8 @@ class ConvField(nn.Module):
     Args:
         channels: the image channels :math:`C`.
         hidden: channel widths of the hidden convolutions.
-        time_embedding: ``"sinusoidal"`` (default), ``"fourier"`` or ``"linear"``.
         activation: ``"silu"`` (default), ``"softplus"``, ``"tanh"`` or ``"gelu"``.
-        time_features: width of the time embedding.
-        time_max_frequency: largest sinusoidal frequency factor (see :class:`TimeEmbedding`).
-        time_scale: frequency scale of the random Fourier embedding.
-        time_seed: seed of the random Fourier frequencies.
+        time: the time embedding (:class:`~cnftools.training.features.TimeFeatures`).
         zero_init_output: start from :math:`v_\theta \equiv 0` (last convolution zeroed).
         num_classes: class-conditional with integer labels ``y`` (see :class:`Conditioning`).
         cond_dim: conditional on a ``(B, cond_dim)`` vector ``y``.
@@ -523,12 +314,8 @@ class ConvField(nn.Module):
         channels: int,
         hidden: Sequence[int] = (32, 32),
         *,
-        time_embedding: str = "sinusoidal",
         activation: str = "silu",
-        time_features: int = 13,
-        time_max_frequency: float = 8.0,
-        time_scale: float = 1.0,
-        time_seed: int = 0,
+        time: TimeFeatures = TimeFeatures(),
         zero_init_output: bool = False,
         num_classes: int | None = None,
         cond_dim: int | None = None,
@@ -547,18 +334,16 @@ class ConvField(nn.Module):
         key = _smooth_activation(activation)
         self.conditioning = Conditioning(num_classes, cond_dim, class_features)
         self.channels = channels
-        self.time_embedding, time = _time_embedding(
-            time_embedding, time_features, time_max_frequency, time_scale, time_seed
-        )
+        self.time_embedding = TimeEmbedding(time)
         self._config: dict[str, Any] = {
             "channels": int(channels),
             "hidden": [int(h) for h in hidden],
             "activation": key,
-            **time,
+            **time.config(),
             "zero_init_output": bool(zero_init_output),
             **self.conditioning.config(),
         }
-        widths = [channels + time_features + self.conditioning.features, *hidden, channels]
+        widths = [channels + time.features + self.conditioning.features, *hidden, channels]
         self.net = _layer_stack(
             widths, key, lambda n_in, n_out: nn.Conv2d(n_in, n_out, kernel_size=3, padding=1)
         )
@@ -608,7 +393,7 @@ class ConvField(nn.Module):
         args.update(overrides)
         channels = args.pop("channels")
         hidden = tuple(args.pop("hidden", (32, 32)))
-        return cls(channels, hidden, **args)
+        return cls(channels, hidden, time=TimeFeatures.pop_config(args), **args)
 
     def extra_repr(self) -> str:
         c = self._config
