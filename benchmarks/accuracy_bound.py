@@ -71,7 +71,7 @@ def main() -> None:
                         with warnings.catch_warnings(record=True) as caught:
                             warnings.simplefilter("always")
                             result = cnftools.log_likelihood(
-                                q_run, x.to(dtype), prior, accuracy=target, return_result=True
+                                q_run, x.to(dtype), prior, accuracy=target
                             )
                         error = (result.log_prob.double() - exact).abs()
                         bound = result.error_estimate.double()

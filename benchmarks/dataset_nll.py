@@ -46,17 +46,35 @@ def _case(d: int, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     return field, torch.randn(32768, d, generator=torch.Generator().manual_seed(1))
 
 
-def _measure(d: int, divergence: str, quick: bool) -> tuple[float, int]:
+def _estimator(divergence: str) -> object:
+    """The divergence spec of a table row's name: ``"exact"`` or ``"hutchinson"`` (one probe)."""
     import cnftools
 
+    return cnftools.Exact() if divergence == "exact" else cnftools.Hutchinson(n_probes=1)
+
+
+def _nll(field: torch.nn.Module, x: torch.Tensor, divergence: str, steps: int, **run: object):
+    """One ``dataset_nll`` call: rk4 on ``steps`` steps, no progress bar, ``run`` the
+    :class:`~cnftools.nll.Execution` fields."""
+    import cnftools
+    from cnftools.nll import Execution
+
+    return cnftools.dataset_nll(
+        field,
+        x,
+        estimator=_estimator(divergence),
+        config=cnftools.SolverConfig("rk4", steps=steps),
+        execution=Execution(progress=False, **run),
+    )
+
+
+def _measure(d: int, divergence: str, quick: bool) -> tuple[float, int]:
     n, batch = _rows(d, divergence, quick)
     field, x = _case(d)
     if dist.is_initialized():
         dist.barrier()
     start = time.perf_counter()
-    frame = cnftools.dataset_nll(
-        field, x[:n], batch_size=batch, divergence=divergence, method="rk4", steps=8, progress=False
-    )
+    frame = _nll(field, x[:n], divergence, 8, batch_size=batch)
     seconds = time.perf_counter() - start
     if frame is not None:
         assert (frame["status"] == "ok").all() and len(frame) == n
@@ -79,19 +97,9 @@ def _control(world: int) -> float:
 
 def _warm_up() -> None:
     """One small untimed run per case: imports, autograd and allocator start-up are not timed."""
-    import cnftools
-
     for d, divergence in CASES:
         field, x = _case(d)
-        cnftools.dataset_nll(
-            field,
-            x[:64],
-            batch_size=32,
-            divergence=divergence,
-            method="rk4",
-            steps=2,
-            progress=False,
-        )
+        _nll(field, x[:64], divergence, 2, batch_size=32)
 
 
 def _worker(rank: int, world: int, init: str, quick: bool, results: dict) -> None:
@@ -112,8 +120,7 @@ def _worker(rank: int, world: int, init: str, quick: bool, results: dict) -> Non
 
 def _threads_table(quick: bool) -> None:
     """rows/s of one process with 1 and 2 torch threads and with dataset_nll's own choice."""
-    import cnftools
-    from cnftools.nll.distributed import choose_threads
+    from cnftools._resources import choose_threads
 
     n = 1024 if quick else 4096
     field, x = _case(2)
@@ -126,11 +133,9 @@ def _threads_table(quick: bool) -> None:
     print("|---|---|---|")
     rates = {}
     for label, count in (("1", 1), ("2", 2), (f"automatic ({auto})", None)):
-        cnftools.dataset_nll(field, x[:64], batch_size=64, method="rk4", steps=2,
-                             num_threads=count or auto, progress=False)  # fmt: skip
+        _nll(field, x[:64], "exact", 2, batch_size=64, num_threads=count or auto)
         start = time.perf_counter()
-        cnftools.dataset_nll(field, x[:n], batch_size=64, method="rk4", steps=8,
-                             num_threads=count, progress=False)  # fmt: skip
+        _nll(field, x[:n], "exact", 8, batch_size=64, num_threads=count)
         rates[label] = n / (time.perf_counter() - start)
         print(f"| {label} | {rates[label]:,.0f} | {rates[label] / rates['1']:.2f}x |")
 

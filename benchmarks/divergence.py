@@ -3,8 +3,9 @@
 Every row times, in one run and interleaved round by round (so a load spike from other processes
 hits all methods alike), the exact divergence of a 3x256 SiLU MLP field ``v(x, t)`` at ``(B, d)``:
 
-- ``auto``: :func:`cnftools.divergence` with the strategy chosen by size (the chosen one is shown),
-- ``batched`` / ``loop`` / ``forward``: the same with ``strategy=`` forced,
+- ``auto``: :func:`cnftools.divergence` with ``cnftools.Exact()``, the strategy chosen by size (the
+  chosen one is shown),
+- ``batched`` / ``loop`` / ``forward``: the same with the strategy forced (``Exact("batched")``, ...),
 - ``plain``: a plain loop, one forward pass then d ``torch.autograd.grad`` calls through the
   retained graph (what one writes by hand),
 - ``flow_matching``: the loop ``flow_matching.solver.ODESolver.compute_likelihood`` runs for its
@@ -131,9 +132,9 @@ def make_methods(
     field: nn.Module, x: Tensor, t: Tensor, expensive: bool, picked: str
 ) -> dict[str, Callable[[], object]]:
     methods: dict[str, Callable[[], object]] = {
-        "auto": lambda: cnftools.divergence(field, x, t),
-        "batched": lambda: cnftools.divergence(field, x, t, strategy="batched"),
-        "loop": lambda: cnftools.divergence(field, x, t, strategy="loop"),
+        "auto": lambda: cnftools.divergence(field, x, t, cnftools.Exact()),
+        "batched": lambda: cnftools.divergence(field, x, t, cnftools.Exact("batched")),
+        "loop": lambda: cnftools.divergence(field, x, t, cnftools.Exact("loop")),
         "plain": lambda: plain_loop(field, x, t),
     }
     if expensive and picked == "loop":  # identical code to "auto" here: not timed twice
@@ -141,7 +142,7 @@ def make_methods(
     if fm_gradient is not None:
         methods["flow_matching"] = lambda: flow_matching_loop(field, x, t)
     if not expensive:  # forward mode is the slowest on CPU; skipped on big rows
-        methods["forward"] = lambda: cnftools.divergence(field, x, t, strategy="forward")
+        methods["forward"] = lambda: cnftools.divergence(field, x, t, cnftools.Exact("forward"))
     backward = floor_fn(field, x, t)
 
     def floor() -> None:

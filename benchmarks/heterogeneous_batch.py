@@ -93,7 +93,7 @@ def runners(q, x: Tensor) -> dict[str, Callable[[float, Counting], Tensor]]:
         def run(tol: float, counting: Counting) -> Tensor:
             return cnftools.log_likelihood(
                 Field(counting), x, prior, method=method, rtol=tol, atol=tol
-            )
+            ).log_prob
 
         return run
 

@@ -4,14 +4,15 @@ For a :class:`cnftools.ConvField` on ``(B, C, H, W)`` images, each row times, pe
 ``t = 0.5``:
 
 - ``forward``: one field evaluation ``v(x, t)`` (no graph),
-- ``exact``: ``cnftools.divergence(v, x, t)`` (the exact trace, :math:`d = CHW` vector-Jacobian
+- ``exact``: ``cnftools.divergence(v, x, t, cnftools.Exact())`` (the exact trace, :math:`d = CHW` vector-Jacobian
   products, batched by cnftools' default strategy),
-- ``hutchinson``: ``cnftools.divergence(v, x, t, method="hutchinson")`` with one Rademacher probe
+- ``hutchinson``: ``cnftools.divergence(v, x, t, cnftools.Hutchinson())`` with one Rademacher probe
   (one VJP),
 
 and the ratio ``exact / hutchinson``. An ODE solve for a likelihood pays this at every field
 evaluation (dopri5: 6 per step), so the ratio is the price of exactness per solve; Hutchinson pays
-instead in variance, which ``dataset_nll(..., target_stderr=...)`` averages down over probe rounds.
+instead in variance, which ``dataset_nll(..., execution=Execution(target_stderr=...))`` averages
+down over probe rounds.
 
 Times are the minimum over ``--repeats`` calls (the least disturbed on a shared machine; expect
 +-25 % noise per cell).
@@ -55,11 +56,11 @@ def measure(
     with torch.no_grad():
         forward = best_time(lambda: field(x, t), repeats)
     exact = best_time(
-        lambda: cnftools.divergence(field, x, t), 1 if x[0].numel() > 256 else repeats
+        lambda: cnftools.divergence(field, x, t, cnftools.Exact()),
+        1 if x[0].numel() > 256 else repeats,
     )
-    hutch = best_time(
-        lambda: cnftools.divergence(field, x, t, method="hutchinson", generator=gen), repeats
-    )
+    probe = cnftools.Hutchinson(n_probes=1, generator=gen)  # fresh probes per call, from gen
+    hutch = best_time(lambda: cnftools.divergence(field, x, t, probe), repeats)
     return {
         "image": f"{channels}x{height}x{width}",
         "d": channels * height * width,

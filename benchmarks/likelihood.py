@@ -13,7 +13,7 @@ the model; the benchmark's adapter expands it to shape (B,), as cnftools does it
   cnftools uses one forward pass and :mod:`cnftools.divergences`'s size-chosen strategy.
 - Hutchinson: one Rademacher probe, held fixed for the solve by both; flow_matching draws it from
   the global RNG, so the benchmark re-draws the same probe from the same seed and hands it to
-  cnftools (``probes=``): the results must then agree to rounding. (flow_matching 1.0.10 builds
+  cnftools (``Hutchinson(probes=...)``): the results must then agree to rounding. (flow_matching 1.0.10 builds
   that probe in the default dtype, which breaks float64 data; the benchmark sets the default
   dtype to float64 around its call.)
 
@@ -108,11 +108,12 @@ def compare(d: int, batch: int, steps: int, rounds: int, divergence: str) -> dic
 
     torch.manual_seed(seed)
     probe = ((torch.randn_like(x) < 0).to(F64) * 2.0 - 1.0)[None]  # the same probe
+    midpoint = cnftools.SolverConfig("midpoint", steps=steps)
 
     def ours() -> Tensor:
         with torch.no_grad():
-            kwargs = {"divergence": "hutchinson", "probes": probe} if divergence != "exact" else {}
-            return cnftools.log_likelihood(v, x, method="midpoint", steps=steps, **kwargs)
+            spec = cnftools.Hutchinson(probes=probe) if divergence != "exact" else None
+            return cnftools.log_likelihood(v, x, estimator=spec, config=midpoint).log_prob
 
     times = {"fm": [], "ours": []}
     outs: dict[str, Tensor] = {}
@@ -154,12 +155,14 @@ def fixed_grid_default(d: int, batch: int, rounds: int, steps: int = 20) -> dict
         )
         return log_p
 
+    midpoint = cnftools.SolverConfig("midpoint", steps=steps)
+
     def ours() -> Tensor:
-        return cnftools.log_likelihood(v, x, method="midpoint", steps=steps)
+        return cnftools.log_likelihood(v, x, config=midpoint).log_prob
 
     def ours_no_grad() -> Tensor:
         with torch.no_grad():
-            return cnftools.log_likelihood(v, x, method="midpoint", steps=steps)
+            return cnftools.log_likelihood(v, x, config=midpoint).log_prob
 
     times: dict[str, list[float]] = {"fm": [], "ours": [], "ours_ng": []}
     outs: dict[str, Tensor] = {}
@@ -191,9 +194,9 @@ def memory(d: int, batch: int, steps: int, adjoint: bool) -> dict[str, object]:
     gc.collect()
     start = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = cnftools.log_likelihood(
-            v, x, method="rk4", steps=steps, adjoint=adjoint, return_result=True
-        )
+        # direct: grad=True (the default call keeps no graph); adjoint: the config asks for it
+        config = cnftools.SolverConfig("rk4", steps=steps, adjoint=adjoint)
+        result = cnftools.log_likelihood(v, x, config=config, grad=True)
     gc.collect()
     held: dict[int, int] = {}
     for ref in refs:

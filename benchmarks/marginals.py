@@ -117,7 +117,7 @@ def row(
         def run() -> None:
             with torch.no_grad():
                 results[name] = cnftools.log_likelihood(
-                    field, x, prior, method="midpoint", steps=steps, return_result=True
+                    field, x, prior, config=cnftools.SolverConfig("midpoint", steps=steps)
                 )
 
         return run

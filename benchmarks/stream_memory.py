@@ -41,6 +41,7 @@ def measure(rows: int) -> dict[str, float]:
     import torch
 
     import cnftools
+    from cnftools.nll import Execution
 
     class Stream(torch.utils.data.IterableDataset):
         def __init__(self, n: int) -> None:
@@ -58,7 +59,10 @@ def measure(rows: int) -> dict[str, float]:
     def run(n: int):
         loader = torch.utils.data.DataLoader(Stream(n), batch_size=BATCH)
         return cnftools.dataset_nll(
-            field, loader, batch_size=BATCH, method="euler", steps=2, progress=False, num_threads=1
+            field,
+            loader,
+            config=cnftools.SolverConfig("euler", steps=2),
+            execution=Execution(batch_size=BATCH, progress=False, num_threads=1),
         )
 
     run(2 * BATCH)  # imports, caches and first allocations happen here, not in the measurement

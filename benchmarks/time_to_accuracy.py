@@ -118,10 +118,10 @@ def runners(field: nn.Module, x: Tensor) -> dict[str, Callable[[float], Tensor]]
     out: dict[str, Callable[[float], Tensor]] = {}
 
     def cnf(tol: float) -> Tensor:
-        return cnftools.log_likelihood(field, x, rtol=tol, atol=tol)
+        return cnftools.log_likelihood(field, x, rtol=tol, atol=tol).log_prob
 
     def cnf8(tol: float) -> Tensor:
-        return cnftools.log_likelihood(field, x, method="dopri8", rtol=tol, atol=tol)
+        return cnftools.log_likelihood(field, x, method="dopri8", rtol=tol, atol=tol).log_prob
 
     out["cnftools dopri5"] = cnf
     out["cnftools dopri8"] = cnf8
@@ -219,7 +219,7 @@ def torchode_runner(field: nn.Module, x: Tensor) -> Callable[[float], Tensor]:
 
 def accuracy_runner(field: nn.Module, x: Tensor) -> Callable[[float], Tensor]:
     def run(target: float) -> Tensor:
-        return cnftools.log_likelihood(field, x, accuracy=target)
+        return cnftools.log_likelihood(field, x, accuracy=target).log_prob
 
     return run
 
@@ -339,16 +339,17 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
 start = time.perf_counter()
-kw = dict(method="midpoint", steps=20)
+midpoint = cnftools.SolverConfig("midpoint", steps=20)
 if "{mode}" == "default":
-    lp = cnftools.log_likelihood(v, x, **kw)
+    lp = cnftools.log_likelihood(v, x, config=midpoint).log_prob
 elif "{mode}" == "no_grad":
     with torch.no_grad():
-        lp = cnftools.log_likelihood(v, x, **kw)
+        lp = cnftools.log_likelihood(v, x, config=midpoint).log_prob
 elif "{mode}" == "direct-gradient":
-    cnftools.log_likelihood(v, x, grad=True, **kw).mean().backward()
+    cnftools.log_likelihood(v, x, config=midpoint, grad=True).log_prob.mean().backward()
 else:
-    cnftools.log_likelihood(v, x, adjoint=True, **kw).mean().backward()
+    adjoint = midpoint.replace(adjoint=True)
+    cnftools.log_likelihood(v, x, config=adjoint).log_prob.mean().backward()
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 gpu = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")

@@ -118,9 +118,7 @@ def conditional_nll(
             return field(x, t, y=torch.full((x.shape[0],), label, device=x.device))
 
         with torch.no_grad():  # no graph for gradients through the solve (memory grows with NFE)
-            result = cnftools.log_likelihood(
-                bound, y[rows], rtol=rtol, atol=atol, return_result=True
-            )
+            result = cnftools.log_likelihood(bound, y[rows], rtol=rtol, atol=atol)
         nll[rows] = -(result.log_prob.double() + log_det)
         nfe += result.nfe.forward
     return nll, nfe
