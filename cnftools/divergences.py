@@ -149,7 +149,7 @@ def velocity_and_divergence(
         Hutchinson with :math:`K \ge 2` probes, its standard error.
 
     Example:
-        >>> import torch
+        >>> import torch, cnftools
         >>> result = velocity_and_divergence(lambda x, t: -x, torch.ones(2, 3), 0.5)
         >>> result.divergence
         tensor([-3., -3.])
@@ -265,7 +265,7 @@ def divergence(
             not a spec.
 
     Example:
-        >>> import torch
+        >>> import torch, cnftools
         >>> x = torch.randn(4, 3, dtype=torch.float64)
         >>> field = lambda x, t: torch.sin(x) * (1 + t[:, None])
         >>> torch.allclose(divergence(field, x, 0.5), (1.5 * torch.cos(x)).sum(1))

@@ -19,8 +19,9 @@ otherwise :class:`Exact`. An explicit spec does exactly what it says.
 
 :func:`cnftools.divergence`, :func:`cnftools.velocity_and_divergence`,
 :func:`cnftools.log_likelihood`, :func:`cnftools.sample_with_log_prob`,
-:func:`cnftools.dataset_nll`, the continuity checks and :class:`cnftools.flows.EulerStep` take
-the same ``estimator=``.
+:func:`cnftools.dataset_nll` and the continuity checks take the same ``estimator=``.
+(:class:`cnftools.flows.EulerStep` needs the whole Jacobian for its log-determinant, not a trace:
+it takes ``batched=``, as :func:`cnftools.divergences.jacobian` does.)
 
 References:
     Hutchinson, A stochastic estimator of the trace of the influence matrix (1989);
