@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,16 @@ import torch
 from _dist_worker import ADAPTIVE, SETTINGS, SlowField, make_case, make_mixture, make_mlp
 from _nll_call import run_nll
 
-from cnftools import SolverConfig
-from cnftools.nll import Dequantization, PerRow, Shared, summarize
+from cnftools import Exact, Hutchinson, SolverConfig
+from cnftools.nll import (
+    Dequantization,
+    Execution,
+    Output,
+    PerRow,
+    Shared,
+    dataset_nll,
+    summarize,
+)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -283,24 +290,31 @@ def test_every_row_failing_raises_with_the_first_error_chained():
         (pd.DataFrame({"a": [1.0], "s": ["x"]}), {}, ValueError, "non-numeric"),
         (torch.zeros(4, 3, dtype=torch.float64), {}, ValueError, "shape"),
         (torch.zeros(4, dtype=torch.float64), {}, ValueError, "event dimension"),
-        (torch.zeros(4, 2, dtype=torch.float64), {"divergence": "exakt"}, ValueError, "divergence"),
-        (torch.zeros(4, 2, dtype=torch.float64), {"target_stderr": 0.1}, ValueError, "hutchinson"),
-        (torch.zeros(4, 2, dtype=torch.float64), {"batch_size": 0}, ValueError, "batch_size"),
-        ("missing.npy", {}, FileNotFoundError, "missing.npy"),
-        ([[1.0, 2.0]], {}, TypeError, "data must be"),
-        (torch.zeros(4, 2, dtype=torch.float64), {"noise": "uniform"}, ValueError, "noise must"),
-        (torch.zeros(4, 2, dtype=torch.float64), {"noise": "gaussian"}, ValueError, "hutchinson"),
         (
             torch.zeros(4, 2, dtype=torch.float64),
-            {"method": None, "steps": None, "config": SolverConfig(), "step_size": 0.1},
+            {"estimator": "exakt"},
+            TypeError,
+            "estimator must be a divergence spec",
+        ),
+        (
+            torch.zeros(4, 2, dtype=torch.float64),
+            {"target_stderr": 0.1},
             ValueError,
-            "is adaptive",
+            r"Execution\(target_stderr=\.\.\.\) applies to estimator=Hutchinson",
+        ),
+        ("missing.npy", {}, FileNotFoundError, "missing.npy"),
+        ([[1.0, 2.0]], {}, TypeError, "data must be"),
+        (
+            torch.zeros(4, 2, dtype=torch.float64),
+            {"accuracy": 1e-6, "rtol": 1e-8},
+            ValueError,
+            r"accuracy= chooses .* do not also give \['rtol'\]",
         ),
         (
             torch.zeros(4, 2, dtype=torch.float64),
             {"config": {"method": "rk4"}},
             TypeError,
-            "config must be a SolverConfig",
+            r"config must be a cnftools\.SolverConfig",
         ),
     ],
     ids=[
@@ -310,19 +324,20 @@ def test_every_row_failing_raises_with_the_first_error_chained():
         "1d",
         "divergence",
         "target",
-        "batch",
         "file",
         "list",
-        "noise",
-        "noise-exact",
-        "grid-for-adaptive",
+        "accuracy-and-rtol",
         "config-dict",
     ],
 )
 def test_bad_inputs_raise_before_work(data, kwargs, error, match):
+    """(The option objects' own errors, raised at construction, are in test_nll_options.py.)"""
     field, _ = make_case()
+    flat = {**FAST, **kwargs}
+    if "accuracy" in flat or "config" in flat:  # not with FAST's grid
+        flat = {k: v for k, v in flat.items() if k not in ("method", "steps")}
     with pytest.raises(error, match=match):
-        run_nll(field, data, **{**FAST, **kwargs})
+        run_nll(field, data, **flat)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,7 +482,9 @@ def test_conditional_field_gets_each_rows_label(route):
     }[route]
     frame = run_nll(field, data, extras=extras, batch_size=8, method="rk4", steps=8, progress=False)
     with torch.no_grad():
-        expected = cnftools.log_likelihood(field, x, extras={"y": y}, method="rk4", steps=8)
+        expected = cnftools.log_likelihood(
+            field, x, extras={"y": y}, config=SolverConfig("rk4", steps=8)
+        ).log_prob
     assert (frame["status"] == "ok").all()
     np.testing.assert_allclose(frame["log_prob"], expected.numpy(), rtol=0, atol=1e-12)
     # and a wrong label changes the value: the labels really reach the field
@@ -538,42 +555,77 @@ def test_extras_given_twice_are_refused():
 
 
 # ----------------------------------------------------------------------------------------------
-# solver settings: SolverConfig carries them, the keywords are sugar, solver_options is deprecated
+# solver settings: SolverConfig carries them, the keywords method/rtol/atol are sugar
 @pytest.mark.parametrize(
     ("keywords", "config"),
     [
-        ({"method": "rk4", "steps": 10}, SolverConfig("rk4", steps=10)),
-        ({"steps": 10, "config": SolverConfig("rk4", steps=3)}, SolverConfig("rk4", steps=10)),
+        (
+            {"method": "rk4", "config": SolverConfig("euler", steps=10)},
+            SolverConfig("rk4", steps=10),
+        ),
+        ({"method": "dopri5", "config": SolverConfig("rk4", steps=3)}, SolverConfig()),
         ({"rtol": 1e-7, "atol": 1e-8}, SolverConfig(rtol=1e-7, atol=1e-8)),
     ],
 )
 def test_solver_keywords_are_sugar_over_the_config(keywords, config):
     field, x = make_case(6)
-    flat = run_nll(field, x, batch_size=3, progress=False, **keywords)
-    carried = run_nll(field, x, batch_size=3, progress=False, config=config)
+    execution = Execution(batch_size=3, progress=False)
+    flat = dataset_nll(field, x, execution=execution, **keywords)
+    carried = dataset_nll(field, x, execution=execution, config=config)
     # The same configuration is the same computation: equal frames, bit for bit.
     pd.testing.assert_frame_equal(flat, carried)
     assert flat.attrs["run"]["solver"] == carried.attrs["run"]["solver"]
 
 
-def test_solver_options_is_deprecated_and_noise_replaces_it(tmp_path):
+def test_noise_reaches_the_probes_and_is_part_of_the_run(tmp_path):
+    """Hutchinson(noise=...) decides the probes (replaces 0.1's solver_options={"noise": ...});
+    a run resumes with the same spec and refuses another noise."""
     field, x = make_case(6)
-    hutchinson = {"divergence": "hutchinson", "n_probes": 2, "batch_size": 3, **FAST}
-    new = run_nll(field, x, noise="gaussian", **hutchinson)
-    with pytest.warns(DeprecationWarning, match=r"config=SolverConfig\(\.\.\.\).*noise="):
-        old = run_nll(field, x, solver_options={"noise": "gaussian"}, **hutchinson)
-    # The same probes (same seed, same distribution): equal frames, bit for bit.
-    pd.testing.assert_frame_equal(new, old)
-    rademacher = run_nll(field, x, **hutchinson)
-    assert not np.array_equal(rademacher["log_prob"], new["log_prob"])  # noise= reached the probes
-    # A run started with the deprecated form resumes with noise= (the same recorded identity).
+    base = {
+        "config": SolverConfig("rk4", steps=10),
+        "execution": Execution(batch_size=3, progress=False),
+    }
+    gaussian = dataset_nll(field, x, estimator=Hutchinson(2, "gaussian"), **base)
+    rademacher = dataset_nll(field, x, estimator=Hutchinson(2), **base)
+    assert not np.array_equal(rademacher["log_prob"], gaussian["log_prob"])
     out = tmp_path / "nll.parquet"
-    with pytest.warns(DeprecationWarning):
-        run_nll(field, x, solver_options={"noise": "gaussian"}, out=out, **hutchinson)
-    again = run_nll(field, x, noise="gaussian", out=out, resume=True, **hutchinson)
+    first = dataset_nll(field, x, estimator=Hutchinson(2, "gaussian"), output=Output(out), **base)
+    pd.testing.assert_frame_equal(first, gaussian)  # the same seed: the same probes
+    again = dataset_nll(
+        field, x, estimator=Hutchinson(2, "gaussian"), output=Output(out, resume=True), **base
+    )
     assert again.attrs["summary"]["rows_computed"] == 0
-    with pytest.raises(ValueError, match="noise= alone"), pytest.warns(DeprecationWarning):
-        run_nll(field, x, noise="gaussian", solver_options={"noise": "gaussian"}, **hutchinson)
+    with pytest.raises(ValueError, match="noise"):
+        dataset_nll(field, x, estimator=Hutchinson(2), output=Output(out, resume=True), **base)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (Exact("loop"), Exact()),
+        (Exact(), Exact("loop")),
+        (Exact(), Hutchinson(2)),
+        (Hutchinson(2), Exact("loop")),
+        (Hutchinson(2), Hutchinson(3)),
+    ],
+    ids=str,
+)
+def test_resume_with_another_estimator_is_refused(tmp_path, first, second):
+    """The estimator is part of the run's identity: a resume with another one is refused (the
+    rows computed so far would mix two computations), and the same one resumes."""
+    field, x = make_mlp(6)
+    base = {
+        "config": SolverConfig("rk4", steps=4),
+        "execution": Execution(batch_size=3, progress=False),
+    }
+    out = tmp_path / "nll.parquet"
+    frame = dataset_nll(field, x, estimator=first, output=Output(out), **base)
+    identity = {k: frame.attrs["run"][k] for k in ("divergence", "n_probes")}
+    with pytest.raises(ValueError, match=r"different|differ|another|changed"):
+        dataset_nll(field, x, estimator=second, output=Output(out, resume=True), **base)
+    again = dataset_nll(field, x, estimator=first, output=Output(out, resume=True), **base)
+    assert again.attrs["summary"]["rows_computed"] == 0
+    assert {k: again.attrs["run"][k] for k in identity} == identity
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,9 +747,13 @@ _BAD_ARGUMENTS = {
         ValueError,
         r"Independent\(prior, 1\)",
     ),
-    "option-key": ({"solver_options": {"bogus": 1}}, ValueError, r"unknown or reserved.*bogus"),
-    "field-float32": ({"cast": torch.float32}, TypeError, "returns torch.float32"),
-    "field-int": ({"cast": torch.int64}, TypeError, "returns torch.int64"),
+    "seeded-hutchinson": (
+        {"estimator": Hutchinson(2, generator=torch.Generator().manual_seed(0))},
+        ValueError,
+        r"Hutchinson\(n_probes=\.\.\., noise=\.\.\.\) without generator= or probes=",
+    ),
+    "field-float32": ({"cast": torch.float32}, TypeError, "returned dtype torch.float32"),
+    "field-int": ({"cast": torch.int64}, TypeError, "returned dtype torch.int64"),
     "data-float16": ({"data": torch.float16}, TypeError, "float32 or float64 only"),
     "dtype-float16": ({"dtype": torch.float16}, TypeError, "floating torch.dtype|float32"),
     "dequantized-floats": (
@@ -718,8 +774,7 @@ def test_bad_arguments_are_refused_before_any_solve(kwargs, error, match):
     counting = _Counting(field, kwargs.pop("cast", None))
     if "data" in kwargs:
         x = x.to(kwargs.pop("data"))
-    with pytest.raises(error, match=match), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # solver_options is deprecated
+    with pytest.raises(error, match=match):
         run_nll(counting, x, batch_size=4, **{**FAST, **kwargs})
     assert counting.calls <= 1
 
@@ -909,7 +964,7 @@ def test_bits_per_dim_of_continuous_data_with_the_users_dimension_count(tmp_path
     assert "bpd" not in run_nll(field, x, resume=True, **kw).columns
     with pytest.raises(ValueError, match="bpd_dims is for continuous data"):
         run_nll(field, x, bpd_dims=2, dequantization=Dequantization(4), **FAST)
-    with pytest.raises(ValueError, match="bpd_dims must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"DataOptions\(bpd_dims=\.\.\.\) must be an int >= 1"):
         run_nll(field, x, bpd_dims=0, **FAST)
 
 
@@ -937,7 +992,7 @@ def test_a_shared_table_is_never_split_when_rows_are_solved_again():
     assert seen == {(3, 2)}
     with torch.no_grad():
         closure = cnftools.log_likelihood(lambda x, t: field(x, t, table), x, config=config)
-    np.testing.assert_array_equal(frame["log_prob"].to_numpy(), closure.numpy())
+    np.testing.assert_array_equal(frame["log_prob"].to_numpy(), closure.log_prob.numpy())
 
 
 @pytest.mark.parametrize("form", ["array", "npy-file"])

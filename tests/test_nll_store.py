@@ -17,7 +17,7 @@ from _dist_worker import make_case, make_mixture
 from _nll_call import run_nll
 
 import cnftools
-from cnftools.nll import ResumeError
+from cnftools.nll import Output, ResumeError
 
 FAST = {"method": "rk4", "steps": 10, "progress": False}
 
@@ -464,19 +464,20 @@ def test_out_naming_a_directory_or_a_chunks_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"resume": True}, "resume=True needs out="),
-        ({"overwrite": True}, "overwrite=True needs out="),
-        ({"resume": True, "overwrite": True, "out": "x.parquet"}, "contradict"),
+        # 0.1's resume=True / overwrite=True without out=: no Output without its path now
+        ({"resume": True}, TypeError, "path"),
+        ({"overwrite": True}, TypeError, "path"),
+        ({"path": "x.parquet", "resume": True, "overwrite": True}, ValueError, "contradict"),
     ],
 )
-def test_flags_that_cannot_apply_are_refused(tmp_path, kwargs, match):
-    field, x = make_case(10)
-    if "out" in kwargs:
-        kwargs = {**kwargs, "out": tmp_path / kwargs["out"]}
-    with pytest.raises(ValueError, match=match):
-        run_nll(field, x, **FAST, **kwargs)
+def test_flags_that_cannot_apply_are_refused(tmp_path, kwargs, error, match):
+    if "path" in kwargs:
+        kwargs = {**kwargs, "path": tmp_path / kwargs["path"]}
+    with pytest.raises(error, match=match):
+        Output(**kwargs)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
 # ----------------------------------------------------------------------------------------------
