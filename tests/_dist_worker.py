@@ -6,7 +6,8 @@ As a script (under ``python -m torch.distributed.run --nproc-per-node N``)::
 
 (optionally followed by ``stream``: the rows as an IterableDataset) initialises a gloo process
 group, runs :func:`cnftools.dataset_nll` on :func:`make_case`'s data
-with :data:`SETTINGS` and ``out=OUT_DIR/nll.parquet`` (chunks written by both ranks), and rank 0
+with :data:`SETTINGS` (flat names, grouped by :func:`_nll_call.grouped`) and
+``Output(OUT_DIR/nll.parquet)`` (chunks written by both ranks), and rank 0
 also saves the returned frame to ``OUT_DIR/frame.parquet`` (other ranks check that they got
 ``None``).
 
@@ -28,7 +29,7 @@ import torch
 SETTINGS: dict[str, Any] = {
     "batch_size": 7,
     "method": "rk4",
-    "step_size": 0.1,
+    "steps": 10,
     "divergence": "hutchinson",
     "n_probes": 2,
     "seed": 3,
@@ -101,8 +102,7 @@ def make_mlp(n: int = 40) -> tuple[Any, torch.Tensor]:
 
 def main(out_dir: str, source: str = "tensor") -> None:
     import torch.distributed as dist
-
-    import cnftools
+    from _nll_call import run_nll
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -111,7 +111,7 @@ def main(out_dir: str, source: str = "tensor") -> None:
         field, x = make_mlp() if adaptive else make_case()
         data = Stream(x) if source == "stream" else x
         settings = ADAPTIVE if adaptive else SETTINGS
-        frame = cnftools.dataset_nll(field, data, out=Path(out_dir) / "nll.parquet", **settings)
+        frame = run_nll(field, data, out=Path(out_dir) / "nll.parquet", **settings)
         rank = dist.get_rank()
         if rank == 0:
             assert frame is not None

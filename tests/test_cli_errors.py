@@ -11,7 +11,7 @@ import torch
 from cnftools.cli import UsageError, check_device, main
 from cnftools.data import eight_gaussians
 
-SOLVER = ["--method", "rk4", "--step-size", "0.25", "--no-progress"]
+SOLVER = ["--method", "rk4", "--steps", "4", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

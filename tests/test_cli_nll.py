@@ -20,9 +20,9 @@ import torch
 import cnftools
 from cnftools.cli import build_parser, main
 from cnftools.data import eight_gaussians
-from cnftools.nll import PerRow
+from cnftools.nll import DataOptions, Execution, PerRow
 
-SOLVER = ["--method", "rk4", "--step-size", "0.25"]  # 4 steps: plumbing, not accuracy
+SOLVER = ["--method", "rk4", "--steps", "4"]  # 4 steps: plumbing, not accuracy
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,8 @@ def test_train_then_nll_round_trip(trained, tmp_path, capsys):
     direct = cnftools.dataset_nll(
         field,
         torch.from_numpy(np.load(data)),
-        batch_size=16,
-        method="rk4",
-        step_size=0.25,
-        progress=False,
+        config=cnftools.SolverConfig("rk4", steps=4),
+        execution=Execution(batch_size=16, progress=False),
     )
     np.testing.assert_array_equal(frame["log_prob"].to_numpy(), direct["log_prob"].to_numpy())
     assert main(args) == 2  # out exists: refuses without --resume
@@ -139,7 +137,7 @@ def test_digits_train_nll_with_baselines(tmp_path, capsys):
     )
     capsys.readouterr()
     code = main(["nll", "--model", str(ckpt), "--dataset", "digits", "--split", "test", "--baselines", "--json",
-                 "--method", "euler", "--step-size", "0.5", "--no-progress"])  # fmt: skip
+                 "--method", "euler", "--steps", "2", "--no-progress"])  # fmt: skip
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 359 and summary["failures"] == 0
@@ -162,7 +160,7 @@ def test_digits_conditional_train_and_nll_use_each_rows_label(tmp_path, capsys):
              "--steps", "20", "--no-progress"]  # fmt: skip
     assert main(train) == 0
     capsys.readouterr()
-    solver = ["--method", "rk4", "--solver-steps", "2"]
+    solver = ["--method", "rk4", "--steps", "2"]
     code = main(["nll", "--model", str(ckpt), "--dataset", "digits", "--split", "test", "--json",
                  *solver, "--no-progress", "--threads", "1"])  # fmt: skip
     assert code == 0
@@ -172,9 +170,17 @@ def test_digits_conditional_train_and_nll_use_each_rows_label(tmp_path, capsys):
     x, y = digits_split("test"), digits_split_labels("test")
     assert y.shape == (359,) and set(y.tolist()) == set(range(10))
     deq = cnftools.Dequantization(17)
-    kw = dict(dequantization=deq, method="rk4", steps=2, progress=False, num_threads=1)
-    own = cnftools.dataset_nll(field, x, extras={"y": PerRow(y)}, **kw)
-    other = cnftools.dataset_nll(field, x, extras={"y": PerRow((y + 1) % 10)}, **kw)
+    kw = dict(
+        config=cnftools.SolverConfig("rk4", steps=2),
+        execution=Execution(progress=False, num_threads=1),
+    )
+    own = cnftools.dataset_nll(
+        field, x, data_options=DataOptions(extras={"y": PerRow(y)}, dequantization=deq), **kw
+    )
+    shifted = PerRow((y + 1) % 10)
+    other = cnftools.dataset_nll(
+        field, x, data_options=DataOptions(extras={"y": shifted}, dequantization=deq), **kw
+    )
     assert summary["mean_nll"] == pytest.approx(float(own["nll"].mean()), abs=1e-9)
     assert abs(float(other["nll"].mean()) - summary["mean_nll"]) > 1e-6
     # a conditional model needs the labelled dataset
@@ -280,3 +286,87 @@ def test_ctrl_c_releases_the_lock_says_what_was_kept_and_how_to_continue(trained
     assert done.returncode == 0, done.stderr
     assert "stale lock" not in done.stderr
     assert len(pd.read_parquet(out)) == n_rows
+
+
+# ----------------------------------------------------------------------------------------------
+# solver flags (0.2): --method --rtol --atol --steps --accuracy; --step-size and --solver-steps gone
+def test_steps_flag_gives_the_fixed_grid_of_the_library(trained, tmp_path, capsys):
+    """`--method rk4 --steps 3` is SolverConfig("rk4", steps=3): the library's numbers, bit for
+    bit (the same float64 operations), and the grid is recorded in the run."""
+    ckpt, data = trained
+    out = tmp_path / "nll.parquet"
+    args = ["nll", "--model", str(ckpt), "--data", str(data), "--out", str(out),
+            "--method", "rk4", "--steps", "3", "--batch-size", "16", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    frame = pd.read_parquet(out)
+    field = cnftools.load_checkpoint(ckpt).field
+    direct = cnftools.dataset_nll(
+        field,
+        torch.from_numpy(np.load(data)),
+        config=cnftools.SolverConfig("rk4", steps=3),
+        execution=Execution(batch_size=16, progress=False),
+    )
+    np.testing.assert_array_equal(frame["log_prob"].to_numpy(), direct["log_prob"].to_numpy())
+
+
+def test_accuracy_flag_asks_for_nats(trained, tmp_path, capsys):
+    """`--accuracy 1e-4` is SolverConfig(accuracy=1e-4): the library's run, the same numbers."""
+    ckpt, data = trained
+    rows = tmp_path / "few.npy"
+    np.save(rows, np.load(data)[:8])
+    args = ["nll", "--model", str(ckpt), "--data", str(rows), "--accuracy", "1e-4", "--json",
+            "--batch-size", "8", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    field = cnftools.load_checkpoint(ckpt).field
+    direct = cnftools.dataset_nll(
+        field,
+        torch.from_numpy(np.load(rows)),
+        accuracy=1e-4,
+        execution=Execution(batch_size=8, progress=False),
+    )
+    assert summary["rows"] == 8 and summary["failures"] == 0
+    # the same computation: equal to the printed precision of the JSON summary (float64 repr)
+    assert summary["mean_nll"] == pytest.approx(float(direct["nll"].mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--method", "rk4"], "'rk4' needs steps"),
+        (["--method", "euler"], "'euler' needs steps"),
+        (["--steps", "8"], "steps applies to fixed-grid methods"),
+        (["--accuracy", "1e-4", "--method", "rk4", "--steps", "4"], "drop --method, --steps"),
+        (["--accuracy", "1e-4", "--rtol", "1e-3"], "drop --rtol"),
+    ],
+    ids=[
+        "rk4-without-steps",
+        "euler-without-steps",
+        "steps-for-adaptive",
+        "accuracy-grid",
+        "accuracy-rtol",
+    ],
+)
+def test_solver_flags_that_do_not_fit_are_a_one_line_usage_error(
+    trained, tmp_path, capsys, flags, message
+):
+    ckpt, data = trained
+    out = tmp_path / "nll.parquet"
+    code = main(["nll", "--model", str(ckpt), "--data", str(data), "--out", str(out), *flags,
+                 "--no-progress"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags", [["--step-size", "0.25"], ["--solver-steps", "4"]], ids=["step-size", "solver-steps"]
+)
+def test_the_0_1_grid_flags_are_gone(trained, capsys, flags):
+    ckpt, data = trained
+    with pytest.raises(SystemExit) as info:
+        main(["nll", "--model", str(ckpt), "--data", str(data), "--method", "rk4", *flags])
+    assert info.value.code == 2  # argparse's usage error
+    assert f"unrecognized arguments: {flags[0]}" in capsys.readouterr().err

@@ -127,13 +127,48 @@ class Dilation:
         return torch.full(x.shape[:1], self.c * x[0].numel(), dtype=x.dtype)
 
 
-@pytest.mark.parametrize("choice", ["exact", "loop", "closed_form", "callable"])
-def test_divergence_choices(choice: str) -> None:
+@pytest.mark.parametrize(
+    "estimator",
+    [cnftools.Exact(), cnftools.Exact("loop"), cnftools.ClosedForm()],
+    ids=str,
+)
+def test_divergence_choices(estimator) -> None:
     field = Dilation()
     x = torch.randn(6, 5, dtype=torch.float64)
-    divergence = field.divergence if choice == "callable" else choice
-    r = cnftools.continuity_residual(field.log_prob, field.velocity, x, 0.4, divergence=divergence)
+    r = cnftools.continuity_residual(field.log_prob, field.velocity, x, 0.4, estimator=estimator)
     # Terms are O(5); rounding only.
+    torch.testing.assert_close(r, torch.zeros(6, dtype=torch.float64), atol=1e-13, rtol=0)
+
+
+class WrongClosedForm(Dilation):
+    """Dilation whose closed-form divergence is off by 10%: the velocity still generates p."""
+
+    def divergence(self, x: Tensor, t: Tensor) -> Tensor:
+        return 1.1 * super().divergence(x, t)
+
+
+def test_default_estimator_checks_the_field_not_its_closed_form() -> None:
+    """The default (Exact()) takes the divergence by autograd, so a wrong closed form does not
+    enter the verdict; ClosedForm() uses it, and the residual shows the error (0.1 c d = 0.35)."""
+    field = WrongClosedForm()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    default = cnftools.continuity_residual(field.log_prob, field.velocity, x, 0.4)
+    torch.testing.assert_close(default, torch.zeros(6, dtype=torch.float64), atol=1e-13, rtol=0)
+    closed = continuity_terms(
+        field.log_prob, field.velocity, x, 0.4, estimator=cnftools.ClosedForm()
+    )
+    torch.testing.assert_close(
+        closed.residual, torch.full((6,), 0.1 * 0.7 * 5, dtype=torch.float64), atol=1e-13, rtol=0
+    )
+
+
+def test_hutchinson_residual_is_unbiased() -> None:
+    """A Hutchinson divergence gives a stochastic residual. For v = c x the Jacobian is c I, so
+    one Rademacher probe is exact: e^T (c I) e = c d, residual zero to rounding."""
+    field = Dilation()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    spec = cnftools.Hutchinson(generator=torch.Generator().manual_seed(0))
+    r = cnftools.continuity_residual(field.log_prob, field.velocity, x, 0.4, estimator=spec)
     torch.testing.assert_close(r, torch.zeros(6, dtype=torch.float64), atol=1e-13, rtol=0)
 
 
@@ -162,11 +197,21 @@ def test_t_forms_and_no_grad() -> None:
 def test_bad_inputs_raise() -> None:
     field = Dilation()
     x = torch.randn(4, 3, dtype=torch.float64)
-    with pytest.raises(ValueError, match="divergence must be"):
-        cnftools.continuity_residual(field.log_prob, field.velocity, x, 0.5, divergence="fast")
-    with pytest.raises(ValueError, match="no divergence"):
+    with pytest.raises(TypeError, match="estimator must be a divergence spec"):
+        cnftools.continuity_residual(field.log_prob, field.velocity, x, 0.5, estimator="fast")
+    with pytest.raises(TypeError, match=r"write estimator=cnftools\.ClosedForm\(\)"):
         cnftools.continuity_residual(
-            field.log_prob, lambda x, t: x, x, 0.5, divergence="closed_form"
+            field.log_prob, field.velocity, x, 0.5, estimator="closed_form"
+        )
+    with pytest.raises(TypeError, match="the continuity checks take no None"):
+        cnftools.continuity_residual(field.log_prob, field.velocity, x, 0.5, estimator=None)
+    with pytest.raises(TypeError, match="divergence"):  # the 0.1 keyword is gone
+        cnftools.continuity_residual(
+            field.log_prob, field.velocity, x, 0.5, divergence=field.divergence
+        )
+    with pytest.raises(ValueError, match=r"ClosedForm\(\) but the field <lambda> has no"):
+        cnftools.continuity_residual(
+            field.log_prob, lambda x, t: x, x, 0.5, estimator=cnftools.ClosedForm()
         )
     with pytest.raises(ValueError, match=r"log_prob must return shape \(B,\)"):
         cnftools.continuity_residual(lambda x, t: x, field.velocity, x, 0.5)
@@ -176,9 +221,15 @@ def test_bad_inputs_raise() -> None:
         )
     with pytest.raises(ValueError, match="shape"):
         cnftools.continuity_residual(field.log_prob, lambda x, t: x[:, :2], x, 0.5)
-    with pytest.raises(ValueError, match=r"divergence callable must return shape \(B,\)"):
+
+    class BadShape(Dilation):
+        def divergence(self, x: Tensor, t: Tensor) -> Tensor:
+            return x
+
+    bad = BadShape()
+    with pytest.raises(ValueError, match=r"divergence\(x, t\) of field .* returned \(4, 3\)"):
         cnftools.continuity_residual(
-            field.log_prob, field.velocity, x, 0.5, divergence=lambda x, t: x
+            bad.log_prob, bad.velocity, x, 0.5, estimator=cnftools.ClosedForm()
         )
     with pytest.raises(TypeError, match="log_prob must be callable"):
         cnftools.continuity_residual(None, field.velocity, x, 0.5)  # type: ignore[arg-type]

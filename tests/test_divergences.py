@@ -8,7 +8,6 @@ backward passes), and Hutchinson's mean with the variance computed from that Jac
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -17,9 +16,13 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import cnftools
-from cnftools.divergences import EXACT_STRATEGIES, DivergenceStrategy, choose_strategy
+from cnftools import Exact, Hutchinson
+from cnftools._divergence_evaluator import DivergenceEvaluator
+from cnftools.divergences import choose_strategy
+from cnftools.estimators import EXACT_STRATEGIES
 
-ALL_EXACT = [("exact", s) for s in (*EXACT_STRATEGIES, None)] + [("loop", None)]
+# Every exact spec, and None (the default rule: these fields have no closed form, so Exact()).
+ALL_EXACT = [Exact(s) for s in EXACT_STRATEGIES] + [None]
 DTYPES = [torch.float64, torch.float32]
 # Relative tolerances of a trace of d Jacobian entries: the exact strategies evaluate the same VJPs
 # as the reference in another order, so the error is a few ulps per entry times d (d <= 64).
@@ -84,25 +87,25 @@ def test_exact_equals_jacobian_trace(
     jac = per_sample_jacobian(field, x, t)
     expected = jac.diagonal(dim1=1, dim2=2).sum(-1)
     scale = jac.diagonal(dim1=1, dim2=2).abs().sum(-1)
-    for method, strategy in ALL_EXACT:
-        actual = cnftools.divergence(field, x, t, method, strategy=strategy)
+    for spec in ALL_EXACT:
+        actual = cnftools.divergence(field, x, t, spec)
         assert actual.shape == (batch,) and actual.dtype == dtype
         assert_trace_close(actual, expected, scale, dtype)
 
 
-@pytest.mark.parametrize(("method", "strategy"), ALL_EXACT, ids=str)
-def test_exact_under_no_grad_and_detached(method: str, strategy: str | None, dtype) -> None:
+@pytest.mark.parametrize("spec", ALL_EXACT, ids=str)
+def test_exact_under_no_grad_and_detached(spec: Exact | None, dtype) -> None:
     field = SmoothMLP((2, 3)).to(dtype)
     x = torch.randn(5, 2, 3, dtype=dtype)
     expected = jacobian_trace(field, x, torch.full((5,), 0.3, dtype=dtype))
     with torch.no_grad():
-        actual = cnftools.divergence(field, x, 0.3, method, strategy=strategy)
+        actual = cnftools.divergence(field, x, 0.3, spec)
     assert not actual.requires_grad  # no graph is kept without create_graph
     assert_trace_close(actual, expected, expected.abs() * 0 + 6.0, dtype)
 
 
-@pytest.mark.parametrize(("method", "strategy"), ALL_EXACT, ids=str)
-def test_create_graph_gives_parameter_gradients(method: str, strategy: str | None) -> None:
+@pytest.mark.parametrize("spec", ALL_EXACT, ids=str)
+def test_create_graph_gives_parameter_gradients(spec: Exact | None) -> None:
     dtype = torch.float64
     field = SmoothMLP((5,), seed=3).to(dtype)
     x = torch.randn(4, 5, dtype=dtype, generator=torch.Generator().manual_seed(1))
@@ -111,7 +114,7 @@ def test_create_graph_gives_parameter_gradients(method: str, strategy: str | Non
     jac = per_sample_jacobian(field, x, t, create_graph=True)
     # The last bias does not enter the Jacobian: its gradient is None (zero) on both sides.
     expected = torch.autograd.grad(jac.diagonal(dim1=1, dim2=2).sum(), params, allow_unused=True)
-    div = cnftools.divergence(field, x, t, method, create_graph=True, strategy=strategy)
+    div = cnftools.divergence(field, x, t, spec, create_graph=True)
     actual = torch.autograd.grad(div.sum(), params, allow_unused=True)
     assert (actual[-1], expected[-1]) == (None, None)
     for a, e in zip(actual[:-1], expected[:-1], strict=True):
@@ -133,7 +136,7 @@ def test_velocity_and_divergence_returns_the_field() -> None:
     field = SmoothMLP((3,))
     x = torch.randn(4, 3)
     t = torch.full((4,), 0.5)
-    velocity, _ = cnftools.velocity_and_divergence(field, x, 0.5)
+    velocity = cnftools.velocity_and_divergence(field, x, 0.5).velocity
     assert torch.equal(velocity, field(x, t))  # the same forward pass, bit for bit
     assert not velocity.requires_grad
 
@@ -158,11 +161,9 @@ def test_hutchinson_unbiased_with_exact_variance(noise: str) -> None:
     jac = per_sample_jacobian(field, x, t)
     exact = jac.diagonal(dim1=1, dim2=2).sum(-1)
     n_probes = 4000
-    result = cnftools.divergence(
-        field, x, t, "hutchinson", n_probes=n_probes, noise=noise,
-        generator=torch.Generator().manual_seed(11), return_result=True,
-    )  # fmt: skip
-    estimate, stderr = result.value, result.stderr
+    spec = Hutchinson(n_probes, noise, generator=torch.Generator().manual_seed(11))
+    result = cnftools.velocity_and_divergence(field, x, t, spec)
+    estimate, stderr = result.divergence, result.stderr
     assert result.n_probes == n_probes
     true_stderr = (hutchinson_variance(jac, noise) / n_probes).sqrt()
     # Unbiased: the mean of K iid probes is within 5 true standard errors (two-sided normal
@@ -178,7 +179,7 @@ def test_hutchinson_rademacher_exact_for_diagonal_jacobian() -> None:
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     field = lambda x, t: torch.sin(x) * t.reshape(-1, 1, 1)  # noqa: E731
     estimate = cnftools.divergence(
-        field, x, 0.7, "hutchinson", generator=torch.Generator().manual_seed(0)
+        field, x, 0.7, Hutchinson(generator=torch.Generator().manual_seed(0))
     )
     expected = 0.7 * torch.cos(x).sum((1, 2))
     torch.testing.assert_close(estimate, expected, rtol=1e-14, atol=1e-14)
@@ -189,8 +190,8 @@ def test_hutchinson_fixed_probes_reproduce_and_match_manual(dtype: torch.dtype) 
     x = torch.randn(4, 2, 2, dtype=dtype)
     t = torch.full((4,), 0.6, dtype=dtype)
     probes = torch.randn(3, 4, 2, 2, dtype=dtype, generator=torch.Generator().manual_seed(3))
-    first = cnftools.divergence(field, x, t, "hutchinson", probes=probes)
-    second = cnftools.divergence(field, x, t, "hutchinson", probes=probes)
+    first = cnftools.divergence(field, x, t, Hutchinson(probes=probes))
+    second = cnftools.divergence(field, x, t, Hutchinson(probes=probes))
     assert torch.equal(first, second)  # same probes, same arithmetic: bitwise equal
     jac = per_sample_jacobian(field, x, t)
     eps = probes.reshape(3, 4, 4)
@@ -198,8 +199,8 @@ def test_hutchinson_fixed_probes_reproduce_and_match_manual(dtype: torch.dtype) 
     # A handful of products and sums of O(1) numbers: ulp-level rounding.
     torch.testing.assert_close(first, manual, rtol=REL_TOL[dtype] * 10, atol=REL_TOL[dtype] * 10)
     gen = lambda: torch.Generator().manual_seed(9)  # noqa: E731
-    a = cnftools.divergence(field, x, t, "hutchinson", n_probes=2, generator=gen())
-    b = cnftools.divergence(field, x, t, "hutchinson", n_probes=2, generator=gen())
+    a = cnftools.divergence(field, x, t, Hutchinson(2, generator=gen()))
+    b = cnftools.divergence(field, x, t, Hutchinson(2, generator=gen()))
     assert torch.equal(a, b)
 
 
@@ -208,9 +209,9 @@ def test_hutchinson_create_graph_and_no_grad() -> None:
     x = torch.randn(2, 3, dtype=torch.float64)
     probes = torch.ones(1, 2, 3, dtype=torch.float64)
     with torch.no_grad():
-        est = cnftools.divergence(field, x, 0.5, "hutchinson", probes=probes)
+        est = cnftools.divergence(field, x, 0.5, Hutchinson(probes=probes))
     assert not est.requires_grad
-    est = cnftools.divergence(field, x, 0.5, "hutchinson", probes=probes, create_graph=True)
+    est = cnftools.divergence(field, x, 0.5, Hutchinson(probes=probes), create_graph=True)
     grads = torch.autograd.grad(est.sum(), list(field.parameters()), allow_unused=True)
     # Every parameter but the last bias (which does not enter the Jacobian) gets a gradient.
     assert all(g is not None for g in grads[:-1]) and grads[-1] is None
@@ -225,49 +226,46 @@ def identity(x: Tensor, t: Tensor) -> Tensor:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"method": "trace"}, ValueError, "method must be"),
-        ({"strategy": "fastest"}, ValueError, "strategy must be"),
-        ({"method": "loop", "strategy": "batched"}, ValueError, "strategy= applies"),
-        ({"method": "hutchinson", "noise": "uniform"}, ValueError, "noise must be"),
-        ({"method": "hutchinson", "n_probes": 0}, ValueError, "n_probes"),
-        ({"method": "hutchinson", "return_stderr": True}, ValueError, "at least 2 probes"),
-        ({"return_stderr": True}, ValueError, "applies to method=.hutchinson. only"),
-        ({"return_stderr": True, "return_result": True}, ValueError, "return_result=True alone"),
-        ({"return_result": 1}, TypeError, "must be bools"),
-        ({"probes": torch.ones(1, 2, 3)}, ValueError, "applies to method=.hutchinson. only"),
+        ({"estimator": "trace"}, TypeError, "estimator must be a divergence spec"),
+        ({"estimator": "exact"}, TypeError, r"write estimator=cnftools\.Exact\(\)"),
+        ({"estimator": "loop"}, TypeError, r"write estimator=cnftools\.Exact\(\"loop\"\)"),
+        ({"estimator": "hutchinson"}, TypeError, r"write estimator=cnftools\.Hutchinson\(\)"),
+        ({"estimator": 3}, TypeError, "estimator must be a divergence spec"),
+        ({"create_graph": 1}, TypeError, "create_graph must be a bool"),
+        ({"return_result": True}, TypeError, "return_result"),
+        ({"estimator": Hutchinson(probes=torch.ones(3, 3))}, ValueError, r"must have shape"),
+        ({"estimator": Hutchinson(probes=torch.ones(1, 2, 4))}, ValueError, r"must have shape"),
         (
-            {"method": "hutchinson", "probes": torch.ones(2, 3)},
-            ValueError,
-            r"probes must have shape",
-        ),
-        (
-            {"method": "hutchinson", "probes": torch.ones(1, 2, 4)},
-            ValueError,
-            r"probes must have shape",
-        ),
-        (
-            {"method": "hutchinson", "probes": torch.ones(1, 2, 3, dtype=torch.float64)},
+            {"estimator": Hutchinson(probes=torch.ones(1, 2, 3, dtype=torch.float64))},
             TypeError,
             "dtype",
         ),
     ],
 )
 def test_bad_arguments_raise(kwargs: dict, error: type, match: str) -> None:
-    with warnings.catch_warnings():  # the deprecated return_stderr= may warn before it refuses
-        warnings.simplefilter("ignore", DeprecationWarning)
-        with pytest.raises(error, match=match):
-            cnftools.divergence(identity, torch.zeros(2, 3), 0.5, **kwargs)
+    with pytest.raises(error, match=match):
+        cnftools.divergence(identity, torch.zeros(2, 3), 0.5, **kwargs)
 
 
-@pytest.mark.parametrize("strategy", [*EXACT_STRATEGIES, None])
-def test_bad_fields_raise(strategy: str | None) -> None:
+def test_one_probe_may_be_given_without_its_probe_axis() -> None:
+    """``Hutchinson(probes=P)`` with ``P`` of shape ``(B, *event)`` is one probe: the same numbers
+    as ``P[None]`` (bitwise: the same arithmetic)."""
+    field = SmoothMLP((3,), seed=2).double()
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    probe = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    one = cnftools.divergence(field, x, 0.4, Hutchinson(probes=probe))
+    assert torch.equal(one, cnftools.divergence(field, x, 0.4, Hutchinson(probes=probe[None])))
+
+
+@pytest.mark.parametrize("spec", ALL_EXACT, ids=str)
+def test_bad_fields_raise(spec: Exact | None) -> None:
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"<lambda> returned shape \(2,\)"):
-        cnftools.divergence(lambda x, t: x.sum(1), x, 0.5, strategy=strategy)
+        cnftools.divergence(lambda x, t: x.sum(1), x, 0.5, spec)
     with pytest.raises(ValueError, match="does not depend on x"):
-        cnftools.divergence(lambda x, t: torch.ones_like(x), x, 0.5, strategy=strategy)
+        cnftools.divergence(lambda x, t: torch.ones_like(x), x, 0.5, spec)
     with pytest.raises(ValueError, match="does not depend on x"):
-        cnftools.divergence(lambda x, t: x.detach() * 2, x, 0.5, strategy=strategy)
+        cnftools.divergence(lambda x, t: x.detach() * 2, x, 0.5, spec)
 
 
 def test_bad_x_and_t_raise() -> None:
@@ -295,7 +293,7 @@ def test_every_strategy_through_the_testing_kit(strategy, event, seed, t):
 
     field = random_mlp_field(event, seed=seed)
     x = torch.randn((5, *event), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    exact = cnftools.divergence(field, x, t, "exact", strategy=strategy)
+    exact = cnftools.divergence(field, x, t, Exact(strategy))
     assert_divergence_matches_jacobian(field, x, t, exact)
 
 
@@ -334,9 +332,9 @@ def test_batched_vjp_failure_falls_back_to_the_loop(method: str) -> None:
     the numbers of the loop (float64: rounding only, 1e-12)."""
     x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     probes = torch.randn(5, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    kwargs = {"probes": probes} if method == "hutchinson" else {"strategy": "auto"}
+    spec = Hutchinson(probes=probes) if method == "hutchinson" else Exact("auto")
     with pytest.warns(RuntimeWarning, match="vmap"):
-        div = cnftools.divergence(NoVmapField(), x, 0.5, method, **kwargs)
+        div = cnftools.divergence(NoVmapField(), x, 0.5, spec)
     if method == "exact":
         expected = _no_vmap_divergence(x, 0.5)
     else:  # the mean over probes of eps^T diag(J) eps, J diagonal here
@@ -350,32 +348,43 @@ def test_likelihood_engine_uses_the_same_fallback_for_hutchinson() -> None:
     probes = torch.randn(3, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with pytest.warns(RuntimeWarning, match="vmap"):
         lp = cnftools.log_likelihood(
-            NoVmapField(), x, divergence="hutchinson", probes=probes, method="rk4", steps=4
-        )
+            NoVmapField(),
+            x,
+            estimator=Hutchinson(probes=probes),
+            config=cnftools.SolverConfig("rk4", steps=4),
+        ).log_prob
     assert lp.shape == (3,) and bool(torch.isfinite(lp).all())
 
 
-@pytest.mark.parametrize("kind", ["exact", "hutchinson", "closed_form"])
-def test_strategy_object_matches_divergence(kind: str) -> None:
-    field = SmoothMLP((3,)).double()
+class ClosedSmoothMLP(SmoothMLP):
+    """SmoothMLP with a ``divergence(x, t)`` method (its autograd trace, the plain loop)."""
+
+    def divergence(self, x: Tensor, t: Tensor) -> Tensor:
+        return jacobian_trace(self, x, t)
+
+
+@pytest.mark.parametrize("kind", ["exact", "hutchinson", "closed_form", "default"])
+def test_evaluator_matches_divergence(kind: str) -> None:
+    field = ClosedSmoothMLP((3,)).double()
     x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     t = torch.full((5,), 0.3, dtype=torch.float64)
-    probes = DivergenceStrategy.draw_probes(x, 4, "gaussian", torch.Generator().manual_seed(5))
     if kind == "exact":
-        strategy = DivergenceStrategy("exact")
-        expected = cnftools.divergence(field, x, t, strategy="loop")[:, None]
+        spec = Exact()
+        expected = cnftools.divergence(field, x, t, Exact("loop"))[:, None]
     elif kind == "hutchinson":
-        strategy = DivergenceStrategy("hutchinson", probes=probes)
+        spec = Hutchinson(4, "gaussian", generator=torch.Generator().manual_seed(5))
+        probes = Hutchinson(4, "gaussian", generator=torch.Generator().manual_seed(5)).draw(x)
         expected = torch.stack(
-            [cnftools.divergence(field, x, t, "hutchinson", probes=p[None]) for p in probes], 1
+            [cnftools.divergence(field, x, t, Hutchinson(probes=p[None])) for p in probes], 1
         )
-    else:
-        strategy = DivergenceStrategy(
-            "closed_form", closed=lambda x, t: cnftools.divergence(field, x, t)
-        )
-        expected = cnftools.divergence(field, x, t)[:, None]
-    velocity, columns = strategy(field, x, t)
-    assert columns.shape == (5, strategy.columns)
+    else:  # ClosedForm(), and None for a field that has one: its own divergence(x, t)
+        spec = cnftools.ClosedForm() if kind == "closed_form" else None
+        expected = jacobian_trace(field, x, t)[:, None]
+    evaluator = DivergenceEvaluator.for_spec(field, spec, x)
+    assert evaluator.kind == {"default": "closed_form"}.get(kind, kind)
+    velocity, columns = evaluator(field, x, t)
+    assert columns.shape == (5, evaluator.columns)
+    assert evaluator.columns == (4 if kind == "hutchinson" else 1)
     torch.testing.assert_close(velocity, field(x, t).detach(), rtol=0, atol=0)
     torch.testing.assert_close(columns, expected, rtol=1e-12, atol=1e-12)
     assert velocity.grad_fn is None and columns.grad_fn is None
@@ -385,21 +394,20 @@ def test_strategy_object_matches_divergence(kind: str) -> None:
 def test_auto_strategy_gives_the_loop_numbers(batch: int) -> None:
     """Whatever the size rule picks, every call gives the trace (float64: 1e-12 relative)."""
     field = SmoothMLP((6,)).double()
-    strategy = DivergenceStrategy("exact")
     x = torch.randn(batch, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     t = torch.full((batch,), 0.7, dtype=torch.float64)
-    expected = cnftools.divergence(field, x, t, strategy="loop")
-    _, columns = strategy(field, x, t)
+    evaluator = DivergenceEvaluator.for_spec(field, Exact(), x)
+    expected = cnftools.divergence(field, x, t, Exact("loop"))
+    _, columns = evaluator(field, x, t)
     torch.testing.assert_close(columns[:, 0], expected, rtol=1e-12, atol=1e-12)
 
 
-def test_strategy_refuses_inconsistent_arguments() -> None:
-    with pytest.raises(ValueError, match="kind must be"):
-        DivergenceStrategy("trace")
-    with pytest.raises(ValueError, match="probes are needed"):
-        DivergenceStrategy("hutchinson")
-    with pytest.raises(ValueError, match="closed is needed"):
-        DivergenceStrategy("closed_form")
+def test_closed_form_spec_refuses_a_field_without_one() -> None:
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"ClosedForm\(\) but the field identity has no"):
+        DivergenceEvaluator.for_spec(identity, cnftools.ClosedForm(), x)
+    with pytest.raises(ValueError, match=r"ClosedForm\(\) but the field identity has no"):
+        cnftools.divergence(identity, x, 0.5, cnftools.ClosedForm())
 
 
 def test_extras_reach_the_field_in_divergence() -> None:
@@ -411,62 +419,51 @@ def test_extras_reach_the_field_in_divergence() -> None:
 
     div = cnftools.divergence(field, x, 0.5, extras={"scale": scale, "shift": 2.0})
     torch.testing.assert_close(div, 3 * scale, rtol=0, atol=1e-12)
-    v, div2 = cnftools.velocity_and_divergence(field, x, 0.5, extras={"scale": scale, "shift": 1.0})
-    torch.testing.assert_close(v, scale[:, None] * x + 1.0)
-    torch.testing.assert_close(div2, 3 * scale, rtol=0, atol=1e-12)
+    result = cnftools.velocity_and_divergence(field, x, 0.5, extras={"scale": scale, "shift": 1.0})
+    torch.testing.assert_close(result.velocity, scale[:, None] * x + 1.0)
+    torch.testing.assert_close(result.divergence, 3 * scale, rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
-# Result types: the plain form is always a (B,) tensor; the result form carries the stderr
+# Result types: divergence() is always a (B,) tensor; velocity_and_divergence() a DivergenceResult
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "n_probes", "has_stderr"),
+    ("spec", "n_probes", "has_stderr"),
     [
-        ({}, None, False),
-        ({"method": "loop"}, None, False),
-        ({"method": "hutchinson", "n_probes": 1}, 1, False),
-        ({"method": "hutchinson", "n_probes": 8}, 8, True),
+        (None, None, False),
+        (Exact("loop"), None, False),
+        (Hutchinson(1), 1, False),
+        (Hutchinson(8), 8, True),
     ],
+    ids=str,
 )
-def test_divergence_plain_form_is_a_tensor_and_result_form_agrees(
-    kwargs: dict, n_probes: int | None, has_stderr: bool
+def test_divergence_is_a_tensor_and_the_result_form_agrees(
+    spec: Exact | Hutchinson | None, n_probes: int | None, has_stderr: bool
 ) -> None:
     field = SmoothMLP((3,), seed=1).to(torch.float64)
     x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    plain = cnftools.divergence(field, x, 0.3, generator=torch.Generator().manual_seed(0), **kwargs)
-    result = cnftools.divergence(
-        field, x, 0.3, generator=torch.Generator().manual_seed(0), return_result=True, **kwargs
-    )
+
+    def seeded() -> Exact | Hutchinson | None:  # the same probes for both calls
+        if isinstance(spec, Hutchinson):
+            return Hutchinson(spec.n_probes, generator=torch.Generator().manual_seed(0))
+        return spec
+
+    plain = cnftools.divergence(field, x, 0.3, seeded())
+    result = cnftools.velocity_and_divergence(field, x, 0.3, seeded())
     assert isinstance(plain, torch.Tensor) and plain.shape == (5,)
     assert isinstance(result, cnftools.DivergenceResult) and result.n_probes == n_probes
     # Same probes (same seed), same computation: equal to rounding.
-    torch.testing.assert_close(result.value, plain, rtol=0, atol=1e-12)
+    torch.testing.assert_close(result.divergence, plain, rtol=0, atol=1e-12)
     assert (result.stderr is not None) == has_stderr
     if has_stderr:
         assert result.stderr.shape == (5,) and bool((result.stderr > 0).all())
 
 
-def test_return_stderr_still_works_with_a_deprecation_warning() -> None:
-    field = SmoothMLP((3,), seed=1).to(torch.float64)
-    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    with pytest.warns(DeprecationWarning, match=r"return_result=True.*result\.stderr"):
-        estimate, stderr = cnftools.divergence(
-            field, x, 0.3, "hutchinson", n_probes=4,
-            generator=torch.Generator().manual_seed(0), return_stderr=True,
-        )  # fmt: skip
-    result = cnftools.divergence(
-        field, x, 0.3, "hutchinson", n_probes=4,
-        generator=torch.Generator().manual_seed(0), return_result=True,
-    )  # fmt: skip
-    torch.testing.assert_close(estimate, result.value, rtol=0, atol=0)
-    torch.testing.assert_close(stderr, result.stderr, rtol=0, atol=0)
-
-
 def test_velocity_and_divergence_result_form() -> None:
-    """return_result=True gives (velocity, DivergenceResult) whose value equals the plain form's
-    divergence bit for bit (same probes), with the Hutchinson standard error for K >= 2; the
-    3-tuple form (return_stderr=True) still works and warns."""
+    """velocity_and_divergence gives a DivergenceResult whose divergence equals divergence()'s
+    bit for bit (same probes), with the Hutchinson standard error for K >= 2: the sample standard
+    deviation of the per-probe columns over sqrt(K), computed here by hand."""
 
     def tanh_field(z: Tensor, t: Tensor) -> Tensor:
         return torch.tanh(z @ weight) * (1 + t[:, None])
@@ -474,18 +471,20 @@ def test_velocity_and_divergence_result_form() -> None:
     weight = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     probes = torch.randn(3, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    plain = cnftools.velocity_and_divergence(tanh_field, x, 0.3, "hutchinson", probes=probes)
-    out, result = cnftools.velocity_and_divergence(
-        tanh_field, x, 0.3, "hutchinson", probes=probes, return_result=True
+    plain = cnftools.divergence(tanh_field, x, 0.3, Hutchinson(probes=probes))
+    result = cnftools.velocity_and_divergence(tanh_field, x, 0.3, Hutchinson(probes=probes))
+    torch.testing.assert_close(
+        result.velocity, tanh_field(x, torch.full((4,), 0.3, dtype=torch.float64)), rtol=0, atol=0
     )
-    torch.testing.assert_close(out, plain[0], rtol=0, atol=0)
-    torch.testing.assert_close(result.value, plain[1], rtol=0, atol=0)
+    torch.testing.assert_close(result.divergence, plain, rtol=0, atol=0)
     assert result.n_probes == 3 and result.stderr is not None and result.stderr.shape == (4,)
-    with pytest.warns(DeprecationWarning, match="return_result=True"):
-        _, _, stderr = cnftools.velocity_and_divergence(
-            tanh_field, x, 0.3, "hutchinson", probes=probes, return_stderr=True
-        )
-    torch.testing.assert_close(stderr, result.stderr, rtol=0, atol=0)
+    columns = torch.stack(
+        [cnftools.divergence(tanh_field, x, 0.3, Hutchinson(probes=p)) for p in probes], dim=1
+    )
+    mean = columns.mean(dim=1, keepdim=True)
+    by_hand = (((columns - mean) ** 2).sum(dim=1) / 2).sqrt() / math.sqrt(3)
+    # A few float64 operations on O(1) numbers: rounding only.
+    torch.testing.assert_close(result.stderr, by_hand, rtol=1e-12, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,10 +516,10 @@ def test_strategies_round_differently_so_the_choice_is_not_timed() -> None:
     field = cnftools.MLPField(16, hidden=[32, 32]).double()
     x = torch.randn(3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     t = torch.full((3,), 0.3, dtype=torch.float64)
-    loop = cnftools.divergence(field, x, t, strategy="loop")
-    batched = cnftools.divergence(field, x, t, strategy="batched")
+    loop = cnftools.divergence(field, x, t, Exact("loop"))
+    batched = cnftools.divergence(field, x, t, Exact("batched"))
     torch.testing.assert_close(batched, loop, rtol=1e-13, atol=1e-13)  # the same trace
-    again = cnftools.divergence(field, x, t, strategy="batched")
+    again = cnftools.divergence(field, x, t, Exact("batched"))
     assert torch.equal(batched, again)
 
 
@@ -534,6 +533,6 @@ def test_a_field_that_cannot_be_weakly_referenced_works() -> None:
     field = Slotted()
     x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     t = torch.full((4,), 0.2, dtype=torch.float64)
-    _, columns = DivergenceStrategy("exact")(field, x, t)
+    _, columns = DivergenceEvaluator.for_spec(field, Exact(), x)(field, x, t)
     expected = (1 - torch.tanh(x) ** 2).sum(dim=1) * 1.2  # d/dx tanh(x) (1 + t), summed
     torch.testing.assert_close(columns[:, 0], expected, rtol=1e-12, atol=1e-12)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,18 @@ import pandas as pd
 import pytest
 import torch
 from _dist_worker import ADAPTIVE, SETTINGS, SlowField, make_case, make_mixture, make_mlp
+from _nll_call import run_nll
 
-from cnftools import SolverConfig
-from cnftools.nll import Dequantization, PerRow, Shared, dataset_nll, summarize
+from cnftools import Exact, Hutchinson, SolverConfig
+from cnftools.nll import (
+    Dequantization,
+    Execution,
+    Output,
+    PerRow,
+    Shared,
+    dataset_nll,
+    summarize,
+)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -55,7 +63,7 @@ def _reference(field: object, x: torch.Tensor) -> np.ndarray:
 )
 def test_frame_columns_and_order(options, columns):
     field, x = make_case(10)
-    frame = dataset_nll(field, x, batch_size=4, **FAST, **options)
+    frame = run_nll(field, x, batch_size=4, **FAST, **options)
     assert list(frame.columns) == columns
     assert frame["index"].tolist() == list(range(10))
     assert (frame["status"] == "ok").all()
@@ -71,7 +79,7 @@ def test_dequantized_frame_has_bpd():
     field, _ = make_case()
     x = torch.randint(0, 4, (6, 2), generator=torch.Generator().manual_seed(1))
     deq = Dequantization(levels=4, samples=2)
-    frame = dataset_nll(field, x, dequantization=deq, dtype=torch.float64, **FAST)
+    frame = run_nll(field, x, dequantization=deq, dtype=torch.float64, **FAST)
     assert list(frame.columns) == ["index", "log_prob", "nll", "bpd", "nfe", "status"]
     # exact identity: bpd = nll / (D ln 2) with D = 2
     np.testing.assert_allclose(frame["bpd"], frame["nll"] / (2 * math.log(2)), rtol=1e-15)
@@ -81,7 +89,7 @@ def test_dequantized_frame_has_bpd():
 # closed forms
 def test_log_prob_matches_mixture_closed_form(dtype):
     field, x = make_mixture(30, dtype)
-    frame = dataset_nll(field, x, batch_size=30, method="rk4", steps=40, progress=False)
+    frame = run_nll(field, x, batch_size=30, method="rk4", steps=40, progress=False)
     assert (frame["status"] == "ok").all()
     assert frame["log_prob"].dtype == np.float64  # values are stored in float64 whatever the dtype
     # float64: RK4's global error ~C h^4, measured 1.9e-4 nats at h = 1/20, so ~1.2e-5 at h = 1/40;
@@ -92,9 +100,9 @@ def test_log_prob_matches_mixture_closed_form(dtype):
 
 def test_hutchinson_mean_is_unbiased_and_meets_target_stderr():
     field, x = make_case(40)
-    exact = dataset_nll(field, x, batch_size=10, **FAST)
+    exact = run_nll(field, x, batch_size=10, **FAST)
     target = 0.01
-    frame = dataset_nll(
+    frame = run_nll(
         field, x, batch_size=10, divergence="hutchinson", n_probes=4, target_stderr=target, **FAST
     )
     summary = frame.attrs["summary"]
@@ -105,7 +113,7 @@ def test_hutchinson_mean_is_unbiased_and_meets_target_stderr():
     # rate ~6e-7 for a Gaussian error)
     diff = abs(summary["mean_nll"] - exact.attrs["summary"]["mean_nll"])
     assert diff <= 5 * summary["probe_stderr"]
-    again = dataset_nll(
+    again = run_nll(
         field, x, batch_size=10, divergence="hutchinson", n_probes=4, target_stderr=target, **FAST
     )
     pd.testing.assert_frame_equal(frame, again)  # deterministic from the seed
@@ -115,7 +123,7 @@ def test_unreachable_target_stderr_stops_at_max_probes():
     """Today's main runs forever here (84 probes a row with a cap of 16 after a few seconds)."""
     field, x = make_case(12)
     with pytest.warns(RuntimeWarning, match="not reached within max_probes=16"):
-        frame = dataset_nll(
+        frame = run_nll(
             field, x, batch_size=6, divergence="hutchinson", n_probes=4, target_stderr=1e-9,
             max_probes=16, **FAST,
         )  # fmt: skip
@@ -141,10 +149,10 @@ def test_extra_probe_rounds_go_only_to_rows_that_need_them():
     Rademacher probes equal up to sign, in 2-D) keep one round, the others get more."""
     field, x = make_case(20)
     options = {"batch_size": 5, "divergence": "hutchinson", "n_probes": 2, **FAST}
-    first = dataset_nll(field, x, **options)
+    first = run_nll(field, x, **options)
     quiet = first["stderr"].to_numpy() == 0
     assert 0 < quiet.sum() < 20
-    frame = dataset_nll(field, x, target_stderr=0.02, max_probes=64, **options)
+    frame = run_nll(field, x, target_stderr=0.02, max_probes=64, **options)
     rounds = frame["rounds"].to_numpy()
     assert (rounds[quiet] == 1).all() and (rounds[~quiet] > 1).all()
     assert frame.attrs["summary"]["target_met"] is True
@@ -159,10 +167,10 @@ def test_num_threads_is_used_and_restored():
         seen.append(torch.get_num_threads())
         return field(x, t)
 
-    dataset_nll(spy, x, batch_size=4, num_threads=1, **FAST)
+    run_nll(spy, x, batch_size=4, num_threads=1, **FAST)
     assert set(seen) == {1} and torch.get_num_threads() == before
     with pytest.raises(ValueError, match="num_threads"):
-        dataset_nll(field, x, num_threads=0, **FAST)
+        run_nll(field, x, num_threads=0, **FAST)
 
 
 def test_choose_threads_is_bounded():
@@ -174,7 +182,7 @@ def test_choose_threads_is_bounded():
 @pytest.mark.parametrize("kind", ["numpy", "frame", "npy", "csv", "parquet", "dataset", "loader"])
 def test_data_sources_agree(kind, tmp_path):
     field, x = make_case(9)
-    expected = dataset_nll(field, x, batch_size=4, **FAST)
+    expected = run_nll(field, x, batch_size=4, **FAST)
     array = x.numpy()
     frame_in = pd.DataFrame({"a": array[:, 0], "label": np.arange(9), "b": array[:, 1]})
     columns = None
@@ -195,7 +203,7 @@ def test_data_sources_agree(kind, tmp_path):
         data = torch.utils.data.TensorDataset(x, torch.arange(9))
     else:
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=5)
-    got = dataset_nll(field, data, columns=columns, batch_size=4, **FAST)
+    got = run_nll(field, data, columns=columns, batch_size=4, **FAST)
     # same rows in float64: identical up to CSV's 17-digit round trip
     np.testing.assert_allclose(got["log_prob"], expected["log_prob"], rtol=0, atol=1e-12)
 
@@ -208,7 +216,7 @@ def test_dequantized_value_matches_closed_form():
     field, _ = make_case()
     levels, k = 5, 3
     x = torch.randint(0, levels, (6, 2), generator=torch.Generator().manual_seed(2))
-    frame = dataset_nll(
+    frame = run_nll(
         field, x, batch_size=6, dequantization=Dequantization(levels, k), dtype=torch.float64,
         seed=7, **FAST,
     )  # fmt: skip
@@ -242,7 +250,7 @@ def test_failed_rows_are_recorded_and_do_not_fail_their_neighbours():
     x[1, 0] = float("nan")  # batch 0: one NaN row, the others must still be computed
     x[9, 1] = 1e3  # batch 2 (rows 8..11) fails as a batch, then is retried row by row
     with pytest.warns(RuntimeWarning, match=r"2 of 12 rows failed.*non-finite input"):
-        frame = dataset_nll(_FailOnLargeX(field), x, batch_size=4, **FAST)
+        frame = run_nll(_FailOnLargeX(field), x, batch_size=4, **FAST)
     status = frame["status"].tolist()
     assert status[1].startswith("error: non-finite input")
     assert status[9].startswith("error: RuntimeError: boom")
@@ -250,7 +258,7 @@ def test_failed_rows_are_recorded_and_do_not_fail_their_neighbours():
     assert all(status[i] == "ok" for i in ok)
     assert frame.loc[[1, 9], "log_prob"].isna().all()
     # rk4 rows are batch-independent: the other rows equal a clean run's, up to float64 rounding
-    clean = dataset_nll(field, x[ok], batch_size=4, **FAST)
+    clean = run_nll(field, x[ok], batch_size=4, **FAST)
     np.testing.assert_allclose(frame.loc[ok, "log_prob"], clean["log_prob"], rtol=0, atol=1e-12)
     assert frame.attrs["summary"]["failures"] == 2
 
@@ -270,7 +278,7 @@ class _FailInTheSolve:
 def test_every_row_failing_raises_with_the_first_error_chained():
     field, x = make_case(6)
     with pytest.raises(RuntimeError, match="every row failed") as info:
-        dataset_nll(_FailInTheSolve(field), x, batch_size=4, **FAST)
+        run_nll(_FailInTheSolve(field), x, batch_size=4, **FAST)
     assert isinstance(info.value.__cause__, RuntimeError)
     assert "boom" in str(info.value.__cause__)
 
@@ -282,24 +290,31 @@ def test_every_row_failing_raises_with_the_first_error_chained():
         (pd.DataFrame({"a": [1.0], "s": ["x"]}), {}, ValueError, "non-numeric"),
         (torch.zeros(4, 3, dtype=torch.float64), {}, ValueError, "shape"),
         (torch.zeros(4, dtype=torch.float64), {}, ValueError, "event dimension"),
-        (torch.zeros(4, 2, dtype=torch.float64), {"divergence": "exakt"}, ValueError, "divergence"),
-        (torch.zeros(4, 2, dtype=torch.float64), {"target_stderr": 0.1}, ValueError, "hutchinson"),
-        (torch.zeros(4, 2, dtype=torch.float64), {"batch_size": 0}, ValueError, "batch_size"),
-        ("missing.npy", {}, FileNotFoundError, "missing.npy"),
-        ([[1.0, 2.0]], {}, TypeError, "data must be"),
-        (torch.zeros(4, 2, dtype=torch.float64), {"noise": "uniform"}, ValueError, "noise must"),
-        (torch.zeros(4, 2, dtype=torch.float64), {"noise": "gaussian"}, ValueError, "hutchinson"),
         (
             torch.zeros(4, 2, dtype=torch.float64),
-            {"method": None, "steps": None, "config": SolverConfig(), "step_size": 0.1},
+            {"estimator": "exakt"},
+            TypeError,
+            "estimator must be a divergence spec",
+        ),
+        (
+            torch.zeros(4, 2, dtype=torch.float64),
+            {"target_stderr": 0.1},
             ValueError,
-            "is adaptive",
+            r"Execution\(target_stderr=\.\.\.\) applies to estimator=Hutchinson",
+        ),
+        ("missing.npy", {}, FileNotFoundError, "missing.npy"),
+        ([[1.0, 2.0]], {}, TypeError, "data must be"),
+        (
+            torch.zeros(4, 2, dtype=torch.float64),
+            {"accuracy": 1e-6, "rtol": 1e-8},
+            ValueError,
+            r"accuracy= chooses .* do not also give \['rtol'\]",
         ),
         (
             torch.zeros(4, 2, dtype=torch.float64),
             {"config": {"method": "rk4"}},
             TypeError,
-            "config must be a SolverConfig",
+            r"config must be a cnftools\.SolverConfig",
         ),
     ],
     ids=[
@@ -309,19 +324,20 @@ def test_every_row_failing_raises_with_the_first_error_chained():
         "1d",
         "divergence",
         "target",
-        "batch",
         "file",
         "list",
-        "noise",
-        "noise-exact",
-        "grid-for-adaptive",
+        "accuracy-and-rtol",
         "config-dict",
     ],
 )
 def test_bad_inputs_raise_before_work(data, kwargs, error, match):
+    """(The option objects' own errors, raised at construction, are in test_nll_options.py.)"""
     field, _ = make_case()
+    flat = {**FAST, **kwargs}
+    if "accuracy" in flat or "config" in flat:  # not with FAST's grid
+        flat = {k: v for k, v in flat.items() if k not in ("method", "steps")}
     with pytest.raises(error, match=match):
-        dataset_nll(field, data, **{**FAST, **kwargs})
+        run_nll(field, data, **flat)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,17 +345,17 @@ def test_bad_inputs_raise_before_work(data, kwargs, error, match):
 def test_out_file_resume_and_overwrite(tmp_path):
     field, x = make_case(10)
     out = tmp_path / "nll.parquet"
-    first = dataset_nll(field, x, batch_size=4, out=out, **FAST)
+    first = run_nll(field, x, batch_size=4, out=out, **FAST)
     assert out.exists() and not (tmp_path / "nll.parquet.chunks").exists()
     pd.testing.assert_frame_equal(pd.read_parquet(out), first, check_like=False)
     with pytest.raises(FileExistsError, match="resume"):
-        dataset_nll(field, x, batch_size=4, out=out, **FAST)
-    again = dataset_nll(field, x, batch_size=4, out=out, resume=True, **FAST)
+        run_nll(field, x, batch_size=4, out=out, **FAST)
+    again = run_nll(field, x, batch_size=4, out=out, resume=True, **FAST)
     assert again.attrs["summary"]["rows_computed"] == 0  # nothing recomputed
     pd.testing.assert_frame_equal(again, first)
     with pytest.raises(ValueError, match="batch_size"):
-        dataset_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
-    third = dataset_nll(field, x, batch_size=5, out=out, overwrite=True, **FAST)
+        run_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
+    third = run_nll(field, x, batch_size=5, out=out, overwrite=True, **FAST)
     assert third.attrs["summary"]["rows_computed"] == 10
 
 
@@ -348,10 +364,10 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from _dist_worker import SETTINGS, SlowField, make_case
-import cnftools
+from _nll_call import run_nll
 
 field, x = make_case()
-cnftools.dataset_nll(SlowField(field, 0.01), x, out={out!r}, **SETTINGS)
+run_nll(SlowField(field, 0.01), x, out={out!r}, **SETTINGS)
 """
 
 
@@ -381,9 +397,9 @@ def test_resume_after_sigkill_gives_identical_rows(tmp_path):
     # the same field (a wrapper's settings are part of its fingerprint, so it is the same wrapper)
     # the killed run's lock names a process that is gone: taken over, with a warning
     with pytest.warns(RuntimeWarning, match="stale lock"):
-        resumed = dataset_nll(SlowField(field, 0.01), x, out=out, resume=True, **SETTINGS)
+        resumed = run_nll(SlowField(field, 0.01), x, out=out, resume=True, **SETTINGS)
     assert resumed.attrs["summary"]["rows_computed"] == 40 - 7 * done
-    plain = dataset_nll(SlowField(field), x, **SETTINGS)
+    plain = run_nll(SlowField(field), x, **SETTINGS)
     assert resumed["index"].tolist() == list(range(40))  # one row per input, no duplicates
     # same inputs, same seeds, same operations: identical numbers, bit for bit
     pd.testing.assert_frame_equal(resumed, plain, check_exact=True)
@@ -403,7 +419,7 @@ def test_two_gloo_processes_equal_one(tmp_path, source):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "world.txt").read_text() == "2"
     two = pd.read_parquet(tmp_path / "frame.parquet")
-    one = dataset_nll(field, x, **SETTINGS)
+    one = run_nll(field, x, **SETTINGS)
     # each unit's probes are seeded by (seed, batch), whichever rank computes it: bit-identical
     pd.testing.assert_frame_equal(two, one, check_exact=True)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "nll.parquet"), one, check_exact=True)
@@ -424,14 +440,14 @@ def test_two_gloo_processes_equal_one_with_rows_on_their_own_adaptive_steps(tmp_
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     two = pd.read_parquet(tmp_path / "frame.parquet")["log_prob"].to_numpy()
-    one = dataset_nll(field, x, **{**ADAPTIVE, "batch_size": 40})["log_prob"].to_numpy()
+    one = run_nll(field, x, **{**ADAPTIVE, "batch_size": 40})["log_prob"].to_numpy()
     np.testing.assert_allclose(two, one, rtol=1e-12, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------
 def test_progress_bar_reports_rows(capsys):
     field, x = make_case(8)
-    dataset_nll(field, x, batch_size=4, **{**FAST, "progress": True})
+    run_nll(field, x, batch_size=4, **{**FAST, "progress": True})
     err = capsys.readouterr().err
     assert "8/8" in err and "row/s" in err
 
@@ -464,15 +480,15 @@ def test_conditional_field_gets_each_rows_label(route):
             None,
         ),
     }[route]
-    frame = dataset_nll(
-        field, data, extras=extras, batch_size=8, method="rk4", steps=8, progress=False
-    )
+    frame = run_nll(field, data, extras=extras, batch_size=8, method="rk4", steps=8, progress=False)
     with torch.no_grad():
-        expected = cnftools.log_likelihood(field, x, extras={"y": y}, method="rk4", steps=8)
+        expected = cnftools.log_likelihood(
+            field, x, extras={"y": y}, config=SolverConfig("rk4", steps=8)
+        ).log_prob
     assert (frame["status"] == "ok").all()
     np.testing.assert_allclose(frame["log_prob"], expected.numpy(), rtol=0, atol=1e-12)
     # and a wrong label changes the value: the labels really reach the field
-    shifted = dataset_nll(
+    shifted = run_nll(
         field,
         x,
         extras={"y": PerRow((y + 1) % 3)},
@@ -490,21 +506,21 @@ def test_constant_extras_are_passed_as_is_and_resume_checks_every_extra(tmp_path
     field, x, y = _conditional_case()
     out = tmp_path / "nll.parquet"
     kw = dict(batch_size=8, method="rk4", steps=4, progress=False, out=out, keep_chunks=True)
-    dataset_nll(field, x, extras={"y": PerRow(y)}, **kw)
+    run_nll(field, x, extras={"y": PerRow(y)}, **kw)
     with pytest.raises(cnftools.nll.ResumeError):
-        dataset_nll(field, x, extras={"y": PerRow(y.flip(0))}, resume=True, **kw)
+        run_nll(field, x, extras={"y": PerRow(y.flip(0))}, resume=True, **kw)
 
     def scaled(x, t, scale):
         return scale * x
 
     with pytest.raises(ValueError, match="per-row"):  # a stream cannot slice a tensor per row
-        dataset_nll(
+        run_nll(
             field,
             torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4),
             extras={"y": PerRow(y)},
             progress=False,
         )
-    frame = dataset_nll(scaled, x, extras={"scale": 0.5}, batch_size=8, method="rk4", steps=4)
+    frame = run_nll(scaled, x, extras={"scale": 0.5}, batch_size=8, method="rk4", steps=4)
     # v = x/2: log p_1(x) = log N(e^{-1/2} x; 0, I) - d/2 exactly (the divergence is constant)
     expected = torch.distributions.Normal(0.0, 1.0).log_prob(x * math.exp(-0.5)).sum(1) - 1.0
     np.testing.assert_allclose(frame["log_prob"], expected.numpy(), rtol=0, atol=1e-4)
@@ -518,8 +534,8 @@ def test_labels_of_a_dataset_skip_a_field_that_takes_none():
     def unconditional(x, t):
         return -x
 
-    plain = dataset_nll(unconditional, x, batch_size=8, method="rk4", steps=4, progress=False)
-    pairs = dataset_nll(
+    plain = run_nll(unconditional, x, batch_size=8, method="rk4", steps=4, progress=False)
+    pairs = run_nll(
         unconditional,
         torch.utils.data.TensorDataset(x, y),
         batch_size=8,
@@ -533,48 +549,83 @@ def test_labels_of_a_dataset_skip_a_field_that_takes_none():
 def test_extras_given_twice_are_refused():
     field, x, y = _conditional_case()
     with pytest.raises(ValueError, match="both"):
-        dataset_nll(
+        run_nll(
             field, torch.utils.data.TensorDataset(x, y), extras={"y": PerRow(y)}, progress=False
         )
 
 
 # ----------------------------------------------------------------------------------------------
-# solver settings: SolverConfig carries them, the keywords are sugar, solver_options is deprecated
+# solver settings: SolverConfig carries them, the keywords method/rtol/atol are sugar
 @pytest.mark.parametrize(
     ("keywords", "config"),
     [
-        ({"method": "rk4", "steps": 10}, SolverConfig("rk4", steps=10)),
-        ({"steps": 10, "config": SolverConfig("rk4", steps=3)}, SolverConfig("rk4", steps=10)),
+        (
+            {"method": "rk4", "config": SolverConfig("euler", steps=10)},
+            SolverConfig("rk4", steps=10),
+        ),
+        ({"method": "dopri5", "config": SolverConfig("rk4", steps=3)}, SolverConfig()),
         ({"rtol": 1e-7, "atol": 1e-8}, SolverConfig(rtol=1e-7, atol=1e-8)),
     ],
 )
 def test_solver_keywords_are_sugar_over_the_config(keywords, config):
     field, x = make_case(6)
-    flat = dataset_nll(field, x, batch_size=3, progress=False, **keywords)
-    carried = dataset_nll(field, x, batch_size=3, progress=False, config=config)
+    execution = Execution(batch_size=3, progress=False)
+    flat = dataset_nll(field, x, execution=execution, **keywords)
+    carried = dataset_nll(field, x, execution=execution, config=config)
     # The same configuration is the same computation: equal frames, bit for bit.
     pd.testing.assert_frame_equal(flat, carried)
     assert flat.attrs["run"]["solver"] == carried.attrs["run"]["solver"]
 
 
-def test_solver_options_is_deprecated_and_noise_replaces_it(tmp_path):
+def test_noise_reaches_the_probes_and_is_part_of_the_run(tmp_path):
+    """Hutchinson(noise=...) decides the probes (replaces 0.1's solver_options={"noise": ...});
+    a run resumes with the same spec and refuses another noise."""
     field, x = make_case(6)
-    hutchinson = {"divergence": "hutchinson", "n_probes": 2, "batch_size": 3, **FAST}
-    new = dataset_nll(field, x, noise="gaussian", **hutchinson)
-    with pytest.warns(DeprecationWarning, match=r"config=SolverConfig\(\.\.\.\).*noise="):
-        old = dataset_nll(field, x, solver_options={"noise": "gaussian"}, **hutchinson)
-    # The same probes (same seed, same distribution): equal frames, bit for bit.
-    pd.testing.assert_frame_equal(new, old)
-    rademacher = dataset_nll(field, x, **hutchinson)
-    assert not np.array_equal(rademacher["log_prob"], new["log_prob"])  # noise= reached the probes
-    # A run started with the deprecated form resumes with noise= (the same recorded identity).
+    base = {
+        "config": SolverConfig("rk4", steps=10),
+        "execution": Execution(batch_size=3, progress=False),
+    }
+    gaussian = dataset_nll(field, x, estimator=Hutchinson(2, "gaussian"), **base)
+    rademacher = dataset_nll(field, x, estimator=Hutchinson(2), **base)
+    assert not np.array_equal(rademacher["log_prob"], gaussian["log_prob"])
     out = tmp_path / "nll.parquet"
-    with pytest.warns(DeprecationWarning):
-        dataset_nll(field, x, solver_options={"noise": "gaussian"}, out=out, **hutchinson)
-    again = dataset_nll(field, x, noise="gaussian", out=out, resume=True, **hutchinson)
+    first = dataset_nll(field, x, estimator=Hutchinson(2, "gaussian"), output=Output(out), **base)
+    pd.testing.assert_frame_equal(first, gaussian)  # the same seed: the same probes
+    again = dataset_nll(
+        field, x, estimator=Hutchinson(2, "gaussian"), output=Output(out, resume=True), **base
+    )
     assert again.attrs["summary"]["rows_computed"] == 0
-    with pytest.raises(ValueError, match="noise= alone"), pytest.warns(DeprecationWarning):
-        dataset_nll(field, x, noise="gaussian", solver_options={"noise": "gaussian"}, **hutchinson)
+    with pytest.raises(ValueError, match="noise"):
+        dataset_nll(field, x, estimator=Hutchinson(2), output=Output(out, resume=True), **base)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (Exact("loop"), Exact()),
+        (Exact(), Exact("loop")),
+        (Exact(), Hutchinson(2)),
+        (Hutchinson(2), Exact("loop")),
+        (Hutchinson(2), Hutchinson(3)),
+    ],
+    ids=str,
+)
+def test_resume_with_another_estimator_is_refused(tmp_path, first, second):
+    """The estimator is part of the run's identity: a resume with another one is refused (the
+    rows computed so far would mix two computations), and the same one resumes."""
+    field, x = make_mlp(6)
+    base = {
+        "config": SolverConfig("rk4", steps=4),
+        "execution": Execution(batch_size=3, progress=False),
+    }
+    out = tmp_path / "nll.parquet"
+    frame = dataset_nll(field, x, estimator=first, output=Output(out), **base)
+    identity = {k: frame.attrs["run"][k] for k in ("divergence", "n_probes")}
+    with pytest.raises(ValueError, match=r"different|differ|another|changed"):
+        dataset_nll(field, x, estimator=second, output=Output(out, resume=True), **base)
+    again = dataset_nll(field, x, estimator=first, output=Output(out, resume=True), **base)
+    assert again.attrs["summary"]["rows_computed"] == 0
+    assert {k: again.attrs["run"][k] for k in identity} == identity
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,8 +665,8 @@ def test_an_unconditional_field_ignores_the_labels_of_its_data(make_field, route
     pairs = torch.utils.data.TensorDataset(x, y)
     data = pairs if route == "pairs" else torch.utils.data.DataLoader(pairs, batch_size=5)
     kw = dict(batch_size=4, method="rk4", steps=4, progress=False)
-    labelled = dataset_nll(field, data, **kw)
-    plain = dataset_nll(field, x, **kw)
+    labelled = run_nll(field, data, **kw)
+    plain = run_nll(field, x, **kw)
     assert (labelled["status"] == "ok").all()
     np.testing.assert_array_equal(labelled["log_prob"], plain["log_prob"])
 
@@ -639,7 +690,7 @@ def test_a_conditional_field_without_labels_is_refused_before_any_solve(field, m
         field = cnftools.MLPField(2, (8,), num_classes=3, dtype=torch.float64)
     x, _ = _labelled()
     with pytest.raises(ValueError, match=match):
-        dataset_nll(field, x, **FAST)
+        run_nll(field, x, **FAST)
 
 
 def test_the_conditional_attribute_decides_over_the_signature():
@@ -696,9 +747,13 @@ _BAD_ARGUMENTS = {
         ValueError,
         r"Independent\(prior, 1\)",
     ),
-    "option-key": ({"solver_options": {"bogus": 1}}, ValueError, r"unknown or reserved.*bogus"),
-    "field-float32": ({"cast": torch.float32}, TypeError, "returns torch.float32"),
-    "field-int": ({"cast": torch.int64}, TypeError, "returns torch.int64"),
+    "seeded-hutchinson": (
+        {"estimator": Hutchinson(2, generator=torch.Generator().manual_seed(0))},
+        ValueError,
+        r"Hutchinson\(n_probes=\.\.\., noise=\.\.\.\) without generator= or probes=",
+    ),
+    "field-float32": ({"cast": torch.float32}, TypeError, "returned dtype torch.float32"),
+    "field-int": ({"cast": torch.int64}, TypeError, "returned dtype torch.int64"),
     "data-float16": ({"data": torch.float16}, TypeError, "float32 or float64 only"),
     "dtype-float16": ({"dtype": torch.float16}, TypeError, "floating torch.dtype|float32"),
     "dequantized-floats": (
@@ -719,16 +774,15 @@ def test_bad_arguments_are_refused_before_any_solve(kwargs, error, match):
     counting = _Counting(field, kwargs.pop("cast", None))
     if "data" in kwargs:
         x = x.to(kwargs.pop("data"))
-    with pytest.raises(error, match=match), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # solver_options is deprecated
-        dataset_nll(counting, x, batch_size=4, **{**FAST, **kwargs})
+    with pytest.raises(error, match=match):
+        run_nll(counting, x, batch_size=4, **{**FAST, **kwargs})
     assert counting.calls <= 1
 
 
 def test_float16_data_runs_with_an_explicit_dtype():
     """The refusal of half precision names dtype= as the fix, and that fix works."""
     field, x = make_case(6)
-    frame = dataset_nll(field, x.half(), dtype=torch.float32, **{**FAST, "batch_size": 3})
+    frame = run_nll(field, x.half(), dtype=torch.float32, **{**FAST, "batch_size": 3})
     assert (frame["status"] == "ok").all()
 
 
@@ -738,9 +792,7 @@ def test_integer_valued_floats_still_dequantize():
     field, _ = make_case()
     ints = torch.randint(0, 4, (6, 2), generator=torch.Generator().manual_seed(0))
     kw = dict(dequantization=Dequantization(levels=4), batch_size=3, dtype=torch.float64, **FAST)
-    pd.testing.assert_frame_equal(
-        dataset_nll(field, ints, **kw), dataset_nll(field, ints.double(), **kw)
-    )
+    pd.testing.assert_frame_equal(run_nll(field, ints, **kw), run_nll(field, ints.double(), **kw))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -760,7 +812,7 @@ def test_label_length_error_names_the_extra_and_both_counts():
     x, y = _labelled(50)
     for given in (y[:-1], PerRow(y[:-1])):
         with pytest.raises(ValueError, match=r"extras\['y'\] has 49 rows for 50 data rows"):
-            dataset_nll(_with_label, x, extras={"y": given}, batch_size=7, progress=False)
+            run_nll(_with_label, x, extras={"y": given}, batch_size=7, progress=False)
 
 
 def test_a_tensor_with_as_many_rows_as_the_data_must_say_how_it_is_used():
@@ -770,8 +822,8 @@ def test_a_tensor_with_as_many_rows_as_the_data_must_say_how_it_is_used():
     table = torch.ones(3, 2, dtype=torch.float64)
     kw = dict(batch_size=2, method="rk4", steps=32, progress=False)
     with pytest.raises(ValueError, match=r"extras\['table'\] has 3 rows, as many as the data"):
-        dataset_nll(_with_table, x, extras={"table": table}, **kw)
-    frame = dataset_nll(_with_table, x, extras={"table": Shared(table)}, **kw)
+        run_nll(_with_table, x, extras={"table": table}, **kw)
+    frame = run_nll(_with_table, x, extras={"table": Shared(table)}, **kw)
     # the whole table reached every call: v = -x (a slice would give -x/3 or -2x/3), whose
     # log p_1(x) = log N(e x; 0, I) + 2 exactly (divergence -2). RK4's relative error in z_0 is
     # about h^4/120 = 8e-9 at h = 1/32, times |e x|^2 <= ~50 here: below 1e-6 nats.
@@ -784,8 +836,8 @@ def test_per_row_values_from_numpy_in_any_byte_order_are_the_same():
     frame equals that of the native tensor, bit for bit; an array of strings is refused."""
     x, y = _labelled(9)
     kw = dict(batch_size=4, method="rk4", steps=4, progress=False)
-    native = dataset_nll(_with_label, x, extras={"y": PerRow(y)}, **kw)
-    swapped = dataset_nll(_with_label, x, extras={"y": PerRow(y.numpy().astype(">i8"))}, **kw)
+    native = run_nll(_with_label, x, extras={"y": PerRow(y)}, **kw)
+    swapped = run_nll(_with_label, x, extras={"y": PerRow(y.numpy().astype(">i8"))}, **kw)
     pd.testing.assert_frame_equal(native, swapped)
     with pytest.raises(TypeError, match="must hold numbers"):
         PerRow(np.array(["a", "b"]))
@@ -796,13 +848,13 @@ def test_shared_values_work_with_a_stream_and_per_row_ones_are_refused():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
     table = torch.ones(6, 2, dtype=torch.float64)
     kw = dict(batch_size=4, method="rk4", steps=4, progress=False)
-    streamed = dataset_nll(_with_table, loader, extras={"table": Shared(table)}, **kw)
-    direct = dataset_nll(_with_table, x, extras={"table": Shared(table)}, **kw)
+    streamed = run_nll(_with_table, loader, extras={"table": Shared(table)}, **kw)
+    direct = run_nll(_with_table, x, extras={"table": Shared(table)}, **kw)
     pd.testing.assert_frame_equal(streamed, direct)
     with pytest.raises(ValueError, match="stream"):
-        dataset_nll(_with_table, loader, extras={"table": PerRow(table)}, **kw)
+        run_nll(_with_table, loader, extras={"table": PerRow(table)}, **kw)
     with pytest.raises(ValueError, match=r"extras\['table'\].*Shared"):
-        dataset_nll(_with_table, loader, extras={"table": table}, **kw)
+        run_nll(_with_table, loader, extras={"table": table}, **kw)
 
 
 def test_a_changed_shared_array_changes_the_run_identity(tmp_path):
@@ -814,12 +866,12 @@ def test_a_changed_shared_array_changes_the_run_identity(tmp_path):
     table = np.ones(2000)
     out = tmp_path / "nll.parquet"
     kw = dict(batch_size=2, method="rk4", steps=2, progress=False, out=out, run_id="fixed")
-    dataset_nll(_with_table, x, extras={"table": Shared(table)}, **kw)
+    run_nll(_with_table, x, extras={"table": Shared(table)}, **kw)
     changed = table.copy()
     changed[1000] = 2.0
     assert repr(changed) == repr(table)  # the old identity could not tell them apart
     with pytest.raises(cnftools.nll.ResumeError):
-        dataset_nll(_with_table, x, extras={"table": Shared(changed)}, resume=True, **kw)
+        run_nll(_with_table, x, extras={"table": Shared(changed)}, resume=True, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -882,14 +934,14 @@ def test_bad_data_gets_one_clear_error(data, kwargs, error, match):
     if isinstance(data, list):
         data = _ListDataset(data)
     with pytest.raises(error, match=match):
-        dataset_nll(lambda x, t: -x, data, **{**FAST, **kwargs})
+        run_nll(lambda x, t: -x, data, **{**FAST, **kwargs})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda_names_the_argument():
     field, x = make_case(4)
     with pytest.raises(ValueError, match="device is 'cuda' but CUDA is not available"):
-        dataset_nll(field, x, device="cuda", **FAST)
+        run_nll(field, x, device="cuda", **FAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -901,19 +953,19 @@ def test_bits_per_dim_of_continuous_data_with_the_users_dimension_count(tmp_path
     field, x = make_case(6)
     out = tmp_path / "nll.parquet"
     kw = dict(batch_size=3, out=out, **FAST)
-    frame = dataset_nll(field, x, bpd_dims=4, **kw)
+    frame = run_nll(field, x, bpd_dims=4, **kw)
     assert list(frame.columns) == ["index", "log_prob", "nll", "bpd", "nfe", "status"]
     np.testing.assert_allclose(frame["bpd"], frame["nll"] / (4 * math.log(2)), rtol=1e-15)
     assert frame.attrs["summary"]["mean_bpd"] == pytest.approx(
         float(frame["nll"].mean()) / (4 * math.log(2)), rel=1e-12
     )
-    again = dataset_nll(field, x, bpd_dims=2, resume=True, **kw)
+    again = run_nll(field, x, bpd_dims=2, resume=True, **kw)
     np.testing.assert_allclose(again["bpd"], frame["nll"] / (2 * math.log(2)), rtol=1e-15)
-    assert "bpd" not in dataset_nll(field, x, resume=True, **kw).columns
+    assert "bpd" not in run_nll(field, x, resume=True, **kw).columns
     with pytest.raises(ValueError, match="bpd_dims is for continuous data"):
-        dataset_nll(field, x, bpd_dims=2, dequantization=Dequantization(4), **FAST)
-    with pytest.raises(ValueError, match="bpd_dims must be an int >= 1"):
-        dataset_nll(field, x, bpd_dims=0, **FAST)
+        run_nll(field, x, bpd_dims=2, dequantization=Dequantization(4), **FAST)
+    with pytest.raises(ValueError, match=r"DataOptions\(bpd_dims=\.\.\.\) must be an int >= 1"):
+        run_nll(field, x, bpd_dims=0, **FAST)
 
 
 def test_a_shared_table_is_never_split_when_rows_are_solved_again():
@@ -934,13 +986,13 @@ def test_a_shared_table_is_never_split_when_rows_are_solved_again():
         return -x * (table.sum() / 6.0) + torch.sin(3 * x) * torch.cos(7 * t[:, None])
 
     config = SolverConfig(accuracy=1e-9)  # rows are solved again here (measured: one of three)
-    frame = dataset_nll(
+    frame = run_nll(
         field, x, extras={"table": Shared(table)}, batch_size=3, config=config, progress=False
     )
     assert seen == {(3, 2)}
     with torch.no_grad():
         closure = cnftools.log_likelihood(lambda x, t: field(x, t, table), x, config=config)
-    np.testing.assert_array_equal(frame["log_prob"].to_numpy(), closure.numpy())
+    np.testing.assert_array_equal(frame["log_prob"].to_numpy(), closure.log_prob.numpy())
 
 
 @pytest.mark.parametrize("form", ["array", "npy-file"])
@@ -954,10 +1006,10 @@ def test_big_endian_data_gives_the_frame_of_native_data(form, tmp_path):
         np.save(tmp_path / "rows.npy", swapped)
         swapped = tmp_path / "rows.npy"
     kw = dict(batch_size=4, **FAST)
-    pd.testing.assert_frame_equal(dataset_nll(field, swapped, **kw), dataset_nll(field, x, **kw))
+    pd.testing.assert_frame_equal(run_nll(field, swapped, **kw), run_nll(field, x, **kw))
 
 
-# Resume never mixes two models: the issue's reproducers, through dataset_nll(resume=True)
+# Resume never mixes two models: the issue's reproducers, through run_nll(resume=True)
 class _Killed(BaseException):
     """Stands for a kill: not an Exception, so dataset_nll does not record it as a row failure."""
 
@@ -978,7 +1030,7 @@ def _interrupted(field, x, out, units: int, **kwargs) -> None:
     store.ChunkStore.write_unit = write_then_stop
     try:
         with pytest.raises(_Killed):
-            dataset_nll(field, x, out=out, **{**FAST, **kwargs})
+            run_nll(field, x, out=out, **{**FAST, **kwargs})
     finally:
         store.ChunkStore.write_unit = original
 
@@ -1068,17 +1120,17 @@ def test_resume_refuses_a_changed_model_the_fingerprint_did_not_see(tmp_path, ch
     first, extras_1 = _reproducer(change, second=False)
     second, extras_2 = _reproducer(change, second=True)
     # the change matters: the two models give other numbers
-    a = dataset_nll(first, x[:4], extras=extras_1, **FAST)
-    b = dataset_nll(second, x[:4], extras=extras_2, **FAST)
+    a = run_nll(first, x[:4], extras=extras_1, **FAST)
+    b = run_nll(second, x[:4], extras=extras_2, **FAST)
     assert not np.allclose(a["log_prob"], b["log_prob"], rtol=0, atol=1e-9)
     _interrupted(first, x, out, 1, batch_size=10, extras=extras_1)
     with pytest.raises(ResumeError, match="other settings, field or prior"):
-        dataset_nll(second, x, batch_size=10, out=out, resume=True, extras=extras_2, **FAST)
+        run_nll(second, x, batch_size=10, out=out, resume=True, extras=extras_2, **FAST)
     # the same model, built again: it resumes, and its numbers are one run's
     again, extras_3 = _reproducer(change, second=False)
-    resumed = dataset_nll(again, x, batch_size=10, out=out, resume=True, extras=extras_3, **FAST)
+    resumed = run_nll(again, x, batch_size=10, out=out, resume=True, extras=extras_3, **FAST)
     assert resumed.attrs["summary"]["rows_computed"] == 30
-    whole = dataset_nll(first, x, batch_size=10, extras=extras_1, **FAST)
+    whole = run_nll(first, x, batch_size=10, extras=extras_1, **FAST)
     pd.testing.assert_frame_equal(resumed, whole, check_exact=True)
 
 
@@ -1094,8 +1146,8 @@ def test_an_unreadable_field_refuses_resume_and_names_the_part(tmp_path):
             return field(x, t)
 
     with pytest.raises(ValueError, match=r"v\.source is a builtins\.generator.*run_id="):
-        dataset_nll(Holder(), x, out=tmp_path / "nll.parquet", resume=True, **FAST)
-    frame = dataset_nll(Holder(), x, out=tmp_path / "nll.parquet", resume=True, run_id="r1", **FAST)
+        run_nll(Holder(), x, out=tmp_path / "nll.parquet", resume=True, **FAST)
+    frame = run_nll(Holder(), x, out=tmp_path / "nll.parquet", resume=True, run_id="r1", **FAST)
     assert len(frame) == 20
 
 
@@ -1110,11 +1162,11 @@ def test_the_caller_s_module_keeps_its_train_mode():
     field.train()
     field.net[0].eval()  # a mixed state is restored as it was
     x = torch.randn(10, 2, dtype=torch.float64)
-    dataset_nll(field, x, progress=False)
+    run_nll(field, x, progress=False)
     assert field.training and not field.net[0].training
     assert all(m.training for m in field.modules() if m is not field.net[0])
     with pytest.raises((TypeError, ValueError), match="prior"):
-        dataset_nll(field, x, progress=False, prior=torch.distributions.Normal(0.0, 1.0))
+        run_nll(field, x, progress=False, prior=torch.distributions.Normal(0.0, 1.0))
     assert field.training and not field.net[0].training
 
 
@@ -1125,7 +1177,7 @@ def test_a_field_closing_over_per_row_values_is_told_to_use_per_row_extras():
     x = torch.randn(12, 2, dtype=torch.float64)
     scale = torch.linspace(0.5, 2.0, 12, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"12 rows for 1; .*PerRow"):
-        dataset_nll(lambda x, t: -x * scale[:, None], x, progress=False)
+        run_nll(lambda x, t: -x * scale[:, None], x, progress=False)
 
 
 def test_labels_of_the_items_under_another_name_are_named():
@@ -1135,7 +1187,7 @@ def test_labels_of_the_items_under_another_name_are_named():
     x = torch.randn(6, 2, dtype=torch.float64)
     items = torch.utils.data.TensorDataset(x, torch.arange(6) % 2)
     with pytest.raises(ValueError, match=r"\['label'\]; the data's items carry \['y'\]"):
-        dataset_nll(lambda x, t, label: -x * (1 + label[:, None]), items, progress=False)
+        run_nll(lambda x, t, label: -x * (1 + label[:, None]), items, progress=False)
 
 
 @pytest.mark.parametrize(
@@ -1158,5 +1210,5 @@ def test_what_log_likelihood_refuses_is_refused_before_any_row(kwargs, match):
 
     x = torch.randn(12, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match=match):
-        dataset_nll(field, x, batch_size=4, progress=False, **kwargs)
+        run_nll(field, x, batch_size=4, progress=False, **kwargs)
     assert calls["n"] == 0

@@ -35,8 +35,11 @@ field = cnftools.MLPField(D, hidden=(64, 64)).double()
 
 def run(n):
     loader = torch.utils.data.DataLoader(Stream(n), batch_size=B)
-    return cnftools.dataset_nll(field, loader, batch_size=B, method="euler", steps=2,
-                                divergence="hutchinson", progress=False, num_threads=1)
+    return cnftools.dataset_nll(
+        field, loader, estimator=cnftools.Hutchinson(),
+        config=cnftools.SolverConfig("euler", steps=2),
+        execution=cnftools.nll.Execution(batch_size=B, progress=False, num_threads=1),
+    )
 
 run(2 * B)
 with open("/proc/self/clear_refs", "w") as handle:
@@ -97,14 +100,18 @@ def test_an_interrupted_run_releases_its_lock_and_counts_the_rows_kept(tmp_path)
 
     x = torch.arange(24, dtype=torch.float64).reshape(12, 2)
     out = tmp_path / "r.parquet"
-    kw = dict(batch_size=4, method="euler", steps=1, progress=False, out=out, run_id="stop")
+    kw = dict(
+        config=cnftools.SolverConfig("euler", steps=1),
+        execution=cnftools.nll.Execution(batch_size=4, progress=False),
+    )
     field = Stop()
     with pytest.raises(RunInterrupted, match="8 of 12 rows are kept") as info:
-        cnftools.dataset_nll(field, x, **kw)
+        cnftools.dataset_nll(field, x, output=cnftools.nll.Output(out, run_id="stop"), **kw)
     assert isinstance(info.value, KeyboardInterrupt) and info.value.kept == 8
     assert not (tmp_path / "r.parquet.lock").exists()
     calls["stop"] = False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        frame = cnftools.dataset_nll(field, x, resume=True, **kw)
+        output = cnftools.nll.Output(out, resume=True, run_id="stop")
+        frame = cnftools.dataset_nll(field, x, output=output, **kw)
     assert len(frame) == 12 and bool((frame["status"] == "ok").all())

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from _dist_worker import make_case
+from _nll_call import run_nll
 
-from cnftools.nll import ResumeError, dataset_nll, read_rows
+from cnftools.nll import ResumeError, read_rows
 
 FAST = {"method": "rk4", "steps": 4, "progress": False}
 
@@ -77,7 +78,7 @@ def test_a_stream_is_never_held_whole(kind):
     data = (
         stream if kind == "iterable" else torch.utils.data.DataLoader(stream, 8, collate_fn=collate)
     )
-    frame = dataset_nll(
+    frame = run_nll(
         _Shrink(), data, batch_size=batch, method="euler", steps=1, divergence="hutchinson",
         progress=False,
     )  # fmt: skip
@@ -96,9 +97,9 @@ def test_stream_equals_tensor():
             yield from x
 
     loader = torch.utils.data.DataLoader(Rows(), batch_size=3)
-    expected = dataset_nll(field, x, batch_size=4, **FAST)
+    expected = run_nll(field, x, batch_size=4, **FAST)
     for data in (Rows(), loader):
-        got = dataset_nll(field, data, batch_size=4, **FAST)
+        got = run_nll(field, data, batch_size=4, **FAST)
         np.testing.assert_array_equal(got["log_prob"], expected["log_prob"])  # same float64 ops
 
 
@@ -139,14 +140,14 @@ def test_resume_over_a_stream_and_refusal_when_it_changed(tmp_path):
     store.ChunkStore.write_unit = write_then_stop
     try:
         with pytest.raises(Killed):
-            dataset_nll(field, _LazyRows(23, 2), batch_size=5, out=out, **FAST)
+            run_nll(field, _LazyRows(23, 2), batch_size=5, out=out, **FAST)
     finally:
         store.ChunkStore.write_unit = original
     with pytest.raises(ResumeError, match=r"data of unit \(batch 0"):
-        dataset_nll(field, _LazyRows(23, 2, shift=1.0), batch_size=5, out=out, resume=True, **FAST)
-    resumed = dataset_nll(field, _LazyRows(23, 2), batch_size=5, out=out, resume=True, **FAST)
+        run_nll(field, _LazyRows(23, 2, shift=1.0), batch_size=5, out=out, resume=True, **FAST)
+    resumed = run_nll(field, _LazyRows(23, 2), batch_size=5, out=out, resume=True, **FAST)
     assert resumed.attrs["summary"]["rows_computed"] == 13
-    plain = dataset_nll(field, _LazyRows(23, 2), batch_size=5, **FAST)
+    plain = run_nll(field, _LazyRows(23, 2), batch_size=5, **FAST)
     np.testing.assert_array_equal(resumed["log_prob"], plain["log_prob"])
 
 
@@ -164,7 +165,7 @@ def test_a_stream_with_another_order_on_each_pass_is_refused():
             yield from x[torch.cat([torch.tensor([0]), rest])]  # row 0 first, the rest shuffled
 
     with pytest.raises(ValueError, match="deterministic order"):
-        dataset_nll(
+        run_nll(
             field, Shuffled(), batch_size=4, divergence="hutchinson", n_probes=2,
             target_stderr=1e-6, max_probes=8, **FAST,
         )  # fmt: skip
@@ -182,7 +183,7 @@ def test_a_one_shot_stream_is_refused():
             return self.rows
 
     with pytest.raises(ValueError, match="did not start again from its first row"):
-        dataset_nll(field, OneShot(), batch_size=4, **FAST)
+        run_nll(field, OneShot(), batch_size=4, **FAST)
 
 
 @pytest.mark.parametrize(
@@ -244,7 +245,7 @@ def test_a_one_shot_stream_of_identical_rows_is_refused_not_shortened(wrap):
 
     data = OneShot() if wrap == "iterable" else torch.utils.data.DataLoader(OneShot(), 8)
     with pytest.raises(ValueError, match="did not start again from its first row"):
-        dataset_nll(_Shrink(), data, batch_size=16, **FAST)
+        run_nll(_Shrink(), data, batch_size=16, **FAST)
 
 
 def test_a_restartable_stream_of_identical_rows_gives_every_row():
@@ -254,7 +255,7 @@ def test_a_restartable_stream_of_identical_rows_gives_every_row():
         def __iter__(self):
             yield from x
 
-    frame = dataset_nll(_Shrink(), Rows(), batch_size=16, **FAST)
+    frame = run_nll(_Shrink(), Rows(), batch_size=16, **FAST)
     assert frame["index"].tolist() == list(range(100))
     assert frame["log_prob"].nunique() == 1
 
@@ -269,4 +270,4 @@ def test_a_stream_that_grows_between_passes_is_refused():
             yield from torch.ones(10 + self.passes, 2, dtype=torch.float64)
 
     with pytest.raises(ValueError, match="more than 11 rows on this pass"):
-        dataset_nll(_Shrink(), Growing(), batch_size=4, **FAST)
+        run_nll(_Shrink(), Growing(), batch_size=4, **FAST)

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 import torch
 from _dist_worker import make_case, make_mixture
+from _nll_call import run_nll
 
 import cnftools
-from cnftools.nll import ResumeError, dataset_nll
+from cnftools.nll import Output, ResumeError
 
 FAST = {"method": "rk4", "steps": 10, "progress": False}
 
@@ -41,7 +42,7 @@ def _interrupted_run(field, data, out, units: int, **kwargs) -> None:
     store.ChunkStore.write_unit = write_then_maybe_stop
     try:
         with pytest.raises(_Killed):
-            dataset_nll(field, data, out=out, **{**FAST, **kwargs})
+            run_nll(field, data, out=out, **{**FAST, **kwargs})
     finally:
         store.ChunkStore.write_unit = original
 
@@ -96,17 +97,17 @@ def test_resume_refuses_another_field_prior_or_data(tmp_path, change):
     if change == "lambda":  # a lambda is fingerprinted by its code: the other one is refused
         _interrupted_run(first, data_1, out, 1, **kwargs)
         with pytest.raises(ResumeError, match="other settings"):
-            dataset_nll(second, data_2, out=out, resume=True, **FAST, **kwargs)
-        resumed = dataset_nll(first, data_1, out=out, resume=True, **FAST, **kwargs)
+            run_nll(second, data_2, out=out, resume=True, **FAST, **kwargs)
+        resumed = run_nll(first, data_1, out=out, resume=True, **FAST, **kwargs)
         assert resumed.attrs["summary"]["rows_computed"] == 20  # the same lambda continues
         return
     _interrupted_run(first, data_1, out, 1, **kwargs, **kwargs_1)
     with pytest.raises(ResumeError, match=r"other settings|changed"):
-        dataset_nll(second, data_2, out=out, resume=True, **FAST, **kwargs, **kwargs_2)
+        run_nll(second, data_2, out=out, resume=True, **FAST, **kwargs, **kwargs_2)
     # and after a finished run too
-    dataset_nll(first, data_1, out=out, overwrite=True, **FAST, **kwargs, **kwargs_1)
+    run_nll(first, data_1, out=out, overwrite=True, **FAST, **kwargs, **kwargs_1)
     with pytest.raises(ResumeError, match=r"other settings|other data"):
-        dataset_nll(second, data_2, out=out, resume=True, **FAST, **kwargs, **kwargs_2)
+        run_nll(second, data_2, out=out, resume=True, **FAST, **kwargs, **kwargs_2)
 
 
 def test_run_id_lets_a_lambda_resume(tmp_path):
@@ -114,10 +115,10 @@ def test_run_id_lets_a_lambda_resume(tmp_path):
     out = tmp_path / "nll.parquet"
     field = lambda x, t: -x  # noqa: E731
     _interrupted_run(field, x, out, 1, batch_size=5, run_id="shrink-v1")
-    resumed = dataset_nll(field, x, batch_size=5, out=out, resume=True, run_id="shrink-v1", **FAST)
+    resumed = run_nll(field, x, batch_size=5, out=out, resume=True, run_id="shrink-v1", **FAST)
     assert resumed.attrs["summary"]["rows_computed"] == 15
     with pytest.raises(ResumeError, match="run_id"):
-        dataset_nll(field, x, batch_size=5, out=out, resume=True, run_id="shrink-v2", **FAST)
+        run_nll(field, x, batch_size=5, out=out, resume=True, run_id="shrink-v2", **FAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def test_missing_meta_json_refuses_instead_of_double_counting(tmp_path):
     _interrupted_run(field, x, out, 3, batch_size=10)
     (_chunks(out) / "meta.json").unlink()
     with pytest.raises(ResumeError, match=r"meta\.json"):
-        dataset_nll(field, x, batch_size=15, out=out, resume=True, **FAST)
+        run_nll(field, x, batch_size=15, out=out, resume=True, **FAST)
 
 
 @pytest.mark.parametrize("content", ["", "{not json", json.dumps({"format": "someone-else"})])
@@ -143,7 +144,7 @@ def test_unreadable_or_foreign_meta_json_refuses(tmp_path, content):
     _interrupted_run(field, x, out, 1, batch_size=10)
     (_chunks(out) / "meta.json").write_text(content)
     with pytest.raises(ResumeError, match=r"meta\.json"):
-        dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+        run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
 
 
 @pytest.mark.parametrize("damage", ["zero-bytes", "truncated"])
@@ -159,9 +160,9 @@ def test_a_damaged_unit_file_is_computed_again_with_a_warning(tmp_path, damage):
     with pytest.warns(
         RuntimeWarning, match=r"unit-b00000000-r000\.parquet.*damaged.*computed again"
     ):
-        resumed = dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+        resumed = run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
     assert resumed.attrs["summary"]["rows_computed"] == 20  # unit 0 again, and unit 2
-    clean = dataset_nll(field, x, batch_size=10, **FAST)
+    clean = run_nll(field, x, batch_size=10, **FAST)
     pd.testing.assert_frame_equal(resumed, clean, check_exact=True)
 
 
@@ -173,7 +174,7 @@ def test_a_misplaced_unit_file_refuses(tmp_path):
     unit1 = _chunks(out) / "unit-b00000001-r000.parquet"
     os.replace(unit1, unit0)  # unit 0's file holds batch 1's rows (intact: it is not damage)
     with pytest.raises(ResumeError, match=r"unit-b00000000-r000\.parquet"):
-        dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+        run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
 
 
 def test_a_parquet_file_cnftools_did_not_write_is_refused(tmp_path):
@@ -181,7 +182,7 @@ def test_a_parquet_file_cnftools_did_not_write_is_refused(tmp_path):
     out = tmp_path / "nll.parquet"
     pd.DataFrame({"index": range(10), "nll": np.zeros(10), "status": ["ok"] * 10}).to_parquet(out)
     with pytest.raises(ResumeError, match="not written by"):
-        dataset_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
+        run_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def test_a_second_process_on_the_same_out_gets_a_clear_error(tmp_path):
         lock = tmp_path / "nll.parquet.lock"
         lock.write_text(f"{holder.pid} {socket.gethostname()}")  # a live process holds it
         with pytest.raises(FileExistsError, match=r"another process.*nll.parquet.lock"):
-            dataset_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
+            run_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
         assert not _chunks(out).exists()  # no orphan chunk directory
         assert lock.read_text().startswith(str(holder.pid))  # the holder's lock is untouched
     finally:
@@ -204,7 +205,7 @@ def test_a_second_process_on_the_same_out_gets_a_clear_error(tmp_path):
         holder.wait()
     # its process is gone: the lock is stale and taken over, with a warning
     with pytest.warns(RuntimeWarning, match="stale lock"):
-        frame = dataset_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
+        frame = run_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
     assert len(frame) == 10 and not (tmp_path / "nll.parquet.lock").exists()
 
 
@@ -212,7 +213,7 @@ def test_a_failed_run_leaves_no_chunk_directory(tmp_path):
     field, x = make_case(10)
     out = tmp_path / "nll.parquet"
     with pytest.raises(RuntimeError, match="every row failed"):
-        dataset_nll(field, x * np.nan, batch_size=5, out=out, **FAST)
+        run_nll(field, x * np.nan, batch_size=5, out=out, **FAST)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -243,12 +244,12 @@ def test_failed_rows_are_retried_on_resume(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         _FlakyDevice(patch)
         with pytest.warns(RuntimeWarning, match="1 of 20 rows failed"):
-            first = dataset_nll(field, x, batch_size=5, out=out, **FAST)
+            first = run_nll(field, x, batch_size=5, out=out, **FAST)
     assert first.loc[3, "status"].startswith("error: RuntimeError: transient")
-    resumed = dataset_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
+    resumed = run_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
     assert (resumed["status"] == "ok").all()
     assert resumed.attrs["summary"]["rows_computed"] == 5  # only the unit with the failure
-    clean = dataset_nll(field, x, batch_size=5, **FAST)
+    clean = run_nll(field, x, batch_size=5, **FAST)
     pd.testing.assert_series_equal(resumed["log_prob"], clean["log_prob"], check_exact=True)
     assert not _chunks(out).exists()
 
@@ -273,7 +274,7 @@ def test_a_flipped_byte_in_a_unit_file_is_never_used(tmp_path):
     import shutil
 
     field, x = make_case(20)
-    clean = dataset_nll(field, x, batch_size=10, **FAST)
+    clean = run_nll(field, x, batch_size=10, **FAST)
     pristine = tmp_path / "pristine"
     _interrupted_run(field, x, pristine / "nll.parquet", 1, batch_size=10)
     unit = "unit-b00000000-r000.parquet"
@@ -286,7 +287,7 @@ def test_a_flipped_byte_in_a_unit_file_is_never_used(tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                resumed = dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+                resumed = run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
             except ResumeError as error:
                 assert unit in str(error)
                 outcomes["refused"] += 1
@@ -311,22 +312,22 @@ def test_a_flipped_byte_in_meta_json_is_refused(tmp_path):
         meta.write_bytes(original)
         _flip(meta, position)
         with pytest.raises(ResumeError, match=r"meta\.json"):
-            dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+            run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
     meta.write_bytes(original)
-    assert len(dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)) == 20
+    assert len(run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)) == 20
 
 
 def test_a_flipped_byte_in_the_final_file_is_refused_or_harmless(tmp_path):
     field, x = make_case(20)
     out = tmp_path / "nll.parquet"
-    finished = dataset_nll(field, x, batch_size=10, out=out, **FAST)
+    finished = run_nll(field, x, batch_size=10, out=out, **FAST)
     original = out.read_bytes()
     refused = 0
     for position in _positions(len(original), 60):
         out.write_bytes(original)
         _flip(out, position)
         try:
-            again = dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+            again = run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
         except ResumeError as error:
             assert "nll.parquet" in str(error) and "overwrite" in str(error)
             refused += 1
@@ -348,7 +349,7 @@ def test_a_column_name_damaged_to_invalid_utf8_is_a_damaged_file(tmp_path):
     import shutil
 
     field, x = make_case(20)
-    clean = dataset_nll(field, x, batch_size=10, **FAST)
+    clean = run_nll(field, x, batch_size=10, **FAST)
     pristine = tmp_path / "pristine"
     _interrupted_run(field, x, pristine / "nll.parquet", 1, batch_size=10)
     unit = "unit-b00000000-r000.parquet"
@@ -363,10 +364,10 @@ def test_a_column_name_damaged_to_invalid_utf8_is_a_damaged_file(tmp_path):
         path.write_bytes(bytes(data))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            resumed = dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+            resumed = run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
         pd.testing.assert_frame_equal(resumed, clean, check_exact=True)
     out = tmp_path / "final" / "nll.parquet"
-    dataset_nll(field, x, batch_size=10, out=out, **FAST)
+    run_nll(field, x, batch_size=10, out=out, **FAST)
     original = out.read_bytes()
     refused = 0
     for position in _non_utf8_name_positions(out):
@@ -374,7 +375,7 @@ def test_a_column_name_damaged_to_invalid_utf8_is_a_damaged_file(tmp_path):
         data[position] ^= 0xFF
         out.write_bytes(bytes(data))
         try:
-            again = dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+            again = run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
         except ResumeError as error:
             assert "nll.parquet" in str(error)
             refused += 1
@@ -393,7 +394,7 @@ def test_a_final_file_with_rows_removed_never_resumes_to_fewer_rows(tmp_path, ch
 
     field, x = make_case(40)
     out = tmp_path / "nll.parquet"
-    dataset_nll(field, x, batch_size=10, out=out, **FAST)
+    run_nll(field, x, batch_size=10, out=out, **FAST)
     table = pq.read_table(out)
     meta = json.loads(table.schema.metadata[META_KEY])
     if checksum == "kept":  # the rows cut, the metadata (with its checksum) left as it was
@@ -404,7 +405,7 @@ def test_a_final_file_with_rows_removed_never_resumes_to_fewer_rows(tmp_path, ch
         write_atomic(frame, {k: v for k, v in meta.items() if k not in ("rows", "checksum")}, out)
         match = "30 rows for 40 data rows"
     with pytest.raises(ResumeError, match=match):
-        dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+        run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
     _ = pa  # the Arrow table API above
 
 
@@ -426,12 +427,12 @@ def test_unit_metadata_that_is_crafted_gives_one_clear_answer(tmp_path):
     crafted = {k: v for k, v in meta.items() if k not in ("batch", "rows", "checksum")}
     write_atomic(frame, crafted, unit)
     with pytest.raises(ResumeError, match=r"unit-b00000000-r000\.parquet.*malformed.*'batch'"):
-        dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+        run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
     # nested 100,000 levels deep (no valid checksum): damaged, so computed again
     deep = ("[" * 100_000 + "]" * 100_000).encode()
     pq.write_table(pa.Table.from_pandas(frame).replace_schema_metadata({META_KEY: deep}), unit)
     with pytest.warns(RuntimeWarning, match="computed again"):
-        resumed = dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+        resumed = run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
     assert len(resumed) == 20
     _ = FORMAT
 
@@ -442,7 +443,7 @@ def test_deeply_nested_meta_json_is_refused_clearly(tmp_path):
     _interrupted_run(field, x, out, 1, batch_size=10)
     (_chunks(out) / "meta.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ResumeError, match=r"meta\.json is unreadable"):
-        dataset_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
+        run_nll(field, x, batch_size=10, out=out, resume=True, **FAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,30 +453,31 @@ def test_out_naming_a_directory_or_a_chunks_file_is_a_clear_error(tmp_path):
     folder = tmp_path / "results.parquet"
     folder.mkdir()
     with pytest.raises(ValueError, match="is a directory"):
-        dataset_nll(field, x, out=folder, **FAST)
+        run_nll(field, x, out=folder, **FAST)
     with pytest.raises(ValueError, match="is a directory"):
-        dataset_nll(field, x, out=folder, resume=True, **FAST)
+        run_nll(field, x, out=folder, resume=True, **FAST)
     out = tmp_path / "nll.parquet"
     _chunks(out).write_text("not a directory")
     with pytest.raises(ValueError, match=r"nll\.parquet\.chunks.*is a file"):
-        dataset_nll(field, x, out=out, **FAST)
+        run_nll(field, x, out=out, **FAST)
     assert _chunks(out).read_text() == "not a directory"  # left alone
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"resume": True}, "resume=True needs out="),
-        ({"overwrite": True}, "overwrite=True needs out="),
-        ({"resume": True, "overwrite": True, "out": "x.parquet"}, "contradict"),
+        # 0.1's resume=True / overwrite=True without out=: no Output without its path now
+        ({"resume": True}, TypeError, "path"),
+        ({"overwrite": True}, TypeError, "path"),
+        ({"path": "x.parquet", "resume": True, "overwrite": True}, ValueError, "contradict"),
     ],
 )
-def test_flags_that_cannot_apply_are_refused(tmp_path, kwargs, match):
-    field, x = make_case(10)
-    if "out" in kwargs:
-        kwargs = {**kwargs, "out": tmp_path / kwargs["out"]}
-    with pytest.raises(ValueError, match=match):
-        dataset_nll(field, x, **FAST, **kwargs)
+def test_flags_that_cannot_apply_are_refused(tmp_path, kwargs, error, match):
+    if "path" in kwargs:
+        kwargs = {**kwargs, "path": tmp_path / kwargs["path"]}
+    with pytest.raises(error, match=match):
+        Output(**kwargs)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,7 +499,7 @@ def test_temporary_files_of_dead_writers_are_cleaned_and_others_kept(tmp_path):
         live.write_bytes(b"being written")
         foreign = tmp_path / ".nll.parquet.backup.tmp"
         foreign.write_bytes(b"not ours")
-        dataset_nll(field, x, batch_size=5, out=out, **FAST)
+        run_nll(field, x, batch_size=5, out=out, **FAST)
         assert not dead.exists()
         assert live.exists() and foreign.exists()
     finally:
@@ -524,10 +526,10 @@ def test_a_failed_final_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store.pq, "write_table", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        dataset_nll(field, x, batch_size=5, out=out, **FAST)
+        run_nll(field, x, batch_size=5, out=out, **FAST)
     assert [p.name for p in tmp_path.glob(".*.tmp")] == []
     monkeypatch.setattr(store.pq, "write_table", original)
-    resumed = dataset_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
+    resumed = run_nll(field, x, batch_size=5, out=out, resume=True, **FAST)
     assert resumed.attrs["summary"]["rows_computed"] == 0  # the units were kept
 
 
@@ -539,7 +541,7 @@ def test_an_empty_lock_file_is_taken_over(tmp_path):
     out = tmp_path / "nll.parquet"
     (tmp_path / "nll.parquet.lock").write_bytes(b"")
     with pytest.warns(RuntimeWarning, match="stale lock.*empty"):
-        frame = dataset_nll(field, x, batch_size=5, out=out, **FAST)
+        frame = run_nll(field, x, batch_size=5, out=out, **FAST)
     assert len(frame) == 10 and not (tmp_path / "nll.parquet.lock").exists()
 
 
@@ -550,7 +552,7 @@ def test_a_lock_file_of_unreadable_content_is_refused_as_such(tmp_path, content)
     out = tmp_path / "nll.parquet"
     (tmp_path / "nll.parquet.lock").write_bytes(content)
     with pytest.raises(FileExistsError, match="not the 'PID HOST' a cnftools run writes") as info:
-        dataset_nll(field, x, batch_size=5, out=out, **FAST)
+        run_nll(field, x, batch_size=5, out=out, **FAST)
     assert "another host" not in str(info.value)
 
 
