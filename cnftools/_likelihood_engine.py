@@ -347,6 +347,8 @@ def rows_stand_alone(
         gap = float((alone - full[part]).abs().max() / scale)
     if gap <= 1e-6:
         return True
+    if not math.isfinite(gap):  # a non-finite field: the solve names its rows; no verdict here
+        return False
     with contextlib.suppress(TypeError):
         if v in _MIXING_WARNED:
             return False

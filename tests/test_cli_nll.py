@@ -333,9 +333,9 @@ def test_accuracy_flag_asks_for_nats(trained, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--method", "rk4"], "'rk4' needs steps"),
-        (["--method", "euler"], "'euler' needs steps"),
-        (["--steps", "8"], "steps applies to fixed-grid methods"),
+        (["--method", "rk4"], "--method rk4 is a fixed-grid method: give its number of steps"),
+        (["--method", "euler"], "--method euler is a fixed-grid method"),
+        (["--steps", "8"], "--steps applies to fixed-grid methods"),
         (["--accuracy", "1e-4", "--method", "rk4", "--steps", "4"], "drop --method, --steps"),
         (["--accuracy", "1e-4", "--rtol", "1e-3"], "drop --rtol"),
     ],

@@ -122,11 +122,6 @@ def test_execution_refuses_a_device_that_cannot_compute(device: str) -> None:
         Execution(device=device)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cnftools bug: Execution(device=...) errors say 'device ...' (check_device('device', "
-    "...)), not 'Execution(device=...)' like every other field of the option objects",
-)
 def test_execution_device_error_names_the_field() -> None:
     with pytest.raises(ValueError, match=r"Execution\(device=\.\.\.\)"):
         Execution(device="garbage")

@@ -746,13 +746,6 @@ def test_dir_lists_the_strategies():
     assert {"quick_settings", "points", "mlp_fields", "assert_generates"} <= set(names)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cnftools bug: _likelihood_engine's row-independence probe computes gap = NaN for a "
-    "field that returns NaN, and `gap <= 1e-6` is False, so log_likelihood warns 'its rows are "
-    "not independent (relative difference nan)' instead of leaving the non-finite values to the "
-    "solver's error",
-)
 def test_a_nan_field_is_not_called_batch_dependent():
     """A field returning NaN is a non-finite field, not one whose rows depend on each other: no
     RuntimeWarning about batch statistics, only the assertion's 'not finite' failure."""

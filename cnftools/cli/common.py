@@ -263,4 +263,14 @@ def solver_config(args: argparse.Namespace) -> SolverConfig:
             given = changed + (["--steps"] if args.steps is not None else [])
             raise ValueError(f"--accuracy chooses the solver itself; drop {', '.join(given)}")
         return SolverConfig(accuracy=args.accuracy)
+    if args.method in FIXED_GRID_METHODS and args.steps is None:
+        raise ValueError(
+            f"--method {args.method} is a fixed-grid method: give its number of steps, e.g. "
+            "--steps 50 (or an adaptive --method with --rtol/--atol)"
+        )
+    if args.method in ADAPTIVE_METHODS and args.steps is not None:
+        raise ValueError(
+            f"--steps applies to fixed-grid methods {sorted(FIXED_GRID_METHODS)}; --method "
+            f"{args.method} is adaptive: control it with --rtol/--atol"
+        )
     return SolverConfig(args.method, rtol=args.rtol, atol=args.atol, steps=args.steps)

@@ -267,6 +267,9 @@ class Job:
             "rows_computed": computed,
             "rows_per_s": computed / seconds if seconds > 0 else math.nan,
         }
+        for key in ("noise", "strategy"):  # what the estimator said besides its kind
+            if key in meta:
+                run[key] = meta[key]
         if "rounds" in frame and meta["n_probes"]:
             run["probes_per_row"] = int(frame["rounds"].max()) * int(meta["n_probes"])
             if meta["max_probes"] is not None:

@@ -196,7 +196,7 @@ class Execution:
         if self.num_threads is not None:
             check_threads("Execution(num_threads=...)", self.num_threads)
         if self.device is not None:
-            object.__setattr__(self, "device", check_device("device", self.device))
+            object.__setattr__(self, "device", check_device("Execution(device=...)", self.device))
         if self.dtype is not None and not (
             isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point
         ):
