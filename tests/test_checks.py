@@ -62,15 +62,31 @@ def test_meta_device_is_refused_by_name(entry):
 @pytest.mark.parametrize(
     "entry",
     [
-        lambda shape: cnftools.sample_with_log_prob(_field, 3, event_shape=shape),
         lambda shape: points(shape),
         lambda shape: check_event_shape("event_shape", shape),
     ],
-    ids=["sample_with_log_prob", "testing.points", "check_event_shape"],
+    ids=["testing.points", "check_event_shape"],
 )
 def test_bad_event_shape_is_refused(entry, shape, error):
     with pytest.raises(error, match="event_shape must"):
         entry(shape)
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((3,), r"z0 must have shape \(B, \*event\) with at least 1 event dimension"),
+        ((3, 0), r"z0 has rows with no values: event shape \(0,\)"),
+        ((3, 2, 0), r"z0 has rows with no values: event shape \(2, 0\)"),
+        ((0, 2), r"z0 must have a non-empty batch"),
+    ],
+    ids=str,
+)
+def test_sample_with_log_prob_refuses_draws_of_a_bad_shape(shape, match):
+    """0.2's sample_with_log_prob takes the draws z0 (no event_shape= any more): their shape is
+    checked by name, before any work."""
+    with pytest.raises(ValueError, match=match):
+        cnftools.sample_with_log_prob(_field, torch.zeros(shape, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import cnftools
+from cnftools import SolverConfig
 from cnftools.cases import DATA_CASES
 from cnftools.interop import PredictionField, as_velocity, from_diffusers
 from cnftools.validation.diffusion import exact_posterior_mean
@@ -115,7 +116,7 @@ def test_log_likelihood_of_a_score_model_matches_the_closed_form():
     model, marginal = _exact_model(path, "score", lambda tau: tau)
     v = as_velocity(model, path, prediction="score", time=lambda t: 1 - t, t_max=1 - 1e-6)
     x = marginal.sample(4, 1.0, torch.Generator().manual_seed(0))
-    log_prob = cnftools.log_likelihood(v, x, marginal.prior(), rtol=1e-9, atol=1e-9)
+    log_prob = cnftools.log_likelihood(v, x, marginal.prior(), rtol=1e-9, atol=1e-9).log_prob
     assert float((log_prob - marginal.log_prob(x, 1.0)).abs().max()) <= 1e-6
 
 
@@ -328,8 +329,11 @@ def test_tiny_class_conditional_unet_log_likelihood():
             out = conditional(x, torch.full((2,), 0.3, dtype=F64))
         results.append(out)
         log_prob = cnftools.log_likelihood(
-            conditional, x, method="rk4", steps=4, divergence="hutchinson", generator=gen
-        )
+            conditional,
+            x,
+            config=SolverConfig("rk4", steps=4),
+            estimator=cnftools.Hutchinson(generator=gen),
+        ).log_prob
         assert log_prob.shape == (2,) and bool(torch.isfinite(log_prob).all())
     assert not torch.equal(results[0], results[1])
 
@@ -344,13 +348,13 @@ def test_tiny_unet_exact_divergence_falls_back_to_the_loop():
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with pytest.warns(RuntimeWarning, match="batched divergence failed"):
         auto = cnftools.divergence(field, x, 0.5)
-    loop = cnftools.divergence(field, x, 0.5, strategy="loop")
+    loop = cnftools.divergence(field, x, 0.5, cnftools.Exact("loop"))
     torch.testing.assert_close(auto, loop, rtol=0, atol=0)
     with warnings.catch_warnings():  # warned once per field (issue 21): not again per call
         warnings.simplefilter("error", RuntimeWarning)
         with torch.no_grad():
-            log_p = cnftools.log_likelihood(field, x, method="rk4", steps=2)
-            cnftools.log_likelihood(field, x, method="rk4", steps=2)
+            log_p = cnftools.log_likelihood(field, x, config=SolverConfig("rk4", steps=2)).log_prob
+            cnftools.log_likelihood(field, x, config=SolverConfig("rk4", steps=2))
     assert log_p.shape == (2,) and bool(torch.isfinite(log_p).all())
     other, _ = from_diffusers(_tiny_unet(), diffusers.DDPMScheduler())
     with pytest.warns(RuntimeWarning, match="batched divergence failed"):
@@ -395,8 +399,9 @@ def test_scalar_time_model_log_likelihood_equals_the_per_row_field():
     model = _ScalarTimeWrapper(net)
     v = as_velocity(model, argument_order="t,x", time="scalar")
     x = _draw((50, 2), 1)
-    got = cnftools.log_likelihood(v, x, method="rk4", steps=8)
-    expected = cnftools.log_likelihood(_batch_time_field(net), x, method="rk4", steps=8)
+    config = SolverConfig("rk4", steps=8)
+    got = cnftools.log_likelihood(v, x, config=config).log_prob
+    expected = cnftools.log_likelihood(_batch_time_field(net), x, config=config).log_prob
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert set(model.calls) == {()}
 
@@ -450,7 +455,7 @@ def test_a_scalar_time_model_given_a_batch_time_gets_a_hint_naming_time_scalar(
         model = lambda x, t: xt(t, x)  # noqa: E731 - a scalar model that is called as (x, t)
     v = as_velocity(model, argument_order=argument_order)
     with pytest.raises(RuntimeError, match=match) as info:
-        cnftools.log_likelihood(v, _draw((20, 2), 4), method="euler", steps=1)
+        cnftools.log_likelihood(v, _draw((20, 2), 4), config=SolverConfig("euler", steps=1))
     assert str(info.value).count("Hint:") == 1
 
 
@@ -460,7 +465,7 @@ def test_time_scalar_without_argument_order_t_x_gets_a_hint_naming_it():
     inside the wrapper; the error now names the call and argument_order="t,x"."""
     v = as_velocity(_ScalarTimeWrapper(_time_net()), time="scalar")
     with pytest.raises(IndexError, match=r'argument_order="t,x"') as info:
-        cnftools.log_likelihood(v, _draw((6, 2), 4), method="euler", steps=1)
+        cnftools.log_likelihood(v, _draw((6, 2), 4), config=SolverConfig("euler", steps=1))
     assert str(info.value).count("Hint:") == 1
 
 
@@ -470,7 +475,7 @@ def test_the_field_hint_names_as_velocity_time_scalar():
     with pytest.raises(
         RuntimeError, match=r'as_velocity\(model, argument_order="t,x", time="scalar"\)'
     ):
-        cnftools.log_likelihood(model, _draw((5, 2), 5), method="euler", steps=1)
+        cnftools.log_likelihood(model, _draw((5, 2), 5), config=SolverConfig("euler", steps=1))
 
 
 @pytest.mark.parametrize(
@@ -492,8 +497,9 @@ def test_real_torchcfm_wrapper_runs_through_time_scalar():
     net = _time_net()
     v = as_velocity(utils.torch_wrapper(net), argument_order="t,x", time="scalar")
     x = _draw((30, 2), 6)
-    got = cnftools.log_likelihood(v, x, method="rk4", steps=4)
-    expected = cnftools.log_likelihood(_batch_time_field(net), x, method="rk4", steps=4)
+    config = SolverConfig("rk4", steps=4)
+    got = cnftools.log_likelihood(v, x, config=config).log_prob
+    expected = cnftools.log_likelihood(_batch_time_field(net), x, config=config).log_prob
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -513,11 +519,12 @@ def test_real_flow_matching_model_wrapper_runs_as_a_field():
             return self.model(torch.cat([x, t.expand(x.shape[0], 1)], 1))
 
     x = _draw((30, 2), 7)
-    expected = cnftools.log_likelihood(_batch_time_field(net), x, method="rk4", steps=4)
-    batched = cnftools.log_likelihood(as_velocity(Batched(net)), x, method="rk4", steps=4)
+    config = SolverConfig("rk4", steps=4)
+    expected = cnftools.log_likelihood(_batch_time_field(net), x, config=config).log_prob
+    batched = cnftools.log_likelihood(as_velocity(Batched(net)), x, config=config).log_prob
     scalar = as_velocity(Scalar(net), time="scalar")
     torch.testing.assert_close(batched, expected, rtol=0, atol=0)
-    got = cnftools.log_likelihood(scalar, x, method="rk4", steps=4)
+    got = cnftools.log_likelihood(scalar, x, config=config).log_prob
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -539,7 +546,7 @@ def test_a_scalar_time_model_is_called_once_per_evaluation_in_a_solve():
     v = as_velocity(model, argument_order="t,x", time="scalar")
     assert v.shares_time
     x = _draw((16, 2), 5)
-    result = cnftools.log_likelihood(v, x, rtol=1e-8, atol=1e-8, return_result=True)
+    result = cnftools.log_likelihood(v, x, rtol=1e-8, atol=1e-8)
     assert calls["rows"] == 16 * calls["n"] - 14  # one call per evaluation; the 2-row trial aside
     # dopri5 at 1e-8: a global error of a small multiple of the tolerance times |log p| (~5)
     torch.testing.assert_close(result.log_prob, marginal.log_prob(x, 1.0), rtol=0, atol=1e-6)

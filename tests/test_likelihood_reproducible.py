@@ -24,7 +24,8 @@ import pytest
 import torch
 
 import cnftools
-from cnftools.nll import dataset_nll
+from cnftools import SolverConfig
+from cnftools.nll import Execution, dataset_nll
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,11 @@ def _data(n: int, dim: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
+def _log_prob(field, x: torch.Tensor, **options: object) -> torch.Tensor:
+    """``log_likelihood(...).log_prob``: the number these tests compare."""
+    return cnftools.log_likelihood(field, x, **options).log_prob
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs().clamp(min=1e-300)).max())
 
@@ -51,16 +57,13 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def batch_of_256() -> tuple[cnftools.MLPField, torch.Tensor, torch.Tensor]:
     field, x = _mlp(), _data(256)
-    return field, x, cnftools.log_likelihood(field, x, rtol=1e-8, atol=1e-8)
+    return field, x, _log_prob(field, x, rtol=1e-8, atol=1e-8)
 
 
 def test_a_row_is_the_same_in_a_batch_of_7_and_of_256(batch_of_256) -> None:
     field, x, full = batch_of_256
     sevens = torch.cat(
-        [
-            cnftools.log_likelihood(field, x[i : i + 7], rtol=1e-8, atol=1e-8)
-            for i in range(0, 63, 7)
-        ]
+        [_log_prob(field, x[i : i + 7], rtol=1e-8, atol=1e-8) for i in range(0, 63, 7)]
     )
     assert _relative(sevens, full[:63]) <= REL
 
@@ -68,7 +71,7 @@ def test_a_row_is_the_same_in_a_batch_of_7_and_of_256(batch_of_256) -> None:
 @pytest.mark.parametrize("row", [0, 5, 200])
 def test_a_row_is_the_same_alone_and_in_a_batch(batch_of_256, row: int) -> None:
     field, x, full = batch_of_256
-    alone = cnftools.log_likelihood(field, x[row : row + 1], rtol=1e-8, atol=1e-8)
+    alone = _log_prob(field, x[row : row + 1], rtol=1e-8, atol=1e-8)
     assert _relative(alone, full[row : row + 1]) <= REL
 
 
@@ -76,18 +79,18 @@ def test_a_row_does_not_depend_on_a_stiff_neighbour() -> None:
     """A row far out (where the field changes fast) in the batch changes nothing for the others:
     they keep their own steps (with a shared step size they would all be solved more finely)."""
     field, x = _mlp(), _data(8)
-    calm = cnftools.log_likelihood(field, x, rtol=1e-7, atol=1e-7)
+    calm = _log_prob(field, x, rtol=1e-7, atol=1e-7)
     stirred = x.clone()
     stirred[0] = 40.0
-    with_outlier = cnftools.log_likelihood(field, stirred, rtol=1e-7, atol=1e-7)
+    with_outlier = _log_prob(field, stirred, rtol=1e-7, atol=1e-7)
     assert _relative(with_outlier[1:], calm[1:]) <= REL
 
 
 def test_dataset_nll_does_not_depend_on_batch_size() -> None:
     field, x = _mlp(), _data(30)
-    settings = {"rtol": 1e-8, "atol": 1e-8, "progress": False}
-    small = dataset_nll(field, x, batch_size=4, **settings)
-    large = dataset_nll(field, x, batch_size=30, **settings)
+    settings = {"rtol": 1e-8, "atol": 1e-8}
+    small = dataset_nll(field, x, execution=Execution(batch_size=4, progress=False), **settings)
+    large = dataset_nll(field, x, execution=Execution(batch_size=30, progress=False), **settings)
     assert (
         _relative(
             torch.tensor(small["log_prob"].to_numpy()), torch.tensor(large["log_prob"].to_numpy())
@@ -102,8 +105,8 @@ def test_dataset_nll_does_not_depend_on_batch_size() -> None:
 
 def test_the_same_call_gives_the_same_bits_call_after_call() -> None:
     field, x = _mlp(dim=16), _data(64, dim=16)
-    first = cnftools.log_likelihood(field, x, rtol=1e-8, atol=1e-8)
-    second = cnftools.log_likelihood(field, x, rtol=1e-8, atol=1e-8)
+    first = _log_prob(field, x, rtol=1e-8, atol=1e-8)
+    second = _log_prob(field, x, rtol=1e-8, atol=1e-8)
     assert torch.equal(first, second)
 
 
@@ -112,11 +115,11 @@ def test_the_divergence_strategy_is_not_chosen_by_timing(monkeypatch: pytest.Mon
     import time
 
     field, x = _mlp(dim=8), _data(32, dim=8)
-    before = cnftools.log_likelihood(field, x, rtol=1e-7, atol=1e-7)
+    before = _log_prob(field, x, rtol=1e-7, atol=1e-7)
     ticks = iter(range(10**9))
     monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)) ** 1.5)
     monkeypatch.setattr(time, "monotonic", lambda: float(next(ticks)) ** 1.5)
-    assert torch.equal(cnftools.log_likelihood(field, x, rtol=1e-7, atol=1e-7), before)
+    assert torch.equal(_log_prob(field, x, rtol=1e-7, atol=1e-7), before)
 
 
 def test_adjoint_does_not_change_the_numbers() -> None:
@@ -124,9 +127,10 @@ def test_adjoint_does_not_change_the_numbers() -> None:
     takes the same steps but builds the divergence with ``create_graph=True``, whose arithmetic
     may differ in the last bits (1e-12 relative)."""
     field, x = _mlp(), _data(16)
-    free = cnftools.log_likelihood(field, x, rtol=1e-8, atol=1e-8)
-    replayed = cnftools.log_likelihood(field, x, rtol=1e-8, atol=1e-8, grad=True, adjoint=True)
-    direct = cnftools.log_likelihood(field, x, rtol=1e-8, atol=1e-8, grad=True)
+    tight = SolverConfig(rtol=1e-8, atol=1e-8)
+    free = _log_prob(field, x, config=tight)
+    replayed = _log_prob(field, x, config=tight.replace(adjoint=True), grad=True)
+    direct = _log_prob(field, x, config=tight, grad=True)
     assert torch.equal(free, replayed.detach())
     assert _relative(direct.detach(), free) <= REL
 
@@ -135,9 +139,9 @@ def test_a_checkpoint_loaded_field_gives_the_same_bits(tmp_path: Path) -> None:
     field, x = _mlp(dim=4), _data(32, dim=4)
     cnftools.save_checkpoint(tmp_path / "model.pt", field)
     loaded = cnftools.load_checkpoint(tmp_path / "model.pt").field
-    original = cnftools.log_likelihood(field, x, rtol=1e-8, atol=1e-8)
-    first = cnftools.log_likelihood(loaded, x, rtol=1e-8, atol=1e-8)
-    again = cnftools.log_likelihood(loaded, x, rtol=1e-8, atol=1e-8)
+    original = _log_prob(field, x, rtol=1e-8, atol=1e-8)
+    first = _log_prob(loaded, x, rtol=1e-8, atol=1e-8)
+    again = _log_prob(loaded, x, rtol=1e-8, atol=1e-8)
     assert torch.equal(first, again) and torch.equal(first, original)
 
 
@@ -148,8 +152,8 @@ def test_a_diffusers_unet_gives_the_same_bits() -> None:
     unet = _tiny_unet()
     field, _ = cnftools.interop.from_diffusers(unet, diffusers.DDPMScheduler())
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
-    first = cnftools.log_likelihood(field, x, method="rk4", steps=2)
-    second = cnftools.log_likelihood(field, x, method="rk4", steps=2)
+    first = _log_prob(field, x, config=SolverConfig("rk4", steps=2))
+    second = _log_prob(field, x, config=SolverConfig("rk4", steps=2))
     assert torch.equal(first, second)
 
 
@@ -159,7 +163,8 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 field = cnftools.MLPField(8, hidden=[32, 32]).double()
 x = torch.randn(48, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-print(" ".join(v.hex() for v in cnftools.log_likelihood(field, x, rtol=1e-8, atol=1e-8).tolist()))
+log_prob = cnftools.log_likelihood(field, x, rtol=1e-8, atol=1e-8).log_prob
+print(" ".join(v.hex() for v in log_prob.tolist()))
 """
 
 
@@ -181,8 +186,10 @@ def test_the_same_call_gives_the_same_bits_process_after_process() -> None:
 # One loop for every solve; the adjoint replays it
 
 
-@pytest.mark.parametrize("solver", [{"rtol": 1e-9, "atol": 1e-9}, {"method": "rk4", "steps": 20}])
-def test_adjoint_gradients_equal_direct_backpropagation(solver: dict) -> None:
+@pytest.mark.parametrize(
+    "solver", [SolverConfig(rtol=1e-9, atol=1e-9), SolverConfig("rk4", steps=20)], ids=str
+)
+def test_adjoint_gradients_equal_direct_backpropagation(solver: SolverConfig) -> None:
     """The replay differentiates the very steps of the forward solve: the gradients agree with
     direct backpropagation to rounding (1e-10 relative: the replay evaluates the field on the
     accepted rows only, whose products round differently, ~1e-16 per operation)."""
@@ -191,7 +198,8 @@ def test_adjoint_gradients_equal_direct_backpropagation(solver: dict) -> None:
     for adjoint in (False, True):
         field.zero_grad()
         x_in = x.clone().requires_grad_(True)
-        loss = cnftools.log_likelihood(field, x_in, adjoint=adjoint, grad=True, **solver).sum()
+        config = solver.replace(adjoint=adjoint)
+        loss = _log_prob(field, x_in, config=config, grad=True).sum()
         loss.backward()
         grads.append([x_in.grad.clone(), *(p.grad.clone() for p in field.parameters())])
     for direct, replayed in zip(*grads, strict=True):
@@ -207,12 +215,13 @@ def test_no_solve_calls_torchdiffeq(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torchdiffeq, "odeint", refuse)
     monkeypatch.setattr(torchdiffeq, "odeint_adjoint", refuse)
     field, x = _mlp(), _data(6)
-    for solver in ({}, {"method": "rk4", "steps": 4}):
+    for solver in (SolverConfig(), SolverConfig("rk4", steps=4)):
         for adjoint in (False, True):
-            out = cnftools.log_likelihood(field, x, adjoint=adjoint, grad=adjoint, **solver)
+            config = solver.replace(adjoint=adjoint)
+            out = _log_prob(field, x, config=config, grad=adjoint)
             if adjoint:
                 out.sum().backward()
-    result = cnftools.log_likelihood(field, x, adjoint=True, grad=True, return_result=True)
+    result = cnftools.log_likelihood(field, x, config=SolverConfig(adjoint=True), grad=True)
     result.log_prob.sum().backward()
     assert result.nfe.backward > 0  # the backward pass ran on the replay
 
@@ -245,8 +254,8 @@ def test_a_shared_table_of_b_rows_is_named_in_the_mixing_warning() -> None:
         return -x * table.mean()
 
     with pytest.warns(RuntimeWarning, match=r"extras \['table'\] .*not per row"):
-        got = cnftools.log_likelihood(field, x, extras={"table": table})
-    expected = cnftools.log_likelihood(lambda x, t: -x * table.mean(), x)
+        got = _log_prob(field, x, extras={"table": table})
+    expected = _log_prob(lambda x, t: -x * table.mean(), x)
     assert torch.equal(got, expected)
 
 
@@ -266,7 +275,7 @@ def test_a_field_that_mixes_rows_is_solved_whole_and_named() -> None:
 
     field, x = Normalised(), _data(8)
     with pytest.warns(RuntimeWarning, match="rows are not independent"):
-        mixed = cnftools.log_likelihood(field, x, rtol=1e-6, atol=1e-6)
+        mixed = _log_prob(field, x, rtol=1e-6, atol=1e-6)
     assert bool(torch.isfinite(mixed).all())
     field.eval()
     import warnings

@@ -81,7 +81,8 @@ def _scipy_log_prob(case: DataCase, path, x: np.ndarray, t: float) -> np.ndarray
 
 def _relative_residual(log_prob, v, x: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
     r"""theory §4 relative residual |r| / (|∂_t log p| + |div v| + |v·∇ log p|), per sample, by
-    cnftools.continuity_relative_residual (autograd divergence unless ``divergence=`` says)."""
+    cnftools.continuity_relative_residual (autograd divergence, ``Exact()``, unless
+    ``estimator=`` says)."""
     return cnftools.continuity_relative_residual(log_prob, v, x, t, **kw)
 
 
@@ -230,7 +231,9 @@ def test_theorem1_continuity(path_name, data_name):
     rel = _relative_residual(marginal.log_prob, marginal.velocity, x, t)
     assert float(rel.max()) <= 1e-10
     # the same with the marginal's own closed-form divergence (found via cnftools.fields)
-    rel_closed = _relative_residual(marginal.log_prob, marginal, x, t, divergence="closed_form")
+    rel_closed = _relative_residual(
+        marginal.log_prob, marginal, x, t, estimator=cnftools.ClosedForm()
+    )
     assert float(rel_closed.max()) <= 1e-10
     # the absolute residual, against the scale of its terms (continuity_terms)
     r = cnftools.continuity_residual(marginal.log_prob, marginal.velocity, x, t)
@@ -296,17 +299,22 @@ def test_divergence_matches_jacobian_trace(path_name, data_name):
     assert float((div - ref).abs().max()) <= 1e-10 * max(1.0, float(ref.abs().max()))
 
 
-def test_divergence_matches_cnftools_divergence():
-    """Against cnftools.divergences.divergence(..., method="exact"), independent autograd code:
-    1e-10 relative (float64 roundoff)."""
-    exact_divergence = pytest.importorskip("cnftools.divergences").divergence
-    for name in ("gaussian d=8", "mixture K=4 d=2", "empirical N=40 d=3 (weighted)"):
-        case = DATA_CASES[name]
-        marginal = case.marginal(cnftools.OTPath(0.1))
-        x, t = _draw((5, case.d), 12), _times(5, 1.0, 13)
-        ref = exact_divergence(marginal.velocity, x, t, method="exact")
-        div = marginal.divergence(x, t)
-        assert float((div - ref).abs().max()) <= 1e-10 * max(1.0, float(ref.abs().max()))
+@pytest.mark.parametrize(
+    "name", ["gaussian d=8", "mixture K=4 d=2", "empirical N=40 d=3 (weighted)"]
+)
+@pytest.mark.parametrize("strategy", ["auto", "loop"])
+def test_divergence_matches_cnftools_divergence(name, strategy):
+    """Against cnftools.divergence(..., Exact(strategy)), independent autograd code: 1e-10
+    relative (float64 roundoff). Exact() is passed explicitly: the default (None) would take the
+    marginal's own closed form and compare it with itself."""
+    case = DATA_CASES[name]
+    marginal = case.marginal(cnftools.OTPath(0.1))
+    x, t = _draw((5, case.d), 12), _times(5, 1.0, 13)
+    ref = cnftools.divergence(marginal.velocity, x, t, cnftools.Exact(strategy))
+    div = marginal.divergence(x, t)
+    assert float((div - ref).abs().max()) <= 1e-10 * max(1.0, float(ref.abs().max()))
+    # the default takes the closed form: the same numbers as the method itself
+    assert torch.equal(cnftools.divergence(marginal, x, t), div)
 
 
 def test_closed_form_divergence_is_discoverable():
@@ -742,13 +750,13 @@ def test_log_likelihood_uses_the_one_pass(as_bound_method):
     x = counting.sample(6, 1.0, torch.Generator().manual_seed(43))
     field = counting.velocity if as_bound_method else counting
     prior = counting.prior()
-    one = cnftools.log_likelihood(field, x, prior, rtol=1e-9, atol=1e-9)
+    one = cnftools.log_likelihood(field, x, prior, rtol=1e-9, atol=1e-9).log_prob
     # every step evaluates the one pass; before the solve the engine calls the plain field twice
     # (on the batch and on two of its rows: may finished rows leave the batch?)
     assert counting.calls["velocity_and_divergence"] > 5
     assert counting.calls["divergence"] == 0
     assert counting.calls["velocity"] <= 2
-    two = cnftools.log_likelihood(_TwoPasses(counting), x, prior, rtol=1e-9, atol=1e-9)
+    two = cnftools.log_likelihood(_TwoPasses(counting), x, prior, rtol=1e-9, atol=1e-9).log_prob
     torch.testing.assert_close(one, two, rtol=1e-12, atol=1e-12)
     exact = counting.log_prob(x, 1.0)
     torch.testing.assert_close(one, exact, rtol=1e-6, atol=1e-6)

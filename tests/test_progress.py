@@ -30,7 +30,7 @@ def _field_and_data():
 @pytest.mark.usefixtures("immediate")
 def test_progress_true_reports_time_and_evaluations_on_stderr(capsys) -> None:
     field, x = _field_and_data()
-    result = cnftools.log_likelihood(field, x, progress=True, return_result=True)
+    result = cnftools.log_likelihood(field, x, progress=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if line]
     assert lines and all(line.startswith("log_likelihood: t = ") for line in lines)
     # the evaluations climb to the solve's count, the time from 1 towards 0
@@ -48,9 +48,29 @@ def test_no_report_when_off_or_not_a_terminal(capsys, progress) -> None:
 
 @pytest.mark.usefixtures("immediate")
 def test_sample_with_log_prob_reports_too(capsys) -> None:
-    field, _ = _field_and_data()
-    cnftools.sample_with_log_prob(field, 3, event_shape=(2,), dtype=torch.float64, progress=True)
+    field, x = _field_and_data()
+    cnftools.sample_with_log_prob(field, x, progress=True)
     assert "sample_with_log_prob: t = " in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("immediate")
+def test_sample_reports_too(capsys) -> None:
+    """New in 0.2: ``sample`` takes ``progress=`` like the likelihood functions (its own name,
+    the time climbing from 0 towards 1, evaluations up to the solve's count)."""
+    field, x = _field_and_data()
+    result = cnftools.sample(field, x, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert lines and all(line.startswith("sample: t = ") for line in lines)
+    counts = [int(line.split(", ")[1].split()[0]) for line in lines]
+    assert counts == sorted(counts) and counts[-1] <= result.nfe.total
+
+
+@pytest.mark.usefixtures("immediate")
+@pytest.mark.parametrize("progress", [False, None])
+def test_sample_reports_nothing_when_off(capsys, progress) -> None:
+    field, x = _field_and_data()
+    cnftools.sample(field, x, progress=progress)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.usefixtures("immediate")
@@ -74,3 +94,10 @@ def test_progress_must_be_a_bool_or_none() -> None:
     field, x = _field_and_data()
     with pytest.raises(TypeError, match="progress must be"):
         cnftools.log_likelihood(field, x, progress="yes")
+
+
+@pytest.mark.parametrize("entry", ["sample", "sample_with_log_prob"])
+def test_progress_must_be_a_bool_or_none_everywhere(entry: str) -> None:
+    field, x = _field_and_data()
+    with pytest.raises(TypeError, match="progress must be"):
+        getattr(cnftools, entry)(field, x, progress=1)

@@ -13,6 +13,7 @@ from cnftools._resources import (
     entry_threads,
     usable_cores,
 )
+from cnftools.nll import Execution
 
 F64 = torch.float64
 TWO_CORES = pytest.mark.skipif(usable_cores() < 2, reason="needs 2 usable cores")
@@ -42,17 +43,18 @@ class _Spy(torch.nn.Module):
 
 def _call(entry: str, spy: _Spy) -> None:
     x = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
-    solver = dict(method="rk4", steps=2)
+    config = cnftools.SolverConfig("rk4", steps=2)
     if entry == "log_likelihood":
-        cnftools.log_likelihood(spy, x, **solver)
+        cnftools.log_likelihood(spy, x, config=config)
     elif entry == "sample":
-        cnftools.sample(spy, x, **solver)
+        cnftools.sample(spy, x, config=config)
     elif entry == "sample_with_log_prob":
-        cnftools.sample_with_log_prob(spy, z0=x, **solver)
+        cnftools.sample_with_log_prob(spy, x, config=config)
     elif entry == "train_cfm":
         cnftools.train_cfm(spy, cnftools.OTPath(0.1), x, steps=2, batches=cnftools.Batches(size=4))
     else:
-        cnftools.dataset_nll(spy, x, batch_size=4, progress=False, **solver)
+        execution = Execution(batch_size=4, progress=False)
+        cnftools.dataset_nll(spy, x, config=config, execution=execution)
 
 
 ENTRIES = ["log_likelihood", "sample", "sample_with_log_prob", "train_cfm", "dataset_nll"]
@@ -95,13 +97,16 @@ def test_the_automatic_choice_applies_when_nothing_is_set(two_threads, monkeypat
 
 @TWO_CORES
 def test_inner_calls_keep_the_outer_count(two_threads, monkeypatch):
-    """dataset_nll(num_threads=1) solves with log_likelihood: the inner call keeps 1 even where
-    the environment says 2."""
+    """dataset_nll(execution=Execution(num_threads=1)) solves with log_likelihood: the inner call
+    keeps 1 even where the environment says 2."""
     monkeypatch.setenv(THREADS_ENV, "2")
     spy = _Spy()
     x = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     cnftools.dataset_nll(
-        spy, x, batch_size=4, progress=False, num_threads=1, method="euler", steps=1
+        spy,
+        x,
+        config=cnftools.SolverConfig("euler", steps=1),
+        execution=Execution(batch_size=4, progress=False, num_threads=1),
     )
     assert set(spy.seen) == {1} and torch.get_num_threads() == 2
 
@@ -133,8 +138,10 @@ def test_dataset_nll_refuses_more_threads_than_cores_before_any_work():
     """Issue 20 item 11: num_threads=100000 died in Arrow; now a ValueError naming the argument,
     and the field is never called."""
     spy = _Spy()
-    with pytest.raises(ValueError, match="num_threads must be from 1 to"):
-        cnftools.dataset_nll(spy, torch.zeros(4, 2, dtype=F64), num_threads=100_000)
+    with pytest.raises(ValueError, match=r"Execution\(num_threads=\.\.\.\) must be from 1 to"):
+        cnftools.dataset_nll(
+            spy, torch.zeros(4, 2, dtype=F64), execution=Execution(num_threads=100_000)
+        )
     assert spy.seen == []
 
 
@@ -170,7 +177,8 @@ def test_log_likelihood_does_not_depend_on_the_thread_count(batch, dim, atol):
     results = []
     for count in (1, 2):
         with cnftools.threads(count):
-            results.append(cnftools.log_likelihood(field, x, method="euler", steps=2))
+            config = cnftools.SolverConfig("euler", steps=2)
+            results.append(cnftools.log_likelihood(field, x, config=config).log_prob)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=atol)
 
 

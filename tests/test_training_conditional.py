@@ -126,9 +126,8 @@ def test_minibatch_ot_with_labels_learns_each_class():
             x1 = cnftools.sample(
                 lambda x, t, label=label: field(x, t, y=torch.full((x.shape[0],), label)),
                 noise,
-                method="rk4",
-                steps=20,
-            )
+                config=cnftools.SolverConfig("rk4", steps=20),
+            ).x
         # standard error of a 400-sample mean of a 0.3-wide class: 0.015; the rest is training
         assert abs(float(x1.mean()) - (4.0 * label - 4.0)) < 0.5
 
@@ -204,9 +203,8 @@ def test_class_conditional_training_learns_each_class():
             x1 = cnftools.sample(
                 lambda x, t, label=label: field(x, t, y=torch.full((x.shape[0],), label)),
                 noise,
-                method="rk4",
-                steps=20,
-            )
+                config=cnftools.SolverConfig("rk4", steps=20),
+            ).x
         assert abs(float(x1.mean()) - mean) < 0.6
 
 

@@ -49,6 +49,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cnftools
+from cnftools.nll import Execution
 from cnftools.paths import AffineGaussianPath, GaussianPath
 from cnftools.testing import (
     assert_divergence_matches_jacobian,
@@ -180,6 +181,14 @@ def test_marginal_fields_on_every_path_and_form_of_t(
 # --- ODE entry points ---------------------------------------------------------------------------
 
 
+def _prior_draws(prior: torch.distributions.Distribution, generator: torch.Generator):
+    """BATCH draws z0 from the prior, seeded from the route's generator (a torch Distribution
+    samples from the global generator: seeded inside fork_rng, left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(generator.initial_seed()))
+        return prior.sample((BATCH,))
+
+
 def _check_ode_entry(entry, path, marginal, generator, near_point_masses=False) -> None:
     prior = marginal.prior()
     closed_form = lambda x: marginal.log_prob(x, 1.0)  # noqa: E731
@@ -195,9 +204,9 @@ def _check_ode_entry(entry, path, marginal, generator, near_point_masses=False) 
             config=cnftools.SolverConfig(**SOLVER),
         )
     elif entry == "sample -> log_likelihood":
-        x, log_p = cnftools.sample_with_log_prob(
-            marginal, BATCH, prior, generator=generator, **SOLVER
-        )
+        z0 = _prior_draws(prior, generator)
+        result = cnftools.sample_with_log_prob(marginal, z0, prior, **SOLVER)
+        x, log_p = result.x, result.log_prob
         torch.testing.assert_close(log_p, closed_form(x), rtol=ODE_RTOL, atol=ODE_ATOL)
         assert_log_likelihood_close(
             marginal,
@@ -209,12 +218,8 @@ def _check_ode_entry(entry, path, marginal, generator, near_point_masses=False) 
             config=cnftools.SolverConfig(**SOLVER),
         )
         # plain sampling from the same z0 lands where sample_with_log_prob does (solver tolerance)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(generator.initial_seed()))
-            z0 = prior.sample((BATCH,))
-        x_from_z0, _ = cnftools.sample_with_log_prob(marginal, z0=z0, **SOLVER)
         torch.testing.assert_close(
-            cnftools.sample(marginal, z0, **SOLVER), x_from_z0, rtol=ODE_RTOL, atol=ODE_ATOL
+            cnftools.sample(marginal, z0, **SOLVER).x, x, rtol=ODE_RTOL, atol=ODE_ATOL
         )
     else:
         x = marginal.sample(BATCH, 1.0, generator)
@@ -223,10 +228,9 @@ def _check_ode_entry(entry, path, marginal, generator, near_point_masses=False) 
             frame = cnftools.dataset_nll(
                 marginal,
                 x,
-                batch_size=2,
                 prior=prior,
-                progress=False,
                 config=cnftools.SolverConfig(**SOLVER),
+                execution=Execution(batch_size=2, progress=False),
             )
         ok = torch.tensor((frame["status"] == "ok").to_numpy())
         failed = [status for status in frame["status"] if status != "ok"]
@@ -249,11 +253,14 @@ def _check_ode_refused(entry, marginal, generator) -> None:
         # Sampling runs towards the point masses: the step size underflows (a SolverError that
         # says so) before, or the field is refused at, t = 1. Either way no number comes back.
         with pytest.raises((ValueError, cnftools.SolverError), match=f"{message}|underflow"):
-            cnftools.sample_with_log_prob(marginal, BATCH, prior, generator=generator, **SOLVER)
+            z0 = _prior_draws(prior, generator)
+            cnftools.sample_with_log_prob(marginal, z0, prior, **SOLVER)
     else:
         # Refused either by an exception, or (today) row by row: no row may report a value.
         try:
-            frame = cnftools.dataset_nll(marginal, x, batch_size=2, prior=prior, progress=False)
+            frame = cnftools.dataset_nll(
+                marginal, x, prior, execution=Execution(batch_size=2, progress=False)
+            )
         except (ValueError, RuntimeError) as error:
             text = f"{error} {error.__cause__}"
             assert message in text or "underflow" in text, text
@@ -319,12 +326,16 @@ def test_issue_reproducer_gaussian_marginal_on_a_users_affine_path():
     marginal = cnftools.GaussianMarginal(path, m, S)
     generator = torch.Generator().manual_seed(0)
     x = marginal.sample(4, 1.0, generator)
-    log_p = cnftools.log_likelihood(marginal, x, marginal.prior(), **SOLVER)
+    log_p = cnftools.log_likelihood(marginal, x, marginal.prior(), **SOLVER).log_prob
     torch.testing.assert_close(log_p, marginal.log_prob(x, 1.0), rtol=ODE_RTOL, atol=ODE_ATOL)
-    y, log_q = cnftools.sample_with_log_prob(marginal, 4, marginal.prior(), generator=generator)
+    z0 = marginal.sample(4, 0.0, generator)
+    paired = cnftools.sample_with_log_prob(marginal, z0, marginal.prior())
+    y, log_q = paired.x, paired.log_prob
     torch.testing.assert_close(log_q, marginal.log_prob(y, 1.0), rtol=0, atol=1e-3)  # rtol 1e-5
-    assert cnftools.sample(marginal, marginal.prior().sample((4,))).shape == (4, 2)
-    frame = cnftools.dataset_nll(marginal, x, batch_size=2, prior=marginal.prior(), progress=False)
+    assert cnftools.sample(marginal, marginal.prior().sample((4,))).x.shape == (4, 2)
+    frame = cnftools.dataset_nll(
+        marginal, x, marginal.prior(), execution=Execution(batch_size=2, progress=False)
+    )
     assert list(frame["status"]) == ["ok"] * 4
     t = torch.tensor(0.3, dtype=F64)
     torch.testing.assert_close(
@@ -397,7 +408,8 @@ def test_general_user_path_ode_routes(entry, path, x1, seed):
         )
     else:
         z0 = torch.randn(x1.shape, generator=generator, dtype=F64)
-        x, log_p = cnftools.sample_with_log_prob(velocity, z0=z0, **SOLVER)
+        result = cnftools.sample_with_log_prob(velocity, z0, **SOLVER)
+        x, log_p = result.x, result.log_prob
         torch.testing.assert_close(log_p, log_prob(x, 1.0), rtol=ODE_RTOL, atol=ODE_ATOL)
         assert_log_likelihood_close(
             velocity, x, log_p, atol=ODE_ATOL, rtol=ODE_RTOL, config=cnftools.SolverConfig(**SOLVER)
