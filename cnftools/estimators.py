@@ -198,6 +198,8 @@ def check_estimator(value: object, name: str = "estimator") -> Estimator | None:
     if value is None or isinstance(value, (Exact, Hutchinson, ClosedForm)):
         return value
     hint = ""
+    if value in (Exact, Hutchinson, ClosedForm):
+        hint = f" (the class itself: write {name}=cnftools.{value.__name__}())"
     if isinstance(value, str):
         spelled = {"exact": "Exact()", "hutchinson": "Hutchinson()", "loop": 'Exact("loop")'}
         spelled["closed_form"] = "ClosedForm()"
