@@ -32,8 +32,6 @@ SIZE_ALLOWED: dict[str, str] = {
     "cnftools/divergences.py": "being rewritten by the lead (issue 19: divergence as one spec)",
     "cnftools/likelihood.py": "being split by the lead (issue 19: engine, accuracy driver, API)",
     "cnftools/nll/driver.py": "dataset_nll's argument checks; regrouped with its options (issue 19)",
-    "cnftools/nll/fingerprint.py": "the object walk grew with issue 20's coverage; split by kind next",
-    "cnftools/nll/fingerprint.py::_Walker.walk": "one dispatch over every kind of readable object",
     "cnftools/training/checkpoints.py": "checksums and config bounds (issue 20); file format apart next",
     "cnftools/flows.py": "not yet split (issue 19 item 5): discrete flows and EulerStep together",
     "cnftools/data.py": "not yet split (issue 19 item 5): toy data, digits and dequantization",
