@@ -37,10 +37,6 @@ SIZE_ALLOWED: dict[str, str] = {
     "cnftools/data.py": "not yet split (issue 19 item 5): toy data, digits and dequantization",
     "cnftools/training/models.py": "not yet split (issue 19 item 5): MLPField and ConvField",
     "cnftools/likelihood.py::_likelihood": "being split by the lead (issue 19)",
-    "cnftools/_runge_kutta.py::_solve_adaptive": (
-        "the one loop: a step's per-row bookkeeping in one place, the per-row state as locals"
-        " (issue 19's pass may move it into a small state object)"
-    ),
     "cnftools/likelihood.py::_to_accuracy": "being split by the lead (issue 19)",
     "cnftools/nll/driver.py::dataset_nll": "being regrouped (issue 19: at most ~10 parameters)",
     "cnftools/nll/units.py::compute_unit": "being reworked with the dataset driver (issue 19)",
