@@ -17,7 +17,7 @@ from torch import Tensor
 __all__ = ["Attempt", "RowState", "assemble"]
 
 
-@dataclass
+@dataclass(slots=True)
 class RowState:
     """The per-row state of the rows in the evaluated batch (each tensor has one entry per row).
 
@@ -52,13 +52,15 @@ class RowState:
     def compact(self) -> None:
         """Let the finished rows leave the batch: keep the moving ones, in order."""
         moving = self.moving
-        for item in fields(self):
-            if item.name != "evaluated":
-                setattr(self, item.name, getattr(self, item.name)[moving])
+        for name in _PER_ROW:
+            setattr(self, name, getattr(self, name)[moving])
         self.evaluated = self.rows
 
 
-@dataclass
+_PER_ROW = tuple(item.name for item in fields(RowState) if item.name != "evaluated")
+
+
+@dataclass(slots=True)
 class Attempt:
     """One step attempted by every row: its outcome, before the state takes it.
 
@@ -75,6 +77,9 @@ class Attempt:
         landed: accepted and on an output time.
         finishing: landed on the last output time.
         stuck: a step too small to move the time.
+        summary: what the host reads after the step, ``(6,)`` float64: the numbers of rows with
+            a non-finite ratio, over ``max_steps``, stuck, finishing and landed before the last
+            output time, and the earliest time a row has reached (before the step).
     """
 
     step: Tensor
@@ -89,6 +94,7 @@ class Attempt:
     landed: Tensor
     finishing: Tensor
     stuck: Tensor
+    summary: Tensor
 
 
 def assemble(y0: Tensor, n_times: int, pieces: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:

@@ -418,31 +418,43 @@ class _AdaptiveLoop:
         return torch.minimum(torch.minimum(100 * h0, h1), longest)
 
     def attempt(self, s: RowState) -> Attempt:
-        """Every row's next step, landing exactly on its next output time, and its error ratio;
-        counts the attempt of every row that did not land."""
-        direction = self.direction
+        """Every row's next step, landing exactly on its next output time, its error ratio and
+        the step's summary for the host; counts the attempt of every row that did not land."""
+        direction, last = self.direction, self.last
+        t, y, target, moving = s.t, s.y, s.target, s.moving
         with torch.no_grad():
-            goal = self.targets[s.target.clamp(max=self.last)]
-            remaining = (goal - s.t) * direction
+            goal = self.targets[target.clamp(max=last)]
+            remaining = (goal - t) * direction
             lands = s.h >= remaining
-            step = torch.where(s.moving, torch.where(lands, remaining, s.h), 0.0)
+            step = torch.where(moving, torch.where(lands, remaining, s.h), 0.0)
             signed = direction * step
-            t_new = torch.where(lands, goal, s.t + signed)
+            t_new = torch.where(lands, goal, t + signed)
         y_new, error, inputs, stages = rk_step(
-            self.f, self.tableau, s.t, signed, s.y, s.k_first, s.evaluated, t_new
+            self.f, self.tableau, t, signed, y, s.k_first, s.evaluated, t_new
         )
         assert error is not None
         with torch.no_grad():
-            scale = self.atol + self.rtol * torch.maximum(s.y.abs(), y_new.abs())
-            ratio = torch.where(s.moving, self.norm(error / scale), 0.0)
+            scale = self.atol + self.rtol * torch.maximum(y.abs(), y_new.abs())
+            ratio = torch.where(moving, self.norm(error / scale), 0.0)
             finite = torch.isfinite(ratio)
-            accepted = (ratio <= 1.0) & finite & s.moving
+            accepted = (ratio <= 1.0) & finite & moving
             if self.shared_steps:  # the batch's one step stands or falls with its worst row
-                accepted = accepted.all().expand(accepted.shape[0]) & s.moving
+                accepted = accepted.all().expand(accepted.shape[0]) & moving
             landed = accepted & lands
-            finishing = landed & (s.target == self.last)
-            s.attempts = torch.where(landed, 0, s.attempts + 1)
-            stuck = (t_new == s.t) & finite & s.moving
+            finishing = landed & (target == last)
+            s.attempts = attempts = torch.where(landed, 0, s.attempts + 1)
+            stuck = (t_new == t) & finite & moving
+            counts = torch.stack(
+                [
+                    (~finite).sum(),
+                    (attempts > self.max_steps).sum(),
+                    stuck.sum(),
+                    finishing.sum(),
+                    (landed & (target < last)).sum(),
+                ]
+            )
+            earliest = t.min() if direction > 0 else t.max()
+            summary = torch.cat([counts.to(torch.float64), earliest.reshape(1).to(torch.float64)])
         return Attempt(
             step=step,
             signed=signed,
@@ -456,25 +468,14 @@ class _AdaptiveLoop:
             landed=landed,
             finishing=finishing,
             stuck=stuck,
+            summary=summary,
         )
 
     def check(self, s: RowState, a: Attempt) -> tuple[int, int, float]:
         """The step's one host sync: ``(rows finished, rows landed before the last output, the
         earliest time a row has reached)``; raises :class:`StepFailure` if the loop cannot go
         on."""
-        with torch.no_grad():
-            counts = torch.stack(
-                [
-                    (~a.finite).sum(),
-                    (s.attempts > self.max_steps).sum(),
-                    a.stuck.sum(),
-                    a.finishing.sum(),
-                    (a.landed & (s.target < self.last)).sum(),
-                ]
-            )
-            earliest = s.t.min() if self.direction > 0 else s.t.max()
-            summary = torch.cat([counts.to(torch.float64), earliest.reshape(1).to(torch.float64)])
-        *numbers, reached = summary.tolist()  # the step's one host sync
+        *numbers, reached = a.summary.tolist()  # the step's one host sync
         n_bad, n_over, n_stuck, n_done, n_mid = (int(n) for n in numbers)
         if n_bad:
             raise _explain(s.rows, ~a.finite, a.inputs, a.stages, reached)
