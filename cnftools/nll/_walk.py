@@ -75,6 +75,10 @@ class Unfingerprintable(TypeError):
     """An object whose content cannot be read (a generator, a lock, a file handle, ...)."""
 
 
+# its public home (where it was defined before the walk moved here): tracebacks and pickles name it
+Unfingerprintable.__module__ = "cnftools.nll.fingerprint"
+
+
 class Walker:
     """One walk of an object graph into one SHA-256 (:attr:`h`)."""
 
