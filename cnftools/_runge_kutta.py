@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from cnftools._rows import Attempt, RowState, assemble
 from cnftools._tableaux import TABLEAUX, Tableau
 
 __all__ = [
@@ -205,48 +206,6 @@ def _explain(
         return StepFailure("nonfinite_state", f"near t = {t:.6g}", rows[bad], t)
 
 
-def _initial_step(
-    f: Dynamics,
-    t: Tensor,
-    y: Tensor,
-    f0: Tensor,
-    order: int,
-    rtol: float,
-    atol: float,
-    norm: Callable[[Tensor], Tensor],
-    longest: Tensor,
-    direction: float,
-    rows: Tensor,
-    shared: bool = False,
-) -> Tensor:
-    """Hairer's starting step per row (Solving ODEs I, §II.4), never past the first output
-    (``shared``: the smallest for every row, the probe included)."""
-    with torch.no_grad():
-        scale = atol + rtol * y.abs()
-        d0, d1 = norm(y / scale), norm(f0 / scale)
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
-        h0 = torch.minimum(h0, longest)
-        if shared:
-            h0 = h0.min().expand(h0.shape[0])
-    if not bool(torch.isfinite(h0).all()):
-        bad = ~torch.isfinite(h0)
-        raise _explain(rows, bad, [y], [f0], float(t[0]))
-    y1 = y + (direction * h0).unsqueeze(1) * f0
-    f1 = f(t + direction * h0, y1, None)
-    with torch.no_grad():
-        d2 = norm((f1 - f0) / scale) / h0
-        largest = torch.maximum(d1, d2)
-        h1 = torch.where(
-            largest <= 1e-15,
-            torch.clamp(h0 * 1e-3, min=1e-6),
-            (0.01 / largest).pow(1.0 / order),
-        )
-        bad = ~torch.isfinite(d2)
-    if bool(bad.any()):
-        raise _explain(rows, bad, [y1], [f1], float(t[0]))
-    return torch.minimum(torch.minimum(100 * h0, h1), longest)
-
-
 def solve(
     f: Dynamics,
     y0: Tensor,
@@ -378,6 +337,180 @@ def _solve_fixed(
     return torch.stack(out)
 
 
+@dataclass
+class _AdaptiveLoop:
+    """What every step of an adaptive solve shares: the dynamics, the method, the controls."""
+
+    f: Dynamics
+    tableau: Tableau
+    targets: Tensor  # the output times
+    direction: float  # 1.0 forward in time, -1.0 backward
+    rtol: float
+    atol: float
+    norm: Callable[[Tensor], Tensor]
+    max_steps: int
+    shared_steps: bool
+    controller: StepController = field(init=False)
+    last: int = field(init=False)  # the index of the last output time
+    fresh_first: bool = field(init=False)  # not FSAL: a step's first stage is evaluated anew
+
+    def __post_init__(self) -> None:
+        self.controller = CONTROLLERS.get(self.tableau.name, StepController())
+        self.last = self.targets.shape[0] - 1
+        self.fresh_first = not self.tableau.first_same_as_last
+
+    def start(self, y0: Tensor, first_step: float | None) -> RowState:
+        """Every row at the first output time, with its first stage and starting step."""
+        batch, device, dtype = y0.shape[0], y0.device, y0.dtype
+        rows = torch.arange(batch, device=device)
+        t = self.targets[0].expand(batch).clone()
+        k_first = self.f(t, y0, None)
+        with torch.no_grad():
+            longest = (self.targets[1] - self.targets[0]).abs().expand(batch)
+        if first_step is None:
+            h = self.starting_step(t, y0, k_first, longest, rows)
+        else:
+            h = torch.minimum(torch.full_like(t, abs(first_step)), longest)
+        if self.shared_steps:
+            h = h.min().expand(batch)
+        return RowState(
+            rows=rows,
+            y=y0,
+            t=t,
+            h=h,
+            k_first=k_first,
+            target=torch.ones(batch, dtype=torch.long, device=device),
+            attempts=torch.zeros(batch, dtype=torch.long, device=device),
+            previous=torch.zeros(batch, dtype=dtype, device=device),
+            first=torch.ones(batch, dtype=torch.bool, device=device),
+            moving=torch.ones(batch, dtype=torch.bool, device=device),
+        )
+
+    def starting_step(
+        self, t: Tensor, y: Tensor, f0: Tensor, longest: Tensor, rows: Tensor
+    ) -> Tensor:
+        """Hairer's starting step per row (Solving ODEs I, §II.4), never past the first output
+        (``shared_steps``: the smallest for every row, the probe included)."""
+        rtol, atol, norm, direction = self.rtol, self.atol, self.norm, self.direction
+        with torch.no_grad():
+            scale = atol + rtol * y.abs()
+            d0, d1 = norm(y / scale), norm(f0 / scale)
+            h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+            h0 = torch.minimum(h0, longest)
+            if self.shared_steps:
+                h0 = h0.min().expand(h0.shape[0])
+        if not bool(torch.isfinite(h0).all()):
+            bad = ~torch.isfinite(h0)
+            raise _explain(rows, bad, [y], [f0], float(t[0]))
+        y1 = y + (direction * h0).unsqueeze(1) * f0
+        f1 = self.f(t + direction * h0, y1, None)
+        with torch.no_grad():
+            d2 = norm((f1 - f0) / scale) / h0
+            largest = torch.maximum(d1, d2)
+            h1 = torch.where(
+                largest <= 1e-15,
+                torch.clamp(h0 * 1e-3, min=1e-6),
+                (0.01 / largest).pow(1.0 / self.tableau.order),
+            )
+            bad = ~torch.isfinite(d2)
+        if bool(bad.any()):
+            raise _explain(rows, bad, [y1], [f1], float(t[0]))
+        return torch.minimum(torch.minimum(100 * h0, h1), longest)
+
+    def attempt(self, s: RowState) -> Attempt:
+        """Every row's next step, landing exactly on its next output time, its error ratio and
+        the step's summary for the host; counts the attempt of every row that did not land."""
+        direction, last = self.direction, self.last
+        t, y, target, moving = s.t, s.y, s.target, s.moving
+        with torch.no_grad():
+            goal = self.targets[target.clamp(max=last)]
+            remaining = (goal - t) * direction
+            lands = s.h >= remaining
+            step = torch.where(moving, torch.where(lands, remaining, s.h), 0.0)
+            signed = direction * step
+            t_new = torch.where(lands, goal, t + signed)
+        y_new, error, inputs, stages = rk_step(
+            self.f, self.tableau, t, signed, y, s.k_first, s.evaluated, t_new
+        )
+        assert error is not None
+        with torch.no_grad():
+            scale = self.atol + self.rtol * torch.maximum(y.abs(), y_new.abs())
+            ratio = torch.where(moving, self.norm(error / scale), 0.0)
+            finite = torch.isfinite(ratio)
+            accepted = (ratio <= 1.0) & finite & moving
+            if self.shared_steps:  # the batch's one step stands or falls with its worst row
+                accepted = accepted.all().expand(accepted.shape[0]) & moving
+            landed = accepted & lands
+            finishing = landed & (target == last)
+            s.attempts = attempts = torch.where(landed, 0, s.attempts + 1)
+            stuck = (t_new == t) & finite & moving
+            counts = torch.stack(
+                [
+                    (~finite).sum(),
+                    (attempts > self.max_steps).sum(),
+                    stuck.sum(),
+                    finishing.sum(),
+                    (landed & (target < last)).sum(),
+                ]
+            )
+            earliest = t.min() if direction > 0 else t.max()
+            summary = torch.cat([counts.to(torch.float64), earliest.reshape(1).to(torch.float64)])
+        return Attempt(
+            step=step,
+            signed=signed,
+            t_new=t_new,
+            y_new=y_new,
+            inputs=inputs,
+            stages=stages,
+            ratio=ratio,
+            finite=finite,
+            accepted=accepted,
+            landed=landed,
+            finishing=finishing,
+            stuck=stuck,
+            summary=summary,
+        )
+
+    def check(self, s: RowState, a: Attempt) -> tuple[int, int, float]:
+        """The step's one host sync: ``(rows finished, rows landed before the last output, the
+        earliest time a row has reached)``; raises :class:`StepFailure` if the loop cannot go
+        on."""
+        *numbers, reached = a.summary.tolist()  # the step's one host sync
+        n_bad, n_over, n_stuck, n_done, n_mid = (int(n) for n in numbers)
+        if n_bad:
+            raise _explain(s.rows, ~a.finite, a.inputs, a.stages, reached)
+        if n_over:
+            over = s.rows[s.attempts > self.max_steps]
+            raise StepFailure("max_steps", f"more than max_steps={self.max_steps} steps", over)
+        if n_stuck:
+            where = f"underflow in the step size near t = {reached:.6g}"
+            raise StepFailure("underflow", where, s.rows[a.stuck])
+        return n_done, n_mid, reached
+
+    def advance(
+        self, s: RowState, a: Attempt, n_mid: int, pieces: list[tuple[Tensor, Tensor, Tensor]]
+    ) -> Tensor:
+        """The accepted rows take their step (the landed ones before the last output are kept
+        in ``pieces``); every row gets its next step. Returns the accepted rows, ``(b, 1)``."""
+        with torch.no_grad():
+            proposal, s.previous = self.controller.next_step(
+                a.step, a.ratio, s.previous, a.accepted, s.first, self.tableau.order
+            )
+            s.h = torch.where(a.landed, torch.maximum(s.h, proposal), proposal)
+            if self.shared_steps:
+                s.h = s.h.min().expand(s.h.shape[0])
+            s.first = torch.zeros_like(s.first)
+            keep = a.accepted.unsqueeze(1)
+        s.t = torch.where(a.accepted, a.t_new, s.t)
+        s.y = torch.where(keep, a.y_new, s.y)
+        s.k_first = torch.where(keep, a.stages[-1], s.k_first)
+        if n_mid:
+            mid = a.landed & (s.target < self.last)
+            pieces.append((s.target[mid], s.rows[mid], s.y[mid]))
+        s.target = torch.where(a.landed, s.target + 1, s.target)
+        return keep
+
+
 def _solve_adaptive(
     f: Dynamics,
     y0: Tensor,
@@ -391,140 +524,33 @@ def _solve_adaptive(
     compact: bool,
     shared_steps: bool,
 ) -> Tensor:
-    rtol, atol = tolerances
     on_step, record = hooks
-    batch, device, dtype = y0.shape[0], y0.device, y0.dtype
-    controller = CONTROLLERS.get(tableau.name, StepController())
     direction = 1.0 if times[-1] > times[0] else -1.0
-    targets = torch.tensor([float(s) for s in times], dtype=dtype, device=device)
-    last = len(times) - 1
-    # Per-row state of the rows in the evaluated batch (compacted when rows finish).
-    rows = torch.arange(batch, device=device)
-    y = y0
-    t = targets[0].expand(batch).clone()
-    target = torch.ones(batch, dtype=torch.long, device=device)  # next output index
-    attempts = torch.zeros(batch, dtype=torch.long, device=device)
-    previous = torch.zeros(batch, dtype=dtype, device=device)
-    first = torch.ones(batch, dtype=torch.bool, device=device)
-    moving = torch.ones(batch, dtype=torch.bool, device=device)  # (without compaction)
+    targets = torch.tensor([float(s) for s in times], dtype=y0.dtype, device=y0.device)
+    loop = _AdaptiveLoop(f, tableau, targets, direction, *tolerances, norm, max_steps, shared_steps)
+    s = loop.start(y0, first_step)
     pieces: list[tuple[Tensor, Tensor, Tensor]] = []  # (output index, rows, states)
-    k_first = f(t, y, None)
-    with torch.no_grad():
-        longest = (targets[1] - targets[0]).abs().expand(batch)
-    if first_step is None:
-        h = _initial_step(
-            f,
-            t,
-            y,
-            k_first,
-            tableau.order,
-            rtol,
-            atol,
-            norm,
-            longest,
-            direction,
-            rows,
-            shared_steps,
-        )
-    else:
-        h = torch.minimum(torch.full_like(t, abs(first_step)), longest)
-    if shared_steps:
-        h = h.min().expand(batch)
-    fresh_first = not tableau.first_same_as_last
-    all_rows: Tensor | None = None  # ``rows`` passed to f: None while every row is evaluated
     while True:
-        with torch.no_grad():
-            goal = targets[target.clamp(max=last)]
-            remaining = (goal - t) * direction
-            lands = h >= remaining
-            step = torch.where(moving, torch.where(lands, remaining, h), 0.0)
-            signed = direction * step
-            t_new = torch.where(lands, goal, t + signed)
-        y_new, error, inputs, stages = rk_step(f, tableau, t, signed, y, k_first, all_rows, t_new)
-        assert error is not None
-        with torch.no_grad():
-            scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
-            ratio = torch.where(moving, norm(error / scale), 0.0)
-            finite = torch.isfinite(ratio)
-            accepted = (ratio <= 1.0) & finite & moving
-            if shared_steps:  # the batch's one step stands or falls with its worst row
-                accepted = accepted.all().expand(accepted.shape[0]) & moving
-            landed = accepted & lands
-            finishing = landed & (target == last)
-            attempts = torch.where(landed, 0, attempts + 1)
-            stuck = (t_new == t) & finite & moving
-            counts = torch.stack(
-                [
-                    (~finite).sum(),
-                    (attempts > max_steps).sum(),
-                    stuck.sum(),
-                    finishing.sum(),
-                    (landed & (target < last)).sum(),
-                ]
-            )
-            earliest = t.min() if direction > 0 else t.max()
-            summary = torch.cat([counts.to(torch.float64), earliest.reshape(1).to(torch.float64)])
-        *numbers, reached = summary.tolist()  # the step's one host sync
-        n_bad, n_over, n_stuck, n_done, n_mid = (int(n) for n in numbers)
-        if n_bad:
-            raise _explain(rows, ~finite, inputs, stages, reached)
-        if n_over:
-            over = rows[attempts > max_steps]
-            raise StepFailure("max_steps", f"more than max_steps={max_steps} steps", over)
-        if n_stuck:
-            where = f"underflow in the step size near t = {reached:.6g}"
-            raise StepFailure("underflow", where, rows[stuck])
+        a = loop.attempt(s)
+        n_done, n_mid, reached = loop.check(s, a)
         if record is not None:
-            landed_at = torch.where(landed, target, -1)
-            record.steps.append((rows, t, signed, t_new, y.detach(), accepted, landed_at))
-        with torch.no_grad():
-            proposal, previous = controller.next_step(
-                step, ratio, previous, accepted, first, tableau.order
+            landed_at = torch.where(a.landed, s.target, -1)
+            record.steps.append(
+                (s.rows, s.t, a.signed, a.t_new, s.y.detach(), a.accepted, landed_at)
             )
-            h = torch.where(landed, torch.maximum(h, proposal), proposal)
-            if shared_steps:
-                h = h.min().expand(h.shape[0])
-            first = torch.zeros_like(first)
-            keep = accepted.unsqueeze(1)
-        t = torch.where(accepted, t_new, t)
-        y = torch.where(keep, y_new, y)
-        k_first = torch.where(keep, stages[-1], k_first)
-        if n_mid:
-            mid = landed & (target < last)
-            pieces.append((target[mid], rows[mid], y[mid]))
-        target = torch.where(landed, target + 1, target)
+        keep = loop.advance(s, a, n_mid, pieces)
         if n_done:
-            pieces.append((torch.full_like(rows[finishing], last), rows[finishing], y[finishing]))
-            moving = moving & ~finishing
-            if not bool(moving.any()):
+            done = s.rows[a.finishing]
+            pieces.append((torch.full_like(done, loop.last), done, s.y[a.finishing]))
+            s.moving = s.moving & ~a.finishing
+            if not bool(s.moving.any()):
                 break
             if compact:
-                rows, y, t, h, target = (
-                    rows[moving],
-                    y[moving],
-                    t[moving],
-                    h[moving],
-                    target[moving],
-                )
-                attempts, previous = attempts[moving], previous[moving]
-                first, k_first, moving = first[moving], k_first[moving], moving[moving]
-                all_rows = rows
-                if fresh_first:
-                    k_first = f(t, y, all_rows)
-        if fresh_first and not (n_done and compact):
-            k_first = torch.where(keep, f(t, y, all_rows), k_first)
+                s.compact()
+                if loop.fresh_first:
+                    s.k_first = f(s.t, s.y, s.evaluated)
+        if loop.fresh_first and not (n_done and compact):
+            s.k_first = torch.where(keep, f(s.t, s.y, s.evaluated), s.k_first)
         if on_step is not None:
             on_step(reached)
-    return _assemble(y0, len(times), pieces)
-
-
-def _assemble(y0: Tensor, n_times: int, pieces: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
-    """States ``(T, B, n)`` from the rows' landings (``y0`` at index 0); differentiable."""
-    out = y0.new_zeros((n_times, *y0.shape))
-    index = torch.cat([p[0] for p in pieces])
-    rows = torch.cat([p[1] for p in pieces])
-    values = torch.cat([p[2] for p in pieces])
-    out = out.index_put((index, rows), values)
-    first = torch.zeros(n_times, dtype=torch.bool, device=y0.device)
-    first[0] = True
-    return torch.where(first[:, None, None], y0.unsqueeze(0), out)
+    return assemble(y0, len(times), pieces)

@@ -29,12 +29,6 @@ MAX_FUNCTION_LINES = 80
 
 # Too big today. Each entry says why; an entry that is no longer too big fails the test below.
 SIZE_ALLOWED: dict[str, str] = {
-    "cnftools/nll/fingerprint.py": "the object walk grew with issue 20's coverage; split by kind next",
-    "cnftools/nll/fingerprint.py::_Walker.walk": "one dispatch over every kind of readable object",
-    "cnftools/_runge_kutta.py::_solve_adaptive": (
-        "the one loop: a step's per-row bookkeeping in one place, the per-row state as locals"
-        " (issue 19's pass may move it into a small state object)"
-    ),
 }
 
 

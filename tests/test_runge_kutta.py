@@ -384,3 +384,409 @@ def test_shared_steps_give_every_row_one_time_and_the_tolerance() -> None:
     assert set(times_seen) == {1}
     alone = solve(inner, y0, [0.0, 1.0], "dopri5", rtol=1e-10, atol=1e-10, norm=row_norm(1))
     assert float((out[-1] - alone[-1]).abs().max()) <= 100 * 1e-8
+
+
+# ----------------------------------------------------------------------------------------------
+# The same bits as before: solves whose results, evaluation counts and step counts were stored
+# from the loop as it was before it was split into pieces (see _GOLDEN for how). A change to the
+# order of any floating-point operation of the loop changes some of these bits.
+
+_GOLDEN_Y0 = ((1.0, -0.5), (0.25, 2.0), (-1.5, 0.75), (0.5, 0.5))
+_GOLDEN_RATES = ((0.5,), (5.0,), (50.0,), (500.0,))  # rows of very different stiffness
+_GOLDEN_CASES: dict[str, dict] = {
+    "dopri5": {"method": "dopri5"},
+    "dopri5-no-compaction": {"method": "dopri5", "compact": False},
+    "dopri5-shared-steps": {"method": "dopri5", "shared_steps": True},
+    # backward in time on the rates' mirror image (stable that way), from a given first step
+    "dopri5-backward-first-step": {
+        "method": "dopri5",
+        "times": (1.0, 0.4, 0.0),
+        "first_step": 0.01,
+        "rate_sign": -1.0,
+    },
+    "dopri8": {"method": "dopri8"},
+    "bosh3": {"method": "bosh3"},
+    "bosh3-no-compaction": {"method": "bosh3", "compact": False},
+    # not first-same-as-last: the first stage is evaluated afresh after each accepted step
+    "adaptive_heun": {"method": "adaptive_heun", "tol": 1e-4},
+    "adaptive_heun-no-compaction": {"method": "adaptive_heun", "tol": 1e-4, "compact": False},
+}
+
+
+def _golden_field(rates: torch.Tensor):
+    """dy/dt = -r (y - g(t)) + S y, S a rotation, g(t) = 1 - t²/2: linear, each row with its own
+    rate r; elementwise products and sums only (no library kernel whose rounding could vary)."""
+    turn = torch.tensor([1.5, -1.5], dtype=F64)
+
+    def f(t: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        r = rates if rows is None else rates[rows]
+        forcing = 1.0 - 0.5 * t * t
+        return -r * (y - forcing[:, None]) + y.flip(1) * turn
+
+    return f
+
+
+def _golden_solve(
+    case: dict, y0: torch.Tensor, rates: torch.Tensor
+) -> tuple[torch.Tensor, int, int]:
+    """(states, evaluations, recorded steps) of one case."""
+    options = dict(case)
+    method, times = options.pop("method"), options.pop("times", (0.0, 0.3, 1.0))
+    tol, sign = options.pop("tol", 1e-6), options.pop("rate_sign", 1.0)
+    counter = [0]
+    record = runge_kutta.StepRecord()
+    out = solve(
+        _golden_field(sign * rates),
+        y0,
+        list(times),
+        method,
+        rtol=tol,
+        atol=tol,
+        norm=row_norm(2),
+        on_evaluation=lambda: counter.__setitem__(0, counter[0] + 1),
+        record=record,
+        **options,
+    )
+    return out, counter[0], len(record.steps)
+
+
+def _golden_inputs(grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    y0 = torch.tensor(_GOLDEN_Y0, dtype=F64, requires_grad=grad)
+    rates = torch.tensor(_GOLDEN_RATES, dtype=F64, requires_grad=grad)
+    return y0, rates
+
+
+def _golden_gradients() -> list[torch.Tensor]:
+    """d(sum of the states at every output)/d(y0, rates) through dopri5 with compaction."""
+    y0, rates = _golden_inputs(grad=True)
+    out, _, _ = _golden_solve({"method": "dopri5"}, y0, rates)
+    return list(torch.autograd.grad(out.sum(), (y0, rates)))
+
+
+def _hex(tensor: torch.Tensor) -> list[str]:
+    return [float(v).hex() for v in tensor.detach().reshape(-1).tolist()]
+
+
+# Produced once at commit 7f78343 (the loop before it was split into pieces), from the
+# repository root:
+#   python -c "import sys; sys.path.insert(0, 'tests'); import test_runge_kutta as m; \
+#   print({k: (*m._golden_solve(c, *m._golden_inputs())[1:], \
+#   m._hex(m._golden_solve(c, *m._golden_inputs())[0])) for k, c in m._GOLDEN_CASES.items()}); \
+#   print([m._hex(g) for g in m._golden_gradients()])"
+_GOLDEN: dict[str, tuple[int, int, list[str]]] = {
+    "dopri5": (
+        1316,
+        219,
+        [
+            "0x1.0000000000000p+0",
+            "-0x1.0000000000000p-1",
+            "0x1.0000000000000p-2",
+            "0x1.0000000000000p+1",
+            "-0x1.8000000000000p+0",
+            "0x1.8000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.80296662c9989p-1",
+            "-0x1.516e2914c7772p-1",
+            "0x1.1e1d723d15de0p+0",
+            "0x1.fbe436114162cp-1",
+            "0x1.fa3378d59d0e2p-1",
+            "0x1.dc8f223333497p-1",
+            "0x1.eabab190a7b74p-1",
+            "0x1.e7cab8f745472p-1",
+            "0x1.3a0416164709bp-3",
+            "-0x1.3ccf4ca1460f5p-1",
+            "0x1.9e8dc904e5fa6p-1",
+            "0x1.8992fa5908d1bp-2",
+            "0x1.120bd7b0cc078p-1",
+            "0x1.01829b8a292a4p-1",
+            "0x1.01cb1928369a1p-1",
+            "0x1.003ebf3262b47p-1",
+        ],
+    ),
+    "dopri5-no-compaction": (
+        1316,
+        219,
+        [
+            "0x1.0000000000000p+0",
+            "-0x1.0000000000000p-1",
+            "0x1.0000000000000p-2",
+            "0x1.0000000000000p+1",
+            "-0x1.8000000000000p+0",
+            "0x1.8000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.80296662c9989p-1",
+            "-0x1.516e2914c7772p-1",
+            "0x1.1e1d723d15de0p+0",
+            "0x1.fbe436114162cp-1",
+            "0x1.fa3378d59d0e2p-1",
+            "0x1.dc8f223333497p-1",
+            "0x1.eabab190a7b74p-1",
+            "0x1.e7cab8f745472p-1",
+            "0x1.3a0416164709bp-3",
+            "-0x1.3ccf4ca1460f5p-1",
+            "0x1.9e8dc904e5fa6p-1",
+            "0x1.8992fa5908d1bp-2",
+            "0x1.120bd7b0cc078p-1",
+            "0x1.01829b8a292a4p-1",
+            "0x1.01cb1928369a1p-1",
+            "0x1.003ebf3262b47p-1",
+        ],
+    ),
+    "dopri5-shared-steps": (
+        1316,
+        219,
+        [
+            "0x1.0000000000000p+0",
+            "-0x1.0000000000000p-1",
+            "0x1.0000000000000p-2",
+            "0x1.0000000000000p+1",
+            "-0x1.8000000000000p+0",
+            "0x1.8000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.802962377f6c6p-1",
+            "-0x1.516e2d3a563d8p-1",
+            "0x1.1e1d75f9c716bp+0",
+            "0x1.fbe439ff338a4p-1",
+            "0x1.fa338210eacd0p-1",
+            "0x1.dc8f2c7ed3171p-1",
+            "0x1.eabab190a7b74p-1",
+            "0x1.e7cab8f745472p-1",
+            "0x1.3a03db049b63dp-3",
+            "-0x1.3ccf4aa674fafp-1",
+            "0x1.9e8dd0413784cp-1",
+            "0x1.899307275a228p-2",
+            "0x1.120be888cdc60p-1",
+            "0x1.0182af8966c28p-1",
+            "0x1.01cb1928369a1p-1",
+            "0x1.003ebf3262b47p-1",
+        ],
+    ),
+    "dopri5-backward-first-step": (
+        1267,
+        211,
+        [
+            "0x1.0000000000000p+0",
+            "-0x1.0000000000000p-1",
+            "0x1.0000000000000p-2",
+            "0x1.0000000000000p+1",
+            "-0x1.8000000000000p+0",
+            "0x1.8000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.b57809d252c8bp-1",
+            "0x1.30e02bac3cd96p-1",
+            "0x1.039d686cd0bcap-1",
+            "0x1.fef899bb60d06p-1",
+            "0x1.c479063608691p-1",
+            "0x1.e02eb0b6ec2b9p-1",
+            "0x1.d536989aa0035p-1",
+            "0x1.d808d73720a59p-1",
+            "0x1.ae144a1897dc6p-2",
+            "0x1.03715706d8ad0p+0",
+            "0x1.45300774da057p-1",
+            "0x1.24d06cb40399fp+0",
+            "0x1.f00208378d765p-1",
+            "0x1.0754f04410160p+0",
+            "0x1.fe750e5854fd9p-1",
+            "0x1.00c3bc71f629dp+0",
+        ],
+    ),
+    "dopri8": (
+        1757,
+        135,
+        [
+            "0x1.0000000000000p+0",
+            "-0x1.0000000000000p-1",
+            "0x1.0000000000000p-2",
+            "0x1.0000000000000p+1",
+            "-0x1.8000000000000p+0",
+            "0x1.8000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.802962377ecb8p-1",
+            "-0x1.516e2d3a55a3ap-1",
+            "0x1.1e1d74c1193bap+0",
+            "0x1.fbe43fb7d0ffep-1",
+            "0x1.fa338362d525ap-1",
+            "0x1.dc8f2e3dc76f5p-1",
+            "0x1.eabac63d34408p-1",
+            "0x1.e7cace52442cep-1",
+            "0x1.3a03d407de4c0p-3",
+            "-0x1.3ccf4920df907p-1",
+            "0x1.9e8dcf4da2947p-1",
+            "0x1.89930a8b0d393p-2",
+            "0x1.120bf041527cbp-1",
+            "0x1.0182bb3184af4p-1",
+            "0x1.01cb356247697p-1",
+            "0x1.003edc378ad1cp-1",
+        ],
+    ),
+    "bosh3": (
+        845,
+        281,
+        [
+            "0x1.0000000000000p+0",
+            "-0x1.0000000000000p-1",
+            "0x1.0000000000000p-2",
+            "0x1.0000000000000p+1",
+            "-0x1.8000000000000p+0",
+            "0x1.8000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.8029844d56bc1p-1",
+            "-0x1.516df34af14f0p-1",
+            "0x1.1e1daba1aff00p+0",
+            "0x1.fbe4261292116p-1",
+            "0x1.fa346f3b58cdfp-1",
+            "0x1.dc90131a4e042p-1",
+            "0x1.eabade456b719p-1",
+            "0x1.e7cae58fdb67fp-1",
+            "0x1.3a06243877389p-3",
+            "-0x1.3ccf38b3471bdp-1",
+            "0x1.9e8e59d2a8716p-1",
+            "0x1.899365ad2738dp-2",
+            "0x1.120c9ea92f091p-1",
+            "0x1.018364fc2c89bp-1",
+            "0x1.01cb70f9f681ep-1",
+            "0x1.003f175662b19p-1",
+        ],
+    ),
+    "bosh3-no-compaction": (
+        845,
+        281,
+        [
+            "0x1.0000000000000p+0",
+            "-0x1.0000000000000p-1",
+            "0x1.0000000000000p-2",
+            "0x1.0000000000000p+1",
+            "-0x1.8000000000000p+0",
+            "0x1.8000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.8029844d56bc1p-1",
+            "-0x1.516df34af14f0p-1",
+            "0x1.1e1daba1aff00p+0",
+            "0x1.fbe4261292116p-1",
+            "0x1.fa346f3b58cdfp-1",
+            "0x1.dc90131a4e042p-1",
+            "0x1.eabade456b719p-1",
+            "0x1.e7cae58fdb67fp-1",
+            "0x1.3a06243877389p-3",
+            "-0x1.3ccf38b3471bdp-1",
+            "0x1.9e8e59d2a8716p-1",
+            "0x1.899365ad2738dp-2",
+            "0x1.120c9ea92f091p-1",
+            "0x1.018364fc2c89bp-1",
+            "0x1.01cb70f9f681ep-1",
+            "0x1.003f175662b19p-1",
+        ],
+    ),
+    "adaptive_heun": (
+        797,
+        398,
+        [
+            "0x1.0000000000000p+0",
+            "-0x1.0000000000000p-1",
+            "0x1.0000000000000p-2",
+            "0x1.0000000000000p+1",
+            "-0x1.8000000000000p+0",
+            "0x1.8000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.80259350c6321p-1",
+            "-0x1.516dab1005928p-1",
+            "0x1.1e19e8bfbd86ap+0",
+            "0x1.fbe79b6957dd8p-1",
+            "0x1.fa2ac88c1e33fp-1",
+            "0x1.dc86f0553dbc4p-1",
+            "0x1.eab5493a9f7a2p-1",
+            "0x1.e7c4a8192036dp-1",
+            "0x1.39eb3dc693eebp-3",
+            "-0x1.3cc6e3194138ap-1",
+            "0x1.9e81d774a4d01p-1",
+            "0x1.898e757fb70aep-2",
+            "0x1.1204f03d1ea42p-1",
+            "0x1.017c088504782p-1",
+            "0x1.01c7864f1deccp-1",
+            "0x1.003ad5ba641bep-1",
+        ],
+    ),
+    "adaptive_heun-no-compaction": (
+        797,
+        398,
+        [
+            "0x1.0000000000000p+0",
+            "-0x1.0000000000000p-1",
+            "0x1.0000000000000p-2",
+            "0x1.0000000000000p+1",
+            "-0x1.8000000000000p+0",
+            "0x1.8000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.0000000000000p-1",
+            "0x1.80259350c6321p-1",
+            "-0x1.516dab1005928p-1",
+            "0x1.1e19e8bfbd86ap+0",
+            "0x1.fbe79b6957dd8p-1",
+            "0x1.fa2ac88c1e33fp-1",
+            "0x1.dc86f0553dbc4p-1",
+            "0x1.eab5493a9f7a2p-1",
+            "0x1.e7c4a8192036dp-1",
+            "0x1.39eb3dc693eebp-3",
+            "-0x1.3cc6e3194138ap-1",
+            "0x1.9e81d774a4d01p-1",
+            "0x1.898e757fb70aep-2",
+            "0x1.1204f03d1ea42p-1",
+            "0x1.017c088504782p-1",
+            "0x1.01c7864f1deccp-1",
+            "0x1.003ad5ba641bep-1",
+        ],
+    ),
+}
+_GOLDEN_GRADIENTS: list[list[str]] = [
+    [
+        "0x1.ad54d6b0b9fcfp-1",
+        "0x1.660e75ee27876p+1",
+        "0x1.18fd8d732e7b2p+0",
+        "0x1.4e1f856a70d35p+0",
+        "0x1.0000026e35a05p+0",
+        "0x1.000006eb8d4edp+0",
+        "0x1.0000000000000p+0",
+        "0x1.0000000000000p+0",
+    ],
+    [
+        "0x1.0d92b23ee2a9ap+1",
+        "-0x1.0824e4f0b6cd9p-4",
+        "-0x1.c4d41e5d27e8ep-11",
+        "-0x1.580f1e17e685ap-17",
+    ],
+]
+# where they were computed (torch's version and the CPU kernels it dispatched to): elsewhere a
+# vectorised kernel (e.g. of ``add(alpha=)``) may round differently, and the bits with it
+_GOLDEN_PLATFORM = ("2.13.0+cpu", "AVX512")
+_PLATFORM = (torch.__version__, torch.backends.cpu.get_cpu_capability())
+_SAME_PLATFORM = pytest.mark.skipif(
+    _PLATFORM != _GOLDEN_PLATFORM,
+    reason=f"bits computed on {_GOLDEN_PLATFORM}, this is {_PLATFORM}",
+)
+
+
+@_SAME_PLATFORM
+@pytest.mark.parametrize("name", sorted(_GOLDEN_CASES))
+def test_solves_are_bit_for_bit_those_of_the_loop_before_the_split(name: str) -> None:
+    """States equal (``torch.equal``: every bit) those stored from the old loop, with the same
+    number of evaluations and of attempted steps."""
+    out, evaluations, steps = _golden_solve(_GOLDEN_CASES[name], *_golden_inputs())
+    expected_evaluations, expected_steps, values = _GOLDEN[name]
+    expected = torch.tensor([float.fromhex(v) for v in values], dtype=F64).reshape(out.shape)
+    assert (evaluations, steps) == (expected_evaluations, expected_steps)
+    assert torch.equal(out, expected)
+
+
+@_SAME_PLATFORM
+def test_gradients_are_bit_for_bit_those_of_the_loop_before_the_split() -> None:
+    for gradient, values in zip(_golden_gradients(), _GOLDEN_GRADIENTS, strict=True):
+        expected = torch.tensor([float.fromhex(v) for v in values], dtype=F64)
+        assert torch.equal(gradient.reshape(-1), expected)
