@@ -393,9 +393,10 @@ def resolve_config(
             if in_config
             else ""
         )
+        names = ", ".join(repr(name) for name in unknown)
         raise TypeError(
-            f"unexpected keyword argument(s) {unknown}: the solver keywords are "
-            f"{list(SOLVER_KEYWORDS)}{hint}"
+            f"unexpected keyword argument{'s' if len(unknown) > 1 else ''} {names}: the solver "
+            f"keywords are {list(SOLVER_KEYWORDS)}{hint}"
         )
     base = config if config is not None else SolverConfig()
     changes: dict[str, object] = {k: v for k, v in keywords.items() if v is not None}
