@@ -35,9 +35,9 @@ __version__ = VERSION
 
 __all__ = [
     "AffineGaussianPath",
-    "ClosedForm",
     "Batches",
     "Checkpointing",
+    "ClosedForm",
     "ConvField",
     "Dequantization",
     "DivergenceResult",

@@ -129,7 +129,9 @@ class Hutchinson:
         if self.noise not in NOISES:
             raise ValueError(f"Hutchinson(noise=...) must be one of {NOISES}, got {self.noise!r}")
         if self.probes is not None:
-            check_finite("Hutchinson(probes=...)", check_floating("Hutchinson(probes=...)", self.probes))
+            check_finite(
+                "Hutchinson(probes=...)", check_floating("Hutchinson(probes=...)", self.probes)
+            )
             if self.n_probes != 1:
                 raise ValueError("Hutchinson: give n_probes or probes, not both")
         if self.generator is not None and not isinstance(self.generator, torch.Generator):

@@ -54,8 +54,12 @@ def test_exact_refuses_an_unknown_strategy(strategy: object) -> None:
         ({"noise": "uniform"}, ValueError, r"Hutchinson\(noise=\.\.\.\) must be one of"),
         ({"noise": "Gaussian"}, ValueError, r"Hutchinson\(noise=\.\.\.\) must be one of"),
         ({"generator": 0}, TypeError, r"Hutchinson\(generator=\.\.\.\) must be a torch\.Generator"),
-        ({"probes": [[1.0, -1.0]]}, TypeError, "probes must be a torch.Tensor"),
-        ({"probes": torch.ones(1, 2, 3, dtype=torch.int64)}, TypeError, "probes must have a float"),
+        ({"probes": [[1.0, -1.0]]}, TypeError, r"Hutchinson\(probes=...\) must be a torch.Tensor"),
+        (
+            {"probes": torch.ones(1, 2, 3, dtype=torch.int64)},
+            TypeError,
+            r"Hutchinson\(probes=...\) must have a float",
+        ),
         (
             {"probes": torch.tensor([[[1.0, math.nan]]])},
             ValueError,

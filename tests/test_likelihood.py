@@ -355,7 +355,9 @@ def test_sample_refuses_error_estimate_and_accuracy(config: SolverConfig, match:
 
 
 def test_sample_with_log_prob_refuses_accuracy() -> None:
-    with pytest.raises(ValueError, match="accuracy= applies to log_likelihood and dataset_nll only"):
+    with pytest.raises(
+        ValueError, match="accuracy= applies to log_likelihood and dataset_nll only"
+    ):
         cnftools.sample_with_log_prob(
             _never_called, torch.zeros(3, 2, dtype=F64), config=SolverConfig(accuracy=1e-6)
         )

@@ -940,7 +940,9 @@ def test_bad_data_gets_one_clear_error(data, kwargs, error, match):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda_names_the_argument():
     field, x = make_case(4)
-    with pytest.raises(ValueError, match=r"Execution\(device=\.\.\.\) is 'cuda' but CUDA is not available"):
+    with pytest.raises(
+        ValueError, match=r"Execution\(device=\.\.\.\) is 'cuda' but CUDA is not available"
+    ):
         run_nll(field, x, device="cuda", **FAST)
 
 
