@@ -72,10 +72,12 @@ def test_stream_peak_memory_does_not_grow_with_the_rows():
     """Issue 21 item 6, scaled down (Hutchinson instead of the exact divergence, for speed): a
     DataLoader stream of float64 rows, d = 64, batch 2,000, default allocator. Before the fix the
     peak RSS growth was 15 MB at 10,000 rows and 101 MB at 60,000 (glibc's heap kept the freed
-    pages of every batch's tensors); now 33 and 39 MB. Six times the rows must stay under twice
-    the growth (the result itself is about 50 bytes a row, 3 MB here)."""
+    pages of every batch's tensors); now 27-33 and 32-39 MB. The 50,000 more rows may add at
+    most 50 MB to the peak (the leak added 86 MB; the result itself is about 50 bytes a row,
+    2.5 MB more). A difference, not a ratio: the small run's growth was seen as low as 8 MB
+    when the suite ran before it (warm allocator), which made "under twice" fail spuriously."""
     small, large = _peak_growth(10_000), _peak_growth(60_000)
-    assert large < 2 * small, (small, large)
+    assert large - small < 50, (small, large)
 
 
 def test_an_interrupted_run_releases_its_lock_and_counts_the_rows_kept(tmp_path):
