@@ -363,20 +363,36 @@ _KILL_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-from _dist_worker import SETTINGS, SlowField, make_case
+import _dist_worker
+from _dist_worker import SlowField
 from _nll_call import run_nll
 
-field, x = make_case()
-run_nll(SlowField(field, 0.01), x, out={out!r}, **SETTINGS)
+field, x = getattr(_dist_worker, {make!r})()
+settings = getattr(_dist_worker, {settings!r})
+run_nll(SlowField(field, 0.01), x, out={out!r}, **settings)
 """
 
+_KILL_CASES = {
+    # the Hutchinson probes of a unit are seeded from (seed, batch, round): fixed grid, rk4
+    "fixed-grid-hutchinson": ("make_case", "SETTINGS"),
+    # issue 18 item 3: the adaptive engine with the exact divergence of an MLPField, rows on
+    # their own steps; a resumed run must give the uninterrupted run's bits too
+    "adaptive-exact-mlp": ("make_mlp", "ADAPTIVE"),
+}
 
-def test_resume_after_sigkill_gives_identical_rows(tmp_path):
-    field, x = make_case()
+
+@pytest.mark.parametrize("case", sorted(_KILL_CASES))
+def test_resume_after_sigkill_gives_identical_rows(tmp_path, case):
+    import _dist_worker
+
+    make, settings_name = _KILL_CASES[case]
+    field, x = getattr(_dist_worker, make)()
+    settings = getattr(_dist_worker, settings_name)
     out = tmp_path / "nll.parquet"
     chunks = tmp_path / "nll.parquet.chunks"
     script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(_KILL_SCRIPT.format(tests=str(TESTS), out=str(out))))
+    text = _KILL_SCRIPT.format(tests=str(TESTS), out=str(out), make=make, settings=settings_name)
+    script.write_text(textwrap.dedent(text))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True
@@ -397,9 +413,9 @@ def test_resume_after_sigkill_gives_identical_rows(tmp_path):
     # the same field (a wrapper's settings are part of its fingerprint, so it is the same wrapper)
     # the killed run's lock names a process that is gone: taken over, with a warning
     with pytest.warns(RuntimeWarning, match="stale lock"):
-        resumed = run_nll(SlowField(field, 0.01), x, out=out, resume=True, **SETTINGS)
+        resumed = run_nll(SlowField(field, 0.01), x, out=out, resume=True, **settings)
     assert resumed.attrs["summary"]["rows_computed"] == 40 - 7 * done
-    plain = run_nll(SlowField(field), x, **SETTINGS)
+    plain = run_nll(SlowField(field), x, **settings)
     assert resumed["index"].tolist() == list(range(40))  # one row per input, no duplicates
     # same inputs, same seeds, same operations: identical numbers, bit for bit
     pd.testing.assert_frame_equal(resumed, plain, check_exact=True)
