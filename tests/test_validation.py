@@ -32,6 +32,18 @@ def test_experiment_passes_in_quick_mode(experiment, dtype):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=[e.name for e in EXPERIMENTS])
+def test_experiment_passes_in_full_mode(experiment):
+    """``cnftools validate --full`` (float64): the branches only the full set runs. Regression: in
+    0.2's migration, theorem1's full-only closed-form row still passed ``divergence=`` and the
+    experiment crashed under ``--full`` while every quick-mode test passed."""
+    checks = list(experiment.run(Context(dtype=torch.float64, full=True)))
+    assert checks, f"{experiment.name} produced no rows"
+    failed = [c for c in checks if not c.passed]
+    assert not failed, "\n".join(f"{c.section} {c.check} [{c.subject}]" for c in failed)
+
+
 def test_every_theory_section_has_an_experiment():
     """§1–§12 of the theory each have an experiment (the declared SECTIONS; the parametrized test
     above checks that each experiment's rows cover exactly the sections it declares)."""

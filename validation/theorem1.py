@@ -87,7 +87,7 @@ def run(ctx: Context) -> Iterator[Check]:
             )
             if full:
                 closed = cnftools.continuity_relative_residual(
-                    marginal.log_prob, marginal, x, t, divergence="closed_form"
+                    marginal.log_prob, marginal, x, t, estimator=cnftools.ClosedForm()
                 )
                 yield Check(
                     "§5",
