@@ -110,9 +110,13 @@ class Schedule(ABC):
         return time_derivative(self.noise_scale, t)
 
 
-def _check_parameter(name: str, value: object, condition: bool, expected: str) -> float:
+def _check_parameter(
+    name: str, value: object, condition: Callable[[float], bool], expected: str
+) -> float:
+    """``value`` as a float: a ``TypeError`` for a non-number (before the range is looked at), a
+    ``ValueError`` naming ``name`` when ``condition`` fails."""
     number = check_real(name, value)
-    if not condition:
+    if not condition(number):
         raise ValueError(f"{name} must be {expected}, got {number}")
     return number
 
@@ -191,9 +195,7 @@ class OTSchedule(Schedule):
     """
 
     def __init__(self, sigma_min: float = 0.0) -> None:
-        self.sigma_min = _check_parameter(
-            "sigma_min", sigma_min, 0 <= float(sigma_min) < 1, "in [0, 1)"
-        )
+        self.sigma_min = _check_parameter("sigma_min", sigma_min, lambda s: 0 <= s < 1, "in [0, 1)")
 
     def signal_scale(self, t: Tensor) -> Tensor:
         r""":math:`a_t = t`."""
@@ -245,11 +247,11 @@ class VESchedule(Schedule):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
-        self.sigma_min = _check_parameter("sigma_min", sigma_min, float(sigma_min) > 0, "> 0")
+        self.sigma_min = _check_parameter("sigma_min", sigma_min, lambda s: s > 0, "> 0")
         self.sigma_max = _check_parameter(
             "sigma_max",
             sigma_max,
-            float(sigma_max) > self.sigma_min,
+            lambda s: s > self.sigma_min,
             f"> sigma_min = {self.sigma_min}",
         )
         self.log_ratio = math.log(self.sigma_max / self.sigma_min)
@@ -315,11 +317,11 @@ class VPSchedule(Schedule):
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
-        self.beta_min = _check_parameter("beta_min", beta_min, float(beta_min) >= 0, ">= 0")
+        self.beta_min = _check_parameter("beta_min", beta_min, lambda b: b >= 0, ">= 0")
         self.beta_max = _check_parameter(
             "beta_max",
             beta_max,
-            float(beta_max) >= self.beta_min and float(beta_max) > 0,
+            lambda b: b >= self.beta_min and b > 0,
             f">= beta_min = {self.beta_min} and > 0",
         )
 

@@ -161,6 +161,13 @@ def test_built_in_paths_keep_their_parameters_and_repr():
     [
         (lambda: OTSchedule(1.0), ValueError, r"sigma_min must be in \[0, 1\), got 1.0"),
         (lambda: OTSchedule("0.1"), TypeError, "sigma_min must be a real number"),
+        # regression: a string that is not a number was a ValueError from float() ("could not
+        # convert string to float"), raised before the argument was named
+        (lambda: OTSchedule("a"), TypeError, "sigma_min must be a real number, got str"),
+        (lambda: cnftools.OTPath("a"), TypeError, "sigma_min must be a real number, got str"),
+        (lambda: VESchedule("a"), TypeError, "sigma_min must be a real number, got str"),
+        (lambda: VESchedule(0.1, "b"), TypeError, "sigma_max must be a real number, got str"),
+        (lambda: cnftools.VPPath(beta_max="x"), TypeError, "beta_max must be a real number"),
         (lambda: VESchedule(0.0, 1.0), ValueError, "sigma_min must be > 0"),
         (lambda: VESchedule(1.0, 1.0), ValueError, "sigma_max must be > sigma_min = 1.0"),
         (lambda: VPSchedule(-1.0), ValueError, "beta_min must be >= 0"),
