@@ -131,8 +131,22 @@ def choose_threads(device: torch.device | str | None = None) -> int:
         load = os.getloadavg()[0]
     except OSError:  # pragma: no cover
         load = 0.0
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    local = max(1, _env_int("LOCAL_WORLD_SIZE", 1))
     return max(1, min(current, math.floor((usable_cores() - load) / local)))
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable (set by torchrun), or a ``ValueError`` naming it."""
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"the environment variable {name}={text!r} must be an integer (torchrun sets it; "
+            "unset it or fix its value)"
+        ) from None
 
 
 def _env_threads() -> int | None:

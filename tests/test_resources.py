@@ -188,3 +188,15 @@ def test_heap_trimmer_limits_its_share_of_the_time():
     trimmer()
     trimmer()
     assert trimmer.calls == (0 if trimmer.trim is None else 1)
+
+
+def test_a_bad_local_world_size_is_named(monkeypatch):
+    """Regression: ``LOCAL_WORLD_SIZE=abc`` gave int()'s bare "invalid literal for int()"; the
+    automatic thread count now names the variable (torchrun sets it)."""
+    from cnftools._resources import choose_threads
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "abc")
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE='abc' must be an integer"):
+        choose_threads("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert choose_threads("cpu") >= 1
