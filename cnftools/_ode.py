@@ -36,7 +36,7 @@ from torch import Tensor
 
 from cnftools._adjoint import solve_with_replay
 from cnftools._checks import check_tolerance
-from cnftools._runge_kutta import Dynamics, StepFailure, StepRecord, solve
+from cnftools._runge_kutta import Dynamics, StepFailure, Stepping, StepRecord, solve
 from cnftools._tableaux import ADAPTIVE, FIXED_GRID
 
 __all__ = [
@@ -499,25 +499,22 @@ def integrate(
 
     on_step = None if progress is None else (lambda reached: progress(reached, counter.total))
     output_times = [float(s) for s in times.tolist()]
+    stepping = Stepping(
+        rtol=config.rtol,
+        atol=config.atol,
+        norm=row_norm(n_point),
+        steps_per_unit=config.steps,
+        max_steps=config.max_steps,
+        first_step=config.first_step,
+        compact=compact,
+        shared_steps=shared_steps,
+    )
 
     def run(start: Tensor, record: StepRecord | None = None) -> Tensor:
         return solve(
-            f,
-            start,
-            output_times,
-            config.method,
-            rtol=config.rtol,
-            atol=config.atol,
-            norm=row_norm(n_point),
-            steps_per_unit=config.steps,
-            max_steps=config.max_steps,
-            first_step=config.first_step,
-            on_evaluation=count,
-            on_step=on_step,
-            record=record,
-            compact=compact,
-            shared_steps=shared_steps,
-        )
+            f, start, output_times, config.method, stepping,
+            on_evaluation=count, on_step=on_step, record=record,
+        )  # fmt: skip
 
     wants_replay = (
         config.adjoint

@@ -46,6 +46,7 @@ __all__ = [
     "StepController",
     "StepFailure",
     "StepRecord",
+    "Stepping",
     "fixed_grid",
     "rk_step",
     "solve",
@@ -206,23 +207,47 @@ def _explain(
         return StepFailure("nonfinite_state", f"near t = {t:.6g}", rows[bad], t)
 
 
+@dataclass(frozen=True)
+class Stepping:
+    """How the loop steps: everything of a solve but the dynamics, the method and the observers.
+
+    Attributes:
+        rtol: relative tolerance (adaptive methods).
+        atol: absolute tolerance (adaptive methods).
+        norm: maps scaled errors ``(b, n)`` to each row's ratio ``(b,)`` (adaptive methods:
+            required).
+        steps_per_unit: uniform steps per unit time (fixed-grid methods: required); every output
+            time is a grid point.
+        max_steps: most step attempts of a row between two output times.
+        first_step: initial step length (default: Hairer's heuristic, per row).
+        compact: let finished rows leave the evaluated batch (``f`` is then called on the rows
+            still moving); ``False`` keeps every row in every call, finished rows frozen, for
+            dynamics that can only be evaluated on the whole batch. The results are the same.
+        shared_steps: one step for the whole batch (the smallest any row proposes, accepted when
+            every row accepts it), for dynamics that take one time for all rows; every row still
+            meets the tolerance, but a row's steps then depend on its batch.
+    """
+
+    rtol: float = 0.0
+    atol: float = 0.0
+    norm: Callable[[Tensor], Tensor] | None = None
+    steps_per_unit: int | None = None
+    max_steps: int = 100_000
+    first_step: float | None = None
+    compact: bool = True
+    shared_steps: bool = False
+
+
 def solve(
     f: Dynamics,
     y0: Tensor,
     times: Sequence[float],
     method: str,
+    stepping: Stepping,
     *,
-    rtol: float = 0.0,
-    atol: float = 0.0,
-    norm: Callable[[Tensor], Tensor] | None = None,
-    steps_per_unit: int | None = None,
-    max_steps: int = 100_000,
-    first_step: float | None = None,
     on_evaluation: Callable[[], None] | None = None,
     on_step: Callable[[float], None] | None = None,
     record: StepRecord | None = None,
-    compact: bool = True,
-    shared_steps: bool = False,
 ) -> Tensor:
     """Integrate ``dy/dt = f(t, y)`` from ``times[0]`` through ``times[1:]``, row by row.
 
@@ -231,22 +256,10 @@ def solve(
         y0: initial states ``(B, n)``.
         times: strictly monotone output times (Python floats), ``times[0]`` the start.
         method: a name of :data:`cnftools._tableaux.TABLEAUX`.
-        rtol: relative tolerance (adaptive methods).
-        atol: absolute tolerance (adaptive methods).
-        norm: maps scaled errors ``(b, n)`` to each row's ratio ``(b,)`` (adaptive methods).
-        steps_per_unit: uniform steps per unit time (fixed-grid methods); every output time is a
-            grid point.
-        max_steps: most step attempts of a row between two output times.
-        first_step: initial step length (default: Hairer's heuristic, per row).
+        stepping: tolerances and norm, grid, limits and row handling (:class:`Stepping`).
         on_evaluation: called once per evaluation of ``f`` (counting).
         on_step: called after each step with the earliest time a row has reached.
         record: filled with the attempted steps, for :mod:`cnftools._adjoint`.
-        compact: let finished rows leave the evaluated batch (``f`` is then called on the rows
-            still moving); ``False`` keeps every row in every call, finished rows frozen, for
-            dynamics that can only be evaluated on the whole batch. The results are the same.
-        shared_steps: one step for the whole batch (the smallest any row proposes, accepted when
-            every row accepts it), for dynamics that take one time for all rows; every row still
-            meets the tolerance, but a row's steps then depend on its batch.
 
     Returns:
         The states at ``times``, shape ``(len(times), B, n)`` (``times[0]``: ``y0``).
@@ -260,31 +273,20 @@ def solve(
         >>> rms = lambda e: e.pow(2).mean(dim=1).sqrt()
         >>> decay = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
         >>> f = lambda t, y, rows: -y * (decay if rows is None else decay[rows])
-        >>> out = solve(f, y0, [0.0, 1.0], "dopri5", rtol=1e-10, atol=1e-10, norm=rms)
+        >>> stepping = Stepping(rtol=1e-10, atol=1e-10, norm=rms)
+        >>> out = solve(f, y0, [0.0, 1.0], "dopri5", stepping)
         >>> [round(v, 8) for v in out[-1, :, 0].tolist()]
         [0.36787944, 0.13533528, 0.04978707]
     """
     tableau = TABLEAUX[method]
     evaluate = f if on_evaluation is None else _counted(f, on_evaluation)
     if tableau.is_adaptive:
-        if norm is None:
-            raise ValueError("an adaptive method needs norm=")
-        return _solve_adaptive(
-            evaluate,
-            y0,
-            times,
-            tableau,
-            (rtol, atol),
-            norm,
-            max_steps,
-            first_step,
-            (on_step, record),
-            compact,
-            shared_steps,
-        )
-    if steps_per_unit is None:
-        raise ValueError(f"the fixed-grid method {method!r} needs steps_per_unit=")
-    return _solve_fixed(evaluate, y0, times, tableau, steps_per_unit, on_step, record)
+        if stepping.norm is None:
+            raise ValueError("an adaptive method needs Stepping(norm=...)")
+        return _solve_adaptive(evaluate, y0, times, tableau, stepping, on_step, record)
+    if stepping.steps_per_unit is None:
+        raise ValueError(f"the fixed-grid method {method!r} needs Stepping(steps_per_unit=...)")
+    return _solve_fixed(evaluate, y0, times, tableau, stepping.steps_per_unit, on_step, record)
 
 
 def _counted(f: Dynamics, on_evaluation: Callable[[], None]) -> Dynamics:
@@ -345,11 +347,7 @@ class _AdaptiveLoop:
     tableau: Tableau
     targets: Tensor  # the output times
     direction: float  # 1.0 forward in time, -1.0 backward
-    rtol: float
-    atol: float
-    norm: Callable[[Tensor], Tensor]
-    max_steps: int
-    shared_steps: bool
+    stepping: Stepping  # its norm is set (adaptive)
     controller: StepController = field(init=False)
     last: int = field(init=False)  # the index of the last output time
     fresh_first: bool = field(init=False)  # not FSAL: a step's first stage is evaluated anew
@@ -359,7 +357,12 @@ class _AdaptiveLoop:
         self.last = self.targets.shape[0] - 1
         self.fresh_first = not self.tableau.first_same_as_last
 
-    def start(self, y0: Tensor, first_step: float | None) -> RowState:
+    def _tolerances(self) -> tuple[float, float, Callable[[Tensor], Tensor]]:
+        norm = self.stepping.norm
+        assert norm is not None  # solve() refuses an adaptive method without one
+        return self.stepping.rtol, self.stepping.atol, norm
+
+    def start(self, y0: Tensor) -> RowState:
         """Every row at the first output time, with its first stage and starting step."""
         batch, device, dtype = y0.shape[0], y0.device, y0.dtype
         rows = torch.arange(batch, device=device)
@@ -367,11 +370,12 @@ class _AdaptiveLoop:
         k_first = self.f(t, y0, None)
         with torch.no_grad():
             longest = (self.targets[1] - self.targets[0]).abs().expand(batch)
+        first_step = self.stepping.first_step
         if first_step is None:
             h = self.starting_step(t, y0, k_first, longest, rows)
         else:
             h = torch.minimum(torch.full_like(t, abs(first_step)), longest)
-        if self.shared_steps:
+        if self.stepping.shared_steps:
             h = h.min().expand(batch)
         return RowState(
             rows=rows,
@@ -391,13 +395,13 @@ class _AdaptiveLoop:
     ) -> Tensor:
         """Hairer's starting step per row (Solving ODEs I, §II.4), never past the first output
         (``shared_steps``: the smallest for every row, the probe included)."""
-        rtol, atol, norm, direction = self.rtol, self.atol, self.norm, self.direction
+        (rtol, atol, norm), direction = self._tolerances(), self.direction
         with torch.no_grad():
             scale = atol + rtol * y.abs()
             d0, d1 = norm(y / scale), norm(f0 / scale)
             h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
             h0 = torch.minimum(h0, longest)
-            if self.shared_steps:
+            if self.stepping.shared_steps:
                 h0 = h0.min().expand(h0.shape[0])
         if not bool(torch.isfinite(h0).all()):
             bad = ~torch.isfinite(h0)
@@ -434,11 +438,14 @@ class _AdaptiveLoop:
         )
         assert error is not None
         with torch.no_grad():
-            scale = self.atol + self.rtol * torch.maximum(y.abs(), y_new.abs())
-            ratio = torch.where(moving, self.norm(error / scale), 0.0)
+            rtol, atol, norm = self._tolerances()
+            scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
+            ratio = torch.where(moving, norm(error / scale), 0.0)
             finite = torch.isfinite(ratio)
             accepted = (ratio <= 1.0) & finite & moving
-            if self.shared_steps:  # the batch's one step stands or falls with its worst row
+            if (
+                self.stepping.shared_steps
+            ):  # the batch's one step stands or falls with its worst row
                 accepted = accepted.all().expand(accepted.shape[0]) & moving
             landed = accepted & lands
             finishing = landed & (target == last)
@@ -447,7 +454,7 @@ class _AdaptiveLoop:
             counts = torch.stack(
                 [
                     (~finite).sum(),
-                    (attempts > self.max_steps).sum(),
+                    (attempts > self.stepping.max_steps).sum(),
                     stuck.sum(),
                     finishing.sum(),
                     (landed & (target < last)).sum(),
@@ -480,8 +487,10 @@ class _AdaptiveLoop:
         if n_bad:
             raise _explain(s.rows, ~a.finite, a.inputs, a.stages, reached)
         if n_over:
-            over = s.rows[s.attempts > self.max_steps]
-            raise StepFailure("max_steps", f"more than max_steps={self.max_steps} steps", over)
+            over = s.rows[s.attempts > self.stepping.max_steps]
+            raise StepFailure(
+                "max_steps", f"more than max_steps={self.stepping.max_steps} steps", over
+            )
         if n_stuck:
             where = f"underflow in the step size near t = {reached:.6g}"
             raise StepFailure("underflow", where, s.rows[a.stuck])
@@ -497,7 +506,7 @@ class _AdaptiveLoop:
                 a.step, a.ratio, s.previous, a.accepted, s.first, self.tableau.order
             )
             s.h = torch.where(a.landed, torch.maximum(s.h, proposal), proposal)
-            if self.shared_steps:
+            if self.stepping.shared_steps:
                 s.h = s.h.min().expand(s.h.shape[0])
             s.first = torch.zeros_like(s.first)
             keep = a.accepted.unsqueeze(1)
@@ -516,19 +525,14 @@ def _solve_adaptive(
     y0: Tensor,
     times: Sequence[float],
     tableau: Tableau,
-    tolerances: tuple[float, float],
-    norm: Callable[[Tensor], Tensor],
-    max_steps: int,
-    first_step: float | None,
-    hooks: tuple[Callable[[float], None] | None, StepRecord | None],
-    compact: bool,
-    shared_steps: bool,
+    stepping: Stepping,
+    on_step: Callable[[float], None] | None,
+    record: StepRecord | None,
 ) -> Tensor:
-    on_step, record = hooks
     direction = 1.0 if times[-1] > times[0] else -1.0
     targets = torch.tensor([float(s) for s in times], dtype=y0.dtype, device=y0.device)
-    loop = _AdaptiveLoop(f, tableau, targets, direction, *tolerances, norm, max_steps, shared_steps)
-    s = loop.start(y0, first_step)
+    loop = _AdaptiveLoop(f, tableau, targets, direction, stepping)
+    s = loop.start(y0)
     pieces: list[tuple[Tensor, Tensor, Tensor]] = []  # (output index, rows, states)
     while True:
         a = loop.attempt(s)
@@ -545,11 +549,11 @@ def _solve_adaptive(
             s.moving = s.moving & ~a.finishing
             if not bool(s.moving.any()):
                 break
-            if compact:
+            if stepping.compact:
                 s.compact()
                 if loop.fresh_first:
                     s.k_first = f(s.t, s.y, s.evaluated)
-        if loop.fresh_first and not (n_done and compact):
+        if loop.fresh_first and not (n_done and stepping.compact):
             s.k_first = torch.where(keep, f(s.t, s.y, s.evaluated), s.k_first)
         if on_step is not None:
             on_step(reached)

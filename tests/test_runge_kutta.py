@@ -19,7 +19,7 @@ from torchdiffeq import odeint
 
 import cnftools._runge_kutta as runge_kutta
 from cnftools._ode import ADAPTIVE_METHODS, NFE, SolverConfig, integrate, row_norm
-from cnftools._runge_kutta import StepController, StepFailure, solve
+from cnftools._runge_kutta import StepController, StepFailure, Stepping, solve
 
 F64 = torch.float64
 
@@ -39,10 +39,7 @@ def _solve(f, y0, times, method="dopri5", tol=1e-8, max_steps=10_000, count=None
         y0,
         times,
         method,
-        rtol=tol,
-        atol=tol,
-        norm=row_norm(y0.shape[1]),
-        max_steps=max_steps,
+        Stepping(rtol=tol, atol=tol, norm=row_norm(y0.shape[1]), max_steps=max_steps),
         on_evaluation=count,
     )
 
@@ -315,17 +312,11 @@ def test_property_a_row_does_not_depend_on_its_batch(seed: int, size: int, metho
     gen = torch.Generator().manual_seed(seed)
     rates = 10 ** (torch.rand(size, 1, generator=gen, dtype=F64) * 3 - 1)
     y0 = torch.randn(size, 2, generator=gen, dtype=F64)
-    norm = row_norm(2)
-    batch = solve(_stiff_rows(rates), y0, [0.0, 0.5, 1.0], method, rtol=1e-7, atol=1e-7, norm=norm)
+    stepping = Stepping(rtol=1e-7, atol=1e-7, norm=row_norm(2))
+    batch = solve(_stiff_rows(rates), y0, [0.0, 0.5, 1.0], method, stepping)
     for i in range(size):
         alone = solve(
-            _stiff_rows(rates[i : i + 1]),
-            y0[i : i + 1],
-            [0.0, 0.5, 1.0],
-            method,
-            rtol=1e-7,
-            atol=1e-7,
-            norm=norm,
+            _stiff_rows(rates[i : i + 1]), y0[i : i + 1], [0.0, 0.5, 1.0], method, stepping
         )
         assert torch.equal(batch[:, i], alone[:, 0])
 
@@ -342,15 +333,7 @@ def test_rows_get_the_steps_they_need() -> None:
             evaluated[r] += 1
         return inner(t, y, rows)
 
-    solve(
-        f,
-        torch.zeros(2, 1, dtype=F64),
-        [0.0, 1.0],
-        "dopri5",
-        rtol=1e-8,
-        atol=1e-8,
-        norm=row_norm(1),
-    )
+    solve(f, torch.zeros(2, 1, dtype=F64), [0.0, 1.0], "dopri5", Stepping(1e-8, 1e-8, row_norm(1)))
     assert evaluated[0] < evaluated[1] / 2, evaluated
 
 
@@ -359,7 +342,8 @@ def test_fixed_grid_gradients_and_outputs() -> None:
     the loop equal the closed-form derivatives to the same accuracy."""
     y0 = torch.tensor([[1.5]], dtype=F64, requires_grad=True)
     c = torch.tensor(0.8, dtype=F64, requires_grad=True)
-    states = solve(lambda t, y, rows: c * y, y0, [0.0, 0.5, 1.0], "rk4", steps_per_unit=100)
+    grid = Stepping(steps_per_unit=100)
+    states = solve(lambda t, y, rows: c * y, y0, [0.0, 0.5, 1.0], "rk4", grid)
     assert float(states[1, 0, 0].detach()) == pytest.approx(1.5 * math.exp(0.4), rel=1e-9)
     grad_y0, grad_c = torch.autograd.grad(states[-1].sum(), (y0, c))
     assert float(grad_y0) == pytest.approx(math.exp(0.8), rel=1e-9)
@@ -378,11 +362,10 @@ def test_shared_steps_give_every_row_one_time_and_the_tolerance() -> None:
         return inner(t, y, rows)
 
     y0 = torch.zeros(2, 1, dtype=F64)
-    out = solve(
-        f, y0, [0.0, 1.0], "dopri5", rtol=1e-8, atol=1e-8, norm=row_norm(1), shared_steps=True
-    )
+    shared = Stepping(rtol=1e-8, atol=1e-8, norm=row_norm(1), shared_steps=True)
+    out = solve(f, y0, [0.0, 1.0], "dopri5", shared)
     assert set(times_seen) == {1}
-    alone = solve(inner, y0, [0.0, 1.0], "dopri5", rtol=1e-10, atol=1e-10, norm=row_norm(1))
+    alone = solve(inner, y0, [0.0, 1.0], "dopri5", Stepping(1e-10, 1e-10, row_norm(1)))
     assert float((out[-1] - alone[-1]).abs().max()) <= 100 * 1e-8
 
 
@@ -440,12 +423,9 @@ def _golden_solve(
         y0,
         list(times),
         method,
-        rtol=tol,
-        atol=tol,
-        norm=row_norm(2),
+        Stepping(rtol=tol, atol=tol, norm=row_norm(2), **options),
         on_evaluation=lambda: counter.__setitem__(0, counter[0] + 1),
         record=record,
-        **options,
     )
     return out, counter[0], len(record.steps)
 
