@@ -71,8 +71,7 @@ class Attempt:
         y_new: the state it reaches.
         inputs: the stage inputs (to explain a non-finite step).
         stages: the stages (the last is the next step's first where the method is FSAL).
-        ratio: the error ratio (accepted when at most 1).
-        finite: where the ratio is finite.
+        ratio: the error ratio (accepted when at most 1; non-finite where the step failed).
         accepted: the rows whose step is accepted.
         landed: accepted and on an output time.
         finishing: landed on the last output time.
@@ -89,7 +88,6 @@ class Attempt:
     inputs: list[Tensor]
     stages: list[Tensor]
     ratio: Tensor
-    finite: Tensor
     accepted: Tensor
     landed: Tensor
     finishing: Tensor

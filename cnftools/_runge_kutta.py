@@ -443,9 +443,8 @@ class _AdaptiveLoop:
             ratio = torch.where(moving, norm(error / scale), 0.0)
             finite = torch.isfinite(ratio)
             accepted = (ratio <= 1.0) & finite & moving
-            if (
-                self.stepping.shared_steps
-            ):  # the batch's one step stands or falls with its worst row
+            # shared steps: the batch's one step stands or falls with its worst row
+            if self.stepping.shared_steps:
                 accepted = accepted.all().expand(accepted.shape[0]) & moving
             landed = accepted & lands
             finishing = landed & (target == last)
@@ -470,7 +469,6 @@ class _AdaptiveLoop:
             inputs=inputs,
             stages=stages,
             ratio=ratio,
-            finite=finite,
             accepted=accepted,
             landed=landed,
             finishing=finishing,
@@ -485,7 +483,7 @@ class _AdaptiveLoop:
         *numbers, reached = a.summary.tolist()  # the step's one host sync
         n_bad, n_over, n_stuck, n_done, n_mid = (int(n) for n in numbers)
         if n_bad:
-            raise _explain(s.rows, ~a.finite, a.inputs, a.stages, reached)
+            raise _explain(s.rows, ~torch.isfinite(a.ratio), a.inputs, a.stages, reached)
         if n_over:
             over = s.rows[s.attempts > self.stepping.max_steps]
             raise StepFailure(

@@ -304,14 +304,13 @@ config objects: SolverConfig, the divergence specs, dataset_nll's option groups)
 
 
 def _public_callables() -> Iterator[tuple[str, object]]:
-    """(qualified name, object) of every function and class a public ``__all__`` exports."""
+    """(qualified name, object) of every function and class a module's ``__all__`` exports
+    (private modules included: their ``__all__`` is what the rest of the package calls)."""
     import importlib
     import inspect
 
     for module_name, _file in _files():
-        if module_name.endswith("__main__") or any(
-            p.startswith("_") for p in module_name.split(".")
-        ):
+        if module_name.endswith("__main__"):
             continue
         module = importlib.import_module(module_name)
         for name in getattr(module, "__all__", []):
