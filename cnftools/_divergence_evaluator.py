@@ -134,10 +134,6 @@ def _diagonal_loop(v: VelocityField, y: Tensor, x: Tensor, create_graph: bool) -
     return torch.stack(entries, dim=1)
 
 
-def _exact_loop(v: VelocityField, y: Tensor, x: Tensor, create_graph: bool) -> Tensor:
-    return _diagonal_loop(v, y, x, create_graph).sum(dim=1)
-
-
 def _basis_chunk(start: int, size: int, batch: int, dim: int, like: Tensor) -> Tensor:
     eye = torch.eye(dim, dtype=like.dtype, device=like.device)[start : start + size]
     return eye[:, None, :].expand(size, batch, dim)
@@ -172,17 +168,6 @@ def _diagonal_batched(
             g = g[:, :, start : start + size]
         parts.append(g.diagonal(dim1=0, dim2=2))  # (B, size)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def _exact_batched(
-    v: VelocityField,
-    y: Tensor,
-    x: Tensor,
-    create_graph: bool,
-    chunk: int,
-    bases: dict[tuple, Tensor] | None = None,
-) -> Tensor:
-    return _diagonal_batched(v, y, x, create_graph, chunk, bases).sum(dim=1)
 
 
 def _exact_forward(
@@ -384,7 +369,7 @@ class DivergenceEvaluator:
     def _vjp_columns(
         self, v: VelocityField, y: Tensor, x: Tensor, create_graph: bool, rows: int
     ) -> Tensor:
-        batch, dim = y.shape
+        batch = y.shape[0]
         if self.kind == "hutchinson":
             assert self.probes is not None
             chunk = 1 if self.vmap_failed else max(1, rows // batch)
@@ -395,21 +380,28 @@ class DivergenceEvaluator:
                     raise
                 self._fall_back(v, error)
                 return _hutchinson(v, y, x, self.probes, create_graph, 1).T
+        # every exact strategy: the diagonal (B, d), reduced here by one sum in one order
+        return self._diagonal(v, y, x, create_graph, rows).sum(dim=1).unsqueeze(1)
+
+    def _diagonal(
+        self, v: VelocityField, y: Tensor, x: Tensor, create_graph: bool, rows: int
+    ) -> Tensor:
+        batch, dim = y.shape
         if self.strategy == "loop" or self.vmap_failed:
-            return _exact_loop(v, y, x, create_graph).unsqueeze(1)
+            return _diagonal_loop(v, y, x, create_graph)
         if self.strategy == "auto":
             chosen, chunk = choose_strategy(batch, dim, x.device)
             if chosen == "loop":
-                return _exact_loop(v, y, x, create_graph).unsqueeze(1)
+                return _diagonal_loop(v, y, x, create_graph)
             try:
-                return _exact_batched(v, y, x, create_graph, chunk, self._bases).unsqueeze(1)
+                return _diagonal_batched(v, y, x, create_graph, chunk, self._bases)
             except RuntimeError as error:
                 if not _is_vmap_failure(error):
                     raise
                 self._fall_back(v, error)
-                return _exact_loop(v, y, x, create_graph).unsqueeze(1)
+                return _diagonal_loop(v, y, x, create_graph)
         chunk = max(1, min(dim, max(rows // batch, MIN_CHUNK)))
-        return _exact_batched(v, y, x, create_graph, chunk, self._bases).unsqueeze(1)
+        return _diagonal_batched(v, y, x, create_graph, chunk, self._bases)
 
 
 _FELL_BACK: weakref.WeakSet = weakref.WeakSet()
