@@ -224,6 +224,8 @@ class Problem:
         reverse: integrate from t = 1 to 0 (likelihood) instead of 0 to 1 (sampling).
         context: the public function's name, for messages.
         extras: keyword arguments of a conditional field (rows follow the batch).
+        compact: rows that finish may leave the evaluated batch (:func:`rows_stand_alone`, asked
+            once per call; a subset keeps the verdict).
     """
 
     v: VelocityField
@@ -235,6 +237,7 @@ class Problem:
     reverse: bool
     context: str
     extras: dict
+    compact: bool
 
     @property
     def t_start(self) -> float:
@@ -303,7 +306,7 @@ def augmented_solve(
         "nfe": nfe,
         "phase": phase,
         "context": problem.context,
-        "compact": rows_stand_alone(problem.v, start.detach(), t0, problem.extras, problem.context),
+        "compact": problem.compact,
         "shared_steps": shares_time(problem.v),  # one time per batch: the rows share steps
         "progress": reporter(problem.context, t0, float(grid[-1])),
     }

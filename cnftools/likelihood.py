@@ -73,6 +73,7 @@ from cnftools._likelihood_engine import (
     Problem,
     SampleResult,
     augmented_solve,
+    rows_stand_alone,
     solve_likelihood,
     time_grid,
     wants_graph,
@@ -203,12 +204,16 @@ def _problem(
     reverse: bool,
     context: str,
     extras: dict,
+    divergence: bool = True,
 ) -> Problem:
-    """The checked problem of one public call (the divergence evaluator built here: Hutchinson's
-    probes are drawn once, for the whole solve)."""
-    evaluator = DivergenceEvaluator.for_spec(v, estimator, start)
+    """The checked problem of one public call: the divergence evaluator (Hutchinson's probes
+    drawn once, for the whole call; none for plain sampling) and whether the field's rows stand
+    alone (asked once, however many solves the call makes)."""
+    evaluator = DivergenceEvaluator.for_spec(v, estimator, start) if divergence else None
     params, known = _field_params(v)
-    return Problem(v, start, prior, evaluator, params, known, reverse, context, extras)
+    t_start = 1.0 if reverse else 0.0
+    compact = rows_stand_alone(v, start.detach(), t_start, extras, context)
+    return Problem(v, start, prior, evaluator, params, known, reverse, context, extras, compact)
 
 
 def _run(
@@ -466,8 +471,9 @@ def sample(
         )
     check_reach(config_, x0.dtype)
     times_ = _check_times(times, x0)
-    params, known = _field_params(v)
-    problem = Problem(v, x0, None, None, params, known, False, "sample", extras_)
+    problem = _problem(
+        v, x0, None, None, reverse=False, context="sample", extras=extras_, divergence=False
+    )
     nfe = NFE()
     graph = wants_graph(problem, config_, _check_grad(grad))
     grid, index = time_grid(times_, x0, reverse=False)
