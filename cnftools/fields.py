@@ -37,6 +37,9 @@ from cnftools._checks import as_time, check_batched
 __all__ = [
     "CONVENTION_HINT",
     "Extras",
+    "OutputDeviceError",
+    "OutputDtypeError",
+    "OutputShapeError",
     "VelocityField",
     "accepts_keyword",
     "call_checked",
@@ -341,15 +344,33 @@ def check_output_like(
     if not isinstance(out, Tensor):
         raise TypeError(f"{who} must return a torch.Tensor, got {type(out).__name__}{type_hint}")
     if out.shape != x.shape:
-        raise ValueError(
-            f"{who} returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; {shape_rule}"
+        raise OutputShapeError(
+            f"{who} returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; {shape_rule}",
+            tuple(out.shape),
         )
     if out.dtype != x.dtype:
-        raise TypeError(
+        raise OutputDtypeError(
             f"{who} returned dtype {out.dtype} for x of dtype {x.dtype}; cast it "
             "(e.g. module.to(x.dtype)) so no precision is lost silently"
         )
-    raise ValueError(f"{who} returned a tensor on {out.device}, x is on {x.device}")
+    raise OutputDeviceError(f"{who} returned a tensor on {out.device}, x is on {x.device}")
+
+
+class OutputDeviceError(ValueError):
+    """A field or model returned a tensor on another device than its input's."""
+
+
+class OutputShapeError(ValueError):
+    """A field or model returned another shape than its input's (:func:`check_output_like`);
+    ``shape`` is what it returned, for callers that explain it in their own terms."""
+
+    def __init__(self, message: str, shape: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.shape = shape
+
+
+class OutputDtypeError(TypeError):
+    """A field or model returned another dtype than its input's (:func:`check_output_like`)."""
 
 
 def shares_time(v: object) -> bool:

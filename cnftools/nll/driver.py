@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -34,6 +33,9 @@ from cnftools._resources import entry_threads
 from cnftools.data import Dequantization
 from cnftools.estimators import ClosedForm, Estimator, Exact, Hutchinson, check_estimator
 from cnftools.fields import (
+    OutputDeviceError,
+    OutputDtypeError,
+    OutputShapeError,
     call_checked,
     check_callable,
     check_extras,
@@ -248,23 +250,22 @@ def _trial_call(
 
 def _trial_error(error: Exception, x: Tensor, event: tuple) -> Exception:
     """The trial call's error, in the words of a dataset run (what to pass to dataset_nll)."""
-    text = str(error)
-    returned = re.search(r"returned shape \((\d+),", text)
-    if isinstance(error, ValueError) and returned and int(returned.group(1)) != x.shape[0]:
+    if isinstance(error, OutputShapeError) and error.shape[:1] != x.shape[:1]:
+        rows = error.shape[0] if error.shape else 0
         return ValueError(  # the event is right, the row count is not
-            f"{text}: {returned.group(1)} rows for {x.shape[0]}; does it read a tensor of "
-            f"{returned.group(1)} rows that is not sliced with the batch (a closure over "
-            "per-row values, or a Shared extra)? dataset_nll calls the field on batches of "
-            "rows: pass per-row values as DataOptions(extras={'name': "
-            "cnftools.nll.PerRow(values)}) and take them as a keyword argument"
+            f"{error}: {rows} rows for {x.shape[0]}; does it read a tensor of {rows} rows that "
+            "is not sliced with the batch (a closure over per-row values, or a Shared extra)? "
+            "dataset_nll calls the field on batches of rows: pass per-row values as "
+            "DataOptions(extras={'name': cnftools.nll.PerRow(values)}) and take them as a "
+            "keyword argument"
         )
-    if isinstance(error, ValueError) and "returned shape" in text:
+    if isinstance(error, OutputShapeError):
         return ValueError(
-            f"{text} (is the data's dimension {event} the one the field was built for?)"
+            f"{error} (is the data's dimension {event} the one the field was built for?)"
         )
-    if isinstance(error, TypeError) and "returned dtype" in text:
-        return TypeError(f"{text}; or pass Execution(dtype=...) to compute in the model's dtype")
-    if isinstance(error, ValueError) and "on " in text and "returned a tensor" in text:
+    if isinstance(error, OutputDtypeError):
+        return TypeError(f"{error}; or pass Execution(dtype=...) to compute in the model's dtype")
+    if isinstance(error, OutputDeviceError):
         return error
     return ValueError(
         f"the field v fails on a data row of shape {tuple(x.shape)} (event shape {event}): "
