@@ -364,10 +364,8 @@ def _check_run_options(spec: Estimator | None, execution: Execution) -> None:
 
 
 def _option(value: object, kind: type, name: str) -> Any:
-    """An option group, or its defaults for ``None``; anything else is refused by name."""
-    if value is None:
-        return kind() if kind is not Output else None
-    if not isinstance(value, kind):
+    """An option group or ``None``; anything else is refused by name."""
+    if value is not None and not isinstance(value, kind):
         raise TypeError(
             f"{name} must be a cnftools.nll.{kind.__name__}(...) or None, got "
             f"{type(value).__name__}"
@@ -512,9 +510,9 @@ def dataset_nll(
     start_time = time.perf_counter()
     check_callable(v)
     spec = _run_estimator(estimator)
-    options = _option(data_options, DataOptions, "data_options")
-    out = _option(output, Output, "output")
-    run_options = _option(execution, Execution, "execution")
+    options = _option(data_options, DataOptions, "data_options") or DataOptions()
+    out = _option(output, Output, "output")  # None: nothing stored
+    run_options = _option(execution, Execution, "execution") or Execution()
     _check_run_options(spec, run_options)
     solver_config = resolve_config(config, **solver)
     out_path = out.checked_path() if out is not None else None
@@ -559,13 +557,13 @@ def _execute(
     job: Job, run: dict, out: Output | None, out_path: Path | None, start_time: float
 ) -> pd.DataFrame | None:
     """Run the job: in memory, or into the chunk store at ``out_path`` under its lock."""
-    keep = out is not None and out.keep_chunks
-    if out is None or out_path is None:
+    if out is None:
         try:
-            return job.run(None, start_time, keep)
+            return job.run(None, start_time, False)
         except KeyboardInterrupt:
             raise RunInterrupted(0, job.rows.n, None) from None
-    rank, world = job.rank, job.world
+    assert out_path is not None  # checked with out, before any work
+    keep, rank, world = out.keep_chunks, job.rank, job.world
     lock = RunLock(out_path)
     store = ChunkStore(out_path, run, settings_key(run))
     try:
