@@ -7,9 +7,13 @@ between calls: Hutchinson's fixed probes, the cached basis chunks, and whether b
 vector-Jacobian products failed for this field (then the loop of single products, the same
 numbers).
 
-Every exact strategy computes the Jacobian's diagonal ``(B, d)`` and reduces it by one
-``sum(dim=1)``, so the reduction order is the same whichever strategy runs; ``"auto"`` chooses by
-sizes (:func:`choose_strategy`), never by timings.
+Every exact strategy computes the Jacobian's diagonal as a contiguous ``(B, d)`` tensor and
+reduces it by one ``sum(dim=1)``, so the reduction order is the same whichever strategy runs
+(a sum over a strided view of the same entries adds in another order); ``"auto"`` chooses by
+sizes (:func:`choose_strategy`), never by timings. At a given batch the batched chunks of every
+size and the loop give the same diagonal entries on the fields measured (an ``MLPField`` and the
+time-to-accuracy benchmark's field, B = 256, d = 8 and 64), hence the same bits; at small batches
+(B = 1, 7) the matrix products of other shapes may round the entries differently.
 
 References:
     Grathwohl et al., FFJORD (2019), arXiv:1810.01367, §3; Chen et al. (2018), arXiv:1806.07366.
@@ -123,13 +127,26 @@ def _grad(
 
 # ----------------------------------------------------------------------------------------------
 # Exact strategies. Each takes the flattened output y (B, d) of the field at x_in (B, *event).
-# Every exact strategy computes the Jacobian's diagonal (B, d) and reduces it by one
-# ``sum(dim=1)``: the same reduction order whichever strategy runs.
-def _diagonal_loop(v: VelocityField, y: Tensor, x: Tensor, create_graph: bool) -> Tensor:
+# Every exact strategy computes the Jacobian's diagonal as a contiguous (B, d) tensor and
+# reduces it by one ``sum(dim=1)``: the same reduction order whichever strategy runs (a row's
+# sum does not depend on the number of rows either).
+def _diagonal_loop(
+    v: VelocityField,
+    y: Tensor,
+    x: Tensor,
+    create_graph: bool,
+    bases: dict[tuple, Tensor] | None = None,
+) -> Tensor:
+    """The diagonal ``(B, d)`` by ``d`` single VJPs, the ``i``-th with the cotangent ``e_i`` on
+    every row (the basis rows of :func:`_basis_chunk`, cached in ``bases`` between calls).
+
+    The cotangent holds the values the gradient of ``y[:, i].sum()`` would seed, so the numbers
+    are those of that form, without its two extra autograd nodes per column."""
     batch, dim = y.shape
+    basis = _cached_basis(bases, 0, dim, batch, dim, y)
     entries = []
     for i in range(dim):
-        g = _grad(v, y[:, i].sum(), x, None, create_graph=create_graph, batched=False)
+        g = _grad(v, y, x, basis[i], create_graph=create_graph, batched=False)
         entries.append(g.reshape(batch, dim)[:, i])
     return torch.stack(entries, dim=1)
 
@@ -137,6 +154,19 @@ def _diagonal_loop(v: VelocityField, y: Tensor, x: Tensor, create_graph: bool) -
 def _basis_chunk(start: int, size: int, batch: int, dim: int, like: Tensor) -> Tensor:
     eye = torch.eye(dim, dtype=like.dtype, device=like.device)[start : start + size]
     return eye[:, None, :].expand(size, batch, dim)
+
+
+def _cached_basis(
+    bases: dict[tuple, Tensor] | None, start: int, size: int, batch: int, dim: int, like: Tensor
+) -> Tensor:
+    """:func:`_basis_chunk`, kept in ``bases`` (``None``: not cached) for the next call."""
+    key = (start, size, batch, dim, like.dtype, like.device)
+    basis = bases.get(key) if bases is not None else None
+    if basis is None:
+        basis = _basis_chunk(start, size, batch, dim, like)
+        if bases is not None:
+            bases[key] = basis
+    return basis
 
 
 def _diagonal_batched(
@@ -153,12 +183,7 @@ def _diagonal_batched(
     parts = []
     for start in range(0, dim, chunk):
         size = min(chunk, dim - start)
-        key = (start, size, batch, dim, y.dtype, y.device)
-        basis = bases.get(key) if bases is not None else None
-        if basis is None:
-            basis = _basis_chunk(start, size, batch, dim, y)
-            if bases is not None:
-                bases[key] = basis
+        basis = _cached_basis(bases, start, size, batch, dim, y)
         if size == 1:
             g = _grad(v, y, x, basis[0], create_graph=create_graph, batched=False)[None]
         else:
@@ -167,7 +192,10 @@ def _diagonal_batched(
         if size != dim:
             g = g[:, :, start : start + size]
         parts.append(g.diagonal(dim1=0, dim2=2))  # (B, size)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    # always a new contiguous (B, d) tensor, even from one chunk: a sum over the rows of a
+    # strided diagonal view adds in another order than over contiguous rows (measured: the same
+    # entries summed 1e-15 apart), which would make the bits depend on the chunk count
+    return torch.cat(parts, dim=1)
 
 
 def _exact_forward(
@@ -388,18 +416,18 @@ class DivergenceEvaluator:
     ) -> Tensor:
         batch, dim = y.shape
         if self.strategy == "loop" or self.vmap_failed:
-            return _diagonal_loop(v, y, x, create_graph)
+            return _diagonal_loop(v, y, x, create_graph, self._bases)
         if self.strategy == "auto":
             chosen, chunk = choose_strategy(batch, dim, x.device)
             if chosen == "loop":
-                return _diagonal_loop(v, y, x, create_graph)
+                return _diagonal_loop(v, y, x, create_graph, self._bases)
             try:
                 return _diagonal_batched(v, y, x, create_graph, chunk, self._bases)
             except RuntimeError as error:
                 if not _is_vmap_failure(error):
                     raise
                 self._fall_back(v, error)
-                return _diagonal_loop(v, y, x, create_graph)
+                return _diagonal_loop(v, y, x, create_graph, self._bases)
         chunk = max(1, min(dim, max(rows // batch, MIN_CHUNK)))
         return _diagonal_batched(v, y, x, create_graph, chunk, self._bases)
 

@@ -523,6 +523,75 @@ def test_strategies_round_differently_so_the_choice_is_not_timed() -> None:
     assert torch.equal(batched, again)
 
 
+def _mlp_divergence(
+    dim: int, batch: int, spec: Exact, rows: int | None, monkeypatch: pytest.MonkeyPatch
+) -> Tensor:
+    """The exact divergence of a seeded 2x128 ``MLPField`` at ``batch`` points; ``rows`` (if
+    given) replaces the batched rows per backward pass, so ``Exact("batched")`` takes
+    ``rows // batch`` basis vectors per pass."""
+    import cnftools._divergence_evaluator as evaluator_module
+
+    if rows is not None:
+        monkeypatch.setitem(evaluator_module.BATCHED_ROWS, "cpu", rows)
+    torch.manual_seed(0)
+    field = cnftools.MLPField(dim, hidden=[128, 128]).double()
+    x = torch.randn(batch, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.full((batch,), 0.4, dtype=torch.float64)
+    return cnftools.divergence(field, x, t, spec)
+
+
+@pytest.mark.parametrize(
+    ("dim", "batch", "chunks"),
+    [(8, 256, (2, 4, 8)), (64, 64, (16, 32, 64))],
+    ids=["d=8,B=256", "d=64,B=64"],
+)
+def test_one_chunk_or_several_give_the_same_bits(
+    dim: int, batch: int, chunks: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a given batch, batched passes of any chunk size compute the same diagonal entries, and
+    the diagonal is reduced in one order whatever the number of chunks: the same bits (atol 0).
+    Before, one chunk (``"auto"``'s choice at these sizes) was summed as a strided view of the
+    batched gradient, in another order than several chunks' concatenation: 1e-15 apart."""
+    results = [
+        _mlp_divergence(dim, batch, Exact("batched"), batch * chunk, monkeypatch)
+        for chunk in chunks
+    ]
+    assert all(torch.equal(result, results[0]) for result in results[1:])
+
+
+@pytest.mark.parametrize(("dim", "batch"), [(8, 256), (64, 64)], ids=["d=8,B=256", "d=64,B=64"])
+def test_auto_and_the_loop_give_the_same_bits_at_a_batch(
+    dim: int, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``"auto"`` takes one batched pass here, the loop ``d`` single VJPs: at this batch (large
+    enough for the matrix products to round each row alike, measured on this CPU build) the
+    entries agree, and the one reduction order makes the divergences agree bit for bit (atol 0;
+    before, 1e-15 apart). At B = 3 they may not (see the test below)."""
+    auto = _mlp_divergence(dim, batch, Exact(), None, monkeypatch)
+    loop = _mlp_divergence(dim, batch, Exact("loop"), None, monkeypatch)
+    assert torch.equal(auto, loop)
+
+
+def test_the_loop_seeds_the_values_of_a_column_sum() -> None:
+    """The loop's cotangent ``e_i`` on every row holds what the gradient of ``y[:, i].sum()``
+    seeds (the form it replaced, written here by hand): the same diagonal, bit for bit."""
+    torch.manual_seed(0)
+    field = cnftools.MLPField(6, hidden=[32, 32]).double()
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t = torch.full((9,), 0.7, dtype=torch.float64)
+    with torch.enable_grad():
+        x_in = x.clone().requires_grad_(True)
+        y = field(x_in, t)
+        by_sums = torch.stack(
+            [
+                torch.autograd.grad(y[:, i].sum(), x_in, retain_graph=True)[0][:, i]
+                for i in range(6)
+            ],
+            dim=1,
+        ).sum(dim=1)
+    assert torch.equal(cnftools.divergence(field, x, t, Exact("loop")), by_sums)
+
+
 def test_a_field_that_cannot_be_weakly_referenced_works() -> None:
     class Slotted:
         __slots__ = ()
