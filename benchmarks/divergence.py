@@ -24,6 +24,14 @@ loop, the ``loop`` column repeats ``auto`` since it is the same code); ratios ar
 
 Run: ``python benchmarks/divergence.py`` (about 2 minutes on 2 CPU cores), ``--quick`` for a smoke
 run, ``--markdown`` for a table to paste into the docs.
+
+``--chunks`` times instead, per ``(d, B)``, ``Exact("batched")`` with every chunk size (basis
+vectors per backward pass: 2, 4, ..., d, set through
+:data:`cnftools.divergences.BATCHED_ROWS`) against ``Exact("loop")``, marks the chunk ``"auto"``
+takes, and says whether every chunk and the loop returned the same bits (they compute the same
+diagonal entries at large batches, reduced in one order): the check that the size rule sits at
+the measured floor of this machine, e.g. ``python benchmarks/divergence.py --chunks --dims 64
+--batches 256 128 64 --dtypes float64 --threads 1``.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 import cnftools
-from cnftools.divergences import choose_strategy
+from cnftools.divergences import BATCHED_ROWS, choose_strategy
 
 try:
     from flow_matching.utils import gradient as fm_gradient
@@ -203,6 +211,59 @@ def format_row(row) -> str:
     )
 
 
+def chunk_sizes(dim: int) -> list[int]:
+    """2, 4, 8, ... below ``dim``, and ``dim`` itself (one pass)."""
+    sizes = [2**k for k in range(1, dim.bit_length()) if 2**k < dim]
+    return [*sizes, dim]
+
+
+def chunk_methods(field: nn.Module, x: Tensor, t: Tensor) -> dict[str, Callable[[], Tensor]]:
+    """``Exact("loop")`` and ``Exact("batched")`` at every chunk size of :func:`chunk_sizes`."""
+    device_type = x.device.type
+    saved = BATCHED_ROWS.get(device_type, BATCHED_ROWS["cpu"])
+
+    def loop() -> Tensor:
+        return cnftools.divergence(field, x, t, cnftools.Exact("loop"))
+
+    def batched(chunk: int) -> Callable[[], Tensor]:
+        def call() -> Tensor:
+            BATCHED_ROWS[device_type] = chunk * x.shape[0]
+            try:
+                return cnftools.divergence(field, x, t, cnftools.Exact("batched"))
+            finally:
+                BATCHED_ROWS[device_type] = saved
+
+        return call
+
+    return {"loop": loop, **{str(c): batched(c) for c in chunk_sizes(x.shape[1])}}
+
+
+def run_chunks(
+    dims: list[int], batches: list[int], dtypes: list[torch.dtype], rounds: int, min_s: float
+) -> None:
+    """Per (d, B): ms per call of ``Exact("batched")`` at each chunk size and of the loop."""
+    print("| dtype | d | B | auto picks | ms per call: loop, then chunk size | same bits |")
+    print("|---|---|---|---|---|---|")
+    for dtype in dtypes:
+        for dim in dims:
+            torch.manual_seed(0)
+            field = MLPField(dim).to(dtype)
+            for batch in batches:
+                x = torch.randn(batch, dim, dtype=dtype)
+                t = torch.rand(batch, dtype=dtype)
+                methods = chunk_methods(field, x, t)
+                best, outputs = time_methods(methods, rounds, min_s, expensive=False)
+                first = outputs["loop"]
+                same = all(torch.equal(o, first) for o in outputs.values())  # type: ignore[arg-type]
+                strategy, chunk = choose_strategy(batch, dim, x.device)
+                cells = ", ".join(f"{name}: {best[name] * 1e3:.2f}" for name in methods)
+                print(
+                    f"| {str(dtype).replace('torch.', '')} | {dim} | {batch} | "
+                    f"{strategy}({chunk}) | {cells} | {'yes' if same else 'no'} |",
+                    flush=True,
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64, 256])
@@ -212,6 +273,7 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
     parser.add_argument("--quick", action="store_true", help="d in {2, 16}, B in {16, 32}")
+    parser.add_argument("--chunks", action="store_true", help="every chunk size against the loop")
     args = parser.parse_args()
     if args.quick:
         args.dims, args.batches, args.dtypes, args.rounds = [2, 16], [16, 32], ["float32"], 2
@@ -222,6 +284,9 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"flow_matching {'yes' if fm_gradient is not None else 'not installed'}"
     )
+    if args.chunks:
+        run_chunks(args.dims, args.batches, dtypes, args.rounds, args.min_seconds)
+        return
     print(header())
     start = time.perf_counter()
     rows = run(args.dims, args.batches, dtypes, args.rounds, args.min_seconds)

@@ -46,11 +46,19 @@ __all__ = ["BATCHED_ROWS", "MIN_CHUNK", "DivergenceEvaluator", "choose_strategy"
 BATCHED_ROWS: dict[str, int] = {"cpu": 4096, "cuda": 65536}
 """Target rows (``chunk * B``) per batched backward pass, by device type (default: the cpu value).
 
-On one CPU thread with a 3x256 MLP at d = 64, B = 256, 16 basis vectors per pass (4096 rows) was
-the fastest chunk of the loop and 4 ... 64 per pass (engine measurements, December 2026: 14.2 ms
+Measured on one CPU thread, float64 (the project's 2-core x86_64 machine, December 2026, under
+load: ratios only). On the time-to-accuracy benchmark's field (``benchmarks/time_to_accuracy.py``:
+an opaque Gaussian OT field, two 64x64 products) at d = 64, B = 256, 16 basis vectors per pass
+(4096 rows) was the fastest chunk of the loop and 4 ... 64 per pass (engine measurements: 14.2 ms
 per evaluation against 13.4-19.8 ms for the others, and a solve to 1e-6 nats in 1.058 s against
-1.355 s with 64 per pass and 1.484 s with the loop); the cuda value is a memory-bounded guess, not
-a measurement."""
+1.355 s with 64 per pass and 1.484 s with the loop); measured again per evaluation, 8, 16 and 32
+per pass were within the noise of each other (10-12 ms, the loop 13.5 ms), and the rule's
+choices at B = 128 (32 per pass) and B = 64 (64) were the fastest there. The floor depends on
+the field, not on (B, d) alone: on the 3x256 SiLU MLP of ``benchmarks/divergence.py`` the loop
+was 10% faster than 16 per pass at d = 16 and 64, B = 256, and 4 per pass 11% faster than one
+pass at d = 64, B = 64 (``python benchmarks/divergence.py --chunks --dims 16 64 --batches 256
+128 64 --dtypes float64 --threads 1``, which also shows that every chunk and the loop gave the
+same bits there). The cuda value is a memory-bounded guess, not a measurement."""
 
 MIN_CHUNK = 16
 """``"auto"`` uses the loop of single VJPs when a batched pass could carry fewer basis vectors than
