@@ -114,14 +114,27 @@ def std_normal_log_prob(z: Tensor) -> Tensor:
 # One call per library: f(tol) -> log p_1(x), (B,)
 
 
+EVALUATIONS: dict[tuple[str, float], tuple[int, int]] = {}
+"""cnftools' evaluations per (setting, tolerance or target): ``(forward, estimate)`` of
+``result.nfe`` (``accuracy=``: the first solve counts as ``estimate``, the check and the rounds
+as ``forward``)."""
+
+
+def _counted(name: str, arg: float, result: cnftools.LikelihoodResult) -> Tensor:
+    EVALUATIONS[(name, arg)] = (result.nfe.forward, result.nfe.estimate)
+    return result.log_prob
+
+
 def runners(field: nn.Module, x: Tensor) -> dict[str, Callable[[float], Tensor]]:
     out: dict[str, Callable[[float], Tensor]] = {}
 
     def cnf(tol: float) -> Tensor:
-        return cnftools.log_likelihood(field, x, rtol=tol, atol=tol).log_prob
+        result = cnftools.log_likelihood(field, x, rtol=tol, atol=tol)
+        return _counted("cnftools dopri5", tol, result)
 
     def cnf8(tol: float) -> Tensor:
-        return cnftools.log_likelihood(field, x, method="dopri8", rtol=tol, atol=tol).log_prob
+        result = cnftools.log_likelihood(field, x, method="dopri8", rtol=tol, atol=tol)
+        return _counted("cnftools dopri8", tol, result)
 
     out["cnftools dopri5"] = cnf
     out["cnftools dopri8"] = cnf8
@@ -219,7 +232,8 @@ def torchode_runner(field: nn.Module, x: Tensor) -> Callable[[float], Tensor]:
 
 def accuracy_runner(field: nn.Module, x: Tensor) -> Callable[[float], Tensor]:
     def run(target: float) -> Tensor:
-        return cnftools.log_likelihood(field, x, accuracy=target).log_prob
+        result = cnftools.log_likelihood(field, x, accuracy=target)
+        return _counted("cnftools accuracy=", target, result)
 
     return run
 
@@ -286,6 +300,23 @@ def report(d: int, batch: int, result: dict) -> None:
     knob = ["cnftools accuracy="]
     line = "ratio best peer / cnftools accuracy= (self-check included)"
     print(f"{line}:" + "".join(f"  {_ratio(table, peers, knob, t)}" for t in TARGETS))
+    print("cnftools evaluations (forward + estimate) at the fastest setting per target:")
+    for name in ("cnftools dopri5", "cnftools dopri8", "cnftools accuracy="):
+        cells = []
+        for target in TARGETS:
+            reached = [
+                (seconds, arg)
+                for (n, arg), seconds in result["best"].items()
+                if n == name
+                and result["errors"][(n, arg)] <= target
+                and (arg == target or "accuracy" not in n)
+            ]
+            if reached:
+                arg = min(reached)[1]
+                forward, estimate = EVALUATIONS.get((name, arg), (0, 0))
+                error = result["errors"][(name, arg)]
+                cells.append(f"{target:g}: {forward}+{estimate} (at {arg:.3g}, error {error:.1e})")
+        print(f"  {name:22s} " + "; ".join(cells))
     print("max error per tolerance:")
     for name in sorted({n for n, _ in result["errors"]}):
         cells = [

@@ -70,13 +70,17 @@ ACCURACY_STEP = 10.0
 TOLERANCE_FLOOR = 1e-13
 """The tightest tolerance ``accuracy=`` tries (float64 rounding sits below it)."""
 
-ACCURACY_PLAN: tuple[tuple[float, str, float], ...] = ((0.0, "dopri8", 1.0),)
+ACCURACY_PLAN: tuple[tuple[float, str, float], ...] = ((1e-5, "dopri5", 0.1), (0.0, "dopri8", 1.0))
 """``(smallest accuracy, method, tolerance / accuracy)`` rows for the first solve of
-``accuracy=`` (the first row whose smallest accuracy is below the target is used). Measured on the
-time-to-accuracy benchmark's Gaussian fields (d = 2, 16, 64, B = 256): the 8th-order dopri8 with
-the per-sample norm has a log-density error of 0.1 to 0.5 times its tolerance at tolerances
-1e-4 ... 1e-10, where dopri5's is 3 to 40 times; with tolerance = accuracy it needed the fewest
-evaluations, self-check included, of the plans tried (see ``docs/benchmarks.md``)."""
+``accuracy=`` (the first row whose smallest accuracy is at most the target is used). Measured by
+``python benchmarks/accuracy_plan.py --threads 1`` (the time-to-accuracy benchmark's Gaussian
+fields, d = 2, 16, 64, B = 256, evaluations of the first solve, the check and any rounds): at
+targets 1e-3 ... 1e-5, dopri5 at a tenth of the target needed fewer evaluations than dopri8 at
+the target in every cell (at 1e-4: 112, 118, 160 against dopri8's 134, 160, 199; at 1e-5 dopri8 at the
+target also paid a round of refinement: 266-383 against 154-226); at 1e-6 ... 1e-8 the 8th-order
+dopri8 at the target did (at 1e-8: 277, 342 against dopri5's 460, 598), its log-density error
+there being 0.1 to 0.5 times its tolerance where dopri5's is 3 to 40 times. dopri5 at a third of
+the target was cheaper still at some cells but paid a round of refinement at others."""
 
 ACCURACY_RTOL_SHARE = 0.01
 """``rtol / atol`` of the solves of ``accuracy=``. The step-size control bounds the log-density
@@ -272,6 +276,8 @@ class SolverConfig:
         Example:
             >>> SolverConfig(accuracy=1e-8).accuracy_plan().method
             'dopri8'
+            >>> SolverConfig(accuracy=1e-4).accuracy_plan().atol
+            1e-05
         """
         if self.accuracy is None:
             raise ValueError("accuracy_plan needs a config with accuracy set")

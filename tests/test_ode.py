@@ -334,3 +334,23 @@ def test_state_must_be_two_dimensional() -> None:
         integrate(
             _linear, torch.ones(3, dtype=F64), torch.tensor([0.0, 1.0]), SolverConfig(), n_point=1
         )
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "method", "atol"),
+    [
+        (1e-3, "dopri5", 1e-4),
+        (1e-5, "dopri5", 1e-6),
+        (9e-6, "dopri8", 9e-6),
+        (1e-8, "dopri8", 1e-8),
+    ],
+)
+def test_accuracy_plan_takes_dopri5_for_loose_targets_and_dopri8_below(
+    accuracy: float, method: str, atol: float
+) -> None:
+    """The plan of ``accuracy=`` (measured by benchmarks/accuracy_plan.py): dopri5 at a tenth of
+    targets of 1e-5 and above, dopri8 at the target below; rtol is always atol / 100."""
+    plan = SolverConfig(accuracy=accuracy, adjoint=True).accuracy_plan()
+    assert plan.method == method and plan.adjoint and plan.steps is None
+    assert math.isclose(plan.atol, atol, rel_tol=1e-12)  # one product of floats
+    assert math.isclose(plan.rtol, atol / 100, rel_tol=1e-12)
