@@ -40,6 +40,18 @@ def rows_with_outliers(q, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor
     return x.to(dtype)
 
 
+def closed_form_cases(dims: list[int]):
+    """Every ``(path name, data kind, d, DataCase, path)`` of the grid; empirical data are skipped
+    on paths singular at t = 1."""
+    for path_name, path_case in AFFINE_PATH_CASES.items():
+        path = path_case.build()
+        for kind, components in KINDS.items():
+            if kind == "empirical" and path_case.singular_at_one:
+                continue
+            for d in dims:
+                yield path_name, kind, d, DataCase(kind, d, components, seed=100 + d), path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
@@ -53,46 +65,38 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     totals: dict[tuple[str, float], list[float]] = {}
     started = time.perf_counter()
-    for path_name, path_case in AFFINE_PATH_CASES.items():
-        path = path_case.build()
-        for kind, components in KINDS.items():
-            if kind == "empirical" and path_case.singular_at_one:
-                continue
-            for d in args.dims:
-                case = DataCase(kind, d, components, seed=100 + d)
-                q = case.marginal(path)
-                for dtype in (torch.float64, torch.float32):
-                    x = rows_with_outliers(q, args.rows, d, torch.float64)
-                    exact = q.log_prob(x, 1.0)
-                    q_run = q if dtype == torch.float64 else case.marginal(path, dtype=dtype)
-                    prior = q_run.prior()
-                    for target in args.targets:
-                        if dtype == torch.float32 and target < 1e-4:
-                            continue
-                        with warnings.catch_warnings(record=True) as caught:
-                            warnings.simplefilter("always")
-                            result = cnftools.log_likelihood(
-                                q_run, x.to(dtype), prior, accuracy=target
-                            )
-                        error = (result.log_prob.double() - exact).abs()
-                        bound = result.error_estimate.double()
-                        key = (str(dtype).replace("torch.", ""), target)
-                        cell = totals.setdefault(key, [0, 0, 0, 0.0, 0.0, 0, 0])
-                        cell[0] += int((error > bound).sum())
-                        cell[1] += int((error > target).sum())
-                        cell[2] += x.shape[0]
-                        cell[3] = max(cell[3], float((error / bound).max()))
-                        cell[4] = max(cell[4], float(error.max() / target))
-                        cell[5] += result.nfe.total
-                        cell[6] += int(any("not reached" in str(w.message) for w in caught))
-                        if (error > bound).any() or (error > target).any():
-                            print(
-                                f"  miss: {path_name} / {kind} d={d} {key[0]} a={target:g}: "
-                                f"{int((error > bound).sum())} over bound, "
-                                f"{int((error > target).sum())} over target, worst "
-                                f"{float(error.max()):.3g}",
-                                flush=True,
-                            )
+    for path_name, kind, d, case, path in closed_form_cases(args.dims):
+        q = case.marginal(path)
+        for dtype in (torch.float64, torch.float32):
+            x = rows_with_outliers(q, args.rows, d, torch.float64)
+            exact = q.log_prob(x, 1.0)
+            q_run = q if dtype == torch.float64 else case.marginal(path, dtype=dtype)
+            prior = q_run.prior()
+            for target in args.targets:
+                if dtype == torch.float32 and target < 1e-4:
+                    continue
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    result = cnftools.log_likelihood(q_run, x.to(dtype), prior, accuracy=target)
+                error = (result.log_prob.double() - exact).abs()
+                bound = result.error_estimate.double()
+                key = (str(dtype).replace("torch.", ""), target)
+                cell = totals.setdefault(key, [0, 0, 0, 0.0, 0.0, 0, 0])
+                cell[0] += int((error > bound).sum())
+                cell[1] += int((error > target).sum())
+                cell[2] += x.shape[0]
+                cell[3] = max(cell[3], float((error / bound).max()))
+                cell[4] = max(cell[4], float(error.max() / target))
+                cell[5] += result.nfe.total
+                cell[6] += int(any("not reached" in str(w.message) for w in caught))
+                if (error > bound).any() or (error > target).any():
+                    print(
+                        f"  miss: {path_name} / {kind} d={d} {key[0]} a={target:g}: "
+                        f"{int((error > bound).sum())} over bound, "
+                        f"{int((error > target).sum())} over target, worst "
+                        f"{float(error.max()):.3g}",
+                        flush=True,
+                    )
     print(f"\n{time.perf_counter() - started:.0f} s, {args.rows} rows per case, dims {args.dims}")
     print(
         "| dtype | accuracy | rows | true error > bound | true error > accuracy | worst error/bound "

@@ -161,31 +161,36 @@ def make_methods(
     return methods
 
 
-def run(dims: list[int], batches: list[int], dtypes: list[torch.dtype], rounds: int, min_s: float):
-    rows = []
+def _grid(dims: list[int], batches: list[int], dtypes: list[torch.dtype]):
+    """Every ``(dtype, d, B, field, x, t)`` measured: an ``MLPField`` per (dtype, d), seed 0."""
     for dtype in dtypes:
         for dim in dims:
             torch.manual_seed(0)
             field = MLPField(dim).to(dtype)
             for batch in batches:
                 x = torch.randn(batch, dim, dtype=dtype)
-                t = torch.rand(batch, dtype=dtype)
-                strategy, chunk = choose_strategy(batch, dim, x.device)
-                t0 = time.perf_counter()
-                reference = plain_loop(field, x, t)
-                expensive = time.perf_counter() - t0 > 0.5
-                methods = make_methods(field, x, t, expensive, strategy)
-                best, outputs = time_methods(methods, rounds, min_s, expensive)
-                for name, output in outputs.items():  # every method computed the same numbers
-                    if name == "floor":
-                        continue
-                    error = float((output - reference).abs().max())  # type: ignore[operator]
-                    scale = float(reference.abs().max()) + 1.0
-                    assert error <= 1e-4 * scale, (name, dim, batch, error)
-                if "loop" not in best:
-                    best["loop"] = best["auto"]
-                rows.append((dtype, dim, batch, f"{strategy}({chunk})", best))
-                print(format_row(rows[-1]), flush=True)
+                yield dtype, dim, batch, field, x, torch.rand(batch, dtype=dtype)
+
+
+def run(dims: list[int], batches: list[int], dtypes: list[torch.dtype], rounds: int, min_s: float):
+    rows = []
+    for dtype, dim, batch, field, x, t in _grid(dims, batches, dtypes):
+        strategy, chunk = choose_strategy(batch, dim, x.device)
+        t0 = time.perf_counter()
+        reference = plain_loop(field, x, t)
+        expensive = time.perf_counter() - t0 > 0.5
+        methods = make_methods(field, x, t, expensive, strategy)
+        best, outputs = time_methods(methods, rounds, min_s, expensive)
+        for name, output in outputs.items():  # every method computed the same numbers
+            if name == "floor":
+                continue
+            error = float((output - reference).abs().max())  # type: ignore[operator]
+            scale = float(reference.abs().max()) + 1.0
+            assert error <= 1e-4 * scale, (name, dim, batch, error)
+        if "loop" not in best:
+            best["loop"] = best["auto"]
+        rows.append((dtype, dim, batch, f"{strategy}({chunk})", best))
+        print(format_row(rows[-1]), flush=True)
     return rows
 
 
@@ -244,24 +249,18 @@ def run_chunks(
     """Per (d, B): ms per call of ``Exact("batched")`` at each chunk size and of the loop."""
     print("| dtype | d | B | auto picks | ms per call: loop, then chunk size | same bits |")
     print("|---|---|---|---|---|---|")
-    for dtype in dtypes:
-        for dim in dims:
-            torch.manual_seed(0)
-            field = MLPField(dim).to(dtype)
-            for batch in batches:
-                x = torch.randn(batch, dim, dtype=dtype)
-                t = torch.rand(batch, dtype=dtype)
-                methods = chunk_methods(field, x, t)
-                best, outputs = time_methods(methods, rounds, min_s, expensive=False)
-                first = outputs["loop"]
-                same = all(torch.equal(o, first) for o in outputs.values())  # type: ignore[arg-type]
-                strategy, chunk = choose_strategy(batch, dim, x.device)
-                cells = ", ".join(f"{name}: {best[name] * 1e3:.2f}" for name in methods)
-                print(
-                    f"| {str(dtype).replace('torch.', '')} | {dim} | {batch} | "
-                    f"{strategy}({chunk}) | {cells} | {'yes' if same else 'no'} |",
-                    flush=True,
-                )
+    for dtype, dim, batch, field, x, t in _grid(dims, batches, dtypes):
+        methods = chunk_methods(field, x, t)
+        best, outputs = time_methods(methods, rounds, min_s, expensive=False)
+        first = outputs["loop"]
+        same = all(torch.equal(o, first) for o in outputs.values())  # type: ignore[arg-type]
+        strategy, chunk = choose_strategy(batch, dim, x.device)
+        cells = ", ".join(f"{name}: {best[name] * 1e3:.2f}" for name in methods)
+        print(
+            f"| {str(dtype).replace('torch.', '')} | {dim} | {batch} | "
+            f"{strategy}({chunk}) | {cells} | {'yes' if same else 'no'} |",
+            flush=True,
+        )
 
 
 def main() -> None:

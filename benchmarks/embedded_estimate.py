@@ -29,25 +29,13 @@ import math
 import time
 
 import torch
+from accuracy_bound import TARGETS, closed_form_cases, rows_with_outliers
 
 from cnftools._divergence_evaluator import DivergenceEvaluator
 from cnftools._likelihood_engine import _augmented
 from cnftools._ode import row_norm
 from cnftools._runge_kutta import Stepping, StepRecord, rk_step, solve
 from cnftools._tableaux import TABLEAUX
-from cnftools.cases import AFFINE_PATH_CASES, DataCase
-
-TARGETS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
-KINDS = {"gaussian": 1, "mixture": 4, "empirical": 32}
-
-
-def rows_with_outliers(q, n: int, seed: int) -> torch.Tensor:
-    """``benchmarks/accuracy_bound.py``'s rows: a quarter moved 2.5 times away from the mean."""
-    x = q.sample(n, 1.0, torch.Generator().manual_seed(seed)).to(torch.float64)
-    centre = x.mean(dim=0, keepdim=True)
-    far = n // 4
-    x[:far] = centre + 2.5 * (x[:far] - centre)
-    return x
 
 
 def summed_embedded_error(q, x: torch.Tensor, tol: float, method: str):
@@ -86,30 +74,25 @@ def main() -> None:
     print("| path | data | d | target | rows err > estimate | worst err / estimate "
           "| median estimate / err | worst err / target |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
-    for path_name, path_case in AFFINE_PATH_CASES.items():
-        path = path_case.build()
-        for kind, components in KINDS.items():
-            if kind == "empirical" and path_case.singular_at_one:
-                continue
-            for d in args.dims:
-                q = DataCase(kind, d, components, seed=100 + d).marginal(path)
-                x = rows_with_outliers(q, args.rows, d)
-                exact = q.log_prob(x, 1.0)
-                for target in TARGETS:
-                    log_prob, summed, _ = summed_embedded_error(q, x, target, args.method)
-                    error = (log_prob - exact).abs()
-                    ratio = error / summed
-                    n_under = int((error > summed).sum())
-                    under, rows = under + n_under, rows + x.shape[0]
-                    worst = max(worst, float(ratio.max()))
-                    looseness.append(float((summed / error).median()))
-                    if n_under:
-                        print(
-                            f"| {path_name} | {kind} | {d} | {target:g} | {n_under} "
-                            f"| {float(ratio.max()):.3g} | {float((summed / error).median()):.3g} "
-                            f"| {float(error.max() / target):.3g} |",
-                            flush=True,
-                        )
+    for path_name, kind, d, case, path in closed_form_cases(args.dims):
+        q = case.marginal(path)
+        x = rows_with_outliers(q, args.rows, d, torch.float64)
+        exact = q.log_prob(x, 1.0)
+        for target in TARGETS:
+            log_prob, summed, _ = summed_embedded_error(q, x, target, args.method)
+            error = (log_prob - exact).abs()
+            ratio = error / summed
+            n_under = int((error > summed).sum())
+            under, rows = under + n_under, rows + x.shape[0]
+            worst = max(worst, float(ratio.max()))
+            looseness.append(float((summed / error).median()))
+            if n_under:
+                print(
+                    f"| {path_name} | {kind} | {d} | {target:g} | {n_under} "
+                    f"| {float(ratio.max()):.3g} | {float((summed / error).median()):.3g} "
+                    f"| {float(error.max() / target):.3g} |",
+                    flush=True,
+                )
     looseness.sort()
     median = looseness[len(looseness) // 2] if looseness else math.nan
     print(

@@ -107,7 +107,7 @@ def to_accuracy(
             stacklevel=4,
         )
     grid, _ = time_grid(None, start, reverse=problem.reverse)
-    coarse = config.accuracy_plan()
+    coarse = config.accuracy_plan(start.dtype)
     *_, previous = one_solve(problem, grid, coarse, graph=False, nfe=nfe, phase="estimate")
     floor = max(TOLERANCE_FLOOR, 4 * torch.finfo(start.dtype).eps)  # check_reach's bound
     fine = coarse.tightened(ACCURACY_STEP, floor)

@@ -80,7 +80,16 @@ the target in every cell (at 1e-4: 112, 118, 160 against dopri8's 134, 160, 199;
 target also paid a round of refinement: 266-383 against 154-226); at 1e-6 ... 1e-8 the 8th-order
 dopri8 at the target did (at 1e-8: 277, 342 against dopri5's 460, 598), its log-density error
 there being 0.1 to 0.5 times its tolerance where dopri5's is 3 to 40 times. dopri5 at a third of
-the target was cheaper still at some cells but paid a round of refinement at others."""
+the target was cheaper still at some cells but paid a round of refinement at others. Used in
+float64; lower precisions use :data:`LOW_PRECISION_ACCURACY_PLAN`."""
+
+LOW_PRECISION_ACCURACY_PLAN: tuple[tuple[float, str, float], ...] = ((0.0, "dopri8", 1.0),)
+"""The plan of ``accuracy=`` in dtypes coarser than float64 (float32, where only targets down to
+about 1e-4 are in reach). Counted by ``python benchmarks/accuracy_bound.py --rows 32`` (2,880
+float32 rows per target): with :data:`ACCURACY_PLAN`'s dopri5 row, the true error exceeded the
+estimate in 129 rows at 1e-3 and 315 at 1e-4, against 38 and 90 with dopri8 at the target (the
+field's own float32 rounding, which no estimate of the solver sees, weighs more in the smaller
+steps and the lower floor of the dopri5 plan)."""
 
 ACCURACY_RTOL_SHARE = 0.01
 """``rtol / atol`` of the solves of ``accuracy=``. The step-size control bounds the log-density
@@ -269,22 +278,24 @@ class SolverConfig:
         assert n is not None
         return self.replace(steps=2 * n, max_steps=max(self.max_steps, 2 * n))
 
-    def accuracy_plan(self) -> SolverConfig:
-        """The first solve of ``accuracy=``: method and tolerance from :data:`ACCURACY_PLAN`,
-        the other settings (adjoint, ``max_steps``) kept.
+    def accuracy_plan(self, dtype: torch.dtype = torch.float64) -> SolverConfig:
+        """The first solve of ``accuracy=`` for points of ``dtype``: method and tolerance from
+        :data:`ACCURACY_PLAN` (float64) or :data:`LOW_PRECISION_ACCURACY_PLAN`, the other
+        settings (adjoint, ``max_steps``) kept.
 
         Example:
             >>> SolverConfig(accuracy=1e-8).accuracy_plan().method
             'dopri8'
             >>> SolverConfig(accuracy=1e-4).accuracy_plan().atol
             1e-05
+            >>> SolverConfig(accuracy=1e-4).accuracy_plan(torch.float32).method
+            'dopri8'
         """
         if self.accuracy is None:
             raise ValueError("accuracy_plan needs a config with accuracy set")
+        plan = ACCURACY_PLAN if dtype == torch.float64 else LOW_PRECISION_ACCURACY_PLAN
         method, ratio = next(
-            (method, ratio)
-            for smallest, method, ratio in ACCURACY_PLAN
-            if self.accuracy >= smallest
+            (method, ratio) for smallest, method, ratio in plan if self.accuracy >= smallest
         )
         tol = max(self.accuracy * ratio, TOLERANCE_FLOOR)
         return self.replace(
