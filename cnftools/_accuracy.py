@@ -2,7 +2,7 @@ r"""``accuracy=``: ask for nats, get nats (an estimate, with its measured miss r
 
 The driver behind ``log_likelihood(..., accuracy=...)``: a first solve at the tolerance that
 :meth:`cnftools.SolverConfig.accuracy_plan` chooses, a second :data:`~cnftools._ode.ACCURACY_STEP`
-times tighter, and each row's error estimated from the two (:func:`certificate`); rows whose
+times tighter, and each row's error estimated from the two (:func:`estimated_error`); rows whose
 estimate is above the target are solved again, alone, tighter each round, down to the tolerance
 floor. The estimate is not a guaranteed bound: how often the true error exceeds it is measured
 against closed forms by ``benchmarks/accuracy_bound.py`` and stated in ``docs/benchmarks.md``.
@@ -36,10 +36,10 @@ from cnftools._ode import (
     SolverError,
 )
 
-__all__ = ["certificate", "to_accuracy"]
+__all__ = ["estimated_error", "to_accuracy"]
 
 
-def certificate(tight: Tensor, loose: Tensor, config: SolverConfig) -> Tensor:
+def estimated_error(tight: Tensor, loose: Tensor, config: SolverConfig) -> Tensor:
     """Reported error of the tighter of two solves (``config`` is the tighter's):
     :data:`~cnftools._ode.ACCURACY_SAFETY` times their difference, at least the looser solve's
     absolute tolerance (``ACCURACY_STEP`` times the tighter's). The difference alone can vanish by
@@ -79,7 +79,7 @@ def _solve_rows(
         problem, grid, config, graph=graph, nfe=nfe, phase="forward"
     )
     i0, i1 = problem.ends(grid)
-    estimate = certificate(log_prob.detach(), previous, config)
+    estimate = estimated_error(log_prob.detach(), previous, config)
     return _Rows(log_prob, log_prior, per_probe, solve.z[i0], solve.z[i1], estimate)
 
 
@@ -90,7 +90,7 @@ def to_accuracy(
 
     A first solve at the tolerance :meth:`SolverConfig.accuracy_plan` chooses, then a solve
     ``ACCURACY_STEP`` times tighter; the tighter value is returned with an error estimate,
-    :func:`certificate` (twice the two solves' difference, at least the looser solve's ``atol``).
+    :func:`estimated_error` (twice the two solves' difference, at least the looser solve's ``atol``).
     It is an estimate, not a guaranteed bound: counted against closed forms in
     ``benchmarks/accuracy_bound.py``, a few rows in a thousand exceed it (``docs/benchmarks.md``).
     Rows whose estimate exceeds the target are solved again, alone, each round

@@ -68,7 +68,7 @@ def test_the_count_catches_an_estimate_that_is_too_small(monkeypatch: pytest.Mon
     def too_small(tight: torch.Tensor, loose: torch.Tensor, config: object) -> torch.Tensor:
         return (tight - loose).abs() / 100
 
-    monkeypatch.setattr(_accuracy, "certificate", too_small)
+    monkeypatch.setattr(_accuracy, "estimated_error", too_small)
     counts = [_misses(name, kind, d, 1e-4) for name, kind, d in GRID[:6]]
     over_estimate = sum(c[0] for c in counts)
     assert over_estimate > 0.01 * 16 * len(counts), over_estimate

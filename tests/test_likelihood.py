@@ -946,7 +946,7 @@ def test_accuracy_tightens_only_rows_that_need_it(monkeypatch: pytest.MonkeyPatc
     assert bool(((result.log_prob - exact).abs() <= 1e-9).all())
     assert bool((result.error_estimate <= 1e-9).all())
     # the first solve and its check take every row; each later round only the rows not yet
-    # certified, so the rounds shrink, and the last ones leave out rows already certified
+    # within the target, so the rounds shrink, and the last ones leave out rows already within it
     assert sizes[:2] == [8, 8] and len(sizes) > 2, sizes
     assert all(a >= b for a, b in itertools.pairwise(sizes[2:])), sizes
     assert sizes[-1] < 8, sizes
@@ -1045,9 +1045,9 @@ def test_float32_accuracy_within_reach_is_met() -> None:
     assert result.config.rtol >= 4 * torch.finfo(torch.float32).eps
 
 
-def test_accuracy_keeps_the_certificate_it_has_when_a_tighter_solve_fails(monkeypatch) -> None:
+def test_accuracy_keeps_the_estimate_it_has_when_a_tighter_solve_fails(monkeypatch) -> None:
     """A refinement round that cannot be solved (here: made to fail) leaves the rows with the value
-    and certificate of the last solve, and the warning says why they are not certified."""
+    and estimate of the last solve, and the warning says why they did not reach the target."""
     monkeypatch.setattr("cnftools._ode.ACCURACY_PLAN", ((0.0, "dopri5", 300.0),))
     marginal, x, exact = _gaussian_case(2, 8, seed=1)
     calls = {"n": 0}
@@ -1063,7 +1063,7 @@ def test_accuracy_keeps_the_certificate_it_has_when_a_tighter_solve_fails(monkey
     with pytest.warns(RuntimeWarning, match="not reached .* solve failed: made to fail"):
         result = cnftools.log_likelihood(_Opaque(marginal), x, accuracy=1e-9)
     error = (result.log_prob - exact).abs()
-    assert bool((error <= result.error_estimate + 1e-13).all())  # still an honest certificate
+    assert bool((error <= result.error_estimate + 1e-13).all())  # still an honest estimate
 
 
 @pytest.mark.parametrize(

@@ -987,7 +987,7 @@ def test_bits_per_dim_of_continuous_data_with_the_users_dimension_count(tmp_path
 
 
 def test_a_shared_table_is_never_split_when_rows_are_solved_again():
-    """With ``accuracy=``, log_likelihood solves uncertified rows again and slices every extra
+    """With ``accuracy=``, log_likelihood solves rows over the target again and slices every extra
     whose first dimension is the batch: a Shared (3, 2) table with batches of 3 rows reached the
     field as a (1, 2) slice there, silently changing v. Shared values are bound to the field, so
     every call sees the whole table, and the values equal those of the same field with the
