@@ -75,8 +75,8 @@ ACCURACY_PLAN: tuple[tuple[float, str, float], ...] = ((1e-5, "dopri5", 0.1), (0
 ``accuracy=`` (the first row whose smallest accuracy is at most the target is used). Measured by
 ``python benchmarks/accuracy_plan.py --threads 1`` (the time-to-accuracy benchmark's Gaussian
 fields, d = 2, 16, 64, B = 256, evaluations of the first solve, the check and any rounds): at
-targets 1e-3 ... 1e-5, dopri5 at a tenth of the target needed fewer evaluations than dopri8 at
-the target in every cell (at 1e-4: 112, 118, 160 against dopri8's 134, 160, 199; at 1e-5 dopri8 at the
+targets 1e-3 ... 1e-5, dopri5 at a tenth of the target needed fewer evaluations and less time
+than dopri8 at the target in every cell (at 1e-4: 112, 118, 160 against dopri8's 134, 160, 199; at 1e-5 dopri8 at the
 target also paid a round of refinement: 266-383 against 154-226); at 1e-6 ... 1e-8 the 8th-order
 dopri8 at the target did (at 1e-8: 277, 342 against dopri5's 460, 598), its log-density error
 there being 0.1 to 0.5 times its tolerance where dopri5's is 3 to 40 times. dopri5 at a third of
