@@ -17,11 +17,10 @@ Run: ``python benchmarks/solve_breakdown.py --threads 1`` (d = 2 at tol 1e-5 and
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
-from time_to_accuracy import gaussian_case, torchode_runner
+from image_divergence import best_time as fastest
+from time_to_accuracy import chunked_trace, gaussian_case, torchode_runner
 
 import cnftools
 from cnftools._divergence_evaluator import DivergenceEvaluator
@@ -31,15 +30,6 @@ try:
     import torchode
 except ImportError:  # pragma: no cover - optional peer
     torchode = None
-
-
-def fastest(fn: Callable[[], object], rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def breakdown(d: int, tol: float, rounds: int) -> None:
@@ -88,8 +78,6 @@ def breakdown(d: int, tol: float, rounds: int) -> None:
 
 def _torchode_dynamics(field: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
     """One evaluation of the peer's augmented dynamics, as ``torchode_runner`` builds it."""
-    from time_to_accuracy import chunked_trace
-
     with torch.enable_grad():
         z = x.detach().requires_grad_(True)
         dz = field(z, t)
