@@ -293,6 +293,8 @@ class SolverConfig:
         """
         if self.accuracy is None:
             raise ValueError("accuracy_plan needs a config with accuracy set")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float64), got {dtype!r}")
         plan = ACCURACY_PLAN if dtype == torch.float64 else LOW_PRECISION_ACCURACY_PLAN
         method, ratio = next(
             (method, ratio) for smallest, method, ratio in plan if self.accuracy >= smallest

@@ -362,3 +362,8 @@ def test_accuracy_plan_keeps_dopri8_at_the_target_in_float32(accuracy: float) ->
     rounding; benchmarks/accuracy_bound.py): lower precisions keep dopri8 at the target."""
     plan = SolverConfig(accuracy=accuracy).accuracy_plan(torch.float32)
     assert plan.method == "dopri8" and plan.atol == accuracy
+
+
+def test_accuracy_plan_names_a_dtype_that_is_not_one() -> None:
+    with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype"):
+        SolverConfig(accuracy=1e-4).accuracy_plan("float32")  # type: ignore[arg-type]
