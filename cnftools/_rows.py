@@ -30,7 +30,8 @@ class RowState:
         target: each row's next output index.
         attempts: attempts since the row last landed on an output time.
         previous: the row's last accepted error ratio (0: none yet), for the controller.
-        first: whether the row is still on its starting step.
+        first: the solve has not attempted a step yet (every row is on its starting step; one
+            flag for the batch, as every row attempts the first step together).
         moving: not finished (without compaction finished rows stay, frozen).
         evaluated: the ``rows`` argument of the dynamics: ``None`` while every row of the
             original batch is evaluated, in order (not a per-row tensor: kept by
@@ -45,8 +46,8 @@ class RowState:
     target: Tensor
     attempts: Tensor
     previous: Tensor
-    first: Tensor
     moving: Tensor
+    first: bool = True
     evaluated: Tensor | None = None
 
     def compact(self) -> None:
@@ -57,7 +58,7 @@ class RowState:
         self.evaluated = self.rows
 
 
-_PER_ROW = tuple(item.name for item in fields(RowState) if item.name != "evaluated")
+_PER_ROW = tuple(item.name for item in fields(RowState) if item.name not in ("first", "evaluated"))
 
 
 @dataclass(slots=True)

@@ -101,18 +101,19 @@ class StepController:
         ratio: Tensor,
         previous: Tensor,
         accepted: Tensor,
-        first: Tensor,
+        first: bool,
         order: int,
     ) -> tuple[Tensor, Tensor]:
-        """``(proposed next step, updated previous ratio)``, all ``(b,)`` (``previous`` 0: none)."""
+        """``(proposed next step, updated previous ratio)``, all ``(b,)`` (``previous`` 0: none);
+        ``first``: this is the solve's first attempt (every row on the starting heuristic's step)."""
         exponent = 1.0 / order
         plain = ratio.pow(-exponent)
         if self.beta:
             damped = ratio.pow(-(exponent - 0.75 * self.beta)) * previous.pow(self.beta)
             plain = torch.where(accepted & (previous > 0), damped, plain)
         shrink = torch.where(accepted, 1.0, self.max_shrink)
-        growth = torch.where(first, self.first_growth, self.max_growth)
-        factor = torch.minimum(growth, torch.maximum(shrink, self.safety * plain))
+        growth = self.first_growth if first else self.max_growth
+        factor = torch.maximum(shrink, self.safety * plain).clamp(max=growth)
         remembered = torch.where(accepted, ratio.clamp(min=self.ratio_floor), previous)
         return step * factor, remembered
 
@@ -386,7 +387,6 @@ class _AdaptiveLoop:
             target=torch.ones(batch, dtype=torch.long, device=device),
             attempts=torch.zeros(batch, dtype=torch.long, device=device),
             previous=torch.zeros(batch, dtype=dtype, device=device),
-            first=torch.ones(batch, dtype=torch.bool, device=device),
             moving=torch.ones(batch, dtype=torch.bool, device=device),
         )
 
@@ -506,7 +506,7 @@ class _AdaptiveLoop:
             s.h = torch.where(a.landed, torch.maximum(s.h, proposal), proposal)
             if self.stepping.shared_steps:
                 s.h = s.h.min().expand(s.h.shape[0])
-            s.first = torch.zeros_like(s.first)
+            s.first = False
             keep = a.accepted.unsqueeze(1)
         s.t = torch.where(a.accepted, a.t_new, s.t)
         s.y = torch.where(keep, a.y_new, s.y)
